@@ -1,0 +1,100 @@
+"""merge(): resolve the inputs, check them, plan, run, and publish the output folder."""
+import shutil
+import time
+from pathlib import Path
+
+from .. import methods
+from . import synthetic
+from .errors import BadParameter
+from .execute import Merger
+from .index import TensorIndex, check_agreement
+from .plan import make_plan
+from .read import MappedModel
+from .resolve import DOMAINS, Source, is_domain, resolve
+from .spec import VERSION, MergeSpec
+from .write import ShardWriter, check_output, copy_side_files, publish, temp_folder, write_card, write_index
+
+
+def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
+          dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
+          overwrite: bool = False, progress: bool = True, **params) -> Path:
+    """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
+
+    Args:
+        method: a registered method name ("linear", "task_arithmetic", "ties", ...).
+        experts: model references: folders, hub ids, or MergeBench domains ("math", "code").
+        out: the output folder (refused if it exists and is not empty, unless overwrite).
+        base: the base model reference; with none and domain experts, the built-in family.
+        keep_base: regex of tensor names copied from the base instead of merged.
+        dtype: output dtype of float tensors (default: the base's).
+        memory_budget: upper bound of the working memory, e.g. "2GB".
+        params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
+    Returns:
+        the output folder.
+    Example:
+        >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
+    """
+    spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
+                     allow_nonfinite, overwrite, progress)
+    return run(spec)
+
+
+def _sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
+    if spec.base is None and all(is_domain(e) for e in spec.experts):
+        family = synthetic.family_folder()  # no base and domain names: the built-in family
+        return (Source("built-in", family / "base", None, "base"),
+                [Source(e, family / DOMAINS[e.lower()], None, f"expert {e}") for e in spec.experts])
+    base = resolve(spec.base, "base") if spec.base else None
+    if base is None and methods.get(spec.method).needs_base:
+        raise BadParameter(f"method {spec.method} needs a base model (--base)")
+    return base, [resolve(e, f"expert {e}", spec.base) for e in spec.experts]
+
+
+def run(spec: MergeSpec) -> Path:
+    """Run a checked MergeSpec; see merge()."""
+    started = time.perf_counter()
+    check_output(spec.out, spec.overwrite)
+    method = methods.get(spec.method)
+    base, experts = _sources(spec)
+    base_index = TensorIndex.from_folder(base.path, "base") if base else None
+    indexes = {s.role.removeprefix("expert "): TensorIndex.from_folder(s.path, s.role) for s in experts}
+    ref_index = base_index or next(iter(indexes.values()))
+    check_agreement(ref_index, indexes, "base" if base else f"expert {spec.experts[0]!r}")
+    n_inputs = len(experts) + (1 if base and method.needs_base else 0)
+    plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
+                     keep_base=spec.keep_base)
+    tmp = temp_folder(spec.out)
+    maps = []
+    try:
+        base_map = MappedModel(base_index) if base_index else None
+        expert_maps = [MappedModel(ix) for ix in indexes.values()]
+        maps = [m for m in [base_map, *expert_maps] if m is not None]
+        writer = ShardWriter(tmp, plan)
+        Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
+               spec.allow_nonfinite).run(spec.progress)
+        writer.close()
+        write_index(tmp, plan)
+        copy_side_files(ref_index.folder, tmp, spec.dtype)
+        write_card(tmp, _record(spec, base, experts, plan, time.perf_counter() - started))
+        publish(tmp, spec.out, spec.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for m in maps:
+            m.close()
+    return spec.out
+
+
+def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, seconds: float) -> dict:
+    def source(s: Source) -> dict:
+        return {"role": s.role, "ref": s.ref, "path": str(s.path.resolve()), "revision": s.revision}
+    return {
+        "mbmerge_version": VERSION, "method": spec.method, "params": spec.resolved,
+        "base": source(base) if base else None, "experts": [source(s) for s in experts],
+        "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
+        "tensors_merged": sum(t.merge for t in plan.tensors),
+        "tensors_copied": sum(not t.merge for t in plan.tensors),
+        "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3),
+        "command": spec.command(),
+    }

@@ -1,0 +1,100 @@
+"""The merge loop: for each planned tensor, in file order, read each chunk of every input,
+convert to float32, hand it to the method, cast, and write it in place. Statistics passes, if
+the method has any, re-read the chunks first. Knows nothing of the methods' maths or of file
+formats: inputs are MappedModels, the output a ShardWriter.
+"""
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .. import methods
+from .errors import NonFinite
+from .header import DTYPES
+from .plan import Plan, TensorPlan
+from .read import MappedModel
+from .write import ShardWriter
+
+CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read once for all passes
+
+
+def _float_chunk(m: MappedModel, name: str, a: int, z: int) -> torch.Tensor:
+    """float32 copy of elements [a, z) of a tensor; its mapped pages are released at once."""
+    entry = m.index.tensors[name]
+    x = m.chunk(entry, a, z).to(torch.float32, copy=True)
+    m.release(entry, a, z)
+    return x
+
+
+def _check_finite(x: torch.Tensor, m: MappedModel, role: str, name: str) -> None:
+    if torch.isfinite(x.sum()):  # one reduction; the exact test only when the sum is not finite
+        return
+    if not torch.isfinite(x).all():
+        raise NonFinite(f"{role} {m.index.folder}: tensor {name} holds NaN or Inf values "
+                        f"(pass --allow-nonfinite to merge it anyway)")
+
+
+class Merger:
+    """Runs one method over a plan. Tensors not merged are copied from the base (if given) or
+    the first expert; the base is read for merging only when the method needs it."""
+
+    def __init__(self, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
+                 experts: list[MappedModel], roles: list[str], writer: ShardWriter,
+                 allow_nonfinite: bool = False):
+        self.plan, self.method, self.params = plan, method, params
+        self.experts, self.roles, self.writer = experts, roles, writer
+        self.allow_nonfinite = allow_nonfinite
+        self.ref = base if base is not None else experts[0]
+        self.base = base if method.needs_base else None
+        self.cache_bytes = min(CACHE_BYTES, plan.budget // 4)
+
+    def input_bytes(self) -> int:
+        n = len(self.experts) + (self.base is not None)
+        return sum(t.ref.nbytes * (n if t.merge else 1) for t in self.plan.tensors)
+
+    def run(self, progress: bool = True) -> None:
+        with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
+                  desc=f"mbmerge {self.method.name}") as bar:
+            tensors = self.plan.tensors
+            for t, after in zip(tensors, tensors[1:] + (None,)):
+                if after is not None:
+                    for m in self._inputs() if after.merge else [self.ref]:
+                        m.prefetch(m.index.tensors[after.name])
+                (self._merge if t.merge else self._copy)(t, bar.update)
+
+    def _copy(self, t: TensorPlan, done: Callable[[int], None]) -> None:
+        out_dtype = DTYPES[t.out_dtype]
+        for a, z in t.chunks:
+            x = self.ref.chunk(t.ref, a, z)
+            self.writer.write(t, a, x.to(out_dtype, copy=True))
+            self.ref.release(t.ref, a, z)
+            done((z - a) * t.ref.torch_dtype.itemsize)
+
+    def _merge(self, t: TensorPlan, done: Callable[[int], None]) -> None:
+        name, out_dtype = t.name, DTYPES[t.out_dtype]
+
+        def read(check: bool):
+            for a, z in t.chunks:
+                b = _float_chunk(self.base, name, a, z) if self.base is not None else None
+                xs = [_float_chunk(m, name, a, z) for m in self.experts]
+                if check and not self.allow_nonfinite:
+                    for m, role, x in zip(self._inputs(), self._roles(), [b, *xs] if b is not None else xs):
+                        _check_finite(x, m, role, name)
+                yield b, xs, a
+
+        chunks = read
+        if self.method.stats is not None and t.ref.numel * 4 * len(self._inputs()) <= self.cache_bytes:
+            cached = list(read(check=True))  # small tensor: statistics passes and apply share one read
+            chunks = lambda check=False: iter(cached)  # noqa: E731
+        stats = methods.statistics(self.method, self.params, lambda: chunks(False), t.ref.numel, name)
+        per_elem = t.ref.torch_dtype.itemsize * len(self._inputs())
+        for b, xs, a in chunks(True):
+            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name)
+            self.writer.write(t, a, out.to(out_dtype))
+            done(per_elem * out.numel())
+
+    def _inputs(self) -> list[MappedModel]:
+        return ([self.base] if self.base is not None else []) + self.experts
+
+    def _roles(self) -> list[str]:
+        return (["base"] if self.base is not None else []) + self.roles

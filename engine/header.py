@@ -1,0 +1,152 @@
+"""The safetensors format: validated header parsing and header encoding.
+
+File layout: 8-byte little-endian header length N, N bytes of JSON
+(`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`),
+then the data buffer; offsets are relative to the buffer, tensors are packed with no
+overlap and no holes, and the buffer ends with the last tensor.
+Knows nothing of model folders or merging.
+"""
+import json
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from .errors import BadHeader, BadOffsets
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+ALIGN = 8  # the header is padded with spaces so the buffer starts 8-byte aligned
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: `offset` is absolute within `file`."""
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate one safetensors file's header.
+
+    Returns ({name: TensorEntry}, metadata). Raises BadHeader or BadOffsets naming the file
+    (and tensor) for anything the format forbids.
+    """
+    try:
+        size, n, text = _read_prefix(path)
+    except OSError as e:
+        raise BadHeader(f"{path}: cannot be read ({e.strerror or e})") from None
+    header = _parse_json(path, text)
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadHeader(f"{path}: __metadata__ must map strings to strings")
+    buffer_start = 8 + n
+    entries = {name: _entry(path, name, spec, buffer_start) for name, spec in header.items()}
+    _check_packing(path, entries, buffer_start, size)
+    return entries, meta
+
+
+def _read_prefix(path) -> tuple[int, int, bytes]:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise BadHeader(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise BadHeader(f"{path}: header length {n} exceeds the file ({size} bytes) or the "
+                            f"{MAX_HEADER_BYTES}-byte limit: file is truncated or not safetensors")
+        return size, n, f.read(n)
+
+
+def _parse_json(path, text: bytes) -> dict:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise BadHeader(f"{path}: header names tensor {dup!r} twice")
+        return dict(pairs)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as e:  # ValueError: also ints over Python's 4300-digit limit
+        raise BadHeader(f"{path}: header is not valid UTF-8 JSON ({type(e).__name__}): "
+                        f"file is corrupt or not safetensors") from None
+    if not isinstance(header, dict):
+        raise BadHeader(f"{path}: header JSON is not an object")
+    return header
+
+
+def _entry(path, name, spec, buffer_start) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise BadHeader(f"{where}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if dtype not in DTYPES:
+        raise BadHeader(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise BadHeader(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise BadOffsets(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+    nbytes = offsets[1] - offsets[0]
+    expected = prod(shape) * DTYPES[dtype].itemsize
+    if nbytes != expected:
+        raise BadOffsets(f"{where}: holds {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
+    return TensorEntry(name, Path(path), buffer_start + offsets[0], nbytes, dtype, tuple(shape))
+
+
+def _check_packing(path, entries: dict[str, TensorEntry], buffer_start: int, size: int) -> None:
+    end, buffer = 0, size - buffer_start
+    for e in sorted(entries.values(), key=lambda e: (e.offset, e.nbytes)):
+        begin = e.offset - buffer_start
+        if begin != end:
+            kind = "overlaps the previous tensor" if begin < end else "leaves a hole before it"
+            raise BadOffsets(f"{path}: tensor {e.name!r} at buffer offset {begin} {kind}")
+        end = begin + e.nbytes
+        if end > buffer:
+            raise BadOffsets(f"{path}: tensor {e.name!r} ends at buffer offset {end} but the buffer has "
+                             f"{buffer} bytes (file truncated?)")
+    if end != buffer:
+        raise BadOffsets(f"{path}: tensor data ends at buffer offset {end} but the buffer has {buffer} "
+                         f"bytes (trailing garbage)")
+
+
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]],
+                  metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix + padded JSON) for tensors packed in the given order.
+
+    tensors: [(name, dtype name, shape)]. Returns (prefix bytes, buffer-relative offsets).
+    """
+    header, offsets, pos = {"__metadata__": metadata}, [], 0
+    for name, dtype, shape in tensors:
+        nbytes = prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    return struct.pack("<Q", len(text)) + text, offsets

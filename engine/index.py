@@ -1,0 +1,134 @@
+"""Model folder -> TensorIndex (name -> file, offset, nbytes, dtype, shape), and the check that
+experts agree with the base. Reads headers only, never tensor data; knows nothing of merging.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadModel, MissingTensor, ShapeMismatch
+from .header import TensorEntry, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class TensorIndex:
+    """Every tensor of one model folder, in file order (shard by shard, by offset)."""
+    folder: Path
+    tensors: dict[str, TensorEntry]
+    shards: tuple[str, ...]        # file names, in order
+    sharded: bool                  # True when the folder has an index.json
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_folder(cls, folder: Path, label: str = "model") -> "TensorIndex":
+        folder = Path(folder)
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "no such folder"
+            raise BadModel(f"{_where(label, folder)}: {what}")
+        shards, weight_map = _shard_files(folder, label)
+        tensors, metadata = {}, {}
+        for shard in shards:
+            entries, metadata = read_header(folder / shard)
+            for name, entry in entries.items():
+                if name in tensors:
+                    raise BadModel(f"{_where(label, folder)}: tensor {name!r} is in both "
+                                   f"{tensors[name].file.name} and {shard}")
+                tensors[name] = entry
+        for name, shard in (weight_map or {}).items():
+            if name not in tensors or tensors[name].file != folder / shard:
+                raise MissingTensor(f"{_where(label, folder)}: {INDEX_FILE} lists tensor {name!r} in "
+                                    f"{shard} but that file does not hold it")
+        return cls(folder, tensors, tuple(shards), weight_map is not None, metadata)
+
+
+def _shard_files(folder: Path, label: str) -> tuple[list[str], dict | None]:
+    if (folder / INDEX_FILE).is_file():
+        weight_map = _read_weight_map(folder, label)
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            _check_inside(folder, s, label)
+        return shards, weight_map
+    if (folder / SINGLE_FILE).is_file():
+        _check_inside(folder, SINGLE_FILE, label)
+        return [SINGLE_FILE], None
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if found:
+        for s in found:
+            _check_inside(folder, s, label)
+        return found, None
+    pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat))
+    if pickles:
+        raise BadModel(f"{_where(label, folder)}: holds only pickle checkpoints ({', '.join(pickles[:3])}), "
+                       f"which mbmerge never loads: convert them to safetensors")
+    raise BadModel(f"{_where(label, folder)}: no safetensors files (model.safetensors or {INDEX_FILE})")
+
+
+def _read_weight_map(folder: Path, label: str) -> dict[str, str]:
+    path = folder / INDEX_FILE
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise BadModel(f"{_where(label, folder)}: {INDEX_FILE} is not a JSON object with a weight_map") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise BadModel(f"{_where(label, folder)}: {INDEX_FILE}'s weight_map must map tensor names to file names")
+    if not weight_map:
+        raise BadModel(f"{_where(label, folder)}: {INDEX_FILE} lists no tensors")
+    return weight_map
+
+
+def _check_inside(folder: Path, name: str, label: str) -> None:
+    """Refuse shard paths (or symlinks) that lead outside the model folder."""
+    path, where = folder / name, _where(label, folder)
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(_root(folder)):
+        raise BadModel(f"{where}: shard path {name!r} points outside the model folder")
+    if Path(name).name != name:
+        raise BadModel(f"{where}: shard path {name!r} is in a subfolder; shards must lie in the model folder")
+    if not path.is_file():
+        raise BadModel(f"{where}: shard {name} is " + ("not a file" if path.exists() else "missing"))
+
+
+def _where(label: str, path: Path) -> str:
+    """'expert code /m/code', and not 'expert /m/code /m/code' when the label holds the path."""
+    return label if label.endswith(str(path)) else f"{label} {path}"
+
+
+def _root(folder: Path) -> Path:
+    """The folder files may resolve into: a hub cache snapshot links into its repo's blobs/."""
+    f = folder.resolve()
+    if f.parent.name == "snapshots" and f.parent.parent.name.startswith("models--"):
+        return f.parent.parent
+    return f
+
+
+def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_label: str = "base") -> None:
+    """Every expert must have exactly the base's tensor names, shapes and dtypes.
+
+    Raises MissingTensor or ShapeMismatch listing every disagreement (the first few by name).
+    """
+    missing, mismatched = [], []
+    for label, ex in experts.items():
+        lacks = [n for n in base.tensors if n not in ex.tensors]
+        extra = [n for n in ex.tensors if n not in base.tensors]
+        if lacks:
+            missing.append(f"expert {label!r} ({ex.folder}) lacks {_few(lacks)} that {base_label} has")
+        if extra:
+            missing.append(f"expert {label!r} ({ex.folder}) has {_few(extra)} that {base_label} lacks")
+        for name, b in base.tensors.items():
+            e = ex.tensors.get(name)
+            if e is not None and (e.shape, e.dtype) != (b.shape, b.dtype):
+                mismatched.append(f"expert {label!r} tensor {name} is {e.dtype}{list(e.shape)}, "
+                                  f"{base_label} has {b.dtype}{list(b.shape)}")
+    problems = missing + mismatched
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        cls = MissingTensor if missing else ShapeMismatch
+        raise cls("; ".join(problems[:5]) + more + ": the experts are not fine-tunes of the same model")
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return f"{len(names)} tensor(s) ({shown}{', ...' if len(names) > 3 else ''})"

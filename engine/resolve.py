@@ -1,0 +1,87 @@
+"""Model references -> local folders: a path; a Hugging Face Hub repo id (`owner/name[@rev]`,
+downloaded with only the files a merge needs; HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE are
+read at call time); or a MergeBench domain short name, resolved against the base family
+(`--base google/gemma-2-2b --experts math` -> MergeBench/gemma-2-2b_math). Knows nothing of
+tensors.
+"""
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadModel, UnknownExpert
+
+DOMAINS = {"math": "math", "code": "coding", "coding": "coding", "multilingual": "multilingual",
+           "instruction": "instruction", "ifeval": "instruction", "safety": "safety"}
+HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model: what the user wrote, where it lies, and its hub revision if any."""
+    ref: str
+    path: Path
+    revision: str | None
+    role: str          # "base" or "expert <name>"
+
+
+def is_domain(ref: str) -> bool:
+    return ref.lower() in DOMAINS
+
+
+def mergebench_repo(base_ref: str, domain: str) -> str:
+    """MergeBench's expert repo for a base: MergeBench/{base name}_{domain}."""
+    name = base_ref.split("@")[0].rstrip("/").split("/")[-1]
+    return f"MergeBench/{name}_{DOMAINS[domain.lower()]}"
+
+
+def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
+    """Resolve one model reference to a local folder.
+
+    Args:
+        ref: a folder, a hub id (optionally @revision), or a MergeBench domain short name.
+        role: "base" or "expert NAME", used in messages.
+        base_ref: the base's reference, needed to resolve a domain short name.
+    """
+    if os.path.exists(ref):
+        return Source(ref, Path(ref), None, role)
+    if os.path.isabs(ref) or ref.startswith((".", "~")) or ref.partition("@")[0].count("/") > 1:
+        raise BadModel(f"{_who(role, ref)}: no such folder")
+    if is_domain(ref):
+        if base_ref is None:
+            raise UnknownExpert(f"{_who(role, ref)} is a MergeBench domain; pass --base to say which "
+                                f"family (e.g. --base google/gemma-2-2b)")
+        return _download(mergebench_repo(base_ref, ref), role, ref)
+    if HUB_ID.match(ref):
+        return _download(ref, role, ref)
+    raise UnknownExpert(f"{_who(role, ref)} is not a folder, a hub id (owner/name) or a MergeBench domain "
+                        f"({', '.join(sorted(set(DOMAINS)))})")
+
+
+def _who(role: str, ref: str) -> str:
+    """'expert math' for role 'expert math', else 'base google/gemma-2-2b'."""
+    return role if role.endswith(ref) else f"{role} {ref}"
+
+
+def _download(repo: str, role: str, ref: str) -> Source:
+    from huggingface_hub import snapshot_download  # imported lazily: only hub references need it
+
+    repo_id, _, revision = repo.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(hf_home, "hub")
+    try:
+        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS,
+                                 cache_dir=cache, local_files_only=offline)
+    except Exception as e:  # the hub client raises many types (offline, 404, gated, network)
+        if offline:
+            raise UnknownExpert(f"{_who(role, ref)}: not a local folder, and hub repo {repo} is not in the "
+                                f"offline cache {cache} (HF_HUB_OFFLINE is set)") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnknownExpert(f"{_who(role, ref)}: not a local folder, and hub repo {repo} could not be "
+                            f"downloaded ({type(e).__name__}: {why[:200]})") from None
+    path = Path(path)
+    return Source(ref, path, path.name, role)

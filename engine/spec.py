@@ -1,0 +1,61 @@
+"""MergeSpec: everything a merge needs to know, checked once at construction."""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import methods
+from .errors import BadParameter
+from .plan import dtype_name, parse_size
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge recipe. `params` holds the user's method parameters; after construction,
+    `resolved` holds every parameter with defaults filled in and per-expert lists broadcast."""
+    method: str
+    experts: tuple[str, ...]
+    out: Path
+    base: str | None = None
+    params: dict = field(default_factory=dict)
+    keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0)
+    dtype: str | None = None            # output dtype of float tensors (default: as stored)
+    memory_budget: int | str = "2GB"
+    allow_nonfinite: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    resolved: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: derived fields are set once, here
+        if not self.experts:
+            raise BadParameter("no experts given (--experts A,B)")
+        set_(self, "experts", tuple(self.experts))
+        set_(self, "out", Path(self.out))
+        set_(self, "dtype", dtype_name(self.dtype))
+        set_(self, "memory_budget", parse_size(self.memory_budget))
+        if self.memory_budget <= 0:
+            raise BadParameter("--memory-budget must be positive")
+        method = methods.get(self.method)
+        set_(self, "resolved", methods.resolve_params(method, len(self.experts), dict(self.params)))
+        if self.keep_base:
+            try:
+                re.compile(self.keep_base)
+            except re.error as e:
+                raise BadParameter(f"--keep-base {self.keep_base!r} is not a regular expression ({e})") from None
+
+    def command(self) -> str:
+        """The equivalent command line (for the model card)."""
+        parts = ["mbmerge", "--method", self.method]
+        if self.base:
+            parts += ["--base", self.base]
+        parts += ["--experts", ",".join(self.experts)]
+        for k, v in self.params.items():
+            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            parts += [f"--{k}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k}"]
+        if self.keep_base:
+            parts += ["--keep-base", f"'{self.keep_base}'"]
+        if self.dtype:
+            parts += ["--dtype", self.dtype]
+        return " ".join(parts + ["--out", str(self.out)])

@@ -1,0 +1,36 @@
+"""The heavy steps of the merge methods, each with a torch reference and, where it pays, a
+Triton kernel of the same semantics. The backend is decided once, on first use (no device
+query at import): Triton for CUDA tensors when it is importable, the torch reference otherwise.
+`MBMERGE_KERNELS=torch|triton` overrides; with `TRITON_INTERPRET=1` the Triton kernels run on
+CPU tensors, which is how the tests compare the two.
+"""
+import functools
+import os
+
+import torch
+
+from . import dare, select
+from .select import kth_largest_abs  # noqa: F401  (histogram passes; torch ops run on any device)
+
+
+@functools.cache
+def backend() -> str:
+    """'triton' or 'torch', from MBMERGE_KERNELS or what is installed."""
+    choice = os.environ.get("MBMERGE_KERNELS", "").lower()
+    if choice in ("torch", "triton"):
+        if choice == "triton" and dare.triton is None:
+            raise RuntimeError("MBMERGE_KERNELS=triton but triton is not installed")
+        return choice
+    return "triton" if dare.triton is not None and torch.cuda.is_available() else "torch"
+
+
+def _use_triton(device: torch.device) -> bool:
+    return backend() == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
+    """float32 uniforms of tl.rand(seed, start + arange(n)), from either backend."""
+    device = torch.device(device)
+    if _use_triton(device):
+        return dare.uniform_triton(seed, start, n, device)
+    return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))

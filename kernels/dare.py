@@ -1,0 +1,75 @@
+"""Counter-based random keep masks: the uniform of Triton's `tl.rand(seed, offset)`, bit for bit.
+
+The mask of element j of a tensor is a pure function of (seed, tensor name, expert, j): it is
+never stored, and any chunking, device or backend gives the same mask (Triton tutorial 04's
+low-memory dropout). `uniform_ref` reproduces Philox-4x32-10 and Triton's int-to-float
+conversion in int64 torch arithmetic; `_uniform_kernel` is the Triton original.
+An int64 offset's low and high 32 bits are Philox's first two counter words, as in Triton 3.x.
+"""
+import hashlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the torch reference serves the CPU
+    triton = None
+
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57   # Philox-4x32 multipliers
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85       # Weyl key increments
+N_ROUNDS = 10
+M32 = 0xFFFFFFFF
+TO_UNIFORM = 4.6566127342e-10               # Triton's int32 -> [0, 1) scale
+
+
+def expert_seed(seed: int, key: str, expert: int) -> int:
+    """A 63-bit seed for one (global seed, tensor name, expert index)."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{expert}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _mul_hi_lo(c: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of c * a (c, a < 2^32). The int64 product wraps modulo 2^64, which
+    keeps all 64 bits of the unsigned product (torch has no uint64 shifts); the tests check the
+    result bit for bit against Triton's tl.rand."""
+    p = c * a
+    return (p >> 32) & M32, p & M32
+
+
+def uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) equal to tl.rand(seed, offsets) (offsets int64)."""
+    offsets = offsets.to(torch.int64)
+    c0, c1 = offsets & M32, offsets >> 32
+    c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(N_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(c2, ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + KEY_A) & M32, (k1 + KEY_B) & M32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)    # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * TO_UNIFORM
+
+
+if triton is not None:
+    @triton.jit
+    def _uniform_kernel(out_ptr,            # *f32 [n]
+                        seed,               # i64 philox key
+                        start,              # i64 element index of out[0] in the tensor
+                        n,                  # i32 elements to write
+                        BLOCK_SIZE: tl.constexpr):
+        # offsets = torch.arange(start, start + n)
+        offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < n
+        # out = uniform_ref(seed, start + offsets)
+        tl.store(out_ptr + offsets, tl.rand(seed, start + offsets), mask=mask)
+
+
+def uniform_triton(seed: int, start: int, n: int, device) -> torch.Tensor:
+    """tl.rand(seed, start + arange(n)) computed by the Triton kernel."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        _uniform_kernel[(triton.cdiv(n, 1024),)](out, seed, start, n, BLOCK_SIZE=1024)
+    return out

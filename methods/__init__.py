@@ -1,0 +1,173 @@
+"""Merge methods as pure per-tensor functions, and the registry that describes them.
+
+A method is `stats(chunks, ...) -> dict` (optional; whole-tensor statistics, streamed over
+chunks) and `apply(b, xs, ..., **stats) -> merged chunk`, element-wise on float32 chunks.
+Methods never touch files. Every registered method is also a library function on plain tensors:
+
+    >>> mbmerge.methods.ties(base_t, [t1, t2], density=0.2)
+"""
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..engine.errors import BadParameter
+from . import dare, linear, ties as _ties
+from ._blocks import CHUNK_ALIGN  # noqa: F401  (the engine aligns chunks to it)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: object
+    help: str
+    per_expert: bool = False      # one value per expert (a single value is broadcast)
+    choices: tuple = ()
+    fraction: bool = False        # must lie in (0, 1]
+
+    def coerce(self, value, method: str):
+        """A user value (python or CLI string) as this parameter's type; lists for per-expert ones."""
+        if self.per_expert:
+            items = value.split(",") if isinstance(value, str) else value
+            items = items if isinstance(items, (list, tuple)) else [items]
+            return [self._one(v, method) for v in items]
+        return self._one(value, method)
+
+    def _one(self, value, method):
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                v = value.lower() in ("true", "1", "yes")
+            else:
+                v = kind(value)
+        except (TypeError, ValueError):
+            raise BadParameter(f"{method}: {self.name}={value!r} is not a {kind.__name__}") from None
+        if self.choices and v not in self.choices:
+            raise BadParameter(f"{method}: {self.name}={v!r}; choose one of {', '.join(self.choices)}")
+        if self.fraction and not 0 < v <= 1:
+            raise BadParameter(f"{method}: {self.name}={v} must be in (0, 1]")
+        return v
+
+
+WEIGHTS = Param("weights", 1.0, "per-expert weight w_i", per_expert=True)
+DENSITY = Param("density", 0.2, "fraction rho_i of each delta kept", per_expert=True, fraction=True)
+SCALE = Param("scale", 1.0, "lambda, the scale on the merged delta (mergekit: lambda)")
+CONSENSUS = Param("consensus", "sum", "sign election: sum (by mass) or count (by vote)", choices=("sum", "count"))
+AGGREGATE = Param("aggregate", "mean", "agreeing deltas: mean (TIES paper, mergekit normalize) "
+                  "or sum (MergeBench)", choices=("mean", "sum"))
+RESCALE = Param("rescale", "inverse", "dropped deltas: inverse (1/p, paper) | l1 (mergekit) | none",
+                choices=("inverse", "l1", "none"))
+SEED = Param("seed", 0, "seed of the counter-based keep masks")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, "divide by the sum of weights")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table."""
+    name: str
+    apply: Callable
+    params: tuple[Param, ...]
+    paper: str
+    stats: Callable | None = None
+    needs_base: bool = True
+    trim: str = "none"            # none | magnitude | random
+    elect: str = "none"           # none | sign
+    summary: str = ""
+
+
+REGISTRY = {m.name: m for m in [
+    Method("linear", linear.apply_linear, (WEIGHTS, _normalize(True)),
+           "https://arxiv.org/abs/2203.05482", needs_base=False,
+           summary="weighted average of the experts (model soup)"),
+    Method("task_arithmetic", linear.apply_task_arithmetic, (WEIGHTS, SCALE, _normalize(False)),
+           "https://arxiv.org/abs/2212.04089", summary="b + lam * sum_i w_i d_i"),
+    Method("ties", _ties.apply, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE),
+           "https://arxiv.org/abs/2306.01708", stats=_ties.stats, trim="magnitude", elect="sign",
+           summary="trim to top-rho magnitudes, elect sign, disjoint merge"),
+    Method("dare_linear", dare.apply_linear, (WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
+           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random",
+           summary="random drop with rescale, then task arithmetic"),
+    Method("dare_ties", dare.apply_ties, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
+           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", elect="sign",
+           summary="random drop with rescale, then TIES sign election"),
+]}
+
+
+def get(name: str) -> Method:
+    """The registry row for `name`; BadParameter naming the known methods otherwise."""
+    if name not in REGISTRY:
+        raise BadParameter(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
+    """Defaults filled in, values coerced and checked, per-expert values broadcast to n_experts."""
+    known = {p.name: p for p in method.params}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise BadParameter(f"method {method.name} has no parameter {unknown[0]!r} "
+                           f"(it takes: {', '.join(known)})")
+    params = {}
+    for p in method.params:
+        v = p.coerce(given[p.name], method.name) if p.name in given else p.coerce(p.default, method.name)
+        if p.per_expert:
+            if len(v) == 1:
+                v = v * n_experts
+            if len(v) != n_experts:
+                raise BadParameter(f"{method.name}: {p.name} has {len(v)} values for {n_experts} experts")
+        params[p.name] = v
+    return params
+
+
+def _call(fn: Callable, *args, **available):
+    """Call fn with the keyword arguments it declares, taken from `available`."""
+    names = inspect.signature(fn).parameters
+    return fn(*args, **{k: v for k, v in available.items() if k in names})
+
+
+def statistics(method: Method, params: dict, chunks: Callable, numel: int, key: str) -> dict:
+    """Whole-tensor statistics of one tensor; chunks() yields (b, xs, offset) float32 chunks."""
+    if method.stats is None:
+        return {}
+    return _call(method.stats, chunks, numel=numel, key=key, **params)
+
+
+def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, key: str) -> torch.Tensor:
+    """The merged float32 chunk for inputs starting at element `offset` of tensor `key`."""
+    return _call(method.apply, b, xs, offset=offset, key=key, **params, **stats)
+
+
+def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, key: str = "",
+                  **params) -> torch.Tensor:
+    """Merge whole tensors in memory with a registered method; returns b's (or x_0's) dtype.
+
+    Args:
+        name: a registry name, e.g. "ties".
+        b: the base tensor (None for methods that do not need it, e.g. linear).
+        xs: the experts' tensors, same shape as b.
+        key: the tensor's name; seeds DARE's keep masks, so the engine's output is reproduced.
+        params: method parameters, e.g. density=0.2, weights=[0.3, 0.7].
+    Example:
+        >>> merge_tensors("ties", b, [x1, x2], density=0.2)
+    """
+    method = get(name)
+    if method.needs_base and b is None:
+        raise BadParameter(f"method {name} needs a base tensor")
+    p = resolve_params(method, len(xs), params)
+    like = b if b is not None else xs[0]
+    bf = b.float().flatten() if b is not None else None
+    xf = [x.float().flatten() for x in xs]
+    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key)
+    return apply_chunk(method, p, s, bf, xf, 0, key).view(like.shape).to(like.dtype)
+
+
+for _name in REGISTRY:
+    globals()[_name] = functools.partial(merge_tensors, _name)
+    globals()[_name].__doc__ = f"{_name}: {REGISTRY[_name].summary}. See merge_tensors."

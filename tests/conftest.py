@@ -1,0 +1,122 @@
+"""Tiny models on disk, written with the safetensors library (not mbmerge's writer), so every
+test checks mbmerge against an independent path. Nothing is downloaded."""
+import json
+import os
+from pathlib import Path
+
+# Triton kernels decorated from here on run in Triton's CPU interpreter (the dispatch still picks
+# the torch reference unless a test asks for MBMERGE_KERNELS=triton).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+H, I, L, V, HEADS, KV = 32, 64, 2, 64, 4, 2
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=H, intermediate_size=I,
+             num_hidden_layers=L, num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
+             max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+             tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBMERGE_CACHE", str(tmp_path / "mbmerge-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.fixture(params=["torch", "triton"])
+def both_impls(request, monkeypatch):
+    """Runs a test once with the torch references and once with the Triton kernels (interpreted)."""
+    import mbmerge.kernels as kernels
+    if request.param == "triton" and kernels.dare.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("MBMERGE_KERNELS", request.param)
+    kernels.backend.cache_clear()
+    yield request.param
+    kernels.backend.cache_clear()
+
+
+def llama_shapes():
+    hd = H // HEADS
+    yield "model.embed_tokens.weight", (V, H)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        for n, s in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (KV * hd, H)),
+                     ("self_attn.v_proj", (KV * hd, H)), ("self_attn.o_proj", (H, H)),
+                     ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
+            yield p + n + ".weight", s
+        yield p + "input_layernorm.weight", (H,)
+        yield p + "post_attention_layernorm.weight", (H,)
+    yield "model.norm.weight", (H,)
+    yield "lm_head.weight", (V, H)
+
+
+def base_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.ones(s) + 0.1 * torch.randn(s, generator=g) if len(s) == 1
+            else torch.randn(s, generator=g) * 0.05 for n, s in llama_shapes()}
+
+
+def expert_tensors(base: dict, seed: int) -> dict[str, torch.Tensor]:
+    """base + dense noise + sparse larger deltas: trimming and sign election have work to do."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, b in base.items():
+        d = torch.randn(b.shape, generator=g) * 1e-3
+        d += (torch.rand(b.shape, generator=g) < 0.1) * torch.randn(b.shape, generator=g) * 2e-2
+        out[n] = b + d
+    return out
+
+
+def write_model(folder: Path, tensors: dict, *, dtype=torch.bfloat16, shards: int = 2, config=None) -> Path:
+    """An HF model folder: sharded safetensors (+ index when shards > 1), config, tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    parts = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)] if shards > 1 \
+        else ["model.safetensors"]
+    for file, part in zip(files, parts):
+        save_file({n: tensors[n].to(dtype).contiguous() for n in part}, str(folder / file),
+                  metadata={"format": "pt"})
+    if shards > 1:
+        weight_map = {n: f for f, part in zip(files, parts) for n in part}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = dict(config or LLAMA)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 94 for c in range(97, 123)}}
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return folder
+
+
+def read_model(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, loaded with the safetensors library."""
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """A tiny Llama family on disk: base + experts math, code, ifeval (bf16, 2 shards).
+
+    Returns a dict: folder paths under 'paths', and the bf16-rounded float32 tensors under 'tensors'.
+    """
+    root = tmp_path_factory.mktemp("family")
+    base = base_tensors()
+    models = {"base": base, **{name: expert_tensors(base, seed)
+                               for name, seed in [("math", 1), ("code", 2), ("ifeval", 3)]}}
+    paths = {name: write_model(root / name, t) for name, t in models.items()}
+    rounded = {name: {n: v.to(torch.bfloat16).float() for n, v in t.items()} for name, t in models.items()}
+    return {"paths": paths, "tensors": rounded, "root": root}
