@@ -57,9 +57,10 @@ def run(spec: MergeSpec) -> Path:
     method = methods.get(spec.method)
     base, experts = _sources(spec)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
-    indexes = {s.role.removeprefix("expert "): TensorIndex.from_folder(s.path, s.role) for s in experts}
-    ref_index = base_index or next(iter(indexes.values()))
-    check_agreement(ref_index, indexes, "base" if base else f"expert {spec.experts[0]!r}")
+    indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
+    ref_index = base_index or indexes[0]
+    check_agreement(ref_index, {s.role.removeprefix("expert "): ix for s, ix in zip(experts, indexes)},
+                    "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base)
@@ -67,12 +68,14 @@ def run(spec: MergeSpec) -> Path:
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
-        expert_maps = [MappedModel(ix) for ix in indexes.values()]
+        expert_maps = [MappedModel(ix) for ix in indexes]
         maps = [m for m in [base_map, *expert_maps] if m is not None]
         writer = ShardWriter(tmp, plan)
-        Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-               spec.allow_nonfinite).run(spec.progress)
-        writer.close()
+        try:
+            Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
+                   spec.allow_nonfinite).run(spec.progress)
+        finally:
+            writer.close()
         write_index(tmp, plan)
         copy_side_files(ref_index.folder, tmp, spec.dtype)
         write_card(tmp, _record(spec, base, experts, plan, time.perf_counter() - started))

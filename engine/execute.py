@@ -73,22 +73,22 @@ class Merger:
     def _merge(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         name, out_dtype = t.name, DTYPES[t.out_dtype]
 
-        def read(check: bool):
+        def read():
             for a, z in t.chunks:
                 b = _float_chunk(self.base, name, a, z) if self.base is not None else None
                 xs = [_float_chunk(m, name, a, z) for m in self.experts]
-                if check and not self.allow_nonfinite:
+                if not self.allow_nonfinite:  # before any statistics see the values
                     for m, role, x in zip(self._inputs(), self._roles(), [b, *xs] if b is not None else xs):
                         _check_finite(x, m, role, name)
                 yield b, xs, a
 
         chunks = read
         if self.method.stats is not None and t.ref.numel * 4 * len(self._inputs()) <= self.cache_bytes:
-            cached = list(read(check=True))  # small tensor: statistics passes and apply share one read
-            chunks = lambda check=False: iter(cached)  # noqa: E731
-        stats = methods.statistics(self.method, self.params, lambda: chunks(False), t.ref.numel, name)
+            cached = list(read())  # small tensor: the statistics passes and apply share one read
+            chunks = lambda: iter(cached)  # noqa: E731
+        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name)
         per_elem = t.ref.torch_dtype.itemsize * len(self._inputs())
-        for b, xs, a in chunks(True):
+        for b, xs, a in chunks():
             out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name)
             self.writer.write(t, a, out.to(out_dtype))
             done(per_elem * out.numel())

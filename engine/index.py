@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadModel, MissingTensor, ShapeMismatch
+from .errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
 from .header import TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -31,7 +31,10 @@ class TensorIndex:
         shards, weight_map = _shard_files(folder, label)
         tensors, metadata = {}, {}
         for shard in shards:
-            entries, metadata = read_header(folder / shard)
+            try:
+                entries, metadata = read_header(folder / shard)
+            except (BadHeader, BadOffsets) as e:
+                raise type(e)(f"{_role(label, folder)} {e}") from None
             for name, entry in entries.items():
                 if name in tensors:
                     raise BadModel(f"{_where(label, folder)}: tensor {name!r} is in both "
@@ -91,9 +94,13 @@ def _check_inside(folder: Path, name: str, label: str) -> None:
         raise BadModel(f"{where}: shard {name} is " + ("not a file" if path.exists() else "missing"))
 
 
-def _where(label: str, path: Path) -> str:
-    """'expert code /m/code', and not 'expert /m/code /m/code' when the label holds the path."""
-    return label if label.endswith(str(path)) else f"{label} {path}"
+def _where(label: str, folder: Path) -> str:
+    return f"{_role(label, folder)} {folder}"
+
+
+def _role(label: str, folder: Path) -> str:
+    """'expert' from a label that already ends with the folder ('expert /m/code'), else the label."""
+    return label.removesuffix(str(folder)).rstrip() or label
 
 
 def _root(folder: Path) -> Path:
@@ -113,10 +120,11 @@ def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_lab
     for label, ex in experts.items():
         lacks = [n for n in base.tensors if n not in ex.tensors]
         extra = [n for n in ex.tensors if n not in base.tensors]
+        who = f"expert {label!r}" + ("" if label == str(ex.folder) else f" ({ex.folder})")
         if lacks:
-            missing.append(f"expert {label!r} ({ex.folder}) lacks {_few(lacks)} that {base_label} has")
+            missing.append(f"{who} lacks {_few(lacks)} that {base_label} has")
         if extra:
-            missing.append(f"expert {label!r} ({ex.folder}) has {_few(extra)} that {base_label} lacks")
+            missing.append(f"{who} has {_few(extra)} that {base_label} lacks")
         for name, b in base.tensors.items():
             e = ex.tensors.get(name)
             if e is not None and (e.shape, e.dtype) != (b.shape, b.dtype):

@@ -29,28 +29,26 @@ def expert_seed(seed: int, key: str, expert: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _mul_hi_lo(c: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of c * a (c, a < 2^32). The int64 product wraps modulo 2^64, which
-    keeps all 64 bits of the unsigned product (torch has no uint64 shifts); the tests check the
-    result bit for bit against Triton's tl.rand."""
-    p = c * a
-    return (p >> 32) & M32, p & M32
-
-
 def uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) equal to tl.rand(seed, offsets) (offsets int64)."""
+    """float32 uniforms in [0, 1) equal to tl.rand(seed, offsets) (offsets int64).
+
+    Each 32x32-bit product is an int64 product that wraps modulo 2^64, which keeps all 64 bits
+    of the unsigned product (torch has no uint64 shifts); the tests check the result bit for
+    bit against Triton's tl.rand. In-place ops: allocations dominate this integer-only chain.
+    """
     offsets = offsets.to(torch.int64)
     c0, c1 = offsets & M32, offsets >> 32
     c2 = c3 = torch.zeros_like(c0)
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(N_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(c2, ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        pb, pa = c2 * ROUND_B, c0 * ROUND_A                          # full 64-bit products
+        c0 = (pb >> 32).bitwise_and_(M32).bitwise_xor_(c1).bitwise_xor_(k0)   # mulhi(B, c2) ^ c1 ^ k0
+        c2 = (pa >> 32).bitwise_and_(M32).bitwise_xor_(c3).bitwise_xor_(k1)   # mulhi(A, c0) ^ c3 ^ k1
+        c1, c3 = pb.bitwise_and_(M32), pa.bitwise_and_(M32)         # mullo(B, c2), mullo(A, c0)
         k0, k1 = (k0 + KEY_A) & M32, (k1 + KEY_B) & M32
-    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)    # bitcast to int32
-    x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * TO_UNIFORM
+    x = c0.to(torch.int32)                                           # bitcast: c0 < 2^32
+    x ^= x >> 31                                                     # x < 0 ? -x - 1 : x
+    return x.to(torch.float32).mul_(TO_UNIFORM)
 
 
 if triton is not None:

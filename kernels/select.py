@@ -8,23 +8,34 @@ devices: the threshold never depends on how the data was split.
 Tie rule: every element equal to the threshold is kept (MergeBench's kthvalue rule); mergekit's
 argsort keeps exactly k, so elements tied at the threshold may differ from mergekit.
 """
+import math
+import struct
 from typing import Callable, Iterable
 
 import torch
 
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
+INF_BIN = 0x7F80  # top 16 bits of +inf; NaNs sort above it
 
 
-def _keys_hi(v: torch.Tensor, _) -> torch.Tensor:
+def _f32(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _hi_keys(v: torch.Tensor) -> torch.Tensor:
     bits = v.abs().view(torch.int32).flatten()
     bits >>= 16
     return bits
 
 
-def _keys_lo(v: torch.Tensor, top: int) -> torch.Tensor:
-    bits = v.abs().view(torch.int32).flatten()
-    return bits[(bits >> 16) == top] & 0xFFFF
+def _lo_keys(v: torch.Tensor, top: int) -> torch.Tensor:
+    """Low 16 bits of the members of bin `top`, plus 1; a clamp sends the other elements to
+    key 0 (below the bin) or 65537 (above it), which the caller drops. No boolean gather."""
+    below = _f32((top << 16) - 1) if top else 0.0
+    bits = v.abs().clamp_(below, _f32((top + 1) << 16)).view(torch.int32).flatten()
+    bits -= (top << 16) - 1
+    return bits.clamp_(0, LO_BINS + 1)   # NaN (only with --allow-nonfinite) passes the float clamp
 
 
 def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -35,11 +46,11 @@ def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return hist.numel() - 1 - i, k - above
 
 
-def _accumulate(chunks, keys_fn, extra: list, bins: int) -> list[torch.Tensor]:
-    total = [torch.zeros(bins, dtype=torch.int64) for _ in extra]
+def _histograms(chunks, keys, args: list, bins: int) -> list[torch.Tensor]:
+    total = [torch.zeros(bins, dtype=torch.int64) for _ in args]
     for vs in chunks():
-        for h, v, e in zip(total, vs, extra):
-            h += torch.bincount(keys_fn(v, e), minlength=bins).to(h.device)
+        for h, v, arg in zip(total, vs, args):
+            h += torch.bincount(keys(v, *arg), minlength=bins).to(h.device)
     return total
 
 
@@ -55,8 +66,15 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]], ks: list
         >>> kth_largest_abs(lambda: [[torch.tensor([3., -1., 2.])]], [2])
         [2.0]
     """
-    hi = _accumulate(chunks, _keys_hi, ks, HI_BINS)
+    hi = _histograms(chunks, _hi_keys, [()] * len(ks), HI_BINS)
     picks = [pick(h, k) for h, k in zip(hi, ks)]
-    lo = _accumulate(chunks, _keys_lo, [top for top, _ in picks], LO_BINS)
-    bits = [(top << 16) | pick(h, rank)[0] for h, (top, rank) in zip(lo, picks)]
-    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).tolist()
+    # a k-th largest that is Inf/NaN (inputs only get here with --allow-nonfinite) gives +inf
+    finite = [i for i, (top, _) in enumerate(picks) if top < INF_BIN]
+    thr = [math.inf] * len(ks)
+    if finite:
+        lo = _histograms(lambda: ([vs[i] for i in finite] for vs in chunks()), _lo_keys,
+                         [(picks[i][0],) for i in finite], LO_BINS + 2)
+        for i, h in zip(finite, lo):
+            top, rank = picks[i]
+            thr[i] = _f32((top << 16) | pick(h[1:-1], rank)[0])
+    return thr

@@ -161,3 +161,15 @@ def test_default_family_runs_with_domain_names(tmp_path):
     record = json.loads((out / "mbmerge.json").read_text())
     assert [e["ref"] for e in record["experts"]] == ["math", "code"]
     assert record["base"]["path"].endswith("synthetic-llama-v1/base")
+
+
+def test_dare_output_is_the_same_with_either_kernel_backend(family, tmp_path, monkeypatch):
+    import mbmerge.kernels as kernels
+    outputs = []
+    for impl in ("torch", "triton"):
+        monkeypatch.setenv("MBMERGE_KERNELS", impl)
+        kernels.backend.cache_clear()
+        out = _merge(family, tmp_path, "dare_ties", impl, experts=["math", "code"], density=0.3, seed=11)
+        outputs.append({f.name: f.read_bytes() for f in out.glob("*.safetensors")})
+    kernels.backend.cache_clear()
+    assert outputs[0] == outputs[1]

@@ -59,6 +59,11 @@ def test_kth_largest_with_ties_zeros_and_several_series():
     assert got == [0.5, 0.0, torch.tensor(3e-41).item()] == [_kth(ties, 2), _kth(zeros, 3), _kth(sub, 4)]
 
 
+def test_kth_largest_of_nonfinite_values_is_inf():
+    v = torch.tensor([float("nan"), float("inf"), 1.0, 2.0])
+    assert kth_largest_abs(lambda: [[v, v]], [1, 3]) == [float("inf"), 2.0]      # NaN > Inf > 2 > 1
+
+
 def test_kth_largest_is_independent_of_chunking():
     v = torch.randn(100_003, generator=torch.Generator().manual_seed(1))
     w = torch.randn(100_003, generator=torch.Generator().manual_seed(2))
