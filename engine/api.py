@@ -1,5 +1,4 @@
 """merge(): resolve the inputs, check them, plan, run, and publish the output folder."""
-import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from .plan import make_plan
 from .read import MappedModel
 from .resolve import DOMAINS, Source, is_domain, resolve
 from .spec import VERSION, MergeSpec
-from .write import ShardWriter, check_output, copy_side_files, publish, temp_folder, write_card, write_index
+from .write import (ShardWriter, check_output, copy_side_files, discard, publish, temp_folder, write_card,
+                    write_index)
 
 
 def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
@@ -64,7 +64,7 @@ def run(spec: MergeSpec) -> Path:
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base)
-    tmp = temp_folder(spec.out)
+    tmp, created = temp_folder(spec.out)
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
@@ -81,7 +81,7 @@ def run(spec: MergeSpec) -> Path:
         write_card(tmp, _record(spec, base, experts, plan, time.perf_counter() - started))
         publish(tmp, spec.out, spec.overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp, created)
         raise
     finally:
         for m in maps:

@@ -30,7 +30,7 @@ def _check_finite(x: torch.Tensor, m: MappedModel, role: str, name: str) -> None
     if torch.isfinite(x.sum()):  # one reduction; the exact test only when the sum is not finite
         return
     if not torch.isfinite(x).all():
-        raise NonFinite(f"{role} {m.index.folder}: tensor {name} holds NaN or Inf values "
+        raise NonFinite(f"{role}: tensor {name} holds NaN or Inf values, in {m.index.tensors[name].file} "
                         f"(pass --allow-nonfinite to merge it anyway)")
 
 
@@ -55,12 +55,19 @@ class Merger:
     def run(self, progress: bool = True) -> None:
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
-            tensors = self.plan.tensors
-            for t, after in zip(tensors, tensors[1:] + (None,)):
-                if after is not None:
-                    for m in self._inputs() if after.merge else [self.ref]:
-                        m.prefetch(m.index.tensors[after.name])
-                (self._merge if t.merge else self._copy)(t, bar.update)
+            try:
+                self._run(bar)
+            except BaseException:
+                bar.leave = False  # the error line alone, no half-full bar above it
+                raise
+
+    def _run(self, bar) -> None:
+        tensors = self.plan.tensors
+        for t, after in zip(tensors, tensors[1:] + (None,)):
+            if after is not None:  # the kernel reads the next tensor while this one is merged
+                for m in self._inputs() if after.merge else [self.ref]:
+                    m.prefetch(m.index.tensors[after.name])
+            (self._merge if t.merge else self._copy)(t, bar.update)
 
     def _copy(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         out_dtype = DTYPES[t.out_dtype]

@@ -26,13 +26,25 @@ def check_output(out: Path, overwrite: bool) -> None:
                            f"(pass --overwrite to replace it, or choose another --out)")
 
 
-def temp_folder(out: Path) -> Path:
-    """A fresh temporary folder beside `out` (same file system, so the final rename is atomic)."""
+def temp_folder(out: Path) -> tuple[Path, list[Path]]:
+    """A fresh temporary folder beside `out` (same file system, so the final rename is atomic),
+    and the parent folders created for it (deepest last), for `discard`."""
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.mbmerge-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return tmp
+    return tmp, created
+
+
+def discard(tmp: Path, created: list[Path]) -> None:
+    """Remove a failed merge's temporary folder and the parents made for it."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 class ShardWriter:

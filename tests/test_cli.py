@@ -2,6 +2,7 @@
 tensor, exit code 2, no traceback, no output folder (nor its hidden temporary) left behind, and
 inputs untouched. Runs `main()` in-process (its error handling is what is under test), and the
 real entry point in a subprocess for a few cases."""
+import errno
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_bad_header_in_expert(family, tmp_path, mbmerge, case):
     before = snapshot(bad.parent, family["paths"]["base"], family["paths"]["math"])
     out = tmp_path / "out"
     result = mbmerge(*merge_args(family, out, family["paths"]["math"], bad.parent))
-    assert_refused(result, out, f"mbmerge: error: {bad}: ", *BAD_HEADERS[case][2])
+    assert_refused(result, out, f"mbmerge: error: expert {bad}: ", *BAD_HEADERS[case][2])
     assert snapshot(bad.parent, family["paths"]["base"], family["paths"]["math"]) == before
 
 
@@ -220,6 +221,25 @@ def test_domain_without_base_needs_base(family, tmp_path, mbmerge):
 def test_unknown_expert_reference(family, tmp_path, mbmerge, ref, fragments):
     out = tmp_path / "out"
     assert_refused(mbmerge(*merge_args(family, out, family["paths"]["code"], ref)), out, *fragments)
+
+
+def test_disk_full_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeypatch):
+    def full(folder, plan):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model-00001-of-00002.safetensors"))
+    monkeypatch.setattr("mbmerge.engine.api.ShardWriter", full)
+    out = tmp_path / "out"
+    tmp = tmp_path / f".out.mbmerge-{os.getpid()}"
+    assert_refused(mbmerge(*merge_args(family, out)), out,
+                   f"mbmerge: error: No space left on device: {tmp / 'model-00001-of-00002.safetensors'}")
+
+
+def test_other_os_errors_keep_their_traceback(family, tmp_path, mbmerge, monkeypatch):
+    def bug(folder, plan):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/oops")
+    monkeypatch.setattr("mbmerge.engine.api.ShardWriter", bug)
+    with pytest.raises(FileNotFoundError):
+        mbmerge(*merge_args(family, tmp_path / "out"))
+    assert not list(tmp_path.glob(".out.mbmerge-*"))
 
 
 @pytest.mark.parametrize("make, fragment", [

@@ -3,7 +3,6 @@ safetensors library, every kind of corrupt or hostile header, and unsafe model f
 
 BAD_HEADERS and BAD_FOLDERS are also run through the command line in test_cli.py."""
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -211,7 +210,7 @@ def index_missing_shard(folder):
 
 def bad_shard_header(folder):
     (folder / SHARD1).write_bytes(BAD_HEADERS["hole"][0])
-    return BadOffsets, [str(folder / SHARD1), "tensor 'b'", "leaves a hole"]
+    return BadOffsets, [f"{folder / SHARD1}: tensor 'b' at buffer offset 12 leaves a hole"]
 
 
 def pickle_only(folder):
@@ -257,7 +256,7 @@ def test_bad_folder_refused(family, tmp_path, case):
     with pytest.raises(cls) as e:
         TensorIndex.from_folder(folder, "expert x")
     msg = str(e.value)
-    assert "\n" not in msg and str(folder) in msg
+    assert "\n" not in msg and msg.startswith(f"expert x {folder}")
     for f in fragments:
         assert f in msg
 
@@ -277,8 +276,8 @@ def test_index_of_sharded_and_single_file(family, tmp_path):
 def test_symlinked_shard_inside_folder_accepted(family, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(family["paths"]["base"], folder)
-    (folder / SHARD1).rename(folder / "real.bin.safetensors.data")
-    (folder / SHARD1).symlink_to("real.bin.safetensors.data")
+    (folder / SHARD1).rename(folder / "blob-1")
+    (folder / SHARD1).symlink_to("blob-1")
     assert len(TensorIndex.from_folder(folder).tensors) == len(list(base_tensors()))
 
 
@@ -307,4 +306,3 @@ def test_input_files_untouched_by_index(family):
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.iterdir()}
     TensorIndex.from_folder(folder)
     assert before == {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.iterdir()}
-    assert os.access(folder, os.R_OK)
