@@ -126,9 +126,14 @@ def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
     return params
 
 
+@functools.cache
+def _keywords(fn: Callable) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _call(fn: Callable, *args, **available):
     """Call fn with the keyword arguments it declares, taken from `available`."""
-    names = inspect.signature(fn).parameters
+    names = _keywords(fn)
     return fn(*args, **{k: v for k, v in available.items() if k in names})
 
 
