@@ -5,11 +5,12 @@ query at import): Triton for CUDA tensors when it is importable, the torch refer
 CPU tensors, which is how the tests compare the two.
 """
 import functools
+import importlib.util
 import os
 
 import torch
 
-from . import dare, select
+from . import dare
 from .select import kth_largest_abs  # noqa: F401  (histogram passes; torch ops run on any device)
 
 
@@ -18,10 +19,14 @@ def backend() -> str:
     """'triton' or 'torch', from MBMERGE_KERNELS or what is installed."""
     choice = os.environ.get("MBMERGE_KERNELS", "").lower()
     if choice in ("torch", "triton"):
-        if choice == "triton" and dare.triton is None:
+        if choice == "triton" and not has_triton():
             raise RuntimeError("MBMERGE_KERNELS=triton but triton is not installed")
         return choice
-    return "triton" if dare.triton is not None and torch.cuda.is_available() else "torch"
+    return "triton" if has_triton() and torch.cuda.is_available() else "torch"
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -32,5 +37,6 @@ def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
     """float32 uniforms of tl.rand(seed, start + arange(n)), from either backend."""
     device = torch.device(device)
     if _use_triton(device):
-        return dare.uniform_triton(seed, start, n, device)
+        from .dare_triton import uniform_triton
+        return uniform_triton(seed, start, n, device)
     return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))

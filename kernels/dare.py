@@ -3,18 +3,13 @@
 The mask of element j of a tensor is a pure function of (seed, tensor name, expert, j): it is
 never stored, and any chunking, device or backend gives the same mask (Triton tutorial 04's
 low-memory dropout). `uniform_ref` reproduces Philox-4x32-10 and Triton's int-to-float
-conversion in int64 torch arithmetic; `_uniform_kernel` is the Triton original.
+conversion in int64 torch arithmetic; `dare_triton._uniform_kernel` is the Triton original.
 An int64 offset's low and high 32 bits are Philox's first two counter words, as in Triton 3.x.
 """
 import hashlib
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: the torch reference serves the CPU
-    triton = None
 
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57   # Philox-4x32 multipliers
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85       # Weyl key increments
@@ -49,25 +44,3 @@ def uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     x = c0.to(torch.int32)                                           # bitcast: c0 < 2^32
     x ^= x >> 31                                                     # x < 0 ? -x - 1 : x
     return x.to(torch.float32).mul_(TO_UNIFORM)
-
-
-if triton is not None:
-    @triton.jit
-    def _uniform_kernel(out_ptr,            # *f32 [n]
-                        seed,               # i64 philox key
-                        start,              # i64 element index of out[0] in the tensor
-                        n,                  # i32 elements to write
-                        BLOCK_SIZE: tl.constexpr):
-        # offsets = torch.arange(start, start + n)
-        offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offsets < n
-        # out = uniform_ref(seed, start + offsets)
-        tl.store(out_ptr + offsets, tl.rand(seed, start + offsets), mask=mask)
-
-
-def uniform_triton(seed: int, start: int, n: int, device) -> torch.Tensor:
-    """tl.rand(seed, start + arange(n)) computed by the Triton kernel."""
-    out = torch.empty(n, dtype=torch.float32, device=device)
-    if n:
-        _uniform_kernel[(triton.cdiv(n, 1024),)](out, seed, start, n, BLOCK_SIZE=1024)
-    return out
