@@ -80,14 +80,18 @@ class Merger:
     def _merge(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         name, out_dtype = t.name, DTYPES[t.out_dtype]
 
-        def read():
+        checked = self.allow_nonfinite
+
+        def read():  # the first full pass checks the values, before any statistics use them
+            nonlocal checked
             for a, z in t.chunks:
                 b = _float_chunk(self.base, name, a, z) if self.base is not None else None
                 xs = [_float_chunk(m, name, a, z) for m in self.experts]
-                if not self.allow_nonfinite:  # before any statistics see the values
+                if not checked:
                     for m, role, x in zip(self._inputs(), self._roles(), [b, *xs] if b is not None else xs):
                         _check_finite(x, m, role, name)
                 yield b, xs, a
+            checked = True
 
         chunks = read
         if self.method.stats is not None and t.ref.numel * 4 * len(self._inputs()) <= self.cache_bytes:
