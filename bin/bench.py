@@ -1,10 +1,10 @@
 """`mbmerge bench`: end-to-end merges timed against mergekit (when installed) and against the I/O floor.
 
-The fixture is a synthetic Llama-shaped family with tools/make_models.py's shapes and delta statistics
-(base N(0, 0.02), norms 1; expert = base + N(0, 2e-4) + 5% sparse N(0, 2e-3); bf16; ~200 MB shards),
-built once and cached. Each tool runs as its own process from a warm page cache; wall time and that
-process's peak RSS (wait4 ru_maxrss) are measured. The I/O floor is reading every input once from the
-page cache plus writing one output-sized file: no merge can be faster on this machine.
+The fixture has tools/make_models.py's Llama shapes and delta statistics (base N(0, 0.02), norms 1;
+expert = base + N(0, 2e-4) + 5% sparse N(0, 2e-3); bf16; ~200 MB shards) and is built once, cached.
+Each tool runs as its own process from a warm page cache; we measure wall time and that process's peak
+RSS (wait4 ru_maxrss). The I/O floor, reading every input once from the page cache and writing one
+output-sized file, is the time no merge can beat on this machine.
 """
 import hashlib
 import json
@@ -40,100 +40,87 @@ def llama_config(H, L, V):
                 tie_word_embeddings=False, rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2)
 
 
-def llama_shapes(cfg):
+def llama_shapes(cfg) -> dict:
     H, I, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * 64
-    yield "model.embed_tokens.weight", (cfg["vocab_size"], H)
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], H)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        for n, s in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (kv, H)), ("self_attn.v_proj", (kv, H)),
-                     ("self_attn.o_proj", (H, H)), ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)),
-                     ("mlp.down_proj", (H, I))]:
-            yield p + n + ".weight", s
-        yield p + "input_layernorm.weight", (H,)
-        yield p + "post_attention_layernorm.weight", (H,)
-    yield "model.norm.weight", (H,)
-    yield "lm_head.weight", (cfg["vocab_size"], H)
+        shapes.update({p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (kv, H),
+                       p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
+                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+                       p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
+                       p + "post_attention_layernorm.weight": (H,)})
+    return {**shapes, "model.norm.weight": (H,), "lm_head.weight": (cfg["vocab_size"], H)}
 
 
-def shard_names(shapes, limit):
-    """Names grouped into shards as make_models.py does: a shard closes once it reaches `limit` bytes."""
-    shards, cur, size = [], [], 0
-    for name, s in shapes:
-        cur.append(name)
+def shard_names(shapes: dict, limit: int) -> list[list[str]]:
+    """Names grouped as make_models.py does: a shard closes once it holds `limit` bytes (bf16)."""
+    shards, size = [[]], 0
+    for name, s in shapes.items():
+        shards[-1].append(name)
         size += 2 * torch.Size(s).numel()
         if size >= limit:
-            shards, cur, size = shards + [cur], [], 0
-    return shards + [cur] if cur else shards
+            shards, size = shards + [[]], 0
+    return [s for s in shards if s]
 
 
 def family_tensors(name, shape, n_experts):
-    """bf16 [base, expert_1, ...] for one tensor, seeded by its name (shard order does not matter)."""
+    """bf16 [base, expert_1, ...] for one tensor, seeded by its name."""
     g = torch.Generator().manual_seed(int(hashlib.sha1(name.encode()).hexdigest()[:12], 16))
     b = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g).mul_(0.02)
     out = [b.to(torch.bfloat16)]
     for _ in range(n_experts):
-        d = torch.randn(shape, generator=g).mul_(2e-4).view(-1)                       # [numel]
-        hit = (torch.rand(d.shape, generator=g) < 0.05).nonzero().squeeze(1)          # 5% of entries
+        d = torch.randn(shape, generator=g).mul_(2e-4).view(-1)                     # [numel]
+        hit = (torch.rand(d.shape, generator=g) < 0.05).nonzero().squeeze(1)        # 5% of the entries
         d[hit] += torch.randn(hit.shape, generator=g).mul_(2e-3)
         out.append((b + d.view(shape)).to(torch.bfloat16))
     return out
 
 
-def write_side_files(folder, cfg):
+def write_side_files(folder: Path, cfg, wmap, total):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+    tok = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
            "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
-           "post_processor": None, "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "tokenizer.json").write_text(json.dumps(tok))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+           **dict.fromkeys(["truncation", "padding", "normalizer", "post_processor", "decoder"]), "added_tokens": []}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>"}
+    index = {"metadata": {"total_size": total}, "weight_map": wmap}
+    for name, obj in [("config", cfg), ("tokenizer", tok), ("tokenizer_config", tok_cfg),
+                      ("model.safetensors.index", index)]:
+        (folder / f"{name}.json").write_text(json.dumps(obj, indent=2))
 
 
 def build_fixture(root: Path, H, L, V, n_experts, shard_mb=200) -> Path:
-    """root/<shape>/{base, math, code, ...}: built once (tmp folder renamed when complete)."""
+    """root/<shape>/{base, math, code, ...}, built once (in a temp folder renamed when complete)."""
     fx = root / f"llama-h{H}-l{L}-v{V}-e{n_experts}"
     if (fx / "done").exists():
         return fx
-    cfg, tmp = llama_config(H, L, V), root / f".build-{os.getpid()}"
-    models = ["base", *EXPERTS[:n_experts]]
-    shapes = dict(llama_shapes(cfg))
-    shards = shard_names(shapes.items(), shard_mb * 2**20)
-    wmaps = {m: {} for m in models}
     click.echo(f"building fixture {fx} ...", err=True)
+    cfg, tmp, models = llama_config(H, L, V), root / f".build-{os.getpid()}", ["base", *EXPERTS[:n_experts]]
+    shapes = llama_shapes(cfg)
+    shards, wmap = shard_names(shapes, shard_mb * 2**20), {}
     for k, names in enumerate(shards):
-        parts = {m: {} for m in models}
-        for name in names:
-            for m, t in zip(models, family_tensors(name, shapes[name], n_experts)):
-                parts[m][name] = t
+        parts = [dict(zip(names, ts)) for ts in zip(*(family_tensors(n, shapes[n], n_experts) for n in names))]
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        for m in models:
+        for m, part in zip(models, parts):
             (tmp / m).mkdir(parents=True, exist_ok=True)
-            save_file(parts[m], str(tmp / m / file), metadata={"format": "pt"})
-            wmaps[m].update(dict.fromkeys(names, file))
-    total = sum(2 * torch.Size(s).numel() for s in shapes.values())
+            save_file(part, str(tmp / m / file), metadata={"format": "pt"})
+        wmap.update(dict.fromkeys(names, file))
     for m in models:
-        index = {"metadata": {"total_size": total}, "weight_map": wmaps[m]}
-        (tmp / m / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        write_side_files(tmp / m, cfg)
+        write_side_files(tmp / m, cfg, wmap, sum(2 * torch.Size(s).numel() for s in shapes.values()))
     (tmp / "done").touch()
     shutil.rmtree(fx, ignore_errors=True)
     tmp.rename(fx)
     return fx
 
 
-def weights_files(folder: Path):
-    return sorted(folder.glob("*.safetensors"))
-
-
 def warm(files):
-    """Read every file once (into the page cache); returns the bytes read."""
-    buf, total = bytearray(BLOCK), 0
+    """Read every file once, into the page cache."""
+    buf = bytearray(BLOCK)
     for f in files:
         with open(f, "rb", buffering=0) as fh:
-            while (n := fh.readinto(buf)):
-                total += n
-    return total
+            while fh.readinto(buf):
+                pass
 
 
 def io_floor(files, out_bytes, tmp: Path) -> float:
@@ -150,22 +137,24 @@ def io_floor(files, out_bytes, tmp: Path) -> float:
     return elapsed
 
 
+# Runs argv[1:] and prints "wall_s maxrss_KiB exit_code". It runs in a fresh small interpreter because
+# ru_maxrss counts the memory of the process that exec'd the command: a child spawned straight from this
+# process would report this process's peak (measured: `python -c pass` from a parent that had held 2 GB: 2.1 GB).
+LAUNCHER = ("import os, subprocess, sys, time; t = time.perf_counter(); "
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); _, status, ru = os.wait4(p.pid, 0); "
+            "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))")
+
+
 def timed_run(cmd, files, out: Path) -> tuple[float, float]:
     """(wall s, peak RSS GB) of one process, started from a warm cache with no dirty pages pending."""
     shutil.rmtree(out, ignore_errors=True)
     warm(files)
     os.sync()
-    with tempfile.TemporaryFile() as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode:
-            err.seek(0)
-            tail = err.read().decode(errors="replace")[-2000:]
-            raise click.ClickException(f"{cmd[0]} failed (exit {p.returncode}):\n{tail}")
-    return wall, ru.ru_maxrss * 1024 / 1e9                                # ru_maxrss is in KiB on Linux
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    wall, maxrss, code = done.stdout.split() if done.returncode == 0 else (0, 0, "?")
+    if code != "0":
+        raise click.ClickException(f"{cmd[0]} failed (exit {code}):\n{done.stderr[-2000:]}")
+    return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
 
 
 def mbmerge_cmd(method, fx, experts, out):
@@ -176,6 +165,7 @@ def mbmerge_cmd(method, fx, experts, out):
 
 
 def mergekit_cmd(exe, method, fx, experts, out):
+    """mergekit-yaml on a config as in tools/mergekit_baseline.sh (weight 1.0, dtype from config.json)."""
     dtype = json.loads((fx / "base" / "config.json").read_text())["torch_dtype"]
     params = "weight: 1.0" + (f", density: {DENSITY}" if method in ("ties", "dare_ties") else "")
     lines = [f"merge_method: {method}", *([] if method == "linear" else [f"base_model: {fx / 'base'}"]), "models:",
@@ -184,69 +174,74 @@ def mergekit_cmd(exe, method, fx, experts, out):
     return [exe, str(out.parent / f"{method}.yml"), str(out), "--no-copy-tokenizer"]
 
 
-def best(runs):
-    """min wall over the repeats, max peak RSS over them."""
-    return min(w for w, _ in runs), max(r for _, r in runs)
+def best_of(repeat, cmd, files, out):
+    """min wall, max peak RSS, and every wall over `repeat` runs."""
+    runs = [timed_run(cmd, files, out) for _ in range(repeat)]
+    return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs]
 
 
 def bench_method(method, fx, experts, mergekit, repeat, tmp: Path) -> dict:
-    files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in weights_files(fx / m)]
-    in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in weights_files(fx / "base"))
+    shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
+    files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
+    in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in shards["base"])
     row = {"method": method, "input_GB": in_bytes / 1e9,
-           "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(repeat))}
-    row["mbmerge_s"], row["mbmerge_rss_GB"] = best(
-        [timed_run(mbmerge_cmd(method, fx, experts, tmp / "mb"), files, tmp / "mb") for _ in range(repeat)])
-    row["mbmerge_in_GBps"] = in_bytes / 1e9 / row["mbmerge_s"]
+           "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
+    cmd = mbmerge_cmd(method, fx, experts, tmp / "mb")
+    row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"] = best_of(repeat, cmd, files, tmp / "mb")
+    row["mbmerge_in_GBps"] = row["input_GB"] / row["mbmerge_s"]
+    row["floor_pct"] = 100 * row["floor_s"] / row["mbmerge_s"]
     if mergekit:
-        row["mergekit_s"], row["mergekit_rss_GB"] = best(
-            [timed_run(mergekit_cmd(mergekit, method, fx, experts, tmp / "mk"), files, tmp / "mk") for _ in range(repeat)])
+        cmd = mergekit_cmd(mergekit, method, fx, experts, tmp / "mk")
+        row["mergekit_s"], row["mergekit_rss_GB"], row["mergekit_walls"] = best_of(repeat, cmd, files, tmp / "mk")
         row["speedup"] = row["mergekit_s"] / row["mbmerge_s"]
         row["rss_ratio"] = row["mbmerge_rss_GB"] / row["mergekit_rss_GB"]
     return row
 
 
+COLUMNS = [("method", "method", "{}"), ("mbmerge_s", "mbmerge s", "{:.2f}"),
+           ("mbmerge_rss_GB", "mbmerge RSS GB", "{:.2f}"),
+           ("mergekit_s", "mergekit s", "{:.2f}"), ("mergekit_rss_GB", "mergekit RSS GB", "{:.2f}"),
+           ("speedup", "speed-up", "{:.1f}x"), ("rss_ratio", "RSS ratio", "{:.2f}"),
+           ("mbmerge_in_GBps", "mbmerge input GB/s", "{:.2f}"), ("floor_s", "I/O floor s", "{:.2f}"),
+           ("floor_pct", "% of I/O floor", "{:.0f}%")]
+
+
 def table(rows) -> str:
-    cols = [("method", "method", "{}"), ("mbmerge_s", "mbmerge s", "{:.2f}"), ("mbmerge_rss_GB", "mbmerge RSS GB", "{:.2f}"),
-            ("mergekit_s", "mergekit s", "{:.2f}"), ("mergekit_rss_GB", "mergekit RSS GB", "{:.2f}"),
-            ("speedup", "speed-up", "{:.1f}x"), ("rss_ratio", "RSS ratio", "{:.2f}"),
-            ("mbmerge_in_GBps", "mbmerge in GB/s", "{:.2f}"), ("floor_s", "I/O floor s", "{:.2f}")]
-    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f.format(r[k]) if k in r else "—" for k, _, f in cols) + " |")
-    return "\n".join(lines)
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(f.format(r[k]) if k in r else "—" for k, _, f in COLUMNS) + " |"
+                              for r in rows])
 
 
 @click.command("bench")
-@click.option("--methods", default="linear,task_arithmetic,ties,dare_ties", show_default=True, help="Methods to time.")
+@click.option("--methods", default=",".join(MBMERGE_FLAGS), show_default=True, help="Methods to time.")
 @click.option("--hidden", default=1024, show_default=True, help="Fixture hidden size.")
 @click.option("--layers", default=16, show_default=True, help="Fixture decoder layers.")
 @click.option("--vocab", default=32000, show_default=True, help="Fixture vocabulary size.")
-@click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)),
-              help="Number of experts merged.")
+@click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)))
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Runs per tool; best wall kept.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Fixture folder [default: $MBMERGE_CACHE/bench].")
-@click.option("--mergekit", envvar="MBMERGE_MERGEKIT", help="mergekit-yaml to compare with [default: $MBMERGE_MERGEKIT, "
-              "else mergekit-yaml on PATH, else none].")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: in the cache folder].")
+@click.option("--mergekit", envvar="MBMERGE_MERGEKIT",
+              help="mergekit-yaml to compare with [default: $MBMERGE_MERGEKIT, else mergekit-yaml on PATH].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 def bench(methods, hidden, layers, vocab, n_experts, repeat, cache, mergekit, json_path):
     """Time mbmerge (and mergekit) end to end on a synthetic Llama-shaped fixture."""
-    unknown = [m for m in methods.split(",") if m not in MBMERGE_FLAGS]
-    if unknown:
+    methods = methods.split(",")
+    if unknown := [m for m in methods if m not in MBMERGE_FLAGS]:
         raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(MBMERGE_FLAGS)}", param_hint="--methods")
     cache = cache or cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     fx = build_fixture(cache, hidden, layers, vocab, n_experts)
     mergekit = mergekit or shutil.which("mergekit-yaml")
-    experts, tmp = EXPERTS[:n_experts], Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
-        rows = [bench_method(m, fx, experts, mergekit, repeat, tmp) for m in methods.split(",")]
+        rows = [bench_method(m, fx, EXPERTS[:n_experts], mergekit, repeat, tmp) for m in methods]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    params = sum(torch.Size(s).numel() for _, s in llama_shapes(llama_config(hidden, layers, vocab)))
-    click.echo(f"fixture {fx.name}: {params / 1e6:.0f}M params bf16, {n_experts} experts; "
-               f"best of {repeat}; {os.cpu_count()} CPUs; mergekit: {mergekit or 'not found'}\n")
-    click.echo(table(rows))
+    params = sum(torch.Size(s).numel() for s in llama_shapes(llama_config(hidden, layers, vocab)).values())
+    click.echo(f"fixture {fx.name}: {params / 1e6:.0f}M params bf16, {n_experts} experts; best wall of {repeat}, "
+               f"max RSS; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; mergekit: {mergekit or 'not found'}\n\n"
+               f"{table(rows)}")
     json_path = json_path or cache / f"{fx.name}.json"
     json_path.write_text(json.dumps({"fixture": fx.name, "params": params, "repeat": repeat, "cpus": os.cpu_count(),
                                      "torch": torch.__version__, "mergekit": mergekit, "rows": rows}, indent=2))
-    click.echo(f"\nJSON written to {json_path}")
+    click.echo(f"\nJSON: {json_path}")

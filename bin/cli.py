@@ -6,6 +6,7 @@ import click
 
 from .. import methods
 from ..engine import MbmergeError, merge as merge_models
+from .bench import bench
 
 
 class DefaultMerge(click.Group):
@@ -69,6 +70,9 @@ USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROF
 def _fail(message: str, code: int = 2):
     click.echo(f"mbmerge: error: {' '.join(message.splitlines())}", err=True)
     sys.exit(code)
+
+
+cli.add_command(bench)
 
 
 def main():
