@@ -20,7 +20,7 @@ import click
 import torch
 from safetensors.torch import save_file
 
-from ..engine.synthetic import cache_dir
+from ..engine.synthetic import cache_dir, llama_config, llama_shapes, write_side_files
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
 DENSITY = 0.2
@@ -30,27 +30,6 @@ MBMERGE_FLAGS = {"linear": [], "task_arithmetic": [],
                  "ties": ["--density", str(DENSITY), "--aggregate", "mean"],
                  "dare_ties": ["--density", str(DENSITY), "--rescale", "l1", "--aggregate", "sum"]}
 BLOCK = 64 << 20
-
-
-def llama_config(H, L, V):
-    I, heads = int(H * 8 / 3 // 64 * 64), max(1, H // 64)
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=H, intermediate_size=I,
-                num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-                vocab_size=V, max_position_embeddings=2048, rms_norm_eps=1e-5, torch_dtype="bfloat16",
-                tie_word_embeddings=False, rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2)
-
-
-def llama_shapes(cfg) -> dict:
-    H, I, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * 64
-    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], H)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (kv, H),
-                       p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
-                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-                       p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
-                       p + "post_attention_layernorm.weight": (H,)})
-    return {**shapes, "model.norm.weight": (H,), "lm_head.weight": (cfg["vocab_size"], H)}
 
 
 def shard_names(shapes: dict, limit: int) -> list[list[str]]:
@@ -75,19 +54,6 @@ def family_tensors(name, shape, n_experts):
         d[hit] += torch.randn(hit.shape, generator=g).mul_(2e-3)
         out.append((b + d.view(shape)).to(torch.bfloat16))
     return out
-
-
-def write_side_files(folder: Path, cfg, wmap, total):
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
-    tok = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
-           "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
-           **dict.fromkeys(["truncation", "padding", "normalizer", "post_processor", "decoder"]), "added_tokens": []}
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-               "unk_token": "<unk>"}
-    index = {"metadata": {"total_size": total}, "weight_map": wmap}
-    for name, obj in [("config", cfg), ("tokenizer", tok), ("tokenizer_config", tok_cfg),
-                      ("model.safetensors.index", index)]:
-        (folder / f"{name}.json").write_text(json.dumps(obj, indent=2))
 
 
 def build_fixture(root: Path, H, L, V, n_experts, shard_mb=200) -> Path:

@@ -14,12 +14,45 @@ from safetensors.torch import save_file
 
 from .resolve import DOMAINS
 
-FAMILY = "synthetic-llama-v1"
-H, I, L, V, HEADS, KV = 64, 176, 2, 128, 4, 2
-CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=H, intermediate_size=I,
-              num_hidden_layers=L, num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
-              max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-              tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+FAMILY = "synthetic-llama-v2"
+
+
+def llama_config(H: int, L: int, V: int) -> dict:
+    """A LlamaForCausalLM config: hidden H, L layers, vocabulary V, head size 64, 4 query heads per KV head."""
+    I, heads = int(H * 8 / 3 // 64 * 64), max(1, H // 64)
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=H, intermediate_size=I,
+                num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                vocab_size=V, max_position_embeddings=2048, rms_norm_eps=1e-5, torch_dtype="bfloat16",
+                tie_word_embeddings=False, rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+
+
+def llama_shapes(cfg: dict) -> dict:
+    """{tensor name: shape} of a Llama config, in file order."""
+    H, I, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * 64
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], H)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (kv, H),
+                       p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
+                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+                       p + "mlp.down_proj.weight": (H, I), p + "input_layernorm.weight": (H,),
+                       p + "post_attention_layernorm.weight": (H,)})
+    return {**shapes, "model.norm.weight": (H,), "lm_head.weight": (cfg["vocab_size"], H)}
+
+
+def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int) -> None:
+    """config, generation config, a character-level tokenizer and the shard index of a model folder."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tok = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+           "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+           **dict.fromkeys(["truncation", "padding", "normalizer", "post_processor", "decoder"]), "added_tokens": []}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>"}
+    index = {"metadata": {"total_size": total}, "weight_map": wmap}
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    for name, obj in [("config", cfg), ("tokenizer", tok), ("tokenizer_config", tok_cfg),
+                      ("generation_config", generation), ("model.safetensors.index", index)]:
+        (folder / f"{name}.json").write_text(json.dumps(obj, indent=2))
 
 
 def cache_dir() -> Path:
@@ -43,24 +76,12 @@ def family_folder() -> Path:
     return root
 
 
-def _shapes():
-    hd = H // HEADS
-    yield "model.embed_tokens.weight", (V, H)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        for n, s in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (KV * hd, H)),
-                     ("self_attn.v_proj", (KV * hd, H)), ("self_attn.o_proj", (H, H)),
-                     ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
-            yield p + n + ".weight", s
-        yield p + "input_layernorm.weight", (H,)
-        yield p + "post_attention_layernorm.weight", (H,)
-    yield "model.norm.weight", (H,)
-    yield "lm_head.weight", (V, H)
+CONFIG = llama_config(64, 2, 128)
 
 
 def _base():
     g = torch.Generator().manual_seed(0)
-    for name, s in _shapes():
+    for name, s in llama_shapes(CONFIG).items():
         yield name, torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.05
 
 
@@ -80,19 +101,5 @@ def _write(folder: Path, tensors: dict) -> None:
     for file, part in halves.items():
         save_file({n: tensors[n].to(torch.bfloat16).contiguous() for n in part}, folder / file,
                   metadata={"format": "pt"})
-    weight_map = {n: f for f, part in halves.items() for n in part}
-    total = sum(t.numel() * 2 for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
-    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-                 "normalizer": None, "post_processor": None, "decoder": None,
-                 "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated",
-                                   "invert": False},
-                 "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-         "unk_token": "<unk>"}))
+    write_side_files(folder, CONFIG, {n: f for f, part in halves.items() for n in part},
+                     sum(t.numel() * 2 for t in tensors.values()))

@@ -160,7 +160,7 @@ def test_default_family_runs_with_domain_names(tmp_path):
     out = mbmerge.merge("ties", experts=["math", "code"], out=tmp_path / "m", progress=False)
     record = json.loads((out / "mbmerge.json").read_text())
     assert [e["ref"] for e in record["experts"]] == ["math", "code"]
-    assert record["base"]["path"].endswith("synthetic-llama-v1/base")
+    assert record["base"]["path"].endswith("synthetic-llama-v2/base")
 
 
 def test_dare_output_is_the_same_with_either_kernel_backend(family, tmp_path, monkeypatch):
