@@ -46,11 +46,12 @@ class Merger:
         self.allow_nonfinite = allow_nonfinite
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None
+        self.inputs = ([self.base] if self.base is not None else []) + experts       # read for merging
+        self.input_roles = (["base"] if self.base is not None else []) + roles
         self.cache_bytes = min(CACHE_BYTES, plan.budget // 4)
 
     def input_bytes(self) -> int:
-        n = len(self.experts) + (self.base is not None)
-        return sum(t.ref.nbytes * (n if t.merge else 1) for t in self.plan.tensors)
+        return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in self.plan.tensors)
 
     def run(self, progress: bool = True) -> None:
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
@@ -65,7 +66,7 @@ class Merger:
         tensors = self.plan.tensors
         for t, after in zip(tensors, tensors[1:] + (None,)):
             if after is not None:  # the kernel reads the next tensor while this one is merged
-                for m in self._inputs() if after.merge else [self.ref]:
+                for m in self.inputs if after.merge else [self.ref]:
                     m.prefetch(m.index.tensors[after.name])
             (self._merge if t.merge else self._copy)(t, bar.update)
 
@@ -79,7 +80,6 @@ class Merger:
 
     def _merge(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         name, out_dtype = t.name, DTYPES[t.out_dtype]
-
         checked = self.allow_nonfinite
 
         def read():  # the first full pass checks the values, before any statistics use them
@@ -88,24 +88,18 @@ class Merger:
                 b = _float_chunk(self.base, name, a, z) if self.base is not None else None
                 xs = [_float_chunk(m, name, a, z) for m in self.experts]
                 if not checked:
-                    for m, role, x in zip(self._inputs(), self._roles(), [b, *xs] if b is not None else xs):
+                    for m, role, x in zip(self.inputs, self.input_roles, [b, *xs] if b is not None else xs):
                         _check_finite(x, m, role, name)
                 yield b, xs, a
             checked = True
 
         chunks = read
-        if self.method.stats is not None and t.ref.numel * 4 * len(self._inputs()) <= self.cache_bytes:
+        if self.method.stats is not None and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(read())  # small tensor: the statistics passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
         stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name)
-        per_elem = t.ref.torch_dtype.itemsize * len(self._inputs())
+        per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
             out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name)
             self.writer.write(t, a, out.to(out_dtype))
             done(per_elem * out.numel())
-
-    def _inputs(self) -> list[MappedModel]:
-        return ([self.base] if self.base is not None else []) + self.experts
-
-    def _roles(self) -> list[str]:
-        return (["base"] if self.base is not None else []) + self.roles
