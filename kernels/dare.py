@@ -33,10 +33,10 @@ def uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """
     offsets = offsets.to(torch.int64)
     c0, c1 = offsets & M32, offsets >> 32
-    c2 = c3 = torch.zeros_like(c0)
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)             # updated in place below
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(N_ROUNDS):
-        pb, pa = c2 * ROUND_B, c0 * ROUND_A                          # full 64-bit products
+        pb, pa = c2.mul_(ROUND_B), c0.mul_(ROUND_A)                   # full 64-bit products
         c0 = (pb >> 32).bitwise_and_(M32).bitwise_xor_(c1).bitwise_xor_(k0)   # mulhi(B, c2) ^ c1 ^ k0
         c2 = (pa >> 32).bitwise_and_(M32).bitwise_xor_(c3).bitwise_xor_(k1)   # mulhi(A, c0) ^ c3 ^ k1
         c1, c3 = pb.bitwise_and_(M32), pa.bitwise_and_(M32)         # mullo(B, c2), mullo(A, c0)
