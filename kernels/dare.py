@@ -10,7 +10,6 @@ import hashlib
 
 import torch
 
-
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57   # Philox-4x32 multipliers
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85       # Weyl key increments
 N_ROUNDS = 10

@@ -31,11 +31,11 @@ def _hi_keys(v: torch.Tensor) -> torch.Tensor:
 
 def _lo_keys(v: torch.Tensor, top: int) -> torch.Tensor:
     """Low 16 bits of the members of bin `top`, plus 1; a clamp sends the other elements to
-    key 0 (below the bin) or 65537 (above it), which the caller drops. No boolean gather."""
-    below = _f32((top << 16) - 1) if top else 0.0
-    bits = v.abs().clamp_(below, _f32((top + 1) << 16)).view(torch.int32).flatten()
+    key 0 (below the bin) or 65537 (above it, NaN included), which the caller drops. No
+    boolean gather."""
+    bits = v.abs().view(torch.int32).flatten()
     bits -= (top << 16) - 1
-    return bits.clamp_(0, LO_BINS + 1)   # NaN (only with --allow-nonfinite) passes the float clamp
+    return bits.clamp_(0, LO_BINS + 1)
 
 
 def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -51,15 +51,11 @@ def elect(es: list[torch.Tensor], consensus: str) -> torch.Tensor:
 def disjoint_merge(es: list[torch.Tensor], w: list[float], s: torch.Tensor, aggregate: str) -> torch.Tensor:
     """m = sum_i agree_i e_i, agree_i = [sign(e_i) = s and e_i != 0];
     'mean' divides by sum_i agree_i w_i (0 -> 1), 'sum' does not."""
-    mag = den = None
+    mag, den = torch.zeros_like(s), torch.zeros_like(s)
     for e, wi in zip(es, w):
         a = (e * s).relu_()              # |e_i| where e_i agrees with s, else 0
-        if mag is None:
-            mag, den = a, a.sign()       # agree_i as 1.0 / 0.0
-            den = den.mul_(wi) if wi != 1 else den
-        else:
-            mag += a
-            den.add_(a.sign_(), alpha=wi)
+        mag += a
+        den.add_(a.sign_(), alpha=wi)    # agree_i as 1.0 / 0.0
     m = mag.mul_(s)                      # sum of same-signed values: same bits as summing e_i
     if aggregate == "sum":
         return m

@@ -27,7 +27,7 @@ def stats(chunks, *, density: list[float], numel: int) -> dict:
 
 def apply(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
           consensus: str, aggregate: str, thr: list[float]) -> torch.Tensor:
-    es = [trim(d, t).mul_(w) if w != 1 else trim(d, t) for d, t, w in zip(deltas(b, xs), thr, weights)]
+    es = [trim(d, t).mul_(w) for d, t, w in zip(deltas(b, xs), thr, weights)]
     s = elect(es, consensus)
     m = disjoint_merge(es, weights, s, aggregate)
-    return (m.mul_(scale) if scale != 1 else m).add_(b)
+    return m.mul_(scale).add_(b)
