@@ -63,7 +63,7 @@ def run(spec: MergeSpec) -> Path:
                     "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base)
+                     keep_base=spec.keep_base, span=method.span)
     tmp, created = temp_folder(spec.out)
     maps = []
     try:

@@ -43,32 +43,50 @@ class Merger:
                  allow_nonfinite: bool = False):
         self.plan, self.method, self.params = plan, method, params
         self.experts, self.roles, self.writer = experts, roles, writer
-        self.allow_nonfinite = allow_nonfinite
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None
         self.inputs = ([self.base] if self.base is not None else []) + experts       # read for merging
         self.input_roles = (["base"] if self.base is not None else []) + roles
         self.cache_bytes = min(CACHE_BYTES, plan.budget // 4)
+        self.checked: set[str] = set(t.name for t in plan.tensors) if allow_nonfinite else set()
 
     def input_bytes(self) -> int:
         return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in self.plan.tensors)
 
     def run(self, progress: bool = True) -> None:
+        model_thr = self._model_thresholds(progress) if methods.model_scope(self.method, self.params) else None
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
             try:
-                self._run(bar)
+                self._run(bar, model_thr)
             except BaseException:
                 bar.leave = False  # the error line alone, no half-full bar above it
                 raise
 
-    def _run(self, bar) -> None:
+    def _run(self, bar, model_thr) -> None:
         tensors = self.plan.tensors
         for t, after in zip(tensors, tensors[1:] + (None,)):
             if after is not None:  # the kernel reads the next tensor while this one is merged
                 for m in self.inputs if after.merge else [self.ref]:
                     m.prefetch(m.index.tensors[after.name])
-            (self._merge if t.merge else self._copy)(t, bar.update)
+            if t.merge:
+                self._merge(t, bar.update, model_thr)
+            else:
+                self._copy(t, bar.update)
+
+    def _model_thresholds(self, progress: bool) -> list[list[float]]:
+        """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
+        (radix select's histograms), so the whole model is never held."""
+        merged = [t for t in self.plan.tensors if t.merge]
+        per_pass = sum(t.ref.nbytes * len(self.inputs) for t in merged)
+        with tqdm(total=2 * per_pass, unit="B", unit_scale=True, disable=not progress, leave=False,
+                  desc="model-wide thresholds") as bar:
+            def chunks():
+                for t in merged:
+                    for b, xs, a in self._read(t):
+                        yield b, xs, a
+                        bar.update(t.ref.torch_dtype.itemsize * len(self.inputs) * xs[0].numel())
+            return methods.thresholds(self.method, self.params, chunks, sum(t.ref.numel for t in merged))
 
     def _copy(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         out_dtype = DTYPES[t.out_dtype]
@@ -78,28 +96,31 @@ class Merger:
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
 
-    def _merge(self, t: TensorPlan, done: Callable[[int], None]) -> None:
-        name, out_dtype = t.name, DTYPES[t.out_dtype]
-        checked = self.allow_nonfinite
+    def _read(self, t: TensorPlan):
+        """(b, xs, offset) float32 chunks of tensor t; the first full read checks the values,
+        before any statistics use them."""
+        for a, z in t.chunks:
+            b = _float_chunk(self.base, t.name, a, z) if self.base is not None else None
+            xs = [_float_chunk(m, t.name, a, z) for m in self.experts]
+            if t.name not in self.checked:
+                for m, role, x in zip(self.inputs, self.input_roles, [b, *xs] if b is not None else xs):
+                    _check_finite(x, m, role, t.name)
+            yield b, xs, a
+        self.checked.add(t.name)
 
-        def read():  # the first full pass checks the values, before any statistics use them
-            nonlocal checked
-            for a, z in t.chunks:
-                b = _float_chunk(self.base, name, a, z) if self.base is not None else None
-                xs = [_float_chunk(m, name, a, z) for m in self.experts]
-                if not checked:
-                    for m, role, x in zip(self.inputs, self.input_roles, [b, *xs] if b is not None else xs):
-                        _check_finite(x, m, role, name)
-                yield b, xs, a
-            checked = True
-
-        chunks = read
-        if self.method.stats is not None and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
-            cached = list(read())  # small tensor: the statistics passes and apply share one read
+    def _merge(self, t: TensorPlan, done: Callable[[int], None], model_thr) -> None:
+        name, shape, out_dtype = t.name, t.ref.shape, DTYPES[t.out_dtype]
+        chunks = lambda: self._read(t)  # noqa: E731
+        if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
+            cached = list(chunks())  # small tensor: the statistics passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
-        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name)
+        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name, shape, model_thr)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
-            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name)
+            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape)
             self.writer.write(t, a, out.to(out_dtype))
             done(per_elem * out.numel())
+
+    def _has_stats(self, model_thr) -> bool:
+        """Whether a tensor is read more than once (statistics passes before apply)."""
+        return self.method.stats is not None or (self.method.ranks is not None and model_thr is None)

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..methods import CHUNK_ALIGN
+from ..methods._blocks import row_length
 from .errors import BadParameter
 from .header import DTYPES, TensorEntry, encode_header
 from .index import SINGLE_FILE, TensorIndex
@@ -57,20 +58,39 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def _per_element(n_inputs: int) -> int:
+    return 8 * n_inputs + 8 * (n_inputs - 1) + 20
+
+
 def chunk_elems(budget: int, n_inputs: int, preferred: int = CPU_CHUNK) -> int:
     """Elements per chunk: the preferred size, shrunk to fit the budget, a multiple of CHUNK_ALIGN.
 
     Budgeted per element: every input as stored (<= 4 bytes) and as float32, one float32
     temporary per expert for deltas and one for trimmed deltas, and five more (sign, sums, output).
     """
-    per_element = 8 * n_inputs + 8 * (n_inputs - 1) + 20
-    fit = budget // per_element // CHUNK_ALIGN * CHUNK_ALIGN
+    fit = budget // _per_element(n_inputs) // CHUNK_ALIGN * CHUNK_ALIGN
     return max(CHUNK_ALIGN, min(preferred, fit))
 
 
+def _chunks(e: TensorEntry, step: int, span: str, budget: int, n_inputs: int) -> tuple[tuple[int, int], ...]:
+    """[a, z) element ranges of a merged tensor: `step` elements, or whole rows (span 'row': a 1-D
+    tensor is one row), or the whole tensor (span 'tensor', refused if it cannot fit the budget)."""
+    if span == "tensor":
+        need = e.numel * _per_element(n_inputs)
+        if need > budget:
+            raise BadParameter(f"{e.file}: tensor {e.name} {list(e.shape)} must be merged whole and needs about "
+                               f"{need / 2**30:.1f} GiB; raise --memory-budget or copy it with --keep-base")
+        return ((0, e.numel),) if e.numel else ()
+    if span == "row":
+        row = row_length(e.shape)
+        step = max(1, step // row) * row
+    return tuple((a, min(a + step, e.numel)) for a in range(0, e.numel, step))
+
+
 def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | None = None,
-              keep_base: str | None = None, preferred: int = CPU_CHUNK) -> Plan:
-    """Plan the merge of every tensor of `ref` (whose folder fixes names, shapes and sharding)."""
+              keep_base: str | None = None, preferred: int = CPU_CHUNK, span: str = "element") -> Plan:
+    """Plan the merge of every tensor of `ref` (whose folder fixes names, shapes and sharding);
+    `span` is what one chunk of a merged tensor must hold whole (see Method.span)."""
     step = chunk_elems(budget, n_inputs, preferred)
     keep = re.compile(keep_base) if keep_base else None
     by_shard = {s: [] for s in ref.shards}
@@ -84,7 +104,7 @@ def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | 
                                         {"format": "pt"})
         size = len(header)
         for e, (dtype, merge), off in zip(entries, kinds, offsets):
-            chunks = tuple((a, min(a + step, e.numel)) for a in range(0, e.numel, step))
+            chunks = _chunks(e, step, span if merge else "element", budget, n_inputs)
             tensors.append(TensorPlan(e.name, e, dtype, merge, chunks, name, len(header) + off))
             size += tensors[-1].out_nbytes
         shards.append(ShardPlan(name, header, size))

@@ -19,7 +19,8 @@ class MergeSpec:
     out: Path
     base: str | None = None
     params: dict = field(default_factory=dict)
-    keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0)
+    keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0);
+                                        # None: the method's default, "": none
     dtype: str | None = None            # output dtype of float tensors (default: as stored)
     memory_budget: int | str = "2GB"
     allow_nonfinite: bool = False
@@ -38,7 +39,15 @@ class MergeSpec:
         if self.memory_budget <= 0:
             raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)
-        set_(self, "resolved", methods.resolve_params(method, len(self.experts), dict(self.params)))
+        n = len(self.experts)
+        if n < method.min_experts or (method.max_experts and n > method.max_experts):
+            want = method.min_experts if method.min_experts == method.max_experts else \
+                f"at least {method.min_experts}" if not method.max_experts else \
+                f"{method.min_experts} to {method.max_experts}"
+            raise BadParameter(f"method {self.method} merges {want} expert(s) (with the base); {n} given")
+        set_(self, "resolved", methods.resolve_params(method, n, dict(self.params)))
+        if self.keep_base is None:
+            set_(self, "keep_base", method.keep_base)
         if self.keep_base:
             try:
                 re.compile(self.keep_base)
@@ -54,7 +63,7 @@ class MergeSpec:
         for k, v in self.params.items():
             v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
             parts += [f"--{k}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k}"]
-        if self.keep_base:
+        if self.keep_base or methods.get(self.method).keep_base:  # '' overrides the method's default
             parts += ["--keep-base", f"'{self.keep_base}'"]
         if self.dtype:
             parts += ["--dtype", self.dtype]

@@ -54,27 +54,29 @@ def _histograms(chunks, keys, args: list, bins: int) -> list[torch.Tensor]:
     return total
 
 
-def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]) -> list[float]:
-    """Exact k-th largest |v| of each of several series, streamed in two passes over chunks.
+def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
+                    ks: list[list[int]]) -> list[list[float]]:
+    """Exact k-th largest |v| of several series, for several k each, streamed in two passes.
 
     Args:
         chunks: called once per pass; yields, per chunk, one float32 tensor per series.
-        ks: k for each series, 1 <= k <= its length.
+        ks: for each series, the ranks wanted (1 <= k <= its length); [] skips the series.
     Returns:
-        one float threshold per series; |v| >= threshold keeps at least k elements.
+        per series, one threshold per k; |v| >= threshold keeps at least k elements.
     Example:
-        >>> kth_largest_abs(lambda: [[torch.tensor([3., -1., 2.])]], [2])
-        [2.0]
+        >>> kth_largest_abs(lambda: [[torch.tensor([3., -1., 2.])]], [[1, 2]])
+        [[3.0, 2.0]]
     """
-    hi = _histograms(chunks, _hi_keys, [()] * len(ks), HI_BINS)
-    picks = [pick(h, k) for h, k in zip(hi, ks)]
-    # a k-th largest that is Inf/NaN (inputs only get here with --allow-nonfinite) gives +inf
-    finite = [i for i, (top, _) in enumerate(picks) if top < INF_BIN]
-    thr = [math.inf] * len(ks)
-    if finite:
-        lo = _histograms(lambda: ([vs[i] for i in finite] for vs in chunks()), _lo_keys,
-                         [(picks[i][0],) for i in finite], LO_BINS + 2)
-        for i, h in zip(finite, lo):
-            top, rank = picks[i]
-            thr[i] = _f32((top << 16) | pick(h[1:-1], rank)[0])
-    return thr
+    wanted = [i for i, k in enumerate(ks) if k]
+    hi = _histograms(lambda: ([vs[i] for i in wanted] for vs in chunks()), _hi_keys, [()] * len(wanted), HI_BINS)
+    picks = {(i, k): pick(h, k) for i, h in zip(wanted, hi) for k in ks[i]}
+    # the low pass needs one histogram per (series, top bin); a k-th largest that is Inf/NaN
+    # (inputs only get here with --allow-nonfinite) gives +inf
+    bins = sorted({(i, top) for (i, _), (top, _) in picks.items() if top < INF_BIN})
+    lo = _histograms(lambda: ([vs[i] for i, _ in bins] for vs in chunks()), _lo_keys,
+                     [(top,) for _, top in bins], LO_BINS + 2) if bins else []
+    lo = dict(zip(bins, lo))
+    thr = {}
+    for (i, k), (top, rank) in picks.items():
+        thr[i, k] = _f32((top << 16) | pick(lo[i, top][1:-1], rank)[0]) if top < INF_BIN else math.inf
+    return [[thr[i, k] for k in series] for i, series in enumerate(ks)]

@@ -8,14 +8,16 @@ Methods never touch files. Every registered method is also a library function on
 """
 import functools
 import inspect
+from math import floor
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .. import kernels
 from ..engine.errors import BadParameter
 from . import dare, linear, ties as _ties
-from ._blocks import CHUNK_ALIGN  # noqa: F401  (the engine aligns chunks to it)
+from ._blocks import CHUNK_ALIGN, deltas  # noqa: F401  (the engine aligns chunks to CHUNK_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -68,18 +70,33 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default, "divide by the sum of weights")
 
 
+SCOPE = Param("sparsify_scope", "tensor", "magnitude ranks over each tensor (mergekit) or over the "
+              "whole model (TIES paper, MergeBench)", choices=("tensor", "model"))
+EMBEDDINGS = r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|word_embeddings)(\.|$)"
+
+
 @dataclass(frozen=True)
 class Method:
-    """One row of the method table."""
+    """One row of the method table: the functions, and what the engine must know to stream them."""
     name: str
-    apply: Callable
+    apply: Callable               # apply(b, xs, *, <params>, <stats>, thr, offset, key, shape) -> chunk
     params: tuple[Param, ...]
     paper: str
-    stats: Callable | None = None
+    stats: Callable | None = None  # stats(chunks, *, <params>, numel, key, shape) -> dict, over one tensor
+    ranks: Callable | None = None  # ranks(*, <params>, n) -> per expert, the k-th largest |d_i| wanted as thr
+    span: str = "element"         # what one chunk must hold whole: element | row | tensor
     needs_base: bool = True
+    min_experts: int = 1
+    max_experts: int | None = None
+    keep_base: str | None = None  # default --keep-base (tensors copied from the base)
     trim: str = "none"            # none | magnitude | random
     elect: str = "none"           # none | sign
     summary: str = ""
+
+
+def _trim_ranks(*, density: list[float], n: int) -> list[list[int]]:
+    """k_i = max(1, floor(rho_i n)); no threshold where rho_i = 1."""
+    return [[] if rho >= 1 else [max(1, floor(rho * n))] for rho in density]
 
 
 REGISTRY = {m.name: m for m in [
@@ -88,8 +105,8 @@ REGISTRY = {m.name: m for m in [
            summary="weighted average of the experts (model soup)"),
     Method("task_arithmetic", linear.apply_task_arithmetic, (WEIGHTS, SCALE, _normalize(False)),
            "https://arxiv.org/abs/2212.04089", summary="b + lam * sum_i w_i d_i"),
-    Method("ties", _ties.apply, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE),
-           "https://arxiv.org/abs/2306.01708", stats=_ties.stats, trim="magnitude", elect="sign",
+    Method("ties", _ties.apply, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE),
+           "https://arxiv.org/abs/2306.01708", ranks=_trim_ranks, trim="magnitude", elect="sign",
            summary="trim to top-rho magnitudes, elect sign, disjoint merge"),
     Method("dare_linear", dare.apply_linear, (WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
            "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random",
@@ -97,6 +114,9 @@ REGISTRY = {m.name: m for m in [
     Method("dare_ties", dare.apply_ties, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
            "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", elect="sign",
            summary="random drop with rescale, then TIES sign election"),
+    # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
+    # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
+    # -- masks: consensus, localize_stitch
 ]}
 
 
@@ -137,16 +157,34 @@ def _call(fn: Callable, *args, **available):
     return fn(*args, **{k: v for k, v in available.items() if k in names})
 
 
-def statistics(method: Method, params: dict, chunks: Callable, numel: int, key: str) -> dict:
-    """Whole-tensor statistics of one tensor; chunks() yields (b, xs, offset) float32 chunks."""
-    if method.stats is None:
-        return {}
-    return _call(method.stats, chunks, numel=numel, key=key, **params)
+def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> list[list[float]]:
+    """Per expert, the |d_i| thresholds method.ranks asks for, exact, over n elements streamed as
+    chunks() of (b, xs, offset): one tensor's (scope 'tensor') or the whole model's ('model')."""
+    ks = [[min(k, n) for k in ranks] if n else [] for ranks in _call(method.ranks, n=n, **params)]
+    return kernels.kth_largest_abs(lambda: (deltas(b, xs) for b, xs, _ in chunks()), ks)
 
 
-def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, key: str) -> torch.Tensor:
+def model_scope(method: Method, params: dict) -> bool:
+    """Whether the method's magnitude ranks are taken over the whole model."""
+    return method.ranks is not None and params.get("sparsify_scope") == "model"
+
+
+def statistics(method: Method, params: dict, chunks: Callable, numel: int, key: str, shape: tuple,
+               thr: list | None = None) -> dict:
+    """What apply needs of one tensor: thresholds (given, when model-wide, or computed here) and
+    the method's own statistics; chunks() yields (b, xs, offset) float32 chunks."""
+    out = {}
+    if method.ranks is not None:
+        out["thr"] = thr if thr is not None else thresholds(method, params, chunks, numel)
+    if method.stats is not None:
+        out.update(_call(method.stats, chunks, numel=numel, key=key, shape=shape, **params))
+    return out
+
+
+def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, key: str,
+                shape: tuple) -> torch.Tensor:
     """The merged float32 chunk for inputs starting at element `offset` of tensor `key`."""
-    return _call(method.apply, b, xs, offset=offset, key=key, **params, **stats)
+    return _call(method.apply, b, xs, offset=offset, key=key, shape=shape, **params, **stats)
 
 
 def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, key: str = "",
@@ -169,8 +207,8 @@ def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, 
     like = b if b is not None else xs[0]
     bf = b.float().flatten() if b is not None else None
     xf = [x.float().flatten() for x in xs]
-    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key)
-    return apply_chunk(method, p, s, bf, xf, 0, key).view(like.shape).to(like.dtype)
+    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key, tuple(like.shape))
+    return apply_chunk(method, p, s, bf, xf, 0, key, tuple(like.shape)).view(like.shape).to(like.dtype)
 
 
 for _name in REGISTRY:

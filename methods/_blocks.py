@@ -5,6 +5,7 @@ Masks are kept as float arithmetic (relu, sign, copysign, threshold), never as b
 on CPU a comparison plus bool->float conversion costs 5-10x a float op (2^17 elements, 2 cores:
 `d * (d.abs() >= t)` 103 us, `threshold(d.abs(), t', 0).copysign_(d)` 30 us).
 """
+import math
 import struct
 
 import torch
@@ -24,9 +25,10 @@ def float_below(t: float) -> float:
     return struct.unpack("<f", struct.pack("<i", bits - 1))[0]
 
 
-def trim(d: torch.Tensor, thr: float) -> torch.Tensor:
-    """Keep the entries with |d| >= thr (all entries tied at the threshold are kept)."""
-    return d if thr <= 0 else threshold(d.abs(), float_below(thr), 0.0).copysign_(d)
+def trim(d: torch.Tensor, thr: list[float]) -> torch.Tensor:
+    """Keep the entries with |d| >= thr[0] (all entries tied at the threshold are kept); thr = []
+    (or a threshold of 0) keeps everything."""
+    return d if not thr or thr[0] <= 0 else threshold(d.abs(), float_below(thr[0]), 0.0).copysign_(d)
 
 
 def weighted_sum(ts: list[torch.Tensor], w: list[float]) -> torch.Tensor:
@@ -63,13 +65,19 @@ def disjoint_merge(es: list[torch.Tensor], w: list[float], s: torch.Tensor, aggr
     return m.div_(den.clamp_(min=min(w)) if min(w) > 0 else den.add_(den == 0))
 
 
-def granule_sums(v: torch.Tensor) -> torch.Tensor:
-    """float64 sums of v over consecutive CHUNK_ALIGN-element granules (the last may be short).
+def row_length(shape: tuple) -> int:
+    """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
+    return shape[-1] if len(shape) > 1 else max(1, math.prod(shape))
 
-    Chunks start at multiples of CHUNK_ALIGN, so concatenating these per chunk and summing
-    gives the same bits for any chunking.
+
+def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:
+    """float64 sums of v over consecutive `size`-element granules (the last may be short).
+
+    Chunks start at multiples of CHUNK_ALIGN (or, for row-span methods, of the row length, with
+    size = row_length), so concatenating these per chunk and summing gives the same bits for any
+    chunking.
     """
     v = v.double()
-    full = v.numel() // CHUNK_ALIGN * CHUNK_ALIGN
-    sums = v[:full].view(-1, CHUNK_ALIGN).sum(1)                  # [granules]
+    full = v.numel() // size * size
+    sums = v[:full].view(-1, size).sum(1)                         # [granules]
     return torch.cat([sums, v[full:].sum().view(1)]) if full < v.numel() else sums

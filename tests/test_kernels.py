@@ -48,36 +48,42 @@ def _kth(v, k):
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1823 * 781, 12345), (1823 * 781, 1823 * 781 - 1)])
 def test_kth_largest_matches_kthvalue(n, k):
     v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-3
-    assert kth_largest_abs(lambda: [[v]], [k]) == [_kth(v, k)]
+    assert kth_largest_abs(lambda: [[v]], [[k]]) == [[_kth(v, k)]]
 
 
 def test_kth_largest_with_ties_zeros_and_several_series():
     ties = torch.tensor([0.5, -0.5, 0.5, 0.25, 0.0, -0.0])
     zeros = torch.zeros(6)
     sub = torch.tensor([1e-40, -3e-41, 2e-45, 0.0, 1.0, -2.0])     # subnormals order by bits too
-    got = kth_largest_abs(lambda: [[ties, zeros, sub]], [2, 3, 4])
-    assert got == [0.5, 0.0, torch.tensor(3e-41).item()] == [_kth(ties, 2), _kth(zeros, 3), _kth(sub, 4)]
+    got = kth_largest_abs(lambda: [[ties, zeros, sub]], [[2, 4], [3], [4, 1]])
+    assert got == [[0.5, 0.25], [0.0], [torch.tensor(3e-41).item(), 2.0]]
+    assert got == [[_kth(ties, 2), _kth(ties, 4)], [_kth(zeros, 3)], [_kth(sub, 4), _kth(sub, 1)]]
+
+
+def test_kth_largest_skips_series_without_ranks():
+    v = torch.tensor([1.0, -3.0, 2.0])
+    assert kth_largest_abs(lambda: [[torch.full((3,), float("nan")), v]], [[], [2]]) == [[], [2.0]]
 
 
 def test_kth_largest_of_nonfinite_values_is_inf():
     v = torch.tensor([float("nan"), float("inf"), 1.0, 2.0])
-    assert kth_largest_abs(lambda: [[v, v]], [1, 3]) == [float("inf"), 2.0]      # NaN > Inf > 2 > 1
+    assert kth_largest_abs(lambda: [[v, v]], [[1], [3]]) == [[float("inf")], [2.0]]      # NaN > Inf > 2 > 1
 
 
 def test_kth_largest_is_independent_of_chunking():
     v = torch.randn(100_003, generator=torch.Generator().manual_seed(1))
     w = torch.randn(100_003, generator=torch.Generator().manual_seed(2))
-    whole = kth_largest_abs(lambda: [[v, w]], [17, 50_000])
+    whole = kth_largest_abs(lambda: [[v, w]], [[17], [50_000, 3]])
     for step in (997, 4096, 33_333):
         pieces = lambda: ([v[i:i + step], w[i:i + step]] for i in range(0, v.numel(), step))  # noqa: E731
-        assert kth_largest_abs(pieces, [17, 50_000]) == whole
-    assert whole == [_kth(v, 17), _kth(w, 50_000)]
+        assert kth_largest_abs(pieces, [[17], [50_000, 3]]) == whole
+    assert whole == [[_kth(v, 17)], [_kth(w, 50_000), _kth(w, 3)]]
 
 
 def test_kth_largest_beyond_two_to_the_24():
     v = torch.rand(2**24 + 3, generator=torch.Generator().manual_seed(3))  # torch.quantile refuses this size
     k = 2**22 + 1
-    assert kth_largest_abs(lambda: [[v]], [k]) == [_kth(v, k)]
+    assert kth_largest_abs(lambda: [[v]], [[k]]) == [[_kth(v, k)]]
 
 
 def ref_dare(b, xs, w, p, seed, key, rescale, lam=1.0, ties=False):
