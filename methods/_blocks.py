@@ -67,7 +67,7 @@ def disjoint_merge(es: list[torch.Tensor], w: list[float], s: torch.Tensor, aggr
 
 def row_length(shape: tuple) -> int:
     """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
-    return shape[-1] if len(shape) > 1 else max(1, math.prod(shape))
+    return max(1, shape[-1] if len(shape) > 1 else math.prod(shape))
 
 
 def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:
