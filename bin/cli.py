@@ -6,6 +6,7 @@ import click
 
 from .. import methods
 from ..engine import MbmergeError, merge as merge_models
+from ..engine.recipe import load_recipe
 from .bench import bench
 
 
@@ -24,32 +25,61 @@ def cli():
     """Streaming merges of fine-tuned LLMs. Default command: merge."""
 
 
+def _param_options(fn):
+    """One click option per method parameter in the registry (shared names share an option)."""
+    seen = {}
+    for m in methods.REGISTRY.values():
+        for p in m.params:
+            seen.setdefault(p.name, p)
+    for p in reversed(list(seen.values())):
+        flag = "--" + p.name.replace("_", "-")
+        names = [flag, *p.aliases]
+        if isinstance(p.default, bool):
+            fn = click.option(f"{flag}/--no-{flag[2:]}", p.name, default=None, help=p.help)(fn)
+        else:
+            kind = click.Choice(p.choices) if p.choices else None
+            fn = click.option(*names, p.name, type=kind, help=p.help)(fn)
+    return fn
+
+
 @cli.command("merge")
-@click.option("--method", "-m", required=True, help="Merge method (see `mbmerge methods`).")
-@click.option("--experts", "-e", required=True, help="Comma-separated folders, hub ids or MergeBench domains.")
+@click.option("--method", "-m", help="Merge method (see `mbmerge methods`).")
+@click.option("--experts", "-e", help="Comma-separated folders, hub ids or MergeBench domains.")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder.")
 @click.option("--base", "-b", help="Base model: folder or hub id. Default: the built-in family.")
-@click.option("--weights", help="Per-expert weights w_i, e.g. 0.3,0.7.")
-@click.option("--density", help="Fraction kept rho_i, one value or one per expert.")
-@click.option("--scale", "--lambda", "scale", help="lambda, the scale on the merged delta.")
-@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights.")
-@click.option("--consensus", type=click.Choice(["sum", "count"]), help="TIES sign election.")
-@click.option("--aggregate", type=click.Choice(["mean", "sum"]), help="TIES: mean or sum of agreeing deltas.")
-@click.option("--rescale", type=click.Choice(["inverse", "l1", "none"]), help="DARE rescale of kept deltas.")
-@click.option("--seed", help="Seed of DARE's keep masks.")
-@click.option("--keep-base", help="Regex of tensor names copied from the base, e.g. 'embed_tokens|lm_head'.")
+@click.option("--config", "-c", type=click.Path(dir_okay=False), help="A mergekit YAML recipe instead of "
+              "--method/--base/--experts and method parameters.")
+@click.option("--protocol", type=click.Choice(sorted(methods.PROTOCOLS)),
+              help="Set a benchmark's choices at once (mergebench: model-wide ranks, embeddings kept, "
+                   "TIES sum, DARE 1/p).")
+@_param_options
+@click.option("--keep-base", help="Regex of tensor names copied from the base, e.g. 'embed_tokens|lm_head' "
+              "('' merges all; default: the method's).")
 @click.option("--dtype", help="Output dtype of float tensors (default: as stored).")
 @click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge(method, experts, out, base, keep_base, dtype, memory_budget, allow_nonfinite, overwrite, quiet,
-          **params):
-    """Merge EXPERTS (and a base) into OUT with METHOD."""
+def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
+          overwrite, quiet, **params):
+    """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
-    path = merge_models(method, experts=[e.strip() for e in experts.split(",") if e.strip()], out=out,
-                        base=base, keep_base=keep_base, dtype=dtype, memory_budget=memory_budget,
-                        allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=not quiet, **given)
+    if config:
+        clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
+                                       ("protocol", protocol), ("dtype", dtype), *given.items()] if v is not None]
+        if clash:
+            raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
+        recipe = load_recipe(config)
+        method, base, dtype, experts, given = (recipe["method"], recipe["base"], recipe["dtype"],
+                                               recipe["experts"], recipe["params"])
+    else:
+        for name, value in [("--method", method), ("--experts", experts)]:
+            if value is None:
+                raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
+        experts = [e.strip() for e in experts.split(",") if e.strip()]
+    path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
+                        memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+                        progress=not quiet, protocol=protocol, **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
 

@@ -17,7 +17,7 @@ from .write import (ShardWriter, check_output, copy_side_files, discard, publish
 
 def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
           dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
-          overwrite: bool = False, progress: bool = True, **params) -> Path:
+          overwrite: bool = False, progress: bool = True, protocol: str | None = None, **params) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -25,9 +25,12 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         experts: model references: folders, hub ids, or MergeBench domains ("math", "code").
         out: the output folder (refused if it exists and is not empty, unless overwrite).
         base: the base model reference; with none and domain experts, the built-in family.
-        keep_base: regex of tensor names copied from the base instead of merged.
+        keep_base: regex of tensor names copied from the base instead of merged ("" none; None the
+            method's or protocol's default, e.g. embeddings for localize_stitch).
         dtype: output dtype of float tensors (default: the base's).
         memory_budget: upper bound of the working memory, e.g. "2GB".
+        protocol: "mergebench" sets MergeBench's choices (model-wide ranks, embeddings kept at the
+            base, TIES sum aggregation, DARE 1/p rescale); params given here win.
         params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
     Returns:
         the output folder.
@@ -35,7 +38,7 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
     spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
-                     allow_nonfinite, overwrite, progress)
+                     allow_nonfinite, overwrite, progress, protocol)
     return run(spec)
 
 
@@ -93,7 +96,7 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
     def source(s: Source) -> dict:
         return {"role": s.role, "ref": s.ref, "path": str(s.path.resolve()), "revision": s.revision}
     return {
-        "mbmerge_version": VERSION, "method": spec.method, "params": spec.resolved,
+        "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
         "tensors_merged": sum(t.merge for t in plan.tensors),

@@ -26,6 +26,7 @@ class MergeSpec:
     allow_nonfinite: bool = False
     overwrite: bool = False
     progress: bool = True
+    protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
     resolved: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -45,9 +46,11 @@ class MergeSpec:
                 f"at least {method.min_experts}" if not method.max_experts else \
                 f"{method.min_experts} to {method.max_experts}"
             raise BadParameter(f"method {self.method} merges {want} expert(s) (with the base); {n} given")
-        set_(self, "resolved", methods.resolve_params(method, n, dict(self.params)))
+        chosen = methods.protocol_defaults(method, self.protocol)
+        keep_default = chosen.pop("keep_base", method.keep_base)
+        set_(self, "resolved", methods.resolve_params(method, n, {**chosen, **self.params}))
         if self.keep_base is None:
-            set_(self, "keep_base", method.keep_base)
+            set_(self, "keep_base", keep_default)
         if self.keep_base:
             try:
                 re.compile(self.keep_base)
@@ -56,7 +59,7 @@ class MergeSpec:
 
     def command(self) -> str:
         """The equivalent command line (for the model card)."""
-        parts = ["mbmerge", "--method", self.method]
+        parts = ["mbmerge", "--method", self.method] + (["--protocol", self.protocol] if self.protocol else [])
         if self.base:
             parts += ["--base", self.base]
         parts += ["--experts", ",".join(self.experts)]

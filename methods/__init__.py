@@ -16,7 +16,7 @@ import torch
 
 from .. import kernels
 from ..engine.errors import BadParameter
-from . import dare, linear, ties as _ties
+from . import dare, linear, masks, ties as _ties
 from ._blocks import CHUNK_ALIGN, deltas  # noqa: F401  (the engine aligns chunks to CHUNK_ALIGN)
 
 
@@ -28,6 +28,7 @@ class Param:
     per_expert: bool = False      # one value per expert (a single value is broadcast)
     choices: tuple = ()
     fraction: bool = False        # must lie in (0, 1]
+    aliases: tuple = ()           # more command-line spellings
 
     def coerce(self, value, method: str):
         """A user value (python or CLI string) as this parameter's type; lists for per-expert ones."""
@@ -57,7 +58,7 @@ class Param:
 
 WEIGHTS = Param("weights", 1.0, "per-expert weight w_i", per_expert=True)
 DENSITY = Param("density", 0.2, "fraction rho_i of each delta kept", per_expert=True, fraction=True)
-SCALE = Param("scale", 1.0, "lambda, the scale on the merged delta (mergekit: lambda)")
+SCALE = Param("scale", 1.0, "lambda, the scale on the merged delta (mergekit: lambda)", aliases=("--lambda",))
 CONSENSUS = Param("consensus", "sum", "sign election: sum (by mass) or count (by vote)", choices=("sum", "count"))
 AGGREGATE = Param("aggregate", "mean", "agreeing deltas: mean (TIES paper, mergekit normalize) "
                   "or sum (MergeBench)", choices=("mean", "sum"))
@@ -66,12 +67,23 @@ RESCALE = Param("rescale", "inverse", "dropped deltas: inverse (1/p, paper) | l1
 SEED = Param("seed", 0, "seed of the counter-based keep masks")
 
 
+K = Param("k", 2, "consensus: keep entries that at least k TALL masks select")
+TALL_LAMBDA = Param("tall_lambda", 0.2, "consensus: TALL mask |e_i| >= lambda_i |tau - e_i|", per_expert=True)
+MTL = Param("mtl", "ta", "consensus: the multi-task vector tau, task arithmetic or TIES", choices=("ta", "ties"))
+SPARSITY = Param("sparsity", 0.1, "localize_stitch: fraction of each delta kept by its mask",
+                 per_expert=True, fraction=True)
+
+
 def _normalize(default: bool) -> Param:
     return Param("normalize", default, "divide by the sum of weights")
 
 
-SCOPE = Param("sparsify_scope", "tensor", "magnitude ranks over each tensor (mergekit) or over the "
-              "whole model (TIES paper, MergeBench)", choices=("tensor", "model"))
+def _scope(default: str) -> Param:
+    return Param("sparsify_scope", default, "magnitude ranks over each tensor (mergekit) or over the "
+                 "whole model (TIES paper, MergeBench)", choices=("tensor", "model"))
+
+
+SCOPE = _scope("tensor")
 EMBEDDINGS = r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|word_embeddings)(\.|$)"
 
 
@@ -99,6 +111,14 @@ def _trim_ranks(*, density: list[float], n: int) -> list[list[int]]:
     return [[] if rho >= 1 else [max(1, floor(rho * n))] for rho in density]
 
 
+def _consensus_ranks(*, mtl: str, density: list[float], n: int) -> list[list[int]]:
+    return _trim_ranks(density=density, n=n) if mtl == "ties" else [[] for _ in density]
+
+
+def _localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
+    return _trim_ranks(density=sparsity, n=n)
+
+
 REGISTRY = {m.name: m for m in [
     Method("linear", linear.apply_linear, (WEIGHTS, _normalize(True)),
            "https://arxiv.org/abs/2203.05482", needs_base=False,
@@ -116,8 +136,30 @@ REGISTRY = {m.name: m for m in [
            summary="random drop with rescale, then TIES sign election"),
     # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
     # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
-    # -- masks: consensus, localize_stitch
+    # -- masks
+    Method("consensus", masks.consensus, (WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE),
+           "https://arxiv.org/abs/2405.07813", ranks=_consensus_ranks, trim="mask",
+           summary="TALL masks; keep what at least k tasks claim of the multi-task vector"),
+    Method("localize_stitch", masks.localize_stitch, (SPARSITY, _scope("model")),
+           "https://arxiv.org/abs/2408.13656", ranks=_localize_ranks, trim="magnitude", keep_base=EMBEDDINGS,
+           summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged"),
 ]}
+
+
+# A benchmark's choices at once; user parameters win. keep_base: the default --keep-base.
+PROTOCOLS = {
+    "mergebench": {"sparsify_scope": "model", "aggregate": "sum", "rescale": "inverse", "keep_base": EMBEDDINGS},
+}
+
+
+def protocol_defaults(method: Method, protocol: str | None) -> dict:
+    """The protocol's parameter choices that apply to `method` (and its keep_base, if any)."""
+    if protocol is None:
+        return {}
+    if protocol not in PROTOCOLS:
+        raise BadParameter(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    names = {p.name for p in method.params} | {"keep_base"}
+    return {k: v for k, v in PROTOCOLS[protocol].items() if k in names}
 
 
 def get(name: str) -> Method:

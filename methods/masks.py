@@ -1,0 +1,50 @@
+"""Methods that merge through per-task binary masks.
+
+consensus (TALL masks + Consensus Merging, Wang et al. 2024, arXiv:2405.07813; MergeBench's "Consensus TA"):
+    e_i   = w_i d_i
+    tau   = sum_i e_i                      (mtl='ties': the TIES merge of the e_i, trimmed to rho_i)
+    m_i   = [|e_i| >= lambda_i |tau - e_i|]   the TALL mask: where task i dominates the others
+    keep  = [sum_i m_i >= k]               entries that at least k tasks claim
+    out   = b + lam * keep * tau
+  Defaults k = 2, lambda_i = 0.2 and lam = 1: what MergeBench's code runs (its --lamda flag is
+  ignored there). MergeBench's mask is strict (>); we keep the spec's >=, which differs only where
+  |e_i| equals lambda_i |tau - e_i| exactly.
+
+localize_stitch, dataless (He et al. 2024, arXiv:2408.13656):
+    m_i   = [|d_i| >= t_i]                 t_i: the top-`sparsity` magnitude of d_i over the whole model
+    out   = b + sum_i m_i d_i / max(1, sum_j m_j)
+  Overlapping entries are averaged, as the paper intends; MergeBench's stitcher mostly sums them
+  (a misplaced line), which we do not copy. Embeddings stay at the base (MergeBench); ranking is
+  model-wide by default. The trained variant only replaces the masks m_i (see `stitch`).
+"""
+import torch
+
+from ._blocks import deltas, disjoint_merge, elect, trim
+
+
+def consensus(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float, k: int,
+              tall_lambda: list[float], mtl: str, consensus: str, aggregate: str,
+              thr: list[list[float]]) -> torch.Tensor:
+    es = [d.mul_(w) for d, w in zip(deltas(b, xs), weights)]
+    if mtl == "ties":
+        trimmed = [trim(e, t) for e, t in zip(es, thr)]
+        tau = disjoint_merge(trimmed, weights, elect(trimmed, consensus), aggregate)
+    else:
+        tau = sum(es[1:], es[0].clone())
+    votes = sum((e.abs() >= lam * (tau - e).abs()).to(torch.int8) for e, lam in zip(es, tall_lambda))
+    return tau.mul_(votes >= k).mul_(scale).add_(b)
+
+
+def stitch(b: torch.Tensor, ds: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """b + sum_i m_i d_i / max(1, sum_j m_j), for 0/1 masks m_i of any origin (top-k or trained)."""
+    total, count = torch.zeros_like(b), torch.zeros_like(b)
+    for d, m in zip(ds, masks):
+        total.addcmul_(d, m)
+        count += m
+    return total.div_(count.clamp_(min=1)).add_(b)
+
+
+def localize_stitch(b: torch.Tensor, xs: list[torch.Tensor], *, thr: list[list[float]]) -> torch.Tensor:
+    ds = deltas(b, xs)
+    masks = [(d.abs() >= t[0]).float() if t else torch.ones_like(d) for d, t in zip(ds, thr)]
+    return stitch(b, ds, masks)
