@@ -20,15 +20,24 @@ import click
 import torch
 from safetensors.torch import save_file
 
+from .. import methods as mbmerge_methods
 from ..engine.synthetic import cache_dir, llama_config, llama_shapes, write_side_files
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
 DENSITY = 0.2
-# mbmerge flags with mergekit 0.1.5's semantics for each method at weight 1.0:
-# ties normalize=true is aggregate=mean; dare_ties is normalize=false with L1 rescale.
-MBMERGE_FLAGS = {"linear": [], "task_arithmetic": [],
-                 "ties": ["--density", str(DENSITY), "--aggregate", "mean"],
-                 "dare_ties": ["--density", str(DENSITY), "--rescale", "l1", "--aggregate", "sum"]}
+# Cases both tools run: one mergekit recipe per case, run by mergekit-yaml and by `mbmerge --config`,
+# so both get mergekit's semantics: merge_method: (per-model parameters, global parameters).
+RECIPES = {"linear": ({"weight": 1.0}, {}), "task_arithmetic": ({"weight": 1.0}, {}),
+           "ties": ({"weight": 1.0, "density": DENSITY}, {}), "dare_ties": ({"weight": 1.0, "density": DENSITY}, {}),
+           "breadcrumbs_ties": ({"weight": 1.0, "density": DENSITY, "gamma": 0.01}, {}),
+           "della": ({"weight": 1.0, "density": DENSITY, "epsilon": 0.1}, {}),
+           "model_stock": ({}, {}), "slerp": ({}, {"t": 0.5})}
+# Cases only mbmerge runs: its own flags.
+MBMERGE_ONLY = {"ties_model_scope": ["--method", "ties", "--density", str(DENSITY), "--sparsify-scope", "model"],
+                "localize_stitch": ["--method", "localize_stitch"], "consensus": ["--method", "consensus"],
+                "magmax": ["--method", "magmax"], "tsv": ["--method", "tsv"], "iso_c": ["--method", "iso_c"]}
+CASES = [*RECIPES, *MBMERGE_ONLY]
+DEFAULT_CASES = "linear,task_arithmetic,ties,dare_ties"
 BLOCK = 64 << 20
 
 
@@ -123,21 +132,26 @@ def timed_run(cmd, files, out: Path) -> tuple[float, float]:
     return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
 
 
-def mbmerge_cmd(method, fx, experts, out):
+def mbmerge_cmd(case, fx, experts, out, recipe: Path | None):
     exe = Path(sys.executable).with_name("mbmerge")
     head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
-    return head + ["--method", method, "--base", str(fx / "base"), "--experts", ",".join(str(fx / e) for e in experts),
-                   "--weights", ",".join(["1"] * len(experts)), "--out", str(out), "-q", *MBMERGE_FLAGS[method]]
+    if recipe:
+        return head + ["--config", str(recipe), "--out", str(out), "-q"]
+    return head + ["--base", str(fx / "base"), "--experts", ",".join(str(fx / e) for e in experts),
+                   "--out", str(out), "-q", *MBMERGE_ONLY[case]]
 
 
-def mergekit_cmd(exe, method, fx, experts, out):
-    """mergekit-yaml on a config as in tools/mergekit_baseline.sh (weight 1.0, dtype from config.json)."""
+def write_recipe(method, fx, experts, folder: Path) -> Path:
+    """The case's mergekit recipe (dtype from config.json, as tools/mergekit_baseline.sh)."""
+    per_model, glob = RECIPES[method]
     dtype = json.loads((fx / "base" / "config.json").read_text())["torch_dtype"]
-    params = "weight: 1.0" + (f", density: {DENSITY}" if method in ("ties", "dare_ties") else "")
+    flow = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"  # noqa: E731
     lines = [f"merge_method: {method}", *([] if method == "linear" else [f"base_model: {fx / 'base'}"]), "models:",
-             *[f"  - {{model: {fx / e}, parameters: {{{params}}}}}" for e in experts], f"dtype: {dtype}"]
-    (out.parent / f"{method}.yml").write_text("\n".join(lines) + "\n")
-    return [exe, str(out.parent / f"{method}.yml"), str(out), "--no-copy-tokenizer"]
+             *[f"  - {{model: {fx / e}, parameters: {flow(per_model)}}}" for e in experts],
+             f"parameters: {flow(glob)}", f"dtype: {dtype}"]
+    path = folder / f"{method}.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def best_of(repeat, cmd, files, out):
@@ -146,18 +160,20 @@ def best_of(repeat, cmd, files, out):
     return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs]
 
 
-def bench_method(method, fx, experts, mergekit, repeat, tmp: Path) -> dict:
+def bench_case(case, fx, experts, mergekit, repeat, tmp: Path) -> dict:
+    experts = experts[:mbmerge_methods.get(case if case in RECIPES else MBMERGE_ONLY[case][1]).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
-    files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
+    files = [f for m in ([] if case == "linear" else ["base"]) + experts for f in shards[m]]
     in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in shards["base"])
-    row = {"method": method, "input_GB": in_bytes / 1e9,
+    row = {"method": case, "input_GB": in_bytes / 1e9,
            "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
-    cmd = mbmerge_cmd(method, fx, experts, tmp / "mb")
+    recipe = write_recipe(case, fx, experts, tmp) if case in RECIPES else None
+    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe)
     row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"] = best_of(repeat, cmd, files, tmp / "mb")
     row["mbmerge_in_GBps"] = row["input_GB"] / row["mbmerge_s"]
     row["floor_pct"] = 100 * row["floor_s"] / row["mbmerge_s"]
-    if mergekit:
-        cmd = mergekit_cmd(mergekit, method, fx, experts, tmp / "mk")
+    if mergekit and recipe:
+        cmd = [mergekit, str(recipe), str(tmp / "mk"), "--no-copy-tokenizer"]
         row["mergekit_s"], row["mergekit_rss_GB"], row["mergekit_walls"] = best_of(repeat, cmd, files, tmp / "mk")
         row["speedup"] = row["mergekit_s"] / row["mbmerge_s"]
         row["rss_ratio"] = row["mbmerge_rss_GB"] / row["mergekit_rss_GB"]
@@ -179,7 +195,8 @@ def table(rows) -> str:
 
 
 @click.command("bench")
-@click.option("--methods", default=",".join(MBMERGE_FLAGS), show_default=True, help="Methods to time.")
+@click.option("--methods", default=DEFAULT_CASES, show_default=True,
+              help=f"Cases to time, or 'all': {', '.join(CASES)}. Those mergekit has run from one recipe in both tools.")
 @click.option("--hidden", default=1024, show_default=True, help="Fixture hidden size.")
 @click.option("--layers", default=16, show_default=True, help="Fixture decoder layers.")
 @click.option("--vocab", default=32000, show_default=True, help="Fixture vocabulary size.")
@@ -191,16 +208,16 @@ def table(rows) -> str:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 def bench(methods, hidden, layers, vocab, n_experts, repeat, cache, mergekit, json_path):
     """Time mbmerge (and mergekit) end to end on a synthetic Llama-shaped fixture."""
-    methods = methods.split(",")
-    if unknown := [m for m in methods if m not in MBMERGE_FLAGS]:
-        raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(MBMERGE_FLAGS)}", param_hint="--methods")
+    methods = CASES if methods == "all" else methods.split(",")
+    if unknown := [m for m in methods if m not in CASES]:
+        raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(CASES)}", param_hint="--methods")
     cache = cache or cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     fx = build_fixture(cache, hidden, layers, vocab, n_experts)
     mergekit = mergekit or shutil.which("mergekit-yaml")
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
-        rows = [bench_method(m, fx, EXPERTS[:n_experts], mergekit, repeat, tmp) for m in methods]
+        rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, tmp) for m in methods]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     params = sum(torch.Size(s).numel() for s in llama_shapes(llama_config(hidden, layers, vocab)).values())

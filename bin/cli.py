@@ -8,6 +8,7 @@ from .. import methods
 from ..engine import MbmergeError, merge as merge_models
 from ..engine.recipe import load_recipe
 from .bench import bench
+from .method_docs import list_methods
 
 
 class DefaultMerge(click.Group):
@@ -84,16 +85,6 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         click.echo(f"merged model written to {path}")
 
 
-@cli.command("methods")
-def list_methods():
-    """List the merge methods and their parameters."""
-    for m in methods.REGISTRY.values():
-        click.echo(f"{m.name:16} {m.summary}  [trim: {m.trim}, elect: {m.elect}, "
-                   f"base: {'required' if m.needs_base else 'not needed'}]  {m.paper}")
-        for p in m.params:
-            click.echo(f"    --{p.name:12} default {p.default!s:8} {p.help}")
-
-
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -103,6 +94,7 @@ def _fail(message: str, code: int = 2):
 
 
 cli.add_command(bench)
+cli.add_command(list_methods)
 
 
 def main():

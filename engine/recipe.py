@@ -45,7 +45,6 @@ MERGEKIT = {
 }
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise"}
-EXPERTS = {"slerp": (1, 1), "model_stock": (2, None)}  # models besides the base (mergekit's contracts)
 KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 WHY = {"slices": "mbmerge merges whole models; list them under 'models'",
        "modules": "mbmerge merges whole models; list them under 'models'",
@@ -62,124 +61,136 @@ def load_recipe(path) -> dict:
         >>> r = load_recipe("ties.yml")
         >>> mbmerge.merge(r["method"], base=r["base"], experts=r["experts"], dtype=r["dtype"], out="m/", **r["params"])
     """
-    def fail(key, why):
-        raise BadParameter(f"{path}: key {key!r} {why}")
+    try:
+        cfg = _read(path)
+        name = cfg.get("merge_method")
+        known = [m for m in MERGEKIT if m in methods.REGISTRY]
+        if name not in known:
+            _fail("merge_method", "is missing" if name is None else
+                  f"= {name!r} is not supported; mbmerge runs these mergekit methods: {', '.join(known)}")
+        method, spec = methods.REGISTRY[name], MERGEKIT[name]
+        base, models = _inputs(cfg, method, spec)
+        params = _params(models, _values("parameters", cfg.get("parameters"), spec, set(spec)), method, spec)
+        methods.resolve_params(method, len(models), params)     # mbmerge's own checks, e.g. density in (0, 1]
+        dtype_key = "out_dtype" if cfg.get("out_dtype") is not None else "dtype"   # mergekit's rule
+        dtype = None if cfg.get(dtype_key) is None else str(cfg[dtype_key])
+        try:
+            dtype_name(dtype)
+        except BadParameter:
+            _fail(dtype_key, f"= {dtype!r}: choose bfloat16, float16, float32 or float64")
+    except BadParameter as e:
+        raise BadParameter(f"{path}: {e}") from None
+    return {"method": name, "base": base, "experts": [m[1] for m in models], "dtype": dtype, "params": params}
 
+
+def _fail(key, why):
+    raise BadParameter(f"key {key!r} {why}")
+
+
+def _read(path) -> dict:
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
     except OSError as e:
-        raise BadParameter(f"{path}: cannot read the recipe ({e.strerror})") from None
+        raise BadParameter(f"cannot read the recipe ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise BadParameter(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise BadParameter(f"not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
-        raise BadParameter(f"{path}: not a mergekit recipe (expected a mapping with merge_method and models)")
+        raise BadParameter("not a mergekit recipe (expected a mapping with merge_method and models)")
     for key in cfg:
         if key not in KEYS:
-            fail(key, f"is not supported ({WHY.get(key, 'not a mergekit key mbmerge knows')})")
+            _fail(key, f"is not supported ({WHY.get(key, 'not a mergekit key mbmerge knows')})")
     if cfg.get("tokenizer_source") not in (None, "base"):
-        fail("tokenizer_source", f"= {cfg['tokenizer_source']!r} is not supported (only 'base': mbmerge copies "
-                                 "the base's tokenizer)")
-    name = cfg.get("merge_method")
-    known = [m for m in MERGEKIT if m in methods.REGISTRY]
-    if name not in known:
-        fail("merge_method", f"= {name!r} is not supported; mbmerge runs these mergekit methods: {', '.join(known)}"
-             if name is not None else "is missing")
-    method, spec = methods.REGISTRY[name], MERGEKIT[name]
+        _fail("tokenizer_source", f"= {cfg['tokenizer_source']!r} is not supported (only 'base': mbmerge "
+                                  "copies the base's tokenizer)")
+    return cfg
 
-    base = _ref(fail, "base_model", cfg["base_model"]) if cfg.get("base_model") is not None else None
+
+def _inputs(cfg: dict, method, spec: dict) -> tuple[str | None, list]:
+    """The base and the experts as (key, reference, per-model parameters), with mergekit's base rules."""
+    base = _ref("base_model", cfg["base_model"]) if cfg.get("base_model") is not None else None
     entries = cfg.get("models")
     if not isinstance(entries, list) or not entries:
-        fail("models", "must be a list of {model: PATH, parameters: {...}}")
-    models = []                                    # (key, reference, per-model parameters)
+        _fail("models", "must be a list of {model: PATH, parameters: {...}}")
+    models = []
     for i, e in enumerate(entries):
         key = f"models[{i}]"
         if not isinstance(e, dict) or "model" not in e or set(e) - {"model", "parameters"}:
-            fail(key, "must be a mapping {model: PATH, parameters: {...}}")
-        ref = _ref(fail, f"{key}.model", e["model"])
+            _fail(key, "must be a mapping {model: PATH, parameters: {...}}")
+        ref = _ref(f"{key}.model", e["model"])
         if ref in [m[1] for m in models]:
-            fail(f"{key}.model", f"lists {ref!r} twice")
-        models.append((key, ref, _params(fail, f"{key}.parameters", e.get("parameters"), spec, PER_MODEL)))
-    glob = _params(fail, "parameters", cfg.get("parameters"), spec, set(spec))
+            _fail(f"{key}.model", f"lists {ref!r} twice")
+        models.append((key, ref, _values(f"{key}.parameters", e.get("parameters"), spec, PER_MODEL)))
     if method.needs_base:
         if base is None:
-            fail("base_model", f"is missing ({name} needs a base model)")
+            _fail("base_model", f"is missing ({method.name} needs a base model)")
         models = [m for m in models if m[1] != base]
     elif base is not None and base not in [m[1] for m in models]:
         models.append(("base_model", base, {}))    # mergekit merges an unlisted base as one more input
-    lo, hi = EXPERTS.get(name, (1, None))
+    lo, hi = method.min_experts, method.max_experts     # as mergekit's input contracts
     if not lo <= len(models) <= (hi or len(models)):
-        fail("models", f"has {len(models)} models besides the base; {name} takes "
-                       + (f"exactly {lo}" if lo == hi else f"at least {lo}"))
+        _fail("models", f"has {len(models)} models besides the base; {method.name} takes "
+                        + (f"exactly {lo}" if lo == hi else f"at least {lo}"))
+    return base, models
 
+
+def _ref(key, value) -> str:
+    if not isinstance(value, str) or not value:
+        _fail(key, "must be a model path or hub id")
+    if "+" in value:
+        _fail(key, f"= {value!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
+    return value
+
+
+def _values(key, given, spec: dict, allowed: set) -> dict:
+    """Parameter values checked and typed; `allowed` are those that may appear at this level."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        _fail(key, "must be a mapping of parameter: value")
+    out = {}
+    for name, v in given.items():
+        where = f"{key}.{name}"
+        if name not in spec:
+            _fail(where, f"is not a parameter of this mergekit method (it takes: {', '.join(spec)})")
+        if name not in allowed:
+            _fail(where, "is a global parameter in mergekit (which ignores it here); move it to 'parameters'")
+        if isinstance(v, (list, dict)):
+            _fail(where, "is a gradient or filter: per-layer gradients and filters are not supported yet")
+        if name in BOOLS and str(v).lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            out[name] = str(v).lower() in ("true", "1", "yes", "on")
+            continue
+        try:
+            if name in BOOLS or isinstance(v, bool):
+                raise ValueError
+            out[name] = float(v)                   # numbers and numeric strings such as "1e-3"
+        except (TypeError, ValueError):
+            _fail(where, f"= {v!r} is not a {'boolean' if name in BOOLS else 'number'}")
+    return out
+
+
+def _params(models: list, glob: dict, method, spec: dict) -> dict:
+    """mbmerge's parameters: each of mergekit's from the model, else global, else its default."""
     params = {}
     for mk, default in spec.items():
         if mk in PER_MODEL:
             value = [m[2].get(mk, glob.get(mk, default)) for m in models]
             if REQUIRED in value:
                 key, ref, _ = models[value.index(REQUIRED)]
-                fail(mk, f"is missing for model {ref!r} ({key}); mergekit's {name} requires it: set it on "
-                         "the model or in the global parameters")
+                _fail(mk, f"is missing for model {ref!r} ({key}); mergekit's {method.name} requires it: "
+                          "set it on the model or in the global parameters")
         else:
             value = glob.get(mk, default)
             if value is REQUIRED:
-                fail(f"parameters.{mk}", f"is missing (mergekit's {name} requires it)")
-        _translate(fail, method, mk, value, default, params)
+                _fail(f"parameters.{mk}", f"is missing (mergekit's {method.name} requires it)")
+        _translate(method, mk, value, default, params)
     for extra, value in [("consensus", "sum"), ("sparsify_scope", "tensor")]:
         if extra in {p.name for p in method.params}:
             params[extra] = value
-    try:
-        methods.resolve_params(method, len(models), params)
-    except BadParameter as e:
-        raise BadParameter(f"{path}: {e}") from None
-
-    dtype_key = "out_dtype" if cfg.get("out_dtype") is not None else "dtype"
-    dtype = cfg.get(dtype_key)
-    if dtype is not None:
-        try:
-            dtype_name(str(dtype))
-        except BadParameter:
-            fail(dtype_key, f"= {dtype!r}: choose bfloat16, float16, float32 or float64")
-        dtype = str(dtype)
-    return {"method": name, "base": base, "experts": [m[1] for m in models], "dtype": dtype, "params": params}
+    return params
 
 
-def _ref(fail, key, value) -> str:
-    if not isinstance(value, str) or not value:
-        fail(key, "must be a model path or hub id")
-    if "+" in value:
-        fail(key, f"= {value!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
-    return value
-
-
-def _params(fail, key, given, spec, allowed) -> dict:
-    """Parameter values checked and typed; `allowed` are those that may appear at this level."""
-    if given is None:
-        return {}
-    if not isinstance(given, dict):
-        fail(key, "must be a mapping of parameter: value")
-    out = {}
-    for name, v in given.items():
-        where = f"{key}.{name}"
-        if name not in spec:
-            fail(where, f"is not a parameter of this mergekit method (it takes: {', '.join(spec)})")
-        if name not in allowed:
-            fail(where, "is a global parameter in mergekit (which ignores it here); move it to 'parameters'")
-        if isinstance(v, (list, dict)):
-            fail(where, "is a gradient or filter: per-layer gradients and filters are not supported yet")
-        if name in BOOLS and str(v).lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            out[name] = str(v).lower() in ("true", "1", "yes", "on")
-        elif name not in BOOLS and not isinstance(v, bool):
-            try:
-                out[name] = float(v)
-            except (TypeError, ValueError):
-                fail(where, f"= {v!r} is not a number")
-        else:
-            fail(where, f"= {v!r} is not a {'boolean' if name in BOOLS else 'number'}")
-    return out
-
-
-def _translate(fail, method, mk: str, value, default, params: dict) -> None:
+def _translate(method, mk: str, value, default, params: dict) -> None:
     """Set mbmerge's parameter for mergekit's `mk`, or check that leaving it out changes nothing."""
     have = {p.name for p in method.params}
     if mk == "normalize" and "aggregate" in have:
@@ -192,5 +203,5 @@ def _translate(fail, method, mk: str, value, default, params: dict) -> None:
     # task_arithmetic declares density and rescale in mergekit but never sparsifies
     no_effect = mk == "int8_mask" or (method.name == "task_arithmetic" and mk in ("density", "rescale"))
     if not no_effect and any(v != default for v in (value if isinstance(value, list) else [value])):
-        fail(mk, f"= {value}: mbmerge's {method.name} has no such option (only mergekit's default, "
-                 f"{default}, is possible)")
+        _fail(mk, f"= {value}: mbmerge's {method.name} has no such option (only mergekit's default, "
+                  f"{default}, is possible)")

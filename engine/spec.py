@@ -41,11 +41,7 @@ class MergeSpec:
             raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)
         n = len(self.experts)
-        if n < method.min_experts or (method.max_experts and n > method.max_experts):
-            want = method.min_experts if method.min_experts == method.max_experts else \
-                f"at least {method.min_experts}" if not method.max_experts else \
-                f"{method.min_experts} to {method.max_experts}"
-            raise BadParameter(f"method {self.method} merges {want} expert(s) (with the base); {n} given")
+        methods.check_experts(method, n)
         chosen = methods.protocol_defaults(method, self.protocol)
         keep_default = chosen.pop("keep_base", method.keep_base)
         set_(self, "resolved", methods.resolve_params(method, n, {**chosen, **self.params}))

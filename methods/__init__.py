@@ -17,6 +17,8 @@ import torch
 from .. import kernels
 from ..engine.errors import BadParameter
 from . import dare, linear, masks, ties as _ties
+from . import stock as _stock, svd as _svd
+from . import breadcrumbs as _breadcrumbs, della as _della, magmax as _magmax
 from ._blocks import CHUNK_ALIGN, deltas  # noqa: F401  (the engine aligns chunks to CHUNK_ALIGN)
 
 
@@ -65,6 +67,9 @@ AGGREGATE = Param("aggregate", "mean", "agreeing deltas: mean (TIES paper, merge
 RESCALE = Param("rescale", "inverse", "dropped deltas: inverse (1/p, paper) | l1 (mergekit) | none",
                 choices=("inverse", "l1", "none"))
 SEED = Param("seed", 0, "seed of the counter-based keep masks")
+GAMMA = Param("gamma", 0.01, "breadcrumbs: fraction of the largest |d_i| dropped as outliers", per_expert=True)
+EPSILON = Param("epsilon", 0.15, "della: keep probability spread, rho_i -+ eps_i from smallest to largest "
+                "|d_i| in a row", per_expert=True)
 
 
 K = Param("k", 2, "consensus: keep entries that at least k TALL masks select")
@@ -119,6 +124,12 @@ def _localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
     return _trim_ranks(density=sparsity, n=n)
 
 
+FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
+SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
+COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
+                        fraction=True)
+
+
 REGISTRY = {m.name: m for m in [
     Method("linear", linear.apply_linear, (WEIGHTS, _normalize(True)),
            "https://arxiv.org/abs/2203.05482", needs_base=False,
@@ -135,7 +146,37 @@ REGISTRY = {m.name: m for m in [
            "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", elect="sign",
            summary="random drop with rescale, then TIES sign election"),
     # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
+    Method("breadcrumbs", _breadcrumbs.apply_linear, (WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE),
+           "https://arxiv.org/abs/2312.06795", ranks=_breadcrumbs.ranks, trim="magnitude",
+           summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task arithmetic"),
+    Method("breadcrumbs_ties", _breadcrumbs.apply_ties,
+           (WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE), "https://arxiv.org/abs/2312.06795",
+           ranks=_breadcrumbs.ranks, trim="magnitude", elect="sign",
+           summary="drop the top-gamma outliers and the smallest |d|, keep rho; then TIES sign election"),
+    Method("della", _della.apply_ties,
+           (WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED), "https://arxiv.org/abs/2406.11617",
+           stats=_della.stats, span="row", trim="random", elect="sign",
+           summary="random drop, keep probability rising with |d| rank in the row; then TIES sign election"),
+    Method("della_linear", _della.apply_linear,
+           (WEIGHTS, DENSITY, EPSILON, SCALE, _normalize(False), RESCALE, SEED), "https://arxiv.org/abs/2406.11617",
+           stats=_della.stats, span="row", trim="random",
+           summary="random drop, keep probability rising with |d| rank in the row; then task arithmetic"),
+    Method("magmax", _magmax.apply, (SCALE,), "https://arxiv.org/abs/2407.06322",
+           summary="per element the delta of largest magnitude: b + lam * d_argmax"),
     # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
+    Method("model_stock", _stock.apply_model_stock, (FILTER_WISE,), "https://arxiv.org/abs/2403.19522",
+           stats=_stock.stats_model_stock, span="row", min_experts=2,
+           summary="t * mean_i x_i + (1 - t) b, t from the mean pairwise cosine of the deltas"),
+    Method("slerp", _stock.apply_slerp, (SLERP_T,), "https://dl.acm.org/doi/10.1145/325165.325242",
+           stats=_stock.stats_slerp, min_experts=1, max_experts=1,
+           summary="spherical interpolation from the base (t=0) to one expert (t=1), whole tensors"),
+    Method("tsv", _svd.apply_tsv, (SCALE,), "https://arxiv.org/abs/2412.00081", span="tensor",
+           keep_base=EMBEDDINGS, summary="task singular vectors: top r/T triplets per task, orthogonalised"),
+    Method("iso_c", _svd.apply_iso_c, (SCALE,), "https://arxiv.org/abs/2502.04959", span="tensor",
+           keep_base=EMBEDDINGS, summary="SVD of the summed deltas with a flat (isotropic) spectrum"),
+    Method("iso_cts", _svd.apply_iso_cts, (SCALE, COMMON_FRACTION), "https://arxiv.org/abs/2502.04959",
+           span="tensor", keep_base=EMBEDDINGS,
+           summary="Iso-C on a common subspace plus per-task orthogonal subspaces"),
     # -- masks
     Method("consensus", masks.consensus, (WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE),
            "https://arxiv.org/abs/2405.07813", ranks=_consensus_ranks, trim="mask",
@@ -167,6 +208,14 @@ def get(name: str) -> Method:
     if name not in REGISTRY:
         raise BadParameter(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def check_experts(method: Method, n: int) -> None:
+    """BadParameter unless the method merges n experts."""
+    lo, hi = method.min_experts, method.max_experts
+    if n < lo or (hi and n > hi):
+        want = f"{lo}" if lo == hi else f"at least {lo}" if not hi else f"{lo} to {hi}"
+        raise BadParameter(f"method {method.name} merges {want} expert(s) (with the base); {n} given")
 
 
 def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
@@ -245,6 +294,7 @@ def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, 
     method = get(name)
     if method.needs_base and b is None:
         raise BadParameter(f"method {name} needs a base tensor")
+    check_experts(method, len(xs))
     p = resolve_params(method, len(xs), params)
     like = b if b is not None else xs[0]
     bf = b.float().flatten() if b is not None else None

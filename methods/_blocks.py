@@ -81,3 +81,21 @@ def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:
     full = v.numel() // size * size
     sums = v[:full].view(-1, size).sum(1)                         # [granules]
     return torch.cat([sums, v[full:].sum().view(1)]) if full < v.numel() else sums
+
+
+def float_above(t: float) -> float:
+    """The smallest float32 above t (>= 0, finite): |d| < float_above(t) is |d| <= t."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", t))
+    return struct.unpack("<f", struct.pack("<i", bits + 1))[0]
+
+
+def band(d: torch.Tensor, thr: list[float]) -> torch.Tensor:
+    """Keep the entries with lo <= |d| <= hi, thr = [hi, lo] (every entry tied at either bound is
+    kept); thr = [] keeps everything."""
+    if not thr:
+        return d
+    hi, lo = thr
+    a = d.abs()
+    if hi < math.inf:
+        a = threshold(a.neg_(), -float_above(hi), 0.0).neg_()   # |d| where |d| <= hi, else 0
+    return (a if lo <= 0 else threshold(a, float_below(lo), 0.0)).copysign_(d)

@@ -120,3 +120,23 @@ def family(tmp_path_factory):
     paths = {name: write_model(root / name, t) for name, t in models.items()}
     rounded = {name: {n: v.to(torch.bfloat16).float() for n, v in t.items()} for name, t in models.items()}
     return {"paths": paths, "tensors": rounded, "root": root}
+
+
+@pytest.fixture(scope="session")
+def wide_family(tmp_path_factory):
+    """Tensors larger than one 4096-element chunk, for chunk invariance (every `family` tensor fits
+    in one): [96, 200] (row-span chunks of 20 rows), 1-D [5000] (one row), [3, 5, 700], [7, 700]
+    (5 rows a chunk) and a small [40, 33]. Base + experts e0, e1, e2 (bf16, 2 shards), each expert
+    with a shared direction (so model_stock's cosines are not ~0) and sparse larger deltas.
+    Returns {'paths': folders, 'tensors': the bf16-rounded float32 tensors}, like `family`."""
+    root = tmp_path_factory.mktemp("wide")
+    g = torch.Generator().manual_seed(11)
+    base = {"a.weight": torch.randn(96, 200, generator=g) * 0.05, "b.weight": 1 + 0.1 * torch.randn(5000, generator=g),
+            "c.weight": torch.randn(3, 5, 700, generator=g) * 0.05, "u.weight": torch.randn(7, 700, generator=g) * 0.05,
+            "d.weight": torch.randn(40, 33, generator=g)}
+    models = {"base": base}
+    for i in range(3):
+        common = 0.02 * torch.randn(1, generator=g)
+        models[f"e{i}"] = {n: v + common * base[n] for n, v in expert_tensors(base, 20 + i).items()}
+    paths = {name: write_model(root / name, t) for name, t in models.items()}
+    return {"paths": paths, "tensors": {k: {n: v.bfloat16().float() for n, v in t.items()} for k, t in models.items()}}

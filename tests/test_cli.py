@@ -256,3 +256,22 @@ def test_entry_point_in_subprocess(family, tmp_path, make, fragment):
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("mbmerge: error: ")
     assert str(folder) in r.stderr and fragment in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.mbmerge-*"))
+
+
+def test_config_recipe_runs_like_the_equivalent_flags(family, tmp_path, mbmerge):
+    p = family["paths"]
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {p['base']}\nmodels:\n"
+                      f"  - model: {p['math']}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+                      f"  - model: {p['code']}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
+                      "parameters: {normalize: true}\ndtype: bfloat16\n")
+    assert mbmerge("--config", recipe, "--out", tmp_path / "a", "-q") == (0, "")
+    assert mbmerge(*merge_args(family, tmp_path / "b"), "--weights", "0.7,0.3", "--density", "0.5",
+                   "--aggregate", "mean") == (0, "")
+    a, b = read_model(tmp_path / "a"), read_model(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    out = tmp_path / "c"
+    assert_refused(mbmerge("--config", recipe, "--method", "ties", "--density", "0.2", "--out", out), out,
+                   f"--config {recipe} sets the recipe; do not also pass --method, --density")
+    recipe.write_text("merge_method: ties\nslices: []\n")
+    assert_refused(mbmerge("--config", recipe, "--out", out), out, str(recipe), "'slices'")

@@ -1,0 +1,51 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop each delta's largest
+magnitudes (outliers, a fraction gamma) and its smallest, so that a fraction rho remains; then add
+(breadcrumbs) or TIES-merge (breadcrumbs_ties).
+
+    k_i  = max(1, floor(rho_i n))                  entries kept
+    t_i  = min(floor(gamma_i n), n - k_i)          outliers dropped (fewer where rho_i + gamma_i > 1)
+    hi_i = the (t_i + 1)-th largest |d_i|,   lo_i = the (t_i + k_i)-th largest |d_i|
+    e_i  = d_i * [lo_i <= |d_i| <= hi_i]           every entry tied at hi_i or lo_i is kept
+    breadcrumbs:      b + lam * sum_i w_i e_i      (normalize: / sum_i w_i)
+    breadcrumbs_ties: TIES sign election and disjoint merge of w_i e_i, then b + lam * m
+
+n is the tensor's size (or the model's, sparsify_scope='model'); thresholds are exact (radix
+select). rho_i = 1 keeps everything (t_i shrinks to 0); gamma_i n < 1 drops no outliers.
+vs mergekit 0.1.5: it keeps exactly floor(rho_i n) entries in sort order, so entries tied at a
+threshold may differ, and rho_i n < 1 keeps none (here: one); mergekit <= 0.1.4 keeps none when
+gamma_i n < 1 (an empty slice). mergekit's breadcrumbs_ties defaults to normalize=false, which is
+aggregate='sum' here.
+"""
+from math import floor
+
+import torch
+
+from ..engine.errors import BadParameter
+from ._blocks import band, deltas, disjoint_merge, elect, weighted_sum
+
+
+def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[int]]:
+    """Per expert, the ranks of [hi_i, lo_i] from the top: [t_i + 1, t_i + k_i]; [] keeps all."""
+    out = []
+    for rho, g in zip(density, gamma):
+        if not 0 <= g < 1:
+            raise BadParameter(f"breadcrumbs: gamma={g} must be in [0, 1) (the fraction of largest |d| dropped)")
+        k = max(1, floor(rho * n))
+        t = max(0, min(floor(g * n), n - k))
+        out.append([] if t == 0 and k >= n else [t + 1, t + k])
+    return out
+
+
+def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
+                 normalize: bool, thr: list[list[float]]) -> torch.Tensor:
+    tau = weighted_sum([band(d, t) for d, t in zip(deltas(b, xs), thr)], weights)
+    if normalize:
+        tau /= sum(weights)
+    return b + scale * tau
+
+
+def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
+               consensus: str, aggregate: str, thr: list[list[float]]) -> torch.Tensor:
+    es = [band(d, t).mul_(w) for d, t, w in zip(deltas(b, xs), thr, weights)]
+    s = elect(es, consensus)
+    return disjoint_merge(es, weights, s, aggregate).mul_(scale).add_(b)

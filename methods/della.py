@@ -1,0 +1,89 @@
+"""DELLA (Deep et al. 2024, arXiv:2406.11617): MagPrune, a DARE drop whose keep probability grows
+with the entry's magnitude rank in its row; then add (della_linear) or TIES-merge (della).
+
+    r_i(j) = rank of |d_i(j)| in its row of m, ascending, ties by position, / (m - 1)   (m = 1: r = 1/2)
+    p_i(j) = (rho_i - eps_i) + 2 eps_i r_i(j)          keep probability, mean rho_i over a row
+    keep_i = [u_i(j) < p_i(j)]    u from DARE's Philox keyed by (seed, tensor name, expert i), j = element index
+    e_i    = g_i * keep_i * d_i   g_i = 1/p_i(j) per element ('inverse', paper),
+                                  ||d_i||_1 / ||keep_i d_i||_1 per tensor ('l1', mergekit; 1 if a norm < 1e-7), or 1 ('none')
+    della_linear: b + lam * sum_i w_i e_i          (normalize: / sum_i w_i)
+    della:        TIES sign election and disjoint merge of w_i e_i, then b + lam * m
+
+A row is the last dimension; a 1-D tensor is one row. Needs eps_i >= 0, rho_i - eps_i > 0 and
+rho_i + eps_i <= 1 (mergekit: < 1); rho_i = 1 keeps everything, as in mergekit.
+vs mergekit 0.1.5: its masks are torch.bernoulli draws (so no bitwise parity), it breaks rank ties
+in argsort order, fails on rows of one element (0/0 ranks), and always rescales by 'l1'.
+"""
+import torch
+
+from .. import kernels
+from ..engine.errors import BadParameter
+from ..kernels.dare import expert_seed
+from ._blocks import deltas, disjoint_merge, elect, granule_sums, row_length, weighted_sum
+
+
+def _check(density: list[float], epsilon: list[float]) -> None:
+    for rho, eps in zip(density, epsilon):
+        if rho < 1 and not (eps >= 0 and rho - eps > 0 and rho + eps <= 1):
+            raise BadParameter(f"della: density={rho}, epsilon={eps} give keep probabilities outside (0, 1]; "
+                               f"need 0 <= epsilon < density <= 1 - epsilon (or density=1)")
+
+
+def _rank01(a: torch.Tensor, m: int) -> torch.Tensor:
+    """r(j): ascending rank of a(j) in its row of m (ties by position) / (m - 1); 1/2 if m = 1."""
+    if m == 1:
+        return torch.full_like(a, 0.5)
+    order = a.view(-1, m).argsort(dim=1, stable=True)                        # [rows, m]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=a.device).expand_as(order))
+    return rank.view(-1).to(torch.float32).div_(m - 1)
+
+
+def _kept(d: torch.Tensor, i: int, rho: float, eps: float, m: int, seed: int, key: str, offset: int,
+          inverse: bool) -> torch.Tensor:
+    """keep_i * d_i, divided by p_i(j) if inverse; d holds whole rows."""
+    if rho >= 1:
+        return d
+    p = _rank01(d.abs(), m).mul_(2 * eps).add_(rho - eps)
+    u = kernels.uniform(expert_seed(seed, key, i), offset, d.numel(), d.device)
+    e = (p - u).sign_().relu_().mul_(d)                                      # [u < p] * d, as float arithmetic
+    return e.div_(p) if inverse else e
+
+
+def stats(chunks, *, density: list[float], epsilon: list[float], rescale: str, seed: int, key: str,
+          shape: tuple) -> dict:
+    """Checks rho and eps; g_i for 'l1' (a pass over the tensor, summed per row), else 1."""
+    _check(density, epsilon)
+    if rescale != "l1":
+        return {"gain": [1.0] * len(density)}
+    m = row_length(shape)
+    full, kept = [[] for _ in density], [[] for _ in density]
+    for b, xs, offset in chunks():
+        for i, (d, rho, eps) in enumerate(zip(deltas(b, xs), density, epsilon)):
+            full[i].append(granule_sums(d.abs(), m))
+            kept[i].append(granule_sums(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m))
+    norms = [(float(torch.cat(f).sum()), float(torch.cat(k).sum())) for f, k in zip(full, kept)]
+    return {"gain": [nf / nk if nf >= 1e-7 and nk >= 1e-7 else 1.0 for nf, nk in norms]}
+
+
+def _dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> list[torch.Tensor]:
+    m = row_length(shape)
+    return [_kept(d, i, rho, eps, m, seed, key, offset, rescale == "inverse").mul_(g)
+            for i, (d, rho, eps, g) in enumerate(zip(deltas(b, xs), density, epsilon, gain))]
+
+
+def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
+                 normalize: bool, density: list[float], epsilon: list[float], rescale: str, seed: int,
+                 key: str, offset: int, shape: tuple, gain: list[float]) -> torch.Tensor:
+    tau = weighted_sum(_dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain), weights)
+    if normalize:
+        tau /= sum(weights)
+    return b + scale * tau
+
+
+def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
+               consensus: str, aggregate: str, density: list[float], epsilon: list[float], rescale: str,
+               seed: int, key: str, offset: int, shape: tuple, gain: list[float]) -> torch.Tensor:
+    es = [e.mul_(w) for e, w in zip(_dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain),
+                                    weights)]
+    s = elect(es, consensus)
+    return disjoint_merge(es, weights, s, aggregate).mul_(scale).add_(b)

@@ -1,0 +1,89 @@
+"""TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081) and Iso-C / Iso-CTS (Marczak et al. 2025,
+arXiv:2502.04959): merges of 2-D deltas through their singular vectors, one whole tensor at a time.
+
+    d_i = x_i - b, T experts, r = min(m, n), svd(A) = U S V^T (thin), polar(A) = U V^T
+    tsv:     top k = max(1, floor(r/T)) triplets of each d_i, concatenated: U = [U_1 .. U_T], S, V;
+             tau = polar(U) diag(S) polar(V)^T
+    iso_c:   tau = mean(S) U V^T, for U S V^T = svd(sum_i d_i)
+    iso_cts: common part: the top k_c triplets of svd(sum_i d_i), k_c = r - T s,
+             s = min(round((r - floor(f r)) / T), floor(r/T)) per task;
+             task parts: the top s triplets of each d_i - U_c U_c^T d_i;
+             concatenated as in tsv, tau = mean(S) polar(U) polar(V)^T
+    tensors that are not 2-D (norms, biases): tau = mean_i d_i
+    out = b + lam * tau
+
+As FusionBench (task_singular_vector/utils/TSVM_utils.py, isotropic_merging/iso_utils.py), in
+float32, except where it breaks: tsv keeps at least one triplet per task when T > r (FusionBench:
+none) and iso_cts caps s at floor(r/T) (FusionBench's rounding can make k_c negative).
+Embeddings and lm_head are copied from the base unless --keep-base '' : their SVD costs minutes
+at 9B, and the papers merge the transformer layers.
+"""
+import math
+
+import torch
+
+from ._blocks import deltas
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(a, full_matrices=False)      # U [m, r], S [r], V^T [r, n]
+
+
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U V^T of a = U S V^T: the nearest matrix with orthonormal columns (rows)."""
+    u, _, vh = _svd(a)
+    return u @ vh
+
+
+def _rebuild(parts: list[tuple], flat: bool) -> torch.Tensor:
+    """polar(U) diag(S) polar(V)^T of the concatenated triplets (U_i, S_i, V_i^T); flat: S -> mean(S)."""
+    u = torch.cat([p[0] for p in parts], 1)              # [m, K]
+    s = torch.cat([p[1] for p in parts])                 # [K]
+    vh = torch.cat([p[2] for p in parts], 0)             # [K, n]
+    if flat:
+        s = s.mean().expand_as(s)
+    return (_polar(u) * s) @ _polar(vh)
+
+
+def _top(a: torch.Tensor, k: int) -> tuple:
+    u, s, vh = _svd(a)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def tsv(ds: list[torch.Tensor]) -> torch.Tensor:
+    k = max(1, min(ds[0].shape) // len(ds))
+    return _rebuild([_top(d, k) for d in ds], flat=False)
+
+
+def iso_c(ds: list[torch.Tensor]) -> torch.Tensor:
+    u, s, vh = _svd(sum(ds))
+    return (u * s.mean()) @ vh
+
+
+def iso_cts(ds: list[torch.Tensor], f: float) -> torch.Tensor:
+    r, n_tasks = min(ds[0].shape), len(ds)
+    s_task = min(round((r - math.floor(f * r)) / n_tasks), r // n_tasks)
+    common = _top(sum(ds), r - n_tasks * s_task)         # U_c [m, k_c], S_c, V_c^T
+    uc = common[0]
+    tasks = [_top(d - uc @ (uc.T @ d), s_task) for d in ds] if s_task else []
+    return _rebuild([common, *tasks], flat=True)
+
+
+def _merge(b: torch.Tensor, xs: list[torch.Tensor], shape: tuple, lam: float, fn) -> torch.Tensor:
+    """b + lam * tau: tau = fn(deltas as [m, n] matrices) for 2-D tensors, the mean delta otherwise."""
+    ds = deltas(b, xs)
+    tau = fn([d.view(shape) for d in ds]).view(-1) if len(shape) == 2 else sum(ds) / len(ds)
+    return b + lam * tau
+
+
+def apply_tsv(b: torch.Tensor, xs: list[torch.Tensor], *, scale: float, shape: tuple) -> torch.Tensor:
+    return _merge(b, xs, shape, scale, tsv)
+
+
+def apply_iso_c(b: torch.Tensor, xs: list[torch.Tensor], *, scale: float, shape: tuple) -> torch.Tensor:
+    return _merge(b, xs, shape, scale, iso_c)
+
+
+def apply_iso_cts(b: torch.Tensor, xs: list[torch.Tensor], *, scale: float, common_fraction: float,
+                  shape: tuple) -> torch.Tensor:
+    return _merge(b, xs, shape, scale, lambda ds: iso_cts(ds, common_fraction))

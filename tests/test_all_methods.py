@@ -1,0 +1,79 @@
+"""Properties every registered method must have, checked over the whole registry: it merges the
+shared fixture into a folder transformers loads with finite logits; the streamed merge equals the
+in-memory library function tensor by tensor; chunking does not change a byte; the command line
+and docs/methods.md describe it. (Each method's maths is checked against its own reference in
+test_methods*.py and test_model_scope.py.)"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mbmerge
+from mbmerge.bin.cli import cli
+from mbmerge.bin.method_docs import markdown
+from conftest import read_model
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+NAMES = list(mbmerge.methods.REGISTRY)
+SCOPED = [m.name for m in mbmerge.methods.REGISTRY.values() if "sparsify_scope" in {p.name for p in m.params}]
+
+
+def _experts(method):
+    m = mbmerge.methods.get(method)
+    return ["math", "code", "ifeval"][:m.max_experts or 3]
+
+
+def _merge(family, tmp_path, method, name="out", **kw):
+    p = family["paths"]
+    return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in _experts(method)],
+                         out=tmp_path / name, progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_engine_equals_the_library_function_and_transformers_loads_it(family, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+    scope = {"sparsify_scope": "tensor"} if method in SCOPED else {}   # the library sees one tensor
+    out = _merge(family, tmp_path, method, **scope)
+    got, t = read_model(out), family["tensors"]
+    keep = mbmerge.methods.get(method).keep_base
+    for name, b in t["base"].items():
+        if keep and re.search(keep, name):
+            want = b.to(torch.bfloat16)
+        else:
+            want = mbmerge.methods.merge_tensors(method, b.to(torch.bfloat16),
+                                                 [t[e][name].to(torch.bfloat16) for e in _experts(method)], key=name)
+        assert torch.equal(got[name], want), name
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 3, 7, 2]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", [n for n in NAMES if mbmerge.methods.get(n).span != "tensor"])
+def test_output_bytes_do_not_depend_on_chunking(wide_family, tmp_path, method):
+    params = {"rescale": "l1"} if "rescale" in {p.name for p in mbmerge.methods.get(method).params} else {}
+    p = wide_family["paths"]
+    experts = [str(p[f"e{i}"]) for i in range(mbmerge.methods.get(method).max_experts or 3)]
+    runs = {}
+    for budget in ("2GB", "100KB"):                                  # 100KB: 4096-element chunks
+        out = mbmerge.merge(method, base=str(p["base"]), experts=experts, out=tmp_path / budget,
+                            progress=False, memory_budget=budget, **params)
+        runs[budget] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+    assert json.loads((tmp_path / "100KB" / "mbmerge.json").read_text())["chunk_elements"] == 4096
+    assert runs["2GB"] == runs["100KB"]
+
+
+def test_every_parameter_has_a_command_line_option():
+    options = {o for p in cli.commands["merge"].params for o in p.opts + p.secondary_opts}
+    for m in mbmerge.methods.REGISTRY.values():
+        for p in m.params:
+            assert "--" + p.name.replace("_", "-") in options, (m.name, p.name)
+
+
+def test_docs_are_generated_from_the_registry():
+    assert DOCS.read_text() == markdown(), "docs/methods.md is stale: run `mbmerge methods --markdown > docs/methods.md`"
+    result = CliRunner().invoke(cli, ["methods"])
+    assert result.exit_code == 0 and all(name in result.output for name in NAMES)

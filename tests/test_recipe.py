@@ -1,0 +1,215 @@
+"""mergekit YAML recipes: translation with mergekit's defaults, refusals naming the key, one end-to-end merge."""
+import textwrap
+
+import pytest
+import torch
+
+import mbmerge
+from conftest import read_model
+from mbmerge import methods
+from mbmerge.engine.errors import BadParameter
+from mbmerge.engine.recipe import load_recipe
+
+
+@pytest.fixture
+def recipe(family, tmp_path):
+    """write(yaml_text) -> path of recipe.yml; {base}, {math}, {code}, {ifeval} become the family's folders."""
+    def write(text: str):
+        path = tmp_path / "recipe.yml"
+        path.write_text(textwrap.dedent(text).format(**{k: str(v) for k, v in family["paths"].items()}))
+        return path
+    return write
+
+
+def two_experts(method: str, extra: str = "") -> str:
+    """A recipe merging math (weight 0.7) and code (0.3) over base; `extra`: more top-level lines."""
+    extra = textwrap.indent(extra, " " * 8).lstrip()
+    return f"""
+        merge_method: {method}
+        base_model: {{base}}
+        models:
+          - model: {{math}}
+            parameters: {{{{weight: 0.7}}}}
+          - model: {{code}}
+            parameters: {{{{weight: 0.3}}}}
+        {extra}
+        """
+
+
+W, ONES = [0.7, 0.3], [1.0, 1.0]
+# mergekit's defaults, as mbmerge parameters (filtered below to those the registered method declares)
+GTA = dict(weights=W, density=ONES, scale=1.0, consensus="sum", sparsify_scope="tensor")
+EXPECTED = {
+    "linear": (two_experts("linear").replace("base_model: {base}", ""), dict(weights=W, normalize=True)),
+    "task_arithmetic": (two_experts("task_arithmetic"), dict(weights=W, scale=1.0, normalize=False)),
+    "ties": (two_experts("ties"), dict(GTA, aggregate="mean")),
+    "dare_linear": (two_experts("dare_linear"), dict(GTA, normalize=False, rescale="l1")),
+    "dare_ties": (two_experts("dare_ties"), dict(GTA, aggregate="sum", rescale="l1")),
+    "breadcrumbs": (two_experts("breadcrumbs"), dict(GTA, normalize=False, gamma=[0.01] * 2)),
+    "breadcrumbs_ties": (two_experts("breadcrumbs_ties"), dict(GTA, aggregate="sum", gamma=[0.01] * 2)),
+    "della": (two_experts("della", "parameters: {{density: 0.5}}"),
+              dict(GTA, density=[0.5] * 2, aggregate="mean", rescale="l1", epsilon=[0.15] * 2)),
+    "della_linear": (two_experts("della_linear", "parameters: {{density: 0.5}}"),
+                     dict(GTA, density=[0.5] * 2, normalize=False, rescale="l1", epsilon=[0.15] * 2)),
+    "model_stock": ("""
+        merge_method: model_stock
+        base_model: {base}
+        models: [{{model: {math}}}, {{model: {code}}}]
+        """, dict(filter_wise=False)),
+    "slerp": ("""
+        merge_method: slerp
+        base_model: {base}
+        models: [{{model: {base}}}, {{model: {math}}}]
+        parameters: {{t: 0.3}}
+        """, dict(t=0.3)),
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED))
+def test_each_method_gets_mergekits_defaults(family, recipe, method):
+    if method not in methods.REGISTRY:
+        pytest.skip(f"{method} is not registered in mbmerge yet")
+    text, expected = EXPECTED[method]
+    declared = {p.name for p in methods.REGISTRY[method].params}
+    r = load_recipe(recipe(text))
+    experts = ["math"] if method == "slerp" else ["math", "code"]
+    assert r["method"] == method and r["dtype"] is None
+    assert r["experts"] == [str(family["paths"][e]) for e in experts]
+    assert r["base"] == (None if method == "linear" else str(family["paths"]["base"]))
+    assert r["params"] == {k: v for k, v in expected.items() if k in declared}
+
+
+def test_listed_base_is_not_an_expert_except_for_linear(family, recipe):
+    p = family["paths"]
+    text = """
+        merge_method: {method}
+        base_model: {{base}}
+        models:
+          - model: {{base}}
+            parameters: {{{{weight: 0.2}}}}
+          - model: {{math}}
+            parameters: {{{{weight: 0.8}}}}
+        """
+    ties = load_recipe(recipe(text.format(method="ties")))
+    assert ties["experts"] == [str(p["math"])] and ties["params"]["weights"] == [0.8]
+    linear = load_recipe(recipe(text.format(method="linear")))
+    assert linear["experts"] == [str(p["base"]), str(p["math"])] and linear["params"]["weights"] == [0.2, 0.8]
+
+
+def test_linear_merges_an_unlisted_base_as_one_more_input(family, recipe):
+    r = load_recipe(recipe(two_experts("linear", "parameters: {{weight: 1.0}}")))    # as mergekit 0.1.5 does
+    assert r["experts"][-1] == str(family["paths"]["base"]) and r["params"]["weights"] == [0.7, 0.3, 1.0]
+
+
+def test_model_parameters_override_global_ones(recipe):
+    r = load_recipe(recipe("""
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {math}
+            parameters: {{weight: 0.7, density: "2e-1"}}
+          - model: {code}
+        parameters: {{weight: 0.5, density: 0.5, normalize: "false", lambda: 1.5, int8_mask: true}}
+        """))
+    assert r["params"] == dict(weights=[0.7, 0.5], density=[0.2, 0.5], scale=1.5, aggregate="sum",
+                               consensus="sum", sparsify_scope="tensor")
+
+
+@pytest.mark.parametrize("lines, dtype", [("dtype: float32\nout_dtype: bfloat16", "bfloat16"),
+                                          ("dtype: float16", "float16"), ("out_dtype: float32", "float32"), ("", None)])
+def test_output_dtype_is_out_dtype_else_dtype(recipe, lines, dtype):
+    assert load_recipe(recipe(two_experts("task_arithmetic", lines)))["dtype"] == dtype
+
+
+def test_tokenizer_source_base_is_accepted(recipe):
+    assert load_recipe(recipe(two_experts("ties", "tokenizer_source: base")))["method"] == "ties"
+
+
+REFUSED = {
+    "slices": ("""
+        merge_method: slerp
+        base_model: {base}
+        slices:
+          - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {math}, layer_range: [0, 2]}}]
+        """, "'slices' is not supported (mbmerge merges whole models"),
+    "tokenizer": (two_experts("ties", "tokenizer: {{source: union}}"), "'tokenizer' is not supported"),
+    "tokenizer_source": (two_experts("ties", "tokenizer_source: union"), "'tokenizer_source' = 'union'"),
+    "chat_template": (two_experts("ties", "chat_template: chatml"), "'chat_template' is not supported"),
+    "unknown key": (two_experts("ties", "foo: 1"), "'foo' is not supported"),
+    "gradient": (two_experts("ties", "parameters: {{density: [1, 0.7, 0.1]}}"),
+                 "'parameters.density' is a gradient or filter: per-layer gradients and filters are not supported"),
+    "filter": ("""
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {math}
+            parameters: {{weight: [{{filter: mlp, value: 0.5}}, {{value: 0}}]}}
+        """, "'models[0].parameters.weight' is a gradient or filter"),
+    "missing weight": ("""
+        merge_method: task_arithmetic
+        base_model: {base}
+        models: [{{model: {math}, parameters: {{weight: 1}}}}, {{model: {code}}}]
+        """, "'weight' is missing for model '{code}' (models[1])"),
+    "bad yaml": ("merge_method: ties\nmodels: [", "not valid YAML"),
+    "not a mapping": ("- ties\n", "not a mergekit recipe"),
+    "no method": ("models: [{{model: {math}}}]\n", "'merge_method' is missing"),
+    "unknown method": (two_experts("frankenmerge"), "'merge_method' = 'frankenmerge' is not supported"),
+    "no base": ("merge_method: ties\nmodels: [{{model: {math}, parameters: {{weight: 1}}}}]\n",
+                "'base_model' is missing (ties needs a base model)"),
+    "no models": ("merge_method: ties\nbase_model: {base}\n", "'models' must be a list"),
+    "unknown parameter": (two_experts("ties", "parameters: {{densty: 0.5}}"),
+                          "'parameters.densty' is not a parameter of this mergekit method"),
+    "global at model level": ("""
+        merge_method: ties
+        base_model: {base}
+        models: [{{model: {math}, parameters: {{weight: 1, normalize: false}}}}]
+        """, "'models[0].parameters.normalize' is a global parameter in mergekit"),
+    "not a number": (two_experts("ties", "parameters: {{density: half}}"),
+                     "'parameters.density' = 'half' is not a number"),
+    "lora": ("""
+        merge_method: ties
+        base_model: {base}
+        models: [{{model: "{math}+some/lora", parameters: {{weight: 1}}}}]
+        """, "'models[0].model' = "),
+    "no such option": (two_experts("ties", "parameters: {{rescale: true}}"), "'rescale' = True: mbmerge's ties has no"),
+    "bad dtype": (two_experts("ties", "out_dtype: int8"), "'out_dtype' = 'int8'"),
+    "out of range": (two_experts("ties", "parameters: {{density: 1.5}}"), "density=1.5 must be in (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refusals_name_the_file_and_key(family, recipe, case):
+    text, message = REFUSED[case]
+    path = recipe(text)
+    with pytest.raises(BadParameter) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    assert message.format(**{k: str(v) for k, v in family["paths"].items()}) in msg
+
+
+def test_slerp_takes_t_and_exactly_one_model_besides_the_base(recipe):
+    if "slerp" not in methods.REGISTRY:
+        pytest.skip("slerp is not registered in mbmerge yet")
+    text = """
+        merge_method: slerp
+        base_model: {base}
+        models: [{{model: %s}}]
+        %s
+        """
+    with pytest.raises(BadParameter, match="'models' has 2 models besides the base; slerp takes exactly 1"):
+        load_recipe(recipe(text % ("{math}}}, {{model: {code}", "parameters: {{t: 0.5}}")))
+    with pytest.raises(BadParameter, match="'parameters.t' is missing"):           # mbmerge's default 0.5 is not used
+        load_recipe(recipe(text % ("{math}", "")))
+
+
+def test_ties_recipe_merges_like_explicit_parameters(family, recipe, tmp_path):
+    r = load_recipe(recipe(two_experts("ties", "parameters: {{density: 0.5}}\ndtype: float32\nout_dtype: bfloat16")))
+    params = r.pop("params")
+    got = read_model(mbmerge.merge(**r, **params, out=tmp_path / "recipe", progress=False))
+    p = family["paths"]
+    want = read_model(mbmerge.merge("ties", base=str(p["base"]), experts=[str(p["math"]), str(p["code"])],
+                                    out=tmp_path / "explicit", progress=False, dtype="bfloat16",
+                                    weights=[0.7, 0.3], density=0.5, aggregate="mean", consensus="sum"))
+    assert sorted(got) == sorted(want)
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n]) for n in got)
