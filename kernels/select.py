@@ -68,6 +68,8 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
         [[3.0, 2.0]]
     """
     wanted = [i for i, k in enumerate(ks) if k]
+    if not wanted:                       # nothing to rank: no pass over the data
+        return [[] for _ in ks]
     hi = _histograms(lambda: ([vs[i] for i in wanted] for vs in chunks()), _hi_keys, [()] * len(wanted), HI_BINS)
     picks = {(i, k): pick(h, k) for i, h in zip(wanted, hi) for k in ks[i]}
     # the low pass needs one histogram per (series, top bin); a k-th largest that is Inf/NaN

@@ -8,6 +8,7 @@ Methods never touch files. Every registered method is also a library function on
 """
 import functools
 import inspect
+import re
 from math import floor
 from dataclasses import dataclass
 from typing import Callable
@@ -279,7 +280,7 @@ def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, k
 
 
 def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, key: str = "",
-                  **params) -> torch.Tensor:
+                  thr: list | None = None, **params) -> torch.Tensor:
     """Merge whole tensors in memory with a registered method; returns b's (or x_0's) dtype.
 
     Args:
@@ -287,6 +288,7 @@ def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, 
         b: the base tensor (None for methods that do not need it, e.g. linear).
         xs: the experts' tensors, same shape as b.
         key: the tensor's name; seeds DARE's keep masks, so the engine's output is reproduced.
+        thr: magnitude thresholds ranked elsewhere (see merge_state_dicts); default: this tensor's.
         params: method parameters, e.g. density=0.2, weights=[0.3, 0.7].
     Example:
         >>> merge_tensors("ties", b, [x1, x2], density=0.2)
@@ -299,8 +301,34 @@ def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, 
     like = b if b is not None else xs[0]
     bf = b.float().flatten() if b is not None else None
     xf = [x.float().flatten() for x in xs]
-    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key, tuple(like.shape))
+    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key, tuple(like.shape), thr)
     return apply_chunk(method, p, s, bf, xf, 0, key, tuple(like.shape)).view(like.shape).to(like.dtype)
+
+
+def merge_state_dicts(name: str, base: dict | None, experts: list[dict], *, keep_base: str | None = None,
+                      **params) -> dict:
+    """Merge in-memory state dicts ({name: tensor}) as the engine merges model folders: floating
+    tensors merged (those matching keep_base, default the method's, copied from the base), others
+    copied, and sparsify_scope="model" ranking over every merged tensor.
+
+    Example:
+        >>> merge_state_dicts("ties", base_sd, [sd1, sd2], density=0.2, sparsify_scope="model")
+    """
+    method = get(name)
+    ref = base if base is not None else experts[0]
+    keep = keep_base if keep_base is not None else method.keep_base
+    merged = [k for k, v in ref.items() if v.is_floating_point() and not (keep and re.search(keep, k))]
+    thr, p = None, resolve_params(method, len(experts), params)
+    if model_scope(method, p):
+        def chunks():
+            for k in merged:
+                yield base[k].float().flatten(), [x[k].float().flatten() for x in experts], 0
+        thr = thresholds(method, p, chunks, sum(ref[k].numel() for k in merged))
+    out = {k: v.clone() for k, v in ref.items()}
+    for k in merged:
+        out[k] = merge_tensors(name, base[k] if base is not None else None, [x[k] for x in experts], key=k,
+                               thr=thr, **params)
+    return out
 
 
 for _name in REGISTRY:

@@ -13,7 +13,7 @@ import torch
 
 from .. import kernels
 from ..kernels.dare import expert_seed
-from ._blocks import deltas, disjoint_merge, elect, granule_sums, weighted_sum
+from ._blocks import Total, deltas, disjoint_merge, elect, l1_gain, weighted_sum
 
 
 def _kept(d: torch.Tensor, i: int, p: float, seed: int, key: str, offset: int) -> torch.Tensor:
@@ -27,16 +27,12 @@ def stats(chunks, *, density: list[float], rescale: str, seed: int, key: str) ->
     """g_i, the per-expert rescale factor (needs a pass over the tensor only for 'l1')."""
     if rescale != "l1":
         return {"gain": [1 / p if rescale == "inverse" else 1.0 for p in density]}
-    full, kept = [[] for _ in density], [[] for _ in density]
+    full, kept = [Total() for _ in density], [Total() for _ in density]
     for b, xs, offset in chunks():
         for i, (d, p) in enumerate(zip(deltas(b, xs), density)):
-            full[i].append(granule_sums(d.abs()))
-            kept[i].append(granule_sums(_kept(d, i, p, seed, key, offset).abs()))
-    gain = []
-    for f, k in zip(full, kept):
-        nf, nk = float(torch.cat(f).sum()), float(torch.cat(k).sum())
-        gain.append(nf / nk if nf >= 1e-7 and nk >= 1e-7 else 1.0)
-    return {"gain": gain}
+            full[i].add(d.abs())
+            kept[i].add(_kept(d, i, p, seed, key, offset).abs())
+    return {"gain": [l1_gain(f, k) for f, k in zip(full, kept)]}
 
 
 def _dropped(b, xs, density, seed, key, offset, gain) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from .. import kernels
 from ..engine.errors import BadParameter
 from ..kernels.dare import expert_seed
-from ._blocks import deltas, disjoint_merge, elect, granule_sums, row_length, weighted_sum
+from ._blocks import Total, deltas, disjoint_merge, elect, l1_gain, row_length, weighted_sum
 
 
 def _check(density: list[float], epsilon: list[float]) -> None:
@@ -56,13 +56,12 @@ def stats(chunks, *, density: list[float], epsilon: list[float], rescale: str, s
     if rescale != "l1":
         return {"gain": [1.0] * len(density)}
     m = row_length(shape)
-    full, kept = [[] for _ in density], [[] for _ in density]
+    full, kept = [Total() for _ in density], [Total() for _ in density]
     for b, xs, offset in chunks():
         for i, (d, rho, eps) in enumerate(zip(deltas(b, xs), density, epsilon)):
-            full[i].append(granule_sums(d.abs(), m))
-            kept[i].append(granule_sums(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m))
-    norms = [(float(torch.cat(f).sum()), float(torch.cat(k).sum())) for f, k in zip(full, kept)]
-    return {"gain": [nf / nk if nf >= 1e-7 and nk >= 1e-7 else 1.0 for nf, nk in norms]}
+            full[i].add(d.abs(), m)
+            kept[i].add(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m)
+    return {"gain": [l1_gain(f, k) for f, k in zip(full, kept)]}
 
 
 def _dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> list[torch.Tensor]:

@@ -19,18 +19,13 @@ import math
 
 import torch
 
-from ._blocks import CHUNK_ALIGN, deltas, granule_sums, row_length
+from ._blocks import Total, deltas, granule_sums, row_length
 
 
 def _products(ds: list[torch.Tensor], size: int) -> dict:
     """{(i, j): float64 sums of d_i d_j per `size`-element granule}, i <= j."""
     n = len(ds)
     return {(i, j): granule_sums(ds[i] * ds[j], size) for i in range(n) for j in range(i, n)}
-
-
-def _total(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The float64 sum of per-chunk granule sums (0 for a tensor without chunks)."""
-    return torch.cat(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
 
 
 def _mean_cos(g: dict, n: int) -> torch.Tensor:
@@ -44,14 +39,15 @@ def stats_model_stock(chunks, *, filter_wise: bool, shape: tuple) -> dict:
     """c over the whole tensor; with filter_wise, apply takes c per row of its chunk instead."""
     if filter_wise:
         return {"cos": None}
-    parts = {}
+    totals, n = {}, 0
     for b, xs, _ in chunks():
-        for ij, s in _products(deltas(b, xs), row_length(shape)).items():
-            parts.setdefault(ij, []).append(s)
-    if not parts:                     # an empty tensor: apply is not called
+        ds, n = deltas(b, xs), len(xs)
+        for i in range(n):
+            for j in range(i, n):
+                totals.setdefault((i, j), Total()).add(ds[i] * ds[j], row_length(shape))
+    if not totals:                    # an empty tensor: apply is not called
         return {"cos": None}
-    n = max(j for _, j in parts) + 1
-    return {"cos": _mean_cos({ij: _total(p) for ij, p in parts.items()}, n)}
+    return {"cos": _mean_cos({ij: torch.tensor(t.value(), dtype=torch.float64) for ij, t in totals.items()}, n)}
 
 
 def apply_model_stock(b: torch.Tensor, xs: list[torch.Tensor], *, filter_wise: bool, cos, shape: tuple):
@@ -66,13 +62,13 @@ def apply_model_stock(b: torch.Tensor, xs: list[torch.Tensor], *, filter_wise: b
 
 def stats_slerp(chunks, *, t: float) -> dict:
     """The coefficients (c_b, c_x) of out = c_b b + c_x x, from |b|^2, |x|^2 and b . x."""
-    bb, xx, bx = [], [], []
+    bb, xx, bx = Total(), Total(), Total()
     for b, (x,), _ in chunks():
-        bb.append(granule_sums(b * b, CHUNK_ALIGN))
-        xx.append(granule_sums(x * x, CHUNK_ALIGN))
-        bx.append(granule_sums(b * x, CHUNK_ALIGN))
-    nb, nx = (math.sqrt(float(_total(p))) for p in (bb, xx))
-    c = float(_total(bx)) / ((nb if nb > 1e-8 else 1.0) * (nx if nx > 1e-8 else 1.0))
+        bb.add(b * b)
+        xx.add(x * x)
+        bx.add(b * x)
+    nb, nx = math.sqrt(bb.value()), math.sqrt(xx.value())
+    c = bx.value() / ((nb if nb > 1e-8 else 1.0) * (nx if nx > 1e-8 else 1.0))
     c = min(1.0, max(-1.0, c))
     if abs(c) > 0.9995:
         return {"coef": (1 - t, t)}

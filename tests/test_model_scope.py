@@ -176,3 +176,14 @@ def test_protocol_lets_explicit_parameters_win(family, tmp_path):
                                          params={"aggregate": "mean"})
     assert spec.resolved["aggregate"] == "mean" and spec.resolved["sparsify_scope"] == "model"
     assert spec.keep_base and mbmerge.engine.spec.MergeSpec("ties", ("a",), tmp_path / "o").keep_base is None
+
+
+@pytest.mark.parametrize("method,params", [("ties", dict(density=0.3, sparsify_scope="model")),
+                                           ("localize_stitch", {}), ("breadcrumbs", dict(density=0.4))])
+def test_state_dicts_merge_in_memory_like_the_engine(family, tmp_path, method, params):
+    t = family["tensors"]
+    experts = ["math", "code", "ifeval"]
+    bf16 = lambda sd: {n: v.to(torch.bfloat16) for n, v in sd.items()}  # noqa: E731
+    got = mbmerge.methods.merge_state_dicts(method, bf16(t["base"]), [bf16(t[e]) for e in experts], **params)
+    want = merge(family, tmp_path, "m", method, experts, **params)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
