@@ -71,13 +71,15 @@ SEED = Param("seed", 0, "seed of the counter-based keep masks")
 GAMMA = Param("gamma", 0.01, "breadcrumbs: fraction of the largest |d_i| dropped as outliers", per_expert=True)
 EPSILON = Param("epsilon", 0.15, "della: keep probability spread, rho_i -+ eps_i from smallest to largest "
                 "|d_i| in a row", per_expert=True)
-
-
 K = Param("k", 2, "consensus: keep entries that at least k TALL masks select")
 TALL_LAMBDA = Param("tall_lambda", 0.2, "consensus: TALL mask |e_i| >= lambda_i |tau - e_i|", per_expert=True)
 MTL = Param("mtl", "ta", "consensus: the multi-task vector tau, task arithmetic or TIES", choices=("ta", "ties"))
 SPARSITY = Param("sparsity", 0.1, "localize_stitch: fraction of each delta kept by its mask",
                  per_expert=True, fraction=True)
+FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
+SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
+COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
+                        fraction=True)
 
 
 def _normalize(default: bool) -> Param:
@@ -107,7 +109,7 @@ class Method:
     min_experts: int = 1
     max_experts: int | None = None
     keep_base: str | None = None  # default --keep-base (tensors copied from the base)
-    trim: str = "none"            # none | magnitude | random
+    trim: str = "none"            # none | magnitude | random | mask
     elect: str = "none"           # none | sign
     summary: str = ""
 
@@ -123,12 +125,6 @@ def _consensus_ranks(*, mtl: str, density: list[float], n: int) -> list[list[int
 
 def _localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
     return _trim_ranks(density=sparsity, n=n)
-
-
-FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
-SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
-COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
-                        fraction=True)
 
 
 REGISTRY = {m.name: m for m in [
