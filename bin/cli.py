@@ -9,6 +9,7 @@ from ..engine import MbmergeError, merge as merge_models
 from ..engine.recipe import load_recipe
 from .bench import bench
 from .method_docs import list_methods
+from .verify import verify
 
 
 class DefaultMerge(click.Group):
@@ -60,9 +61,11 @@ def _param_options(fn):
 @click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue an interrupted merge of the same recipe and inputs into OUT.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
-          overwrite, quiet, **params):
+          overwrite, resume, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
@@ -80,12 +83,12 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         experts = [e.strip() for e in experts.split(",") if e.strip()]
     path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                         memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                        progress=not quiet, protocol=protocol, **given)
+                        progress=not quiet, protocol=protocol, resume=resume, **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
 
 
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _fail(message: str, code: int = 2):
@@ -95,6 +98,7 @@ def _fail(message: str, code: int = 2):
 
 cli.add_command(bench)
 cli.add_command(list_methods)
+cli.add_command(verify)
 
 
 def main():
@@ -119,5 +123,5 @@ def main():
             raise
         _fail(f"{e.strerror}: {e.filename}" if e.filename else str(e))
     except KeyboardInterrupt:
-        click.echo("mbmerge: interrupted; nothing was written", err=True)
+        click.echo("mbmerge: interrupted; run the same command again to resume", err=True)
         sys.exit(130)

@@ -11,13 +11,18 @@ from .plan import make_plan
 from .read import MappedModel
 from .resolve import DOMAINS, Source, is_domain, resolve
 from .spec import VERSION, MergeSpec
-from .write import (ShardWriter, check_output, copy_side_files, discard, publish, temp_folder, write_card,
-                    write_index)
+from .errors import InputChanged
+from .index import INDEX_FILE
+from .journal import JOURNAL, Journal, changed_inputs, fingerprint, input_identity
+from .verify import sha256_files
+from .write import (ShardWriter, check_output, copy_side_files, discard, missing_parents, output_lock,
+                    partial_folder, publish, remove_empty, write_card, write_index)
 
 
 def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
           dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
-          overwrite: bool = False, progress: bool = True, protocol: str | None = None, **params) -> Path:
+          overwrite: bool = False, progress: bool = True, protocol: str | None = None, resume: bool = True,
+          **params) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -31,6 +36,8 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         memory_budget: upper bound of the working memory, e.g. "2GB".
         protocol: "mergebench" sets MergeBench's choices (model-wide ranks, embeddings kept at the
             base, TIES sum aggregation, DARE 1/p rescale); params given here win.
+        resume: continue an interrupted merge into `out` of the same recipe and inputs (its
+            journal and checksums are checked); False starts over.
         params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
     Returns:
         the output folder.
@@ -38,7 +45,7 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
     spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
-                     allow_nonfinite, overwrite, progress, protocol)
+                     allow_nonfinite, overwrite, progress, protocol, resume)
     return run(spec)
 
 
@@ -57,6 +64,16 @@ def run(spec: MergeSpec) -> Path:
     """Run a checked MergeSpec; see merge()."""
     started = time.perf_counter()
     check_output(spec.out, spec.overwrite)
+    created = missing_parents(spec.out)
+    try:
+        with output_lock(spec.out):
+            return _run_locked(spec, started)
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def _run_locked(spec: MergeSpec, started: float) -> Path:
     method = methods.get(spec.method)
     base, experts = _sources(spec)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
@@ -67,24 +84,40 @@ def run(spec: MergeSpec) -> Path:
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base, span=method.span)
-    tmp, created = temp_folder(spec.out)
+    identity = input_identity([ix for ix in [base_index, *indexes] if ix is not None])
+    fp = fingerprint(spec.recipe(), plan, identity)
+    tmp = partial_folder(spec.out)
+    resumed = Journal.resume(tmp, fp, plan) if spec.resume else None
+    if resumed is None:
+        discard(tmp, notice=True)
+        tmp.mkdir()
+    done, model_thr = resumed or (frozenset(), None)
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
         expert_maps = [MappedModel(ix) for ix in indexes]
         maps = [m for m in [base_map, *expert_maps] if m is not None]
-        writer = ShardWriter(tmp, plan)
+        writer, journal = ShardWriter(tmp, plan, fresh=resumed is None), Journal(tmp, fp, fresh=resumed is None)
         try:
             Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-                   spec.allow_nonfinite).run(spec.progress)
+                   spec.allow_nonfinite).run(spec.progress, journal, frozenset(done), model_thr)
         finally:
             writer.close()
+            journal.close()
+        if changed := changed_inputs(identity):
+            raise InputChanged(f"input {changed[0]} changed while it was being merged; nothing was written")
+        (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
         copy_side_files(ref_index.folder, tmp, spec.dtype)
-        write_card(tmp, _record(spec, base, experts, plan, time.perf_counter() - started))
+        record = _record(spec, base, experts, plan, time.perf_counter() - started)
+        record.update(resumed_tensors=len(done), inputs=identity,
+                      sha256=sha256_files(tmp, [s.name for s in plan.shards] + [INDEX_FILE] * plan.sharded))
+        write_card(tmp, record)
         publish(tmp, spec.out, spec.overwrite)
+    except KeyboardInterrupt:
+        raise         # the partial folder and its journal stay: the same command resumes
     except BaseException:
-        discard(tmp, created)
+        discard(tmp)
         raise
     finally:
         for m in maps:

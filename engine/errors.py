@@ -43,3 +43,11 @@ class NonFinite(MbmergeError):
 
 class OutputExists(MbmergeError):
     """The output folder exists and is not empty."""
+
+
+class OutputBusy(MbmergeError):
+    """Another mbmerge is writing the same output folder."""
+
+
+class InputChanged(MbmergeError):
+    """An input file changed while it was being merged."""

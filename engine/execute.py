@@ -11,6 +11,7 @@ from tqdm import tqdm
 from .. import methods
 from .errors import NonFinite
 from .header import DTYPES
+from .journal import Journal
 from .plan import Plan, TensorPlan
 from .read import MappedModel
 from .write import ShardWriter
@@ -50,22 +51,29 @@ class Merger:
         self.cache_bytes = min(CACHE_BYTES, plan.budget // 4)
         self.checked: set[str] = set(t.name for t in plan.tensors) if allow_nonfinite else set()
 
-    def input_bytes(self) -> int:
-        return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in self.plan.tensors)
+    def input_bytes(self, tensors=None) -> int:
+        return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in (self.plan.tensors if tensors is None else tensors))
 
-    def run(self, progress: bool = True) -> None:
-        model_thr = self._model_thresholds(progress) if methods.model_scope(self.method, self.params) else None
+    def run(self, progress: bool = True, journal: Journal | None = None, done: frozenset = frozenset(),
+            model_thr: list | None = None) -> None:
+        """Merge every planned tensor not in `done` (already written by an interrupted run), and
+        journal each one completed; model-wide thresholds are computed unless given."""
+        if model_thr is None and methods.model_scope(self.method, self.params):
+            model_thr = self._model_thresholds(progress)
+            if journal:
+                journal.thresholds(model_thr)
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
             try:
-                self._run(bar, model_thr)
+                self._run(bar, model_thr, journal, done)
             except BaseException:
                 bar.leave = False  # the error line alone, no half-full bar above it
                 raise
 
-    def _run(self, bar, model_thr) -> None:
-        tensors = self.plan.tensors
-        for t, after in zip(tensors, tensors[1:] + (None,)):
+    def _run(self, bar, model_thr, journal, done) -> None:
+        tensors = [t for t in self.plan.tensors if t.name not in done]
+        bar.update(self.input_bytes() - self.input_bytes(tensors))
+        for t, after in zip(tensors, tensors[1:] + [None]):
             if after is not None:  # the kernel reads the next tensor while this one is merged
                 for m in self.inputs if after.merge else [self.ref]:
                     m.prefetch(m.index.tensors[after.name])
@@ -73,6 +81,8 @@ class Merger:
                 self._merge(t, bar.update, model_thr)
             else:
                 self._copy(t, bar.update)
+            if journal:
+                journal.tensor_done(t.name, self.writer.sha256(t))
 
     def _model_thresholds(self, progress: bool) -> list[list[float]]:
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes

@@ -27,6 +27,7 @@ class MergeSpec:
     overwrite: bool = False
     progress: bool = True
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
+    resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
     resolved: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -52,6 +53,12 @@ class MergeSpec:
                 re.compile(self.keep_base)
             except re.error as e:
                 raise BadParameter(f"--keep-base {self.keep_base!r} is not a regular expression ({e})") from None
+
+    def recipe(self) -> dict:
+        """What fixes the output bytes (an interrupted merge resumes only if this is unchanged)."""
+        return {"mbmerge_version": VERSION, "method": self.method, "params": self.resolved, "base": self.base,
+                "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
+                "allow_nonfinite": self.allow_nonfinite}
 
     def command(self) -> str:
         """The equivalent command line (for the model card)."""

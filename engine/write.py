@@ -3,14 +3,19 @@ place at planned offsets (no shard is ever held in memory), the index, the files
 the reference model, the model card and mbmerge.json; all in a temporary folder beside the
 output, renamed into place only when complete. Knows nothing of the methods.
 """
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from .errors import OutputExists
+from .errors import OutputBusy, OutputExists
 from .index import INDEX_FILE
 from .plan import Plan, TensorPlan
 
@@ -26,20 +31,13 @@ def check_output(out: Path, overwrite: bool) -> None:
                            f"(pass --overwrite to replace it, or choose another --out)")
 
 
-def temp_folder(out: Path) -> tuple[Path, list[Path]]:
-    """A fresh temporary folder beside `out` (same file system, so the final rename is atomic),
-    and the parent folders created for it (deepest last), for `discard`."""
-    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mbmerge-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp, created
+def missing_parents(out: Path) -> list[Path]:
+    """The folders above `out` that do not exist yet (outermost first), for `remove_empty`."""
+    return [p for p in reversed(out.absolute().parents) if not p.exists()]
 
 
-def discard(tmp: Path, created: list[Path]) -> None:
-    """Remove a failed merge's temporary folder and the parents made for it."""
-    shutil.rmtree(tmp, ignore_errors=True)
+def remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed merge created, innermost first, while they are empty."""
     for p in reversed(created):
         try:
             p.rmdir()
@@ -47,31 +45,92 @@ def discard(tmp: Path, created: list[Path]) -> None:
             break
 
 
-class ShardWriter:
-    """Preallocated output shards; tensors' chunks are written in place with pwrite."""
+def partial_folder(out: Path) -> Path:
+    """The hidden folder beside `out` where the merge is written: on the same file system, so the
+    final rename is atomic, and with a fixed name, so a rerun finds an interrupted merge."""
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    return out.absolute().parent / f".{out.name}.mbmerge-partial"
 
-    def __init__(self, folder: Path, plan: Plan):
-        self._fds = {}
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on `out` for the whole merge: a second merge into it stops at once."""
+    path = out.absolute().parent / f".{out.name}.mbmerge-lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise OutputBusy(f"output {out} is being written by another mbmerge (pid {holder}); "
+                             f"wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.unlink(path)   # while still locked
+    finally:
+        os.close(fd)
+
+
+def discard(tmp: Path, notice: bool = False) -> None:
+    """Remove a partial output folder (saying so, with `notice`, if it held an interrupted merge)."""
+    if tmp.exists():
+        if notice:
+            print(f"mbmerge: {tmp} holds an interrupted merge of other inputs or parameters "
+                  f"(or --no-resume); starting over", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ShardWriter:
+    """Output shards, preallocated (fresh) or reopened (resume); chunks are written in place with
+    pwrite, in order within each tensor, and hashed on the way for the journal."""
+
+    def __init__(self, folder: Path, plan: Plan, fresh: bool = True):
+        self._fds, self._hashes = {}, {}
         for shard in plan.shards:
+            if not fresh:
+                self._fds[shard.name] = os.open(folder / shard.name, os.O_WRONLY)
+                continue
             fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, shard.size)
-            os.pwrite(fd, shard.header, 0)
             self._fds[shard.name] = fd
+            _reserve(fd, shard.size, folder / shard.name)
+            os.pwrite(fd, shard.header, 0)
 
     def write(self, t: TensorPlan, start: int, values: torch.Tensor) -> None:
         """Write `values` (t's output dtype, contiguous) as elements [start, ...) of tensor t."""
         if values.numel() == 0:
             return
         data = memoryview(values.view(torch.uint8).numpy())
+        self._hashes.setdefault(t.name, hashlib.sha256()).update(data)
         pos = t.out_offset + start * values.element_size()
         while data:
             n = os.pwrite(self._fds[t.shard], data, pos)
             data, pos = data[n:], pos + n
 
+    def sha256(self, t: TensorPlan) -> str:
+        """The digest of the bytes written for tensor t (all of them, in order)."""
+        return self._hashes.pop(t.name, hashlib.sha256()).hexdigest()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the shard's blocks now, so a full disk fails here rather than mid-merge."""
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)   # a file system without fallocate: sparse, as before
+    except OSError as e:
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
 
 
 def write_index(folder: Path, plan: Plan) -> None:

@@ -224,17 +224,17 @@ def test_unknown_expert_reference(family, tmp_path, mbmerge, ref, fragments):
 
 
 def test_disk_full_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeypatch):
-    def full(folder, plan):
+    def full(folder, plan, fresh=True):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model-00001-of-00002.safetensors"))
     monkeypatch.setattr("mbmerge.engine.api.ShardWriter", full)
     out = tmp_path / "out"
-    tmp = tmp_path / f".out.mbmerge-{os.getpid()}"
+    tmp = tmp_path / ".out.mbmerge-partial"
     assert_refused(mbmerge(*merge_args(family, out)), out,
                    f"mbmerge: error: No space left on device: {tmp / 'model-00001-of-00002.safetensors'}")
 
 
 def test_other_os_errors_keep_their_traceback(family, tmp_path, mbmerge, monkeypatch):
-    def bug(folder, plan):
+    def bug(folder, plan, fresh=True):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/oops")
     monkeypatch.setattr("mbmerge.engine.api.ShardWriter", bug)
     with pytest.raises(FileNotFoundError):

@@ -1,0 +1,122 @@
+"""Resuming an interrupted merge: the journal of completed tensors in the partial output folder.
+
+The journal's first line is the merge's fingerprint: the recipe (method, resolved parameters,
+dtype, kept tensors), the output plan (tensor names, shards, offsets, dtypes) and each input
+file's identity (size, mtime, sha256 of its header). Then one line per completed tensor with the
+sha256 of its output bytes, appended after the bytes are written, and the model-wide thresholds
+once computed. A rerun with the same fingerprint re-checks each journaled tensor's bytes and
+merges only the rest; a different fingerprint, a torn line or a mismatching checksum is not
+trusted. Knows nothing of methods; the bytes are checked, never assumed.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .index import TensorIndex
+from .plan import Plan
+from .verify import file_sha256
+
+JOURNAL = "mbmerge-journal.jsonl"
+
+
+def input_identity(indexes: list[TensorIndex]) -> dict[str, dict]:
+    """{file path: size, mtime_ns, header sha256} of every input shard."""
+    out = {}
+    for ix in indexes:
+        for shard in ix.shards:
+            path = ix.folder / shard
+            st = path.stat()
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                head = hashlib.sha256(f.read(min(n, st.st_size))).hexdigest()
+            out[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": head}
+    return out
+
+
+def changed_inputs(identity: dict[str, dict]) -> list[str]:
+    """The input files whose size or mtime differ from `identity` (or that are gone)."""
+    changed = []
+    for path, was in identity.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            changed.append(path)
+            continue
+        if (st.st_size, st.st_mtime_ns) != (was["size"], was["mtime_ns"]):
+            changed.append(path)
+    return changed
+
+
+def fingerprint(recipe: dict, plan: Plan, identity: dict) -> str:
+    layout = [(t.name, t.shard, t.out_offset, t.out_dtype, t.merge) for t in plan.tensors]
+    text = json.dumps({"recipe": recipe, "layout": layout, "inputs": identity}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Journal:
+    """Appends completed tensors to the journal; `resume` reads back what can be trusted."""
+
+    def __init__(self, folder: Path, fingerprint: str, fresh: bool):
+        self.path = folder / JOURNAL
+        self._f = open(self.path, "w" if fresh else "a")
+        if fresh:
+            self._append({"fingerprint": fingerprint})
+
+    def _append(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()   # in the page cache: a killed process loses nothing; a torn line is ignored
+
+    def tensor_done(self, name: str, sha256: str) -> None:
+        self._append({"tensor": name, "sha256": sha256})
+
+    def thresholds(self, thr: list) -> None:
+        self._append({"thresholds": thr})
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def resume(folder: Path, fingerprint: str, plan: Plan) -> tuple[set[str], list | None] | None:
+        """(tensors whose bytes match the journal, model-wide thresholds or None) of an interrupted
+        merge with this fingerprint; None when there is nothing to resume."""
+        path = folder / JOURNAL
+        try:
+            lines = path.read_text().splitlines()
+            records = [json.loads(line) for line in lines[:-1]]
+            try:
+                records.append(json.loads(lines[-1]))
+            except (IndexError, json.JSONDecodeError):
+                pass      # the last line may be torn by a kill
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not records or records[0].get("fingerprint") != fingerprint or not _shards_intact(folder, plan):
+            return None
+        by_name = {t.name: t for t in plan.tensors}
+        done, thr = set(), None
+        for r in records[1:]:
+            if "thresholds" in r:
+                thr = r["thresholds"]
+            elif r.get("tensor") in by_name and _bytes_sha256(folder, by_name[r["tensor"]]) == r.get("sha256"):
+                done.add(r["tensor"])
+        return done, thr
+
+
+def _bytes_sha256(folder: Path, t) -> str:
+    """sha256 of tensor t's bytes as they are in its output shard."""
+    return file_sha256(folder / t.shard, t.out_offset, t.out_nbytes)
+
+
+def _shards_intact(folder: Path, plan: Plan) -> bool:
+    """Every output shard exists with its planned size and header."""
+    for shard in plan.shards:
+        path = folder / shard.name
+        try:
+            if path.stat().st_size != shard.size:
+                return False
+            with open(path, "rb") as f:
+                if f.read(len(shard.header)) != shard.header:
+                    return False
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,195 @@
+"""Re-check a merged output folder after the fact: it parses as a model, every shard's header is
+valid, the files match the sha256 digests in mbmerge.json (none missing, none added), every
+floating tensor is finite, and optionally the recorded inputs are unchanged (size and mtime).
+
+Every problem becomes one line naming the file (and tensor); nothing in the folder is trusted
+and nothing is written. Knows nothing of merging or methods: it does not recompute the merge,
+so a wrong but finite and unmodified output verifies OK; and without mbmerge.json it cannot
+tell a modified file from an original one.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import BadModel, MbmergeError
+from .header import TensorEntry, read_header
+from .index import INDEX_FILE, TensorIndex
+from .read import MappedModel
+from .write import WEIGHT_SUFFIXES
+
+RECORD = "mbmerge.json"
+CHUNK_ELEMS = 1 << 22  # finiteness is checked 4M elements at a time: <= 16 MiB of float32 per chunk
+MAX_NAMED = 10         # non-finite tensors named in the report; the rest are counted
+BLOCK = 1 << 20        # sha256 read size
+
+
+def sha256_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """{name: hex sha256} of each named file in `folder`, in the order given; OSError for a missing
+    or unreadable file.
+
+    Example:
+        >>> sha256_files(Path("out"), ["model.safetensors"])["model.safetensors"][:8]
+        'e3b0c442'
+    """
+    return {name: file_sha256(Path(folder) / name) for name in names}
+
+
+def file_sha256(path: Path, start: int = 0, length: int | None = None) -> str:
+    """Hex sha256 of `length` bytes of a file from `start` (default: to the end), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = float("inf") if length is None else length
+        while left and (block := f.read(int(min(left, BLOCK)))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def verify(folder: Path, inputs: bool = False) -> list[str]:
+    """Every problem found in a merged output folder, one line each; [] means it verifies.
+
+    Args:
+        folder: the output folder of a merge.
+        inputs: also check that the input files recorded in mbmerge.json still exist with the
+            same size and mtime (no hashing).
+    Returns:
+        problem lines, each naming the file (and tensor where relevant).
+    Raises:
+        BadModel when `folder` is missing or cannot be listed (nothing to verify).
+    Example:
+        >>> verify(Path("out"))
+        []
+    """
+    folder = Path(folder)
+    names = _listing(folder)
+    record, problems = _read_record(folder)
+    index, index_problem = _index(folder)
+    shards = sorted({n for n in names if n.endswith(".safetensors")} | set(index.shards if index else ()))
+    headers, header_problems = _headers(folder, shards)
+    problems += header_problems
+    if index_problem and not any(index_problem.endswith(p) for p in header_problems):
+        problems.append(index_problem)  # a bad header is reported once, by the per-shard check
+    if record is not None:
+        problems += _checksums(folder, names, record)
+    problems += _nonfinite(folder, headers)
+    if inputs and record is not None:
+        problems += _inputs(folder, record)
+    return problems
+
+
+def _listing(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise BadModel(f"{folder}: " + ("is not a folder" if folder.exists() else "no such folder"))
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as e:
+        raise BadModel(f"{folder}: cannot be listed ({e.strerror or e})") from None
+
+
+def _read_record(folder: Path) -> tuple[dict | None, list[str]]:
+    path = folder / RECORD
+    if not path.exists():
+        return None, [f"{folder}: no {RECORD}: checksums unknown (was this folder written by mbmerge?)"]
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        return None, [f"{path}: cannot be read as JSON ({type(e).__name__}): the file is corrupt; "
+                      f"checksums unknown"]
+    if not isinstance(record, dict):
+        return None, [f"{path}: is not a JSON object: the file is corrupt; checksums unknown"]
+    return record, []
+
+
+def _index(folder: Path) -> tuple[TensorIndex | None, str | None]:
+    try:
+        return TensorIndex.from_folder(folder, "output"), None
+    except MbmergeError as e:
+        return None, str(e)
+
+
+def _headers(folder: Path, shards: list[str]) -> tuple[dict[str, dict[str, TensorEntry]], list[str]]:
+    headers, problems = {}, []
+    for shard in shards:
+        try:
+            headers[shard], _ = read_header(folder / shard)
+        except MbmergeError as e:
+            problems.append(str(e))
+    return headers, problems
+
+
+def _checksums(folder: Path, names: list[str], record: dict) -> list[str]:
+    path, listed = folder / RECORD, record.get("sha256")
+    if listed is None:
+        return [f"{path}: records no sha256 digests: checksums unknown"]
+    if not isinstance(listed, dict) or not all(isinstance(d, str) for d in listed.values()):
+        return [f"{path}: 'sha256' must map file names to hex digests: the file is corrupt"]
+    problems = []
+    for name, digest in sorted(listed.items()):
+        if Path(name).name != name or name in ("", ".", ".."):
+            problems.append(f"{path}: lists {name!r}, which is not a file name in the folder")
+        elif not (folder / name).is_file():
+            problems.append(f"{folder / name}: listed in {RECORD} but missing")
+        elif (actual := sha256_files(folder, [name])[name]) != digest.lower():
+            problems.append(f"{folder / name}: sha256 {actual} differs from {digest} in {RECORD}: "
+                            f"the file changed after the merge")
+    problems += [f"{folder / n}: weight file not listed in {RECORD}'s sha256 (added after the merge?)"
+                 for n in names if n not in listed and (n.endswith(WEIGHT_SUFFIXES) or n == INDEX_FILE)]
+    return problems
+
+
+def _nonfinite(folder: Path, headers: dict[str, dict[str, TensorEntry]]) -> list[str]:
+    """NaN/Inf in the floating tensors of the shards whose headers are valid."""
+    index = TensorIndex(folder, {}, tuple(headers), False, {})
+    found = []  # (entry, count of non-finite elements)
+    mapped = MappedModel(index)
+    try:
+        for entries in headers.values():
+            for e in sorted(entries.values(), key=lambda e: e.offset):
+                if e.torch_dtype.is_floating_point and (n := _count_nonfinite(mapped, e)):
+                    found.append((e, n))
+    finally:
+        mapped.close()
+    if not found:
+        return []
+    shown = ", ".join(f"{e.name} in {e.file.name} ({n} of {e.numel} elements)" for e, n in found[:MAX_NAMED])
+    more = f" and {len(found) - MAX_NAMED} more" if len(found) > MAX_NAMED else ""
+    return [f"{folder}: {len(found)} tensor(s) hold NaN or Inf: {shown}{more}"]
+
+
+def _count_nonfinite(mapped: MappedModel, e: TensorEntry) -> int:
+    n = 0
+    for start in range(0, e.numel, CHUNK_ELEMS):
+        stop = min(start + CHUNK_ELEMS, e.numel)
+        x = mapped.chunk(e, start, stop)
+        if x.element_size() == 1:
+            x = x.float()  # isfinite is not implemented for float8_e4m3fn
+        n += int(x.numel() - torch.isfinite(x).sum())
+        del x
+        mapped.release(e, start, stop)
+    return n
+
+
+def _inputs(folder: Path, record: dict) -> list[str]:
+    recorded = record.get("inputs")
+    if not isinstance(recorded, dict):
+        return [f"{folder / RECORD}: records no inputs (file: size, mtime_ns): cannot check them"]
+    problems = []
+    for path, was in sorted(recorded.items()):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            problems.append(f"input {path}: gone since the merge")
+            continue
+        except OSError as e:
+            problems.append(f"input {path}: cannot be read ({e.strerror or e})")
+            continue
+        was = was if isinstance(was, dict) else {}
+        changed = [f"{k} {was.get(k)} -> {now}" for k, now in [("size", st.st_size), ("mtime_ns", st.st_mtime_ns)]
+                   if was.get(k) != now]
+        if changed:
+            problems.append(f"input {path}: changed since the merge ({', '.join(changed)})")
+    return problems
