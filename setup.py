@@ -22,10 +22,13 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "transformers>=4.44",
+        "pyyaml>=6",             # mergekit recipes (--config)
+        "lm-eval>=0.4.5",        # the evaluation layer (mbmerge eval, demo)
+        "matplotlib>=3.7",       # demo plots
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["mbmerge=mbmerge.bin.cli:main"]},
 )

@@ -18,6 +18,7 @@ import torch
 from .errors import BadHeader, BadOffsets
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+MAX_DIM = 2 ** 63  # torch sizes are int64
 ALIGN = 8  # the header is padded with spaces so the buffer starts 8-byte aligned
 
 DTYPES = {
@@ -42,7 +43,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        return prod(self.shape)
+        return self.nbytes // DTYPES[self.dtype].itemsize  # = prod(shape), validated; O(1) for any shape
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -85,10 +86,11 @@ def _read_prefix(path) -> tuple[int, int, bytes]:
 
 def _parse_json(path, text: bytes) -> dict:
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            dup = next(k for k in keys if keys.count(k) > 1)
-            raise BadHeader(f"{path}: header names tensor {dup!r} twice")
+        seen = set()  # linear: a header of millions of keys must not cost quadratic time
+        for k, _ in pairs:
+            if k in seen:
+                raise BadHeader(f"{path}: header names tensor {k!r} twice")
+            seen.add(k)
         return dict(pairs)
     try:
         header = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
@@ -105,18 +107,32 @@ def _entry(path, name, spec, buffer_start) -> TensorEntry:
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise BadHeader(f"{where}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise BadHeader(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise BadHeader(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < MAX_DIM for s in shape):
+        raise BadHeader(f"{where}: shape {shape!r} is not a list of non-negative integers below 2**63")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise BadOffsets(f"{where}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     nbytes = offsets[1] - offsets[0]
-    expected = prod(shape) * DTYPES[dtype].itemsize
+    expected = _needed(shape, DTYPES[dtype].itemsize, nbytes)
     if nbytes != expected:
-        raise BadOffsets(f"{where}: holds {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
+        needs = f"more than {nbytes}" if expected is None else expected
+        raise BadOffsets(f"{where}: holds {nbytes} bytes but shape {shape} of {dtype} needs {needs}")
     return TensorEntry(name, Path(path), buffer_start + offsets[0], nbytes, dtype, tuple(shape))
+
+
+def _needed(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """numel * itemsize, or None as soon as it exceeds `limit`: a header claiming millions of
+    huge dimensions costs no big-integer arithmetic."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for s in shape:
+        n *= s
+        if n > limit:
+            return None
+    return n
 
 
 def _check_packing(path, entries: dict[str, TensorEntry], buffer_start: int, size: int) -> None:

@@ -29,6 +29,7 @@ class TensorIndex:
             what = "is not a folder" if folder.exists() else "no such folder"
             raise BadModel(f"{_where(label, folder)}: {what}")
         shards, weight_map = _shard_files(folder, label)
+        _check_links(folder, label)
         tensors, metadata = {}, {}
         for shard in shards:
             try:
@@ -73,7 +74,9 @@ def _read_weight_map(folder: Path, label: str) -> dict[str, str]:
     path = folder / INDEX_FILE
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError):
+    except OSError as e:
+        raise BadModel(f"{_where(label, folder)}: {INDEX_FILE} cannot be read ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise BadModel(f"{_where(label, folder)}: {INDEX_FILE} is not a JSON object with a weight_map") from None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -86,12 +89,36 @@ def _read_weight_map(folder: Path, label: str) -> dict[str, str]:
 def _check_inside(folder: Path, name: str, label: str) -> None:
     """Refuse shard paths (or symlinks) that lead outside the model folder."""
     path, where = folder / name, _where(label, folder)
-    if Path(name).is_absolute() or not path.resolve().is_relative_to(_root(folder)):
+    if not name.isprintable():  # NUL, newlines, lone surrogates: no such shard, and no one-line message
+        raise BadModel(f"{where}: shard path {name!r} holds control characters")
+    if Path(name).is_absolute() or not _inside(path, folder):
         raise BadModel(f"{where}: shard path {name!r} points outside the model folder")
     if Path(name).name != name:
         raise BadModel(f"{where}: shard path {name!r} is in a subfolder; shards must lie in the model folder")
-    if not path.is_file():
-        raise BadModel(f"{where}: shard {name} is " + ("not a file" if path.exists() else "missing"))
+    if not name.endswith(".safetensors"):  # the output reuses shard names: no clash with README.md & co
+        raise BadModel(f"{where}: shard {name!r} is not named *.safetensors")
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as e:  # a name too long for the file system
+        raise BadModel(f"{where}: shard {name!r} cannot be opened ({e.strerror or e})") from None
+    if not is_file:
+        raise BadModel(f"{where}: shard {name} is " + ("not a file" if exists else "missing"))
+
+
+def _check_links(folder: Path, label: str) -> None:
+    """Refuse symlinks that lead outside the model folder: the output copies config, tokenizer
+    and other side files, which must not become any file of the user's."""
+    for f in folder.iterdir():
+        if f.is_symlink() and not f.name.startswith(".") and not _inside(f, folder):
+            raise BadModel(f"{_where(label, folder)}: symlink {f.name!r} points outside the model folder")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` resolves inside the folder (a symlink loop or an unencodable name: no)."""
+    try:
+        return path.resolve().is_relative_to(_root(folder))
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
 
 
 def _where(label: str, folder: Path) -> str:
