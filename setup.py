@@ -24,6 +24,7 @@ setup(
         "transformers>=4.44",
         "pyyaml>=6",             # mergekit recipes (--config)
         "lm-eval>=0.4.5",        # the evaluation layer (mbmerge eval, demo)
+        "accelerate",            # lm-eval's hf model imports it
         "matplotlib>=3.7",       # demo plots
         "triton>=3.0; platform_system == 'Linux'",
     ],

@@ -9,7 +9,10 @@ from ..engine import MbmergeError, merge as merge_models
 from ..engine.recipe import load_recipe
 from .bench import bench
 from .method_docs import list_methods
+from .demo import demo
+from .evaluate import evaluate
 from .verify import verify
+from .zoo import zoo
 
 
 class DefaultMerge(click.Group):
@@ -99,6 +102,9 @@ def _fail(message: str, code: int = 2):
 cli.add_command(bench)
 cli.add_command(list_methods)
 cli.add_command(verify)
+cli.add_command(evaluate)
+cli.add_command(zoo)
+cli.add_command(demo)
 
 
 def main():

@@ -1,0 +1,71 @@
+"""`mbmerge demo`: the whole system on the mini zoo, with no network and no GPU. Builds the zoo if
+missing, merges its five experts with every method that takes five, evaluates the base, the
+experts, the multi-task model and every merge through the eval layer, and writes report.md,
+report.json and plots (MergeBench's views: scores, normalised performance vs merge time,
+forgetting)."""
+import json
+from pathlib import Path
+
+import click
+
+from .. import methods
+from ..engine.api import merge
+from ..eval import harness
+from ..eval.domains import DOMAINS
+from ..eval.report import write_report
+from ..eval.zoo import build_zoo
+
+# MergeBench's example settings (scripts/merge.sh: TA lam 0.4, TIES K 0.3 lam 0.4, DARE p 0.9 lam 0.4,
+# Consensus lam 0.4, dataless L&S sparsity 0.1), all under --protocol mergebench; other sums of
+# deltas get lam 0.4 too, so that no method is handicapped by summing five full deltas.
+PARAMS = {"task_arithmetic": {"scale": 0.4}, "ties": {"density": 0.3, "scale": 0.4},
+          "dare_linear": {"density": 0.1, "scale": 0.4}, "dare_ties": {"density": 0.1, "scale": 0.4},
+          "consensus": {"scale": 0.4}, "breadcrumbs": {"density": 0.3, "scale": 0.4},
+          "breadcrumbs_ties": {"density": 0.3, "scale": 0.4}, "della": {"density": 0.3, "scale": 0.4},
+          "della_linear": {"density": 0.3, "scale": 0.4}}
+
+
+def five_expert_methods() -> list[str]:
+    return [m.name for m in methods.REGISTRY.values() if m.min_experts <= 5 <= (m.max_experts or 5)]
+
+
+def _row(model: str, kind: str, r: dict) -> dict:
+    return {"model": model, "kind": kind, "scores": {d: r["scores"].get(d) for d in DOMAINS},
+            "general": r["scores"].get("general"), "normalised": r["normalised_performance"]["mean"],
+            "forgetting": r["forgetting"]["mean"],
+            "merge_seconds": (r["merge"] or {}).get("wall_seconds")}
+
+
+@click.command("demo")
+@click.option("--out", "-o", default="mbmerge-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the merges and the report.")
+@click.option("--family", type=click.Choice(["llama", "gemma2"]), default="llama", show_default=True)
+@click.option("--micro", is_flag=True, help="The micro zoo (seconds; for tests, not for conclusions).")
+@click.option("--methods", "names", default="all", show_default=True, help="Comma-separated methods, or all.")
+@click.option("--limit", type=int, help="Evaluate on at most N examples per task.")
+@click.option("--cache", type=click.Path(path_type=Path), help="Zoo cache folder.")
+@click.option("--quiet", "-q", is_flag=True)
+def demo(out, family, micro, names, limit, cache, quiet):
+    """Merge the mini zoo's experts with every method, evaluate, and report."""
+    zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
+    names = five_expert_methods() if names == "all" else names.split(",")
+    rows = []
+    for name, kind in [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]:
+        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, limit=limit)))
+    for name in names:
+        folder = out / "merges" / name
+        merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
+              progress=False, protocol="mergebench", **PARAMS.get(name, {}))
+        rows.append(_row(name, "merge", harness.report(folder, zoo=zoo, limit=limit)))
+        if not quiet:
+            click.echo(f"{name}: normalised performance {rows[-1]['normalised']:.3f}", err=True)
+    zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
+    preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "
+               f"parameters). Merges: all five experts, `--protocol mergebench`, MergeBench's example "
+               f"settings ({json.dumps(PARAMS)}). Normalised performance: mean over domains of "
+               f"score / the domain expert's score. Forgetting: relative drop of the general-knowledge "
+               f"score against the base.")
+    table = write_report(rows, list(DOMAINS), out, preface)
+    if not quiet:
+        click.echo(table)
+        click.echo(f"\nreport: {out / 'report.md'}")

@@ -1,0 +1,228 @@
+"""Run lm-eval (its Python API, model "hf") on a local model folder and return one number per task
+and per domain. Scores are cached per (model identity, task, metric, shots, limit, chat template,
+generated-task digest, lm-eval version), so a base's or expert's scores are computed once.
+
+Model identity: sha256 of mbmerge.json plus its mtime when the folder has one (a merge records the
+digests of its shards there), else sha256 of the weight files (memoised by path, size and mtime).
+Knows nothing of normalised performance or forgetting (eval.metrics) nor of the zoo's checkers.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import registry
+from .registry import Task
+
+CODE_EVAL = "HF_ALLOW_CODE_EVAL"
+
+
+def cache_file() -> Path:
+    from ..engine.synthetic import cache_dir
+    return cache_dir() / "eval-scores.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(path: Path, scores: dict, memo: dict) -> None:
+    """Add scores and weight digests to the cache file (re-read first: another run may have written)."""
+    data = _load(path)
+    data.setdefault("_weights_sha256", {}).update(memo)
+    data.update(scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(folder, memo: dict | None = None) -> str:
+    """A digest naming the model in `folder`: mbmerge.json's sha256 + mtime, else its weights' sha256."""
+    folder = Path(folder).resolve()
+    record = folder / "mbmerge.json"
+    if record.exists():
+        return "mbmerge:" + _sha256(record) + f":{record.stat().st_mtime_ns}"
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        from ..engine.errors import BadModel
+        raise BadModel(f"{folder}: no *.safetensors weights to evaluate (is it a model folder?)")
+    memo = {} if memo is None else memo
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = _sha256(f)
+        h.update(f"{f.name}:{memo[key]}\n".encode())
+    return "weights:" + h.hexdigest()
+
+
+def _task_key(identity: str, t: Task, limit, chat_template: bool, add_bos_token, digests: dict) -> str:
+    import lm_eval
+    parts = {"model": identity, "task": t.name, "metric": t.metric, "shots": t.num_fewshot, "limit": limit,
+             "chat": chat_template, "bos": add_bos_token, "tasks": digests.get(t.include),
+             "lm_eval": lm_eval.__version__}
+    return json.dumps(parts, sort_keys=True)
+
+
+def _pick(result: dict, metric: str, task: str):
+    """The metric from one task's lm-eval results ('acc,none'); the same metric under another filter
+    when the exact key is absent."""
+    if metric in result:
+        return result[metric]
+    name = metric.split(",")[0]
+    for key, value in result.items():
+        if key.split(",")[0] == name:
+            return value
+    raise KeyError(f"lm-eval result of {task} has no metric {metric!r} (has {sorted(result)})")
+
+
+def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", chat_template=False,
+                   add_bos_token: bool | None = None, dtype="auto",
+                   cache: bool | Path = True) -> dict[str, float | None]:
+    """{task name: score} for lm-eval tasks on the model in `model_dir`, from the cache when there.
+
+    Args:
+        tasks: registry.Task objects. Tasks that execute code are skipped (None) unless
+            HF_ALLOW_CODE_EVAL=1.
+        limit: lm-eval's --limit (examples per task; a float < 1 is a fraction).
+        chat_template: apply the tokenizer's chat template (MergeBench: off).
+        add_bos_token: None keeps lm-eval's default (no BOS except Gemma); the zoo was trained with <s>.
+        cache: True (the default file), a path, or False.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = list(dict.fromkeys(tasks))
+    path = None if cache is False else (cache_file() if cache is True else Path(cache))
+    store = _load(path) if path else {}
+    memo = store.setdefault("_weights_sha256", {})
+    hashed = len(memo)
+    identity = model_identity(model_dir, memo)
+    from .tasks import tasks_digest
+    digests = {t.include: tasks_digest(t.include) for t in tasks if t.include}
+    scores, todo = {}, []
+    code_ok = os.environ.get(CODE_EVAL) == "1"
+    for t in tasks:
+        key = _task_key(identity, t, limit, chat_template, add_bos_token, digests)
+        if t.unsafe_code and not code_ok:
+            scores[t.name] = None
+        elif key in store:
+            scores[t.name] = store[key]
+        else:
+            todo.append((t, key))
+    if not todo:
+        if path and len(memo) != hashed:
+            _save(path, {}, memo)
+        return scores
+    includes = sorted({t.include for t, _ in todo if t.include})
+    # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
+    manager = TaskManager(include_path=includes or None, include_defaults=any(not t.include for t, _ in todo))
+    from lm_eval.models.huggingface import HFLM
+    extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
+    new, by_shots = {}, {}
+    for t, key in todo:
+        by_shots.setdefault(t.num_fewshot, []).append((t, key))
+    for shots, group in by_shots.items():
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[t.name for t, _ in group], num_fewshot=shots, limit=limit, task_manager=manager,
+            apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, log_samples=False,
+            confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
+        for t, key in group:
+            scores[t.name] = new[key] = float(_pick(out["results"][t.name], t.metric, t.name))
+    if path:
+        _save(path, new, memo)
+    return scores
+
+
+def domain_scores(plan: dict[str, tuple[Task, ...]], task_scores: dict[str, float | None]) -> dict[str, float | None]:
+    """Each domain's score: the mean of its tasks' scores (tasks not run are left out; None if none ran)."""
+    out = {}
+    for domain, ts in plan.items():
+        vals = [task_scores[t.name] for t in ts if task_scores.get(t.name) is not None]
+        out[domain] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def bos_token(family: str) -> bool | None:
+    """The zoo's models were trained on <s> + prompt: give them a BOS; real families keep lm-eval's default."""
+    return True if registry.family_of(family) == registry.ZOO else None
+
+
+def evaluate(model_dir, *, family: str = registry.ZOO, domains=None, general: bool = True, limit=None,
+             batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True,
+             zoo_tasks: Path | None = None) -> dict[str, float | None]:
+    """{domain: score} of the model in `model_dir` on a family's domains (default all five) and,
+    with general=True, "general" (the forgetting tasks' mean). Cached; see evaluate_tasks."""
+    p = registry.plan(family, domains, general=general, zoo_tasks=zoo_tasks)
+    ts = evaluate_tasks(model_dir, [t for group in p.values() for t in group], limit=limit, batch_size=batch_size,
+                        device=device, chat_template=chat_template, add_bos_token=bos_token(family), cache=cache)
+    return domain_scores(p, ts)
+
+
+def comparison_refs(family: str, domains, zoo: Path | None = None) -> tuple[str, dict[str, str]]:
+    """(base, {domain: expert}) to compare against: the zoo's folders, or MergeBench hub ids."""
+    if registry.family_of(family) == registry.ZOO:
+        if zoo is None:
+            raise ValueError("the zoo family needs the zoo folder (--zoo DIR, with base/ and one folder a domain)")
+        return str(Path(zoo) / "base"), {d: str(Path(zoo) / d) for d in domains}
+    return registry.base_ref(family), {d: registry.expert_ref(family, d) for d in domains}
+
+
+def _local(ref: str, role: str) -> Path:
+    """A folder for a reference: a path as is, a hub id downloaded (engine.resolve; HF offline honoured)."""
+    if Path(ref).exists():
+        return Path(ref)
+    from ..engine.resolve import resolve
+    return resolve(ref, role).path
+
+
+def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | None = None, limit=None,
+           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True) -> dict:
+    """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
+    each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
+    from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache."""
+    from .metrics import forgetting, normalised_performance
+    family = registry.family_of(family)
+    p = registry.plan(family, domains)
+    domains = [d for d in p if d != registry.GENERAL]
+    kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
+              add_bos_token=bos_token(family), cache=cache)
+    task_scores = evaluate_tasks(model_dir, [t for ts in p.values() for t in ts], **kw)
+    scores = domain_scores(p, task_scores)
+    base_ref, expert_refs = comparison_refs(family, domains, zoo)
+    expert_scores = {}
+    for d in domains:
+        ts = evaluate_tasks(_local(expert_refs[d], f"expert {d}"), p[d], **kw)
+        expert_scores[d] = domain_scores({d: p[d]}, ts)[d]
+    general = [t.name for t in p[registry.GENERAL]]
+    base_tasks = evaluate_tasks(_local(base_ref, "base"), p[registry.GENERAL], **kw)
+    record = Path(model_dir) / "mbmerge.json"
+    merge = None
+    if record.exists():
+        r = json.loads(record.read_text())
+        merge = {"method": r.get("method"), "wall_seconds": r.get("wall_seconds")}
+    return {
+        "model": str(model_dir), "family": family,
+        "settings": {"limit": limit, "chat_template": chat_template, "batch_size": batch_size, "device": device},
+        "tasks": task_scores, "scores": scores,
+        "skipped": sorted(t for t, v in task_scores.items() if v is None),
+        "experts": {d: {"ref": expert_refs[d], "score": expert_scores[d]} for d in domains},
+        "normalised_performance": normalised_performance(scores, expert_scores, domains),
+        "base": {"ref": base_ref, "tasks": base_tasks},
+        "forgetting": forgetting({t: task_scores.get(t) for t in general}, base_tasks, general),
+        "merge": merge,
+    }

@@ -1,0 +1,135 @@
+"""Which lm-eval tasks measure each MergeBench domain, and forgetting, for a model family.
+
+Real families (MergeBench's 8 bases) use MergeBench's own evaluation, as far as lm-eval 0.4.13
+carries it (see ../shared/reference/mergebench.md §3.1), with no chat template:
+
+| domain       | lm-eval tasks (metric)                                                        |
+|--------------|-------------------------------------------------------------------------------|
+| math         | gsm8k_cot 8-shot (exact_match, flexible-extract); hendrycks_math 0-shot (exact_match) |
+| multilingual | m_mmlu (acc), arc (acc_norm), hellaswag (acc_norm) in fr, es, de, ru; 0-shot  |
+| instruction  | ifeval (inst_level_loose_acc; MergeBench's choice among the four is not public) |
+| coding       | humaneval_plus, mbpp_plus (pass@1, greedy): code execution, opt-in (HF_ALLOW_CODE_EVAL=1) |
+| safety       | toxigen (acc_norm), truthfulqa_mc2 (acc): a proxy, see below                  |
+| general      | mmlu, triviaqa, squadv2, coqa, pubmedqa, wmt14-fr-en (forgetting)              |
+
+Safety: MergeBench scores refusals with an external harness (WildGuardTest, HarmBench, XSTest,
+DAN); lm-eval 0.4.13 has none of them, nor any refusal task. The closest it has without an
+external API are toxigen (does the model recognise harmful statements about groups) and
+truthfulqa_mc2 (does it prefer truthful over imitative falsehoods), the proxy FusionBench also
+uses; realtoxicityprompts needs the Perspective API, so it is left out. Coding: MergeBench uses
+bigcode-evaluation-harness (temperature 0.2, 10 samples); lm-eval's humaneval_plus/mbpp_plus
+are greedy pass@1 at their default shots (0 and 3), and humaneval's metric loads HF `evaluate`'s
+code_eval (from the Hub on first use).
+
+The zoo family uses the tasks eval.tasks generates from eval.domains (metric `score`, the
+domain's checker). Knows nothing of models or of running lm-eval.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+MERGEBENCH_DOMAINS = ("instruction", "math", "multilingual", "coding", "safety")
+GENERAL = "general"
+ZOO = "zoo"
+ZOO_EXAMPLES = 100  # test examples written per zoo domain (--limit takes fewer)
+
+# family (lower case) -> its base on the Hub; experts are MergeBench/{base name}_{domain}
+FAMILIES = {b.split("/")[-1].lower(): b for b in (
+    "google/gemma-2-2b", "google/gemma-2-2b-it", "google/gemma-2-9b", "google/gemma-2-9b-it",
+    "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
+    "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct")}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One lm-eval task (or group) and the number that stands for it."""
+    name: str                       # lm-eval task name
+    metric: str                     # key in lm-eval's results: "metric,filter"
+    num_fewshot: int | None = None  # None: the task's own default
+    unsafe_code: bool = False       # executes model-written code: only with HF_ALLOW_CODE_EVAL=1
+    include: str | None = None      # folder of generated task YAML (lm-eval include_path)
+
+
+def _lang(task: str, metric: str) -> tuple[Task, ...]:
+    return tuple(Task(f"{task}_{lang}", metric, 0) for lang in ("fr", "es", "de", "ru"))
+
+
+MERGEBENCH = {
+    "math": (Task("gsm8k_cot", "exact_match,flexible-extract", 8), Task("hendrycks_math", "exact_match,none", 0)),
+    "multilingual": (*_lang("m_mmlu", "acc,none"), *_lang("arc", "acc_norm,none"),
+                     *_lang("hellaswag", "acc_norm,none")),
+    "instruction": (Task("ifeval", "inst_level_loose_acc,none", 0),),
+    "coding": (Task("humaneval_plus", "pass_at_k,create_test", 0, unsafe_code=True),
+               Task("mbpp_plus", "pass_at_1,none", 3, unsafe_code=True)),
+    "safety": (Task("toxigen", "acc_norm,none", 0), Task("truthfulqa_mc2", "acc,none", 0)),
+    GENERAL: (Task("mmlu", "acc,none", 0), Task("triviaqa", "exact_match,remove_whitespace", 0),
+              Task("squadv2", "f1,none", 0), Task("coqa", "f1,none", 0), Task("pubmedqa", "acc,none", 0),
+              Task("wmt14-fr-en", "bleu,none", 0)),
+}
+
+
+def families() -> list[str]:
+    return [ZOO, *FAMILIES]
+
+
+def family_of(name: str) -> str:
+    """Normalise a --family value ('Gemma-2-2B', 'google/gemma-2-2b' -> 'gemma-2-2b')."""
+    key = name.rstrip("/").split("/")[-1].lower()
+    if key != ZOO and key not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}: choose one of {', '.join(families())}")
+    return key
+
+
+def expert_ref(family: str, domain: str) -> str:
+    """MergeBench's expert hub id for a real family: ('gemma-2-2b', 'math') -> 'MergeBench/gemma-2-2b_math'."""
+    return f"MergeBench/{FAMILIES[family_of(family)].split('/')[-1]}_{domain}"
+
+
+def base_ref(family: str) -> str:
+    return FAMILIES[family_of(family)]
+
+
+def zoo_tasks_dir(n: int = ZOO_EXAMPLES, seed: int = 0) -> Path:
+    """The zoo's generated lm-eval tasks (test split), written on first use under the cache, in a
+    folder named by eval/domains.py's digest (a changed domain gets fresh tasks)."""
+    import hashlib
+    from ..engine.synthetic import cache_dir
+    from . import domains, tasks
+    version = hashlib.sha256(Path(domains.__file__).read_bytes() + Path(tasks.__file__).read_bytes()).hexdigest()[:12]
+    folder = cache_dir() / "eval-tasks" / f"zoo-{version}-n{n}-s{seed}"
+    if not (folder / f"{tasks.task_name(GENERAL)}.yaml").exists():
+        tasks.write_tasks(folder, [*domains.DOMAINS.values(), domains.GENERAL], n=n, seed=seed)
+    return folder
+
+
+def plan(family: str, domains=None, *, general: bool = True,
+         zoo_tasks: Path | None = None) -> dict[str, tuple[Task, ...]]:
+    """{domain: its lm-eval tasks} for a family; with general=True also {"general": forgetting tasks}.
+
+    Args:
+        family: 'zoo' or a MergeBench base (see FAMILIES).
+        domains: subset of MERGEBENCH_DOMAINS (default all five).
+        zoo_tasks: folder of generated zoo tasks (default: zoo_tasks_dir(), written if missing).
+    """
+    family = family_of(family)
+    domains = list(domains or MERGEBENCH_DOMAINS)
+    bad = [d for d in domains if d not in MERGEBENCH_DOMAINS]
+    if bad:
+        raise ValueError(f"unknown domain(s) {', '.join(bad)}: choose from {', '.join(MERGEBENCH_DOMAINS)}")
+    wanted = domains + ([GENERAL] if general else [])
+    if family != ZOO:
+        return {d: MERGEBENCH[d] for d in wanted}
+    from .tasks import METRIC, task_name
+    include = str(zoo_tasks or zoo_tasks_dir())
+    return {d: (Task(task_name(d), f"{METRIC},none", 0, include=include),) for d in wanted}
+
+
+def describe(p: dict[str, tuple[Task, ...]]) -> str:
+    """The exact task list and settings, one line a task (for --dry-run)."""
+    lines = []
+    for domain, ts in p.items():
+        for t in ts:
+            shots = "default" if t.num_fewshot is None else t.num_fewshot
+            extra = (" code-execution(HF_ALLOW_CODE_EVAL=1)" if t.unsafe_code else "") + \
+                    (f" include_path={t.include}" if t.include else "")
+            lines.append(f"{domain:13s} {t.name:22s} metric={t.metric} num_fewshot={shots}{extra}")
+    return "\n".join(lines)
