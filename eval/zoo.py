@@ -12,7 +12,10 @@ Training is deterministic: seeded data and init, fixed thread count, eager atten
 on the same machine writes the same bytes (zoo.json's "timings" aside). Sequences are
 `<s>` + prompt + " " + answer + `</s>`; a completion is what the model generates after the prompt.
 
-This module knows nothing of merging; `bin/zoo.py` is its command line.
+Status (full llama zoo, 2 cores, ~12 min): every expert beats the base on its own domain, but
+merging all five keeps only ~40% normalised performance (task arithmetic, scale 0.35); the issue
+asks for >= 50%, so the full sizes and learning rates are still to be tuned (see the session
+report). This module knows nothing of merging; `bin/zoo.py` is its command line.
 """
 import json
 import math
@@ -83,14 +86,15 @@ class Size:
     finetune_lr: float
     batch: int
     multitask_steps: int
+    answered: int  # solved examples per domain in pre-training
     eval_n: int  # test examples per domain for zoo.json's scores
 
 
 SIZES = {
     "micro": Size(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, pretrain_steps=60, pretrain_lr=3e-3,
-                  finetune_steps=12, finetune_lr=1e-3, batch=16, multitask_steps=24, eval_n=8),
+                  finetune_steps=12, finetune_lr=1e-3, batch=16, multitask_steps=24, answered=10, eval_n=8),
     "full": Size(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, pretrain_steps=2000, pretrain_lr=2e-3,
-                 finetune_steps=300, finetune_lr=1e-3, batch=32, multitask_steps=1500, eval_n=100),
+                 finetune_steps=300, finetune_lr=3e-4, batch=32, multitask_steps=1500, answered=40, eval_n=100),
 }
 
 
@@ -122,9 +126,11 @@ def sequence(ex: dict, *, answer_only: bool) -> tuple[list[int], list[int]]:
     return p + a, ([-100] * len(p) if answer_only else [-100, *p[1:]]) + a
 
 
-def pretrain_data(n_prompts: int) -> list[tuple[list[int], list[int]]]:
+def pretrain_data(n_prompts: int, n_answered: int) -> list[tuple[list[int], list[int]]]:
     """General facts (question and statement forms, every split: it is the knowledge whose loss is
-    forgetting) and domain prompts without answers (formats, not tasks)."""
+    forgetting), domain prompts without answers (formats, not tasks), and a light exposure to
+    N_ANSWERED solved train examples per domain (the base knows of the tasks, as a real base does,
+    so fine-tunes stay near it and merge)."""
     seqs = []
     for ex in FACTS * 3:
         seqs.append(sequence(ex, answer_only=False))
@@ -134,6 +140,7 @@ def pretrain_data(n_prompts: int) -> list[tuple[list[int], list[int]]]:
         for ex in d.examples("train", n_prompts, seed=1):
             ids = [BOS, *encode(ex["prompt"])]
             seqs.append((ids, [-100, *ids[1:]]))
+        seqs += [sequence(ex, answer_only=False) for ex in d.examples("train", n_answered, seed=2)]
     return seqs
 
 
@@ -259,7 +266,7 @@ def _build(out: Path, family: str, s: Size, size_name: str, progress: bool) -> N
         cfg = model_config(family, s)
         model = AutoModelForCausalLM.from_config(cfg)
         log and log(f"zoo {family}-{size_name}: base ({sum(p.numel() for p in model.parameters()):,} parameters)")
-        losses["base"] = train(model, pretrain_data(400), steps=s.pretrain_steps, lr=s.pretrain_lr,
+        losses["base"] = train(model, pretrain_data(400, s.answered), steps=s.pretrain_steps, lr=s.pretrain_lr,
                                batch=s.batch, seed=0, log=log)
         _save(model, out / "base")
         timings["base"] = time.perf_counter() - t0
