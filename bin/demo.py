@@ -43,20 +43,21 @@ def _row(model: str, kind: str, r: dict) -> dict:
 @click.option("--micro", is_flag=True, help="The micro zoo (seconds; for tests, not for conclusions).")
 @click.option("--methods", "names", default="all", show_default=True, help="Comma-separated methods, or all.")
 @click.option("--limit", type=int, help="Evaluate on at most N examples per task.")
+@click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Zoo cache folder.")
 @click.option("--quiet", "-q", is_flag=True)
-def demo(out, family, micro, names, limit, cache, quiet):
+def demo(out, family, micro, names, limit, batch_size, cache, quiet):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
     rows = []
     for name, kind in [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]:
-        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, limit=limit)))
+        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, limit=limit, batch_size=batch_size)))
     for name in names:
         folder = out / "merges" / name
         merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
               progress=False, protocol="mergebench", **PARAMS.get(name, {}))
-        rows.append(_row(name, "merge", harness.report(folder, zoo=zoo, limit=limit)))
+        rows.append(_row(name, "merge", harness.report(folder, zoo=zoo, limit=limit, batch_size=batch_size)))
         if not quiet:
             click.echo(f"{name}: normalised performance {rows[-1]['normalised']:.3f}", err=True)
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}

@@ -1,9 +1,9 @@
 """merge(): resolve the inputs, check them, plan, run, and publish the output folder."""
+import os
 import time
 from pathlib import Path
 
 from .. import methods
-from . import synthetic
 from .errors import BadParameter
 from .execute import Merger
 from .index import TensorIndex, check_agreement
@@ -49,9 +49,16 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
     return run(spec)
 
 
+def default_family() -> Path:
+    """The mini zoo's Llama family (MBMERGE_ZOO_SIZE: full, the default, or micro), trained once
+    into the cache on first use."""
+    from ..eval.zoo import build_zoo
+    return build_zoo("llama", os.environ.get("MBMERGE_ZOO_SIZE", "full"))
+
+
 def _sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
     if spec.base is None and all(is_domain(e) for e in spec.experts):
-        family = synthetic.family_folder()  # no base and domain names: the built-in family
+        family = default_family()  # no base and domain names: the mini zoo
         return (Source("built-in", family / "base", None, "base"),
                 [Source(e, family / DOMAINS[e.lower()], None, f"expert {e}") for e in spec.experts])
     base = resolve(spec.base, "base") if spec.base else None

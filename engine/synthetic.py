@@ -1,20 +1,13 @@
-"""The built-in default family: a tiny Llama-architecture base and one fine-tune-like expert per
-MergeBench domain, generated deterministically and cached, so `mbmerge --experts math,code`
-works with no download. Experts are base + small dense noise + a sparse, larger, domain-specific
-delta, so trimming and sign election have real work to do. (The trained mini zoo replaces the
-random weights with real fine-tunes; the folders and names stay the same.)
+"""Synthetic Llama-shaped model folders for benchmarks (bin/bench.py): the config, tensor shapes
+and side files of a Llama of any size, and the user cache folder. (The built-in default family is
+the trained mini zoo, eval/zoo.py.)
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
-from .resolve import DOMAINS
 
-FAMILY = "synthetic-llama-v2"
 
 
 def llama_config(H: int, L: int, V: int) -> dict:
@@ -59,47 +52,3 @@ def cache_dir() -> Path:
     """MBMERGE_CACHE, else $XDG_CACHE_HOME/mbmerge, else ~/.cache/mbmerge."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mbmerge"
     return Path(os.environ.get("MBMERGE_CACHE", default))
-
-
-def family_folder() -> Path:
-    """The family's folder (base/ and one folder per domain), generated on first use."""
-    root = cache_dir() / FAMILY
-    if not (root / "done").exists():
-        tmp = root.with_name(f".{FAMILY}.{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write(tmp / "base", dict(_base()))
-        for i, domain in enumerate(sorted(set(DOMAINS.values()))):
-            _write(tmp / domain, dict(_expert(i)))
-        (tmp / "done").touch()
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
-    return root
-
-
-CONFIG = llama_config(64, 2, 128)
-
-
-def _base():
-    g = torch.Generator().manual_seed(0)
-    for name, s in llama_shapes(CONFIG).items():
-        yield name, torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.05
-
-
-def _expert(i: int):
-    g = torch.Generator().manual_seed(1000 + i)
-    for name, b in _base():
-        d = torch.randn(b.shape, generator=g) * 1e-3
-        d += (torch.rand(b.shape, generator=g) < 0.05) * torch.randn(b.shape, generator=g) * 2e-2
-        yield name, b + d
-
-
-def _write(folder: Path, tensors: dict) -> None:
-    folder.mkdir(parents=True)
-    names = list(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for file, part in halves.items():
-        save_file({n: tensors[n].to(torch.bfloat16).contiguous() for n in part}, folder / file,
-                  metadata={"format": "pt"})
-    write_side_files(folder, CONFIG, {n: f for f, part in halves.items() for n in part},
-                     sum(t.numel() * 2 for t in tensors.values()))

@@ -22,6 +22,7 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MBMERGE_CACHE", str(tmp_path / "mbmerge-cache"))
+    monkeypatch.setenv("MBMERGE_ZOO_SIZE", "micro")      # the built-in default family: the micro zoo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
@@ -140,3 +141,10 @@ def wide_family(tmp_path_factory):
         models[f"e{i}"] = {n: v + common * base[n] for n, v in expert_tensors(base, 20 + i).items()}
     paths = {name: write_model(root / name, t) for name, t in models.items()}
     return {"paths": paths, "tensors": {k: {n: v.bfloat16().float() for n, v in t.items()} for k, t in models.items()}}
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The micro mini zoo (Llama), built once per session: base/, one folder per domain, multitask/."""
+    from mbmerge.eval.zoo import build_zoo
+    return build_zoo("llama", "micro", cache=tmp_path_factory.mktemp("zoo-a"), progress=False)

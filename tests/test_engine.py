@@ -151,7 +151,7 @@ def test_default_family_runs_with_domain_names(tmp_path):
     out = mbmerge.merge("ties", experts=["math", "code"], out=tmp_path / "m", progress=False)
     record = json.loads((out / "mbmerge.json").read_text())
     assert [e["ref"] for e in record["experts"]] == ["math", "code"]
-    assert record["base"]["path"].endswith("synthetic-llama-v2/base")
+    assert "/zoo/llama-micro-" in record["base"]["path"] and record["base"]["path"].endswith("/base")
 
 
 def test_dare_output_is_the_same_with_either_kernel_backend(family, tmp_path, monkeypatch):

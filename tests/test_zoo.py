@@ -98,9 +98,6 @@ def test_generated_content_is_consistent():
     assert 0 < sum(harmful) < len(harmful)
 
 
-@pytest.fixture(scope="session")
-def micro_zoo(tmp_path_factory):
-    return build_zoo("llama", "micro", cache=tmp_path_factory.mktemp("zoo-a"), progress=False)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
