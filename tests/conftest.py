@@ -148,3 +148,22 @@ def micro_zoo(tmp_path_factory):
     """The micro mini zoo (Llama), built once per session: base/, one folder per domain, multitask/."""
     from mbmerge.eval.zoo import build_zoo
     return build_zoo("llama", "micro", cache=tmp_path_factory.mktemp("zoo-a"), progress=False)
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """Run `mbmerge ARGS...` in-process through main() (its error handling is under test too);
+    returns (exit code, stdout, stderr)."""
+    import sys
+    from mbmerge.bin.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run

@@ -12,23 +12,17 @@ import pytest
 import torch
 
 from conftest import read_model, write_model
-from mbmerge.bin.cli import main
 from test_index import BAD_FOLDERS, BAD_HEADERS, bad_folder, write_bad
 
 N_TENSORS = 21
 
 
 @pytest.fixture
-def mbmerge(monkeypatch, capsys):
+def mbmerge(run_main):
     """Run `mbmerge ARGS...` in-process; returns (exit code, stderr)."""
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err
+        code, _, err = run_main(*args)
+        return code, err
     return run
 
 

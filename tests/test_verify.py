@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mbmerge
-from mbmerge.bin.cli import main
 from mbmerge.engine import verify as verify_mod
 from mbmerge.engine.errors import BadModel
 from mbmerge.engine.verify import sha256_files, verify
@@ -26,18 +24,9 @@ BF16_NAN = b"\xc0\x7f"  # 0x7fc0 little-endian
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run `mbmerge ARGS...` in-process; returns (exit code, stdout, stderr)."""
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return run
+def cli(run_main):
+    """`mbmerge ARGS...` in-process: (exit code, stdout, stderr)."""
+    return run_main
 
 
 def sha(path: Path) -> str:
