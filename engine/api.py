@@ -4,17 +4,15 @@ import time
 from pathlib import Path
 
 from .. import methods
-from .errors import BadParameter
+from .errors import BadParameter, InputChanged
 from .execute import Merger
-from .index import TensorIndex, check_agreement
+from .index import INDEX_FILE, TensorIndex, check_agreement
 from .plan import make_plan
 from .read import MappedModel
 from .resolve import DOMAINS, Source, is_domain, resolve
 from .spec import VERSION, MergeSpec
-from .errors import InputChanged
-from .index import INDEX_FILE
-from .journal import JOURNAL, Journal, changed_inputs, fingerprint, input_identity
-from .verify import sha256_files
+from .journal import JOURNAL, Journal, fingerprint, input_identity
+from .verify import input_changes, sha256_files
 from .write import (ShardWriter, check_output, copy_side_files, discard, missing_parents, output_lock,
                     partial_folder, publish, remove_empty, write_card, write_index)
 
@@ -98,7 +96,7 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
     if resumed is None:
         discard(tmp, notice=True)
         tmp.mkdir()
-    done, model_thr = resumed or (frozenset(), None)
+    done, model_thr = resumed or (set(), None)
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
@@ -107,12 +105,12 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
         writer, journal = ShardWriter(tmp, plan, fresh=resumed is None), Journal(tmp, fp, fresh=resumed is None)
         try:
             Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-                   spec.allow_nonfinite).run(spec.progress, journal, frozenset(done), model_thr)
+                   spec.allow_nonfinite).run(spec.progress, journal, done, model_thr)
         finally:
             writer.close()
             journal.close()
-        if changed := changed_inputs(identity):
-            raise InputChanged(f"input {changed[0]} changed while it was being merged; nothing was written")
+        if changed := input_changes(identity):
+            raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
         copy_side_files(ref_index.folder, tmp, spec.dtype)

@@ -52,9 +52,11 @@ class Merger:
         self.checked: set[str] = set(t.name for t in plan.tensors) if allow_nonfinite else set()
 
     def input_bytes(self, tensors=None) -> int:
-        return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in (self.plan.tensors if tensors is None else tensors))
+        """Bytes read (once) for these tensors (default: all): every input for a merged one."""
+        tensors = self.plan.tensors if tensors is None else tensors
+        return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in tensors)
 
-    def run(self, progress: bool = True, journal: Journal | None = None, done: frozenset = frozenset(),
+    def run(self, progress: bool = True, journal: Journal | None = None, done: set[str] = frozenset(),
             model_thr: list | None = None) -> None:
         """Merge every planned tensor not in `done` (already written by an interrupted run), and
         journal each one completed; model-wide thresholds are computed unless given."""
@@ -88,8 +90,7 @@ class Merger:
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
         (radix select's histograms), so the whole model is never held."""
         merged = [t for t in self.plan.tensors if t.merge]
-        per_pass = sum(t.ref.nbytes * len(self.inputs) for t in merged)
-        with tqdm(total=2 * per_pass, unit="B", unit_scale=True, disable=not progress, leave=False,
+        with tqdm(total=2 * self.input_bytes(merged), unit="B", unit_scale=True, disable=not progress, leave=False,
                   desc="model-wide thresholds") as bar:
             def chunks():
                 for t in merged:

@@ -10,7 +10,6 @@ trusted. Knows nothing of methods; the bytes are checked, never assumed.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .index import TensorIndex
@@ -32,20 +31,6 @@ def input_identity(indexes: list[TensorIndex]) -> dict[str, dict]:
                 head = hashlib.sha256(f.read(min(n, st.st_size))).hexdigest()
             out[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": head}
     return out
-
-
-def changed_inputs(identity: dict[str, dict]) -> list[str]:
-    """The input files whose size or mtime differ from `identity` (or that are gone)."""
-    changed = []
-    for path, was in identity.items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            changed.append(path)
-            continue
-        if (st.st_size, st.st_mtime_ns) != (was["size"], was["mtime_ns"]):
-            changed.append(path)
-    return changed
 
 
 def fingerprint(recipe: dict, plan: Plan, identity: dict) -> str:

@@ -177,19 +177,25 @@ def _inputs(folder: Path, record: dict) -> list[str]:
     recorded = record.get("inputs")
     if not isinstance(recorded, dict):
         return [f"{folder / RECORD}: records no inputs (file: size, mtime_ns): cannot check them"]
-    problems = []
-    for path, was in sorted(recorded.items()):
+    return [f"input {path}: {why}" for path, why in sorted(input_changes(recorded).items())]
+
+
+def input_changes(identity: dict[str, dict]) -> dict[str, str]:
+    """{path: what happened to it} for each input file of `identity` ({path: {size, mtime_ns, ...}},
+    as recorded at the start of a merge) that is gone, unreadable, or of another size or mtime."""
+    changes = {}
+    for path, was in identity.items():
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            problems.append(f"input {path}: gone since the merge")
+            changes[path] = "gone since the merge"
             continue
         except OSError as e:
-            problems.append(f"input {path}: cannot be read ({e.strerror or e})")
+            changes[path] = f"cannot be read ({e.strerror or e})"
             continue
         was = was if isinstance(was, dict) else {}
         changed = [f"{k} {was.get(k)} -> {now}" for k, now in [("size", st.st_size), ("mtime_ns", st.st_mtime_ns)]
                    if was.get(k) != now]
         if changed:
-            problems.append(f"input {path}: changed since the merge ({', '.join(changed)})")
-    return problems
+            changes[path] = f"changed since the merge ({', '.join(changed)})"
+    return changes

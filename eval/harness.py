@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from ..engine.verify import file_sha256
 from . import registry
 from .registry import Task
 
@@ -40,20 +41,12 @@ def _save(path: Path, scores: dict, memo: dict) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_identity(folder, memo: dict | None = None) -> str:
     """A digest naming the model in `folder`: mbmerge.json's sha256 + mtime, else its weights' sha256."""
     folder = Path(folder).resolve()
     record = folder / "mbmerge.json"
     if record.exists():
-        return "mbmerge:" + _sha256(record) + f":{record.stat().st_mtime_ns}"
+        return "mbmerge:" + file_sha256(record) + f":{record.stat().st_mtime_ns}"
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         from ..engine.errors import BadModel
@@ -64,7 +57,7 @@ def model_identity(folder, memo: dict | None = None) -> str:
         st = f.stat()
         key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = _sha256(f)
+            memo[key] = file_sha256(f)
         h.update(f"{f.name}:{memo[key]}\n".encode())
     return "weights:" + h.hexdigest()
 
