@@ -1,14 +1,16 @@
 """`mbmerge bench`: end-to-end merges timed against mergekit (when installed) and against the I/O floor.
 
-The fixture has tools/make_models.py's Llama shapes and delta statistics (base N(0, 0.02), norms 1;
-expert = base + N(0, 2e-4) + 5% sparse N(0, 2e-3); bf16; ~200 MB shards) and is built once, cached.
-Each tool runs as its own process from a warm page cache; we measure wall time and that process's peak
-RSS (wait4 ru_maxrss). The I/O floor, reading every input once from the page cache and writing one
-output-sized file, is the time no merge can beat on this machine.
+The fixture (engine/synthetic.py) has the tensor shapes of a MergeBench base (`--model gemma-2-9b`;
+`--layers N` keeps the real shapes in fewer layers) or of a Llama of any size (`--model custom`), and
+tools/make_models.py's delta statistics; bf16; built once into the cache folder. Each tool runs as its
+own process from a warm page cache; we measure wall time, input GB/s, that process's peak RSS (wait4
+ru_maxrss) and the peak GPU memory mbmerge records in the output's mbmerge.json. The I/O floor, reading
+every input once from the page cache and writing one output-sized file, is the time no merge can beat
+on this machine. Prints a table and writes JSON and a PNG of input GB/s per method (bench_plot.py).
 """
-import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors.torch import save_file
 
 from .. import methods as mbmerge_methods
-from ..engine.synthetic import cache_dir, llama_config, llama_shapes, write_side_files
+from ..engine.synthetic import MODELS, cache_dir, model_config, n_params, write_family
+from .bench_plot import plot
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
 DENSITY = 0.2
@@ -39,54 +41,52 @@ MBMERGE_ONLY = {"ties_model_scope": ["--method", "ties", "--density", str(DENSIT
 CASES = [*RECIPES, *MBMERGE_ONLY]
 DEFAULT_CASES = "linear,task_arithmetic,ties,dare_ties"
 BLOCK = 64 << 20
+SHARD_BYTES = {"custom": 200 << 20}  # as tools/make_models.py; named models: 1 GiB shards
+GB = 1e9
 
 
-def shard_names(shapes: dict, limit: int) -> list[list[str]]:
-    """Names grouped as make_models.py does: a shard closes once it holds `limit` bytes (bf16)."""
-    shards, size = [[]], 0
-    for name, s in shapes.items():
-        shards[-1].append(name)
-        size += 2 * torch.Size(s).numel()
-        if size >= limit:
-            shards, size = shards + [[]], 0
-    return [s for s in shards if s]
+def count(n: float) -> str:
+    """2.61B, 595M, 98.6k."""
+    return next((f"{n / d:.3g}{s}" for s, d in [("B", 1e9), ("M", 1e6), ("k", 1e3)] if n >= d), f"{n:.0f}")
 
 
-def family_tensors(name, shape, n_experts):
-    """bf16 [base, expert_1, ...] for one tensor, seeded by its name."""
-    g = torch.Generator().manual_seed(int(hashlib.sha1(name.encode()).hexdigest()[:12], 16))
-    b = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g).mul_(0.02)
-    out = [b.to(torch.bfloat16)]
-    for _ in range(n_experts):
-        d = torch.randn(shape, generator=g).mul_(2e-4).view(-1)                     # [numel]
-        hit = (torch.rand(d.shape, generator=g) < 0.05).nonzero().squeeze(1)        # 5% of the entries
-        d[hit] += torch.randn(hit.shape, generator=g).mul_(2e-3)
-        out.append((b + d.view(shape)).to(torch.bfloat16))
-    return out
-
-
-def build_fixture(root: Path, H, L, V, n_experts, shard_mb=200) -> Path:
-    """root/<shape>/{base, math, code, ...}, built once (in a temp folder renamed when complete)."""
-    fx = root / f"llama-h{H}-l{L}-v{V}-e{n_experts}"
-    if (fx / "done").exists():
+def fixture(cache: Path, model: str, cfg: dict, n_experts: int) -> Path:
+    """cache/<model>-l<layers>-e<experts>/{base, math, code, ...}, built once (in a temp folder renamed when
+    complete), after checking that it and one merged output fit on the disk."""
+    L = cfg["num_hidden_layers"]
+    tag = f"custom-h{cfg['hidden_size']}-l{L}-v{cfg['vocab_size']}" if model == "custom" else f"{model}-l{L}"
+    fx = cache / f"{tag}-e{n_experts}"
+    built = (fx / "done").exists()
+    check_disk(cache, tag, cfg, n_experts, built)
+    if built:
         return fx
-    click.echo(f"building fixture {fx} ...", err=True)
-    cfg, tmp, models = llama_config(H, L, V), root / f".build-{os.getpid()}", ["base", *EXPERTS[:n_experts]]
-    shapes = llama_shapes(cfg)
-    shards, wmap = shard_names(shapes, shard_mb * 2**20), {}
-    for k, names in enumerate(shards):
-        parts = [dict(zip(names, ts)) for ts in zip(*(family_tensors(n, shapes[n], n_experts) for n in names))]
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        for m, part in zip(models, parts):
-            (tmp / m).mkdir(parents=True, exist_ok=True)
-            save_file(part, str(tmp / m / file), metadata={"format": "pt"})
-        wmap.update(dict.fromkeys(names, file))
-    for m in models:
-        write_side_files(tmp / m, cfg, wmap, sum(2 * torch.Size(s).numel() for s in shapes.values()))
+    tmp, t = cache / f".build-{os.getpid()}", time.perf_counter()
+    try:
+        write_family(tmp, cfg, EXPERTS[:n_experts], SHARD_BYTES.get(model, 1 << 30))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "done").touch()
     shutil.rmtree(fx, ignore_errors=True)
     tmp.rename(fx)
+    click.echo(f"built {fx} in {time.perf_counter() - t:.0f} s", err=True)
     return fx
+
+
+def check_disk(cache: Path, tag: str, cfg: dict, n_experts: int, built: bool) -> None:
+    """Prints the size estimate; refuses in one line when the fixture (unless built) and one output do not fit."""
+    def need(layers, built=built):  # bytes: base + experts (unless built), plus one merged output
+        return 2 * n_params({**cfg, "num_hidden_layers": layers}) * (1 if built else 2 + n_experts)
+    L, free = cfg["num_hidden_layers"], shutil.disk_usage(cache).free
+    what = "one merged output" if built else f"base + {n_experts} experts + one merged output"
+    if need(L) > free:
+        fits = [n for n in range(L - 1, 0, -1) if need(n, False) <= free]  # another fixture, to be built
+        hint = f"pass --layers {fits[0]} or fewer" if fits else "free some space or pass --cache on a larger disk"
+        raise click.ClickException(f"fixture {tag} ({count(n_params(cfg))} params) needs {need(L) / GB:.3g} GB "
+                                   f"({what}, bf16) but {cache} has {free / GB:.3g} GB free: {hint}")
+    if not built:
+        click.echo(f"building fixture {tag}: {count(n_params(cfg))} params, {need(L) / GB:.3g} GB on disk "
+                   f"({what}, bf16); {free / GB:.3g} GB free", err=True)
 
 
 def warm(files):
@@ -132,13 +132,14 @@ def timed_run(cmd, files, out: Path) -> tuple[float, float]:
     return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
 
 
-def mbmerge_cmd(case, fx, experts, out, recipe: Path | None):
+def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str):
     exe = Path(sys.executable).with_name("mbmerge")
     head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
+    tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else [])]
     if recipe:
-        return head + ["--config", str(recipe), "--out", str(out), "-q"]
+        return head + ["--config", str(recipe), *tail]
     return head + ["--base", str(fx / "base"), "--experts", ",".join(str(fx / e) for e in experts),
-                   "--out", str(out), "-q", *MBMERGE_ONLY[case]]
+                   *tail, *MBMERGE_ONLY[case]]
 
 
 def write_recipe(method, fx, experts, folder: Path) -> Path:
@@ -155,37 +156,69 @@ def write_recipe(method, fx, experts, folder: Path) -> Path:
 
 
 def best_of(repeat, cmd, files, out):
-    """min wall, max peak RSS, and every wall over `repeat` runs."""
+    """min wall, max peak RSS, every wall over `repeat` runs, and the last run's mbmerge.json ({} if none);
+    the output is then removed, so at most one exists at a time."""
     runs = [timed_run(cmd, files, out) for _ in range(repeat)]
-    return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs]
+    card = json.loads((out / "mbmerge.json").read_text()) if (out / "mbmerge.json").is_file() else {}
+    shutil.rmtree(out, ignore_errors=True)
+    return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
 
 
-def bench_case(case, fx, experts, mergekit, repeat, tmp: Path) -> dict:
+def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
     experts = experts[:mbmerge_methods.get(case if case in RECIPES else MBMERGE_ONLY[case][1]).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
     files = [f for m in ([] if case == "linear" else ["base"]) + experts for f in shards[m]]
     in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in shards["base"])
-    row = {"method": case, "input_GB": in_bytes / 1e9,
+    row = {"method": case, "input_GB": in_bytes / GB,
            "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
+    row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
     recipe = write_recipe(case, fx, experts, tmp) if case in RECIPES else None
-    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe)
-    row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"] = best_of(repeat, cmd, files, tmp / "mb")
+    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device)
+    row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"], card = best_of(repeat, cmd, files, tmp / "mb")
+    row["mbmerge_device"] = card.get("device")
     row["mbmerge_in_GBps"] = row["input_GB"] / row["mbmerge_s"]
-    row["floor_pct"] = 100 * row["floor_s"] / row["mbmerge_s"]
+    row["x_floor"] = row["mbmerge_s"] / row["floor_s"]
+    row["floor_pct"] = 100 / row["x_floor"]
+    if "peak_gpu_bytes" in card:                                  # recorded by CUDA runs
+        row["mbmerge_gpu_GB"] = card["peak_gpu_bytes"] / GB
     if mergekit and recipe:
-        cmd = [mergekit, str(recipe), str(tmp / "mk"), "--no-copy-tokenizer"]
-        row["mergekit_s"], row["mergekit_rss_GB"], row["mergekit_walls"] = best_of(repeat, cmd, files, tmp / "mk")
+        cuda = ["--cuda"] if device == "cuda" or device == "auto" and torch.cuda.is_available() else []
+        cmd = [mergekit, str(recipe), str(tmp / "mk"), "--no-copy-tokenizer", *cuda]
+        row["mergekit_s"], row["mergekit_rss_GB"], row["mergekit_walls"], _ = best_of(repeat, cmd, files, tmp / "mk")
+        row["mergekit_in_GBps"] = row["input_GB"] / row["mergekit_s"]
         row["speedup"] = row["mergekit_s"] / row["mbmerge_s"]
         row["rss_ratio"] = row["mbmerge_rss_GB"] / row["mergekit_rss_GB"]
     return row
 
 
-COLUMNS = [("method", "method", "{}"), ("mbmerge_s", "mbmerge s", "{:.2f}"),
-           ("mbmerge_rss_GB", "mbmerge RSS GB", "{:.2f}"),
-           ("mergekit_s", "mergekit s", "{:.2f}"), ("mergekit_rss_GB", "mergekit RSS GB", "{:.2f}"),
-           ("speedup", "speed-up", "{:.1f}x"), ("rss_ratio", "RSS ratio", "{:.2f}"),
-           ("mbmerge_in_GBps", "mbmerge input GB/s", "{:.2f}"), ("floor_s", "I/O floor s", "{:.2f}"),
-           ("floor_pct", "% of I/O floor", "{:.0f}%")]
+def mergekit_version(exe: str) -> str | None:
+    """Asked of the interpreter on mergekit-yaml's #! line (mergekit often lives in its own venv)."""
+    try:
+        with open(exe, "rb") as fh:
+            line = fh.readline().decode(errors="replace")
+        if not line.startswith("#!"):
+            return None
+        code = "from importlib.metadata import version; print(version('mergekit'))"
+        done = subprocess.run([*shlex.split(line[2:]), "-c", code], capture_output=True, text=True, timeout=120)
+        return (done.stdout.strip() or None) if done.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def machine(mergekit: str | None) -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpus": os.cpu_count(), "ram_GB": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
+            "gpu": gpu, "torch": torch.__version__, "mergekit_version": mergekit and mergekit_version(mergekit),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+COLUMNS = [("method", "method", "{}"), ("input_GB", "input GB", "{:.2f}"), ("mbmerge_s", "mbmerge s", "{:.2f}"),
+           ("mbmerge_in_GBps", "mbmerge GB/s", "{:.2f}"), ("x_floor", "x I/O floor", "{:.1f}x"),
+           ("mbmerge_rss_GB", "mbmerge RSS GB", "{:.2f}"), ("mbmerge_gpu_GB", "mbmerge GPU GB", "{:.2f}"),
+           ("mergekit_s", "mergekit s", "{:.2f}"), ("mergekit_in_GBps", "mergekit GB/s", "{:.2f}"),
+           ("mergekit_rss_GB", "mergekit RSS GB", "{:.2f}"), ("speedup", "speed-up", "{:.1f}x"),
+           ("rss_ratio", "RSS ratio", "{:.2f}"), ("floor_s", "I/O floor s", "{:.2f}"),
+           ("floor_in_GBps", "I/O floor GB/s", "{:.2f}")]
 
 
 def table(rows) -> str:
@@ -194,37 +227,70 @@ def table(rows) -> str:
                               for r in rows])
 
 
+def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
+    """(mergekit-yaml to run or None, what the header says about it)."""
+    if vs == "none":
+        return None, "not compared (--vs none)"
+    found = shutil.which(mergekit or "mergekit-yaml")
+    if found:
+        return found, found
+    where = f"{mergekit} is not an executable" if mergekit else "mergekit-yaml is not on PATH"
+    note = f"NOT FOUND ({where}; pass --mergekit PATH or set MBMERGE_MERGEKIT): mbmerge figures only"
+    if vs == "mergekit":
+        click.echo(f"mbmerge bench: --vs mergekit: {note}", err=True)
+    return None, note
+
+
 @click.command("bench")
 @click.option("--methods", default=DEFAULT_CASES, show_default=True,
               help=f"Cases to time, or 'all': {', '.join(CASES)}. Those mergekit has run from one recipe in both tools.")
-@click.option("--hidden", default=1024, show_default=True, help="Fixture hidden size.")
-@click.option("--layers", default=16, show_default=True, help="Fixture decoder layers.")
-@click.option("--vocab", default=32000, show_default=True, help="Fixture vocabulary size.")
-@click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)))
+@click.option("--model", default="custom", show_default=True, type=click.Choice([*MODELS, "custom"]),
+              help="Tensor shapes of a MergeBench base, or 'custom': a Llama sized by --hidden/--layers/--vocab.")
+@click.option("--layers", type=click.IntRange(1), help="Decoder layers [default: the model's real count; custom: 16].")
+@click.option("--hidden", type=click.IntRange(1), help="Hidden size of --model custom [default: 1024].")
+@click.option("--vocab", type=click.IntRange(1), help="Vocabulary size of --model custom [default: 32000].")
+@click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)),
+              help="Experts merged (math, code, ...).")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Runs per tool; best wall kept.")
-@click.option("--cache", type=click.Path(path_type=Path), help="Fixture folder [default: $MBMERGE_CACHE/bench].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Passed to mbmerge when not auto; cuda (or auto where CUDA is available) runs mergekit with --cuda.")
+@click.option("--vs", type=click.Choice(["mergekit", "none"]),
+              help="Compare with mergekit, or not [default: compare when mergekit is found].")
 @click.option("--mergekit", envvar="MBMERGE_MERGEKIT",
               help="mergekit-yaml to compare with [default: $MBMERGE_MERGEKIT, else mergekit-yaml on PATH].")
+@click.option("--cache", type=click.Path(path_type=Path), help="Fixture folder [default: $MBMERGE_CACHE/bench].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
-def bench(methods, hidden, layers, vocab, n_experts, repeat, cache, mergekit, json_path):
-    """Time mbmerge (and mergekit) end to end on a synthetic Llama-shaped fixture."""
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="PNG of input GB/s per method [default: beside the JSON].")
+def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, mergekit, cache, json_path,
+          plot_path):
+    """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = CASES if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES]:
         raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(CASES)}", param_hint="--methods")
+    if model != "custom" and (hidden or vocab):
+        raise click.UsageError(f"--hidden and --vocab size --model custom; {model} has its own")
+    cfg = model_config(model, layers, hidden=hidden or 1024, vocab=vocab or 32000)
     cache = cache or cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    fx = build_fixture(cache, hidden, layers, vocab, n_experts)
-    mergekit = mergekit or shutil.which("mergekit-yaml")
+    fx = fixture(cache, model, cfg, n_experts)
+    mergekit, mk_note = find_mergekit(vs, mergekit)
+    host = machine(mergekit)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
-        rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, tmp) for m in methods]
+        rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp) for m in methods]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    params = sum(torch.Size(s).numel() for s in llama_shapes(llama_config(hidden, layers, vocab)).values())
-    click.echo(f"fixture {fx.name}: {params / 1e6:.0f}M params bf16, {n_experts} experts; best wall of {repeat}, "
-               f"max RSS; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; mergekit: {mergekit or 'not found'}\n\n"
+    host["load_avg_1m_end"] = os.getloadavg()[0]
+    params, where = n_params(cfg), f"{host['cpus']} CPUs" + (f", {host['gpu']}" if host["gpu"] else "")
+    mk_note += f" ({host['mergekit_version']})" if host["mergekit_version"] else ""
+    click.echo(f"fixture {fx.name}: {count(params)} params bf16, {n_experts} experts; best wall of {repeat}, "
+               f"max RSS; {where}, load {host['load_avg_1m']:.1f}; device {device}; mergekit: {mk_note}\n\n"
                f"{table(rows)}")
     json_path = json_path or cache / f"{fx.name}.json"
-    json_path.write_text(json.dumps({"fixture": fx.name, "params": params, "repeat": repeat, "cpus": os.cpu_count(),
-                                     "torch": torch.__version__, "mergekit": mergekit, "rows": rows}, indent=2))
-    click.echo(f"\nJSON: {json_path}")
+    plot_path = plot_path or json_path.with_suffix(".png")
+    json_path.write_text(json.dumps({"fixture": fx.name, "model": model, "layers": cfg["num_hidden_layers"],
+                                     "params": params, "experts": n_experts, "repeat": repeat, "device": device,
+                                     "machine": host, "mergekit": mergekit, "rows": rows}, indent=2))
+    plot(rows, plot_path, f"{fx.name}: {count(params)} params, {n_experts} experts; {where}; device {device}")
+    click.echo(f"\nJSON: {json_path}\nPNG: {plot_path}")

@@ -8,6 +8,7 @@ from .. import methods
 from ..engine import MbmergeError, merge as merge_models
 from ..engine.recipe import load_recipe
 from .bench import bench
+from .bench_kernels import bench_kernels
 from .method_docs import list_methods
 from .demo import demo
 from .evaluate import evaluate
@@ -61,14 +62,16 @@ def _param_options(fn):
 @click.option("--keep-base", help="Regex of tensor names copied from the base, e.g. 'embed_tokens|lm_head' "
               "('' merges all; default: the method's).")
 @click.option("--dtype", help="Output dtype of float tensors (default: as stored).")
-@click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory.")
+@click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory (with a GPU: device memory).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted merge of the same recipe and inputs into OUT.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
-          overwrite, resume, quiet, **params):
+          overwrite, resume, device, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
@@ -86,7 +89,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         experts = [e.strip() for e in experts.split(",") if e.strip()]
     path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                         memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                        progress=not quiet, protocol=protocol, resume=resume, **given)
+                        progress=not quiet, protocol=protocol, resume=resume, device=device, **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
 
@@ -100,6 +103,7 @@ def _fail(message: str, code: int = 2):
 
 
 cli.add_command(bench)
+cli.add_command(bench_kernels)
 cli.add_command(list_methods)
 cli.add_command(verify)
 cli.add_command(evaluate)

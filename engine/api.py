@@ -3,11 +3,13 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from .. import methods
 from .errors import BadParameter, InputChanged
 from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
-from .plan import make_plan
+from .plan import CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
 from .resolve import DOMAINS, Source, is_domain, resolve
 from .spec import VERSION, MergeSpec
@@ -20,7 +22,7 @@ from .write import (ShardWriter, check_output, copy_side_files, discard, missing
 def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
           dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
           overwrite: bool = False, progress: bool = True, protocol: str | None = None, resume: bool = True,
-          **params) -> Path:
+          device: str = "auto", **params) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -36,6 +38,7 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
             base, TIES sum aggregation, DARE 1/p rescale); params given here win.
         resume: continue an interrupted merge into `out` of the same recipe and inputs (its
             journal and checksums are checked); False starts over.
+        device: where the merge computes: "cpu", "cuda", "cuda:N", or "auto" (CUDA when present).
         params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
     Returns:
         the output folder.
@@ -43,7 +46,7 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
     spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
-                     allow_nonfinite, overwrite, progress, protocol, resume)
+                     allow_nonfinite, overwrite, progress, protocol, resume, device)
     return run(spec)
 
 
@@ -88,7 +91,8 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
                     "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base, span=method.span)
+                     keep_base=spec.keep_base, span=method.span,
+                     preferred=GPU_CHUNK if spec.device.type == "cuda" else CPU_CHUNK)
     identity = input_identity([ix for ix in [base_index, *indexes] if ix is not None])
     fp = fingerprint(spec.recipe(), plan, identity)
     tmp = partial_folder(spec.out)
@@ -104,8 +108,10 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
         maps = [m for m in [base_map, *expert_maps] if m is not None]
         writer, journal = ShardWriter(tmp, plan, fresh=resumed is None), Journal(tmp, fp, fresh=resumed is None)
         try:
+            if spec.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(spec.device)
             Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-                   spec.allow_nonfinite).run(spec.progress, journal, done, model_thr)
+                   spec.allow_nonfinite, spec.device).run(spec.progress, journal, done, model_thr)
         finally:
             writer.close()
             journal.close()
@@ -139,6 +145,7 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),
-        "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3),
+        "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(spec.device),
+        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated(spec.device)} if spec.device.type == "cuda" else {}),
         "command": spec.command(),
     }

@@ -13,26 +13,16 @@ from .errors import NonFinite
 from .header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
+from .device import Output, Uploader
 from .read import MappedModel
 from .write import ShardWriter
 
 CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read once for all passes
 
 
-def _float_chunk(m: MappedModel, name: str, a: int, z: int) -> torch.Tensor:
-    """float32 copy of elements [a, z) of a tensor; its mapped pages are released at once."""
-    entry = m.index.tensors[name]
-    x = m.chunk(entry, a, z).to(torch.float32, copy=True)
-    m.release(entry, a, z)
-    return x
-
-
-def _check_finite(x: torch.Tensor, m: MappedModel, role: str, name: str) -> None:
-    if torch.isfinite(x.sum()):  # one reduction; the exact test only when the sum is not finite
-        return
-    if not torch.isfinite(x).all():
-        raise NonFinite(f"{role}: tensor {name} holds NaN or Inf values, in {m.index.tensors[name].file} "
-                        f"(pass --allow-nonfinite to merge it anyway)")
+def _nonfinite(m: MappedModel, entry, chunks) -> bool:
+    """Whether the tensor holds a NaN or Inf: the exact test, rereading it from the file."""
+    return any(not torch.isfinite(m.chunk(entry, a, z).float()).all() for a, z in chunks)
 
 
 class Merger:
@@ -41,14 +31,16 @@ class Merger:
 
     def __init__(self, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
                  experts: list[MappedModel], roles: list[str], writer: ShardWriter,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, device: torch.device = torch.device("cpu")):
         self.plan, self.method, self.params = plan, method, params
         self.experts, self.roles, self.writer = experts, roles, writer
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None
         self.inputs = ([self.base] if self.base is not None else []) + experts       # read for merging
         self.input_roles = (["base"] if self.base is not None else []) + roles
-        self.cache_bytes = min(CACHE_BYTES, plan.budget // 4)
+        self.device, self.uploader = device, Uploader(device)
+        # a tensor read more than once is kept (on a GPU up to a quarter of the budget; on the CPU 64 MB)
+        self.cache_bytes = plan.budget // 4 if device.type == "cuda" else min(CACHE_BYTES, plan.budget // 4)
         self.checked: set[str] = set(t.name for t in plan.tensors) if allow_nonfinite else set()
 
     def input_bytes(self, tensors=None) -> int:
@@ -64,15 +56,19 @@ class Merger:
             model_thr = self._model_thresholds(progress)
             if journal:
                 journal.thresholds(model_thr)
+        on_done = (lambda t: journal.tensor_done(t.name, self.writer.sha256(t))) if journal else (lambda t: None)
+        self.output = Output(self.writer.write, on_done, threaded=self.device.type == "cuda", device=self.device)
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
             try:
-                self._run(bar, model_thr, journal, done)
+                self._run(bar, model_thr, done)
             except BaseException:
                 bar.leave = False  # the error line alone, no half-full bar above it
+                self.output.close()
                 raise
+            self.output.close()
 
-    def _run(self, bar, model_thr, journal, done) -> None:
+    def _run(self, bar, model_thr, done) -> None:
         tensors = [t for t in self.plan.tensors if t.name not in done]
         bar.update(self.input_bytes() - self.input_bytes(tensors))
         for t, after in zip(tensors, tensors[1:] + [None]):
@@ -83,8 +79,7 @@ class Merger:
                 self._merge(t, bar.update, model_thr)
             else:
                 self._copy(t, bar.update)
-            if journal:
-                journal.tensor_done(t.name, self.writer.sha256(t))
+            self.output.tensor_done(t)
 
     def _model_thresholds(self, progress: bool) -> list[list[float]]:
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
@@ -103,21 +98,40 @@ class Merger:
         out_dtype = DTYPES[t.out_dtype]
         for a, z in t.chunks:
             x = self.ref.chunk(t.ref, a, z)
-            self.writer.write(t, a, x.to(out_dtype, copy=True))
+            self.output.write(t, a, x.to(out_dtype, copy=True))
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
 
     def _read(self, t: TensorPlan):
-        """(b, xs, offset) float32 chunks of tensor t; the first full read checks the values,
-        before any statistics use them."""
-        for a, z in t.chunks:
-            b = _float_chunk(self.base, t.name, a, z) if self.base is not None else None
-            xs = [_float_chunk(m, t.name, a, z) for m in self.experts]
-            if t.name not in self.checked:
-                for m, role, x in zip(self.inputs, self.input_roles, [b, *xs] if b is not None else xs):
-                    _check_finite(x, m, role, t.name)
+        """(b, xs, offset) float32 chunks of tensor t on the device. The first full read checks
+        the values once it holds the last chunk, before yielding it (one device sync per tensor):
+        before anything is journaled, before a statistics pass ends, and before a whole-tensor
+        method (one chunk) sees them."""
+        check = t.name not in self.checked
+        finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)   # per input, so far
+        for i, (a, z) in enumerate(t.chunks):
+            b = self._float_chunk(self.base, t, a, z) if self.base is not None else None
+            xs = [self._float_chunk(m, t, a, z) for m in self.experts]
+            if check:  # one flag updated in place: a list of per-chunk sums would fragment the heap
+                finite &= torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
+                if i == len(t.chunks) - 1:
+                    self._check_finite(t, finite.tolist())
             yield b, xs, a
         self.checked.add(t.name)
+
+    def _float_chunk(self, m: MappedModel, t: TensorPlan, a: int, z: int) -> torch.Tensor:
+        """float32 elements [a, z) of tensor t on the device; the mapped pages are released at once."""
+        entry = m.index.tensors[t.name]
+        x = self.uploader.float32(m.chunk(entry, a, z))
+        m.release(entry, a, z)
+        return x
+
+    def _check_finite(self, t: TensorPlan, finite_sums: list[bool]) -> None:
+        """A sum that is not finite (NaN, Inf, or an overflow) sends its input to the exact test."""
+        for m, role, ok in zip(self.inputs, self.input_roles, finite_sums):
+            if not ok and _nonfinite(m, m.index.tensors[t.name], t.chunks):
+                raise NonFinite(f"{role}: tensor {t.name} holds NaN or Inf values, in {m.index.tensors[t.name].file} "
+                                f"(pass --allow-nonfinite to merge it anyway)")
 
     def _merge(self, t: TensorPlan, done: Callable[[int], None], model_thr) -> None:
         name, shape, out_dtype = t.name, t.ref.shape, DTYPES[t.out_dtype]
@@ -128,8 +142,8 @@ class Merger:
         stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name, shape, model_thr)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
-            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape)
-            self.writer.write(t, a, out.to(out_dtype))
+            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape, out_dtype=out_dtype)
+            self.output.write(t, a, out.to(out_dtype))   # a no-op after a fused kernel
             done(per_elem * out.numel())
 
     def _has_stats(self, model_thr) -> bool:

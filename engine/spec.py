@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import methods
+import torch
+
+from .device import resolve_device
 from .errors import BadParameter
 from .plan import dtype_name, parse_size
 
@@ -28,6 +31,7 @@ class MergeSpec:
     progress: bool = True
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
     resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
+    device: str | torch.device = "auto"  # cpu, cuda[:N], or auto (CUDA when present)
     resolved: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -38,6 +42,7 @@ class MergeSpec:
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "memory_budget", parse_size(self.memory_budget))
+        set_(self, "device", resolve_device(str(self.device)))
         if self.memory_budget <= 0:
             raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)

@@ -3,15 +3,22 @@ Triton kernel of the same semantics. The backend is decided once, on first use (
 query at import): Triton for CUDA tensors when it is importable, the torch reference otherwise.
 `MBMERGE_KERNELS=torch|triton` overrides; with `TRITON_INTERPRET=1` the Triton kernels run on
 CPU tensors, which is how the tests compare the two.
+
+The fused merges `delta_merge`, `masked_stitch` and `tall_merge` (kernels/merge_triton.py) are
+Triton only: methods/fused.py calls them when `use_triton(device)`; they are loaded on first use
+(importing triton costs 0.24 s of start-up).
 """
 import functools
+import importlib
 import importlib.util
 import os
 
 import torch
 
 from . import dare
-from .select import kth_largest_abs  # noqa: F401  (histogram passes; torch ops run on any device)
+from .select import kth_largest_abs  # noqa: F401  (histogram passes: torch's bincount or hist_triton)
+
+_TRITON_ONLY = ("delta_merge", "masked_stitch", "tall_merge", "MAX_ELECT_EXPERTS")
 
 
 @functools.cache
@@ -29,14 +36,23 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(device: torch.device) -> bool:
-    return backend() == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+def use_triton(device) -> bool:
+    """Whether tensors on `device` go to the Triton kernels: the Triton backend, and CUDA (or any
+    device under TRITON_INTERPRET=1, the CPU interpreter)."""
+    return backend() == "triton" and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
     """float32 uniforms of tl.rand(seed, start + arange(n)), from either backend."""
     device = torch.device(device)
-    if _use_triton(device):
+    if use_triton(device):
         from .dare_triton import uniform_triton
         return uniform_triton(seed, start, n, device)
     return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))
+
+
+def __getattr__(name: str):
+    # kernels.delta_merge etc.: merge_triton (and triton) imported on first use
+    if name in _TRITON_ONLY:
+        return getattr(importlib.import_module(".merge_triton", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,17 +41,36 @@ def _lo_keys(v: torch.Tensor, top: int) -> torch.Tensor:
 def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest key, rank of that key among the bin's members), k >= 1."""
     from_top = hist.flip(0).cumsum(0)                              # [bins] count of keys >= bin
-    i = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    i = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype, device=from_top.device)))
     above = int(from_top[i - 1]) if i > 0 else 0
     return hist.numel() - 1 - i, k - above
 
 
-def _histograms(chunks, keys, args: list, bins: int) -> list[torch.Tensor]:
-    total = [torch.zeros(bins, dtype=torch.int64) for _ in args]
+def _histograms(chunks, tops: list[int | None]) -> list[torch.Tensor]:
+    """Per series, the int64 histogram, on the data's device, of its hi keys (top None) or of
+    its lo keys in bin `top`, over every chunk: Triton's atomics or torch.bincount."""
+    from . import use_triton      # the package's dispatch; it imports this module first
+    bins = [HI_BINS if top is None else LO_BINS + 2 for top in tops]
+    total, fast = [], False
     for vs in chunks():
-        for h, v, arg in zip(total, vs, args):
-            h += torch.bincount(keys(v, *arg), minlength=bins).to(h.device)
-    return total
+        if not total:
+            fast = use_triton(vs[0].device)
+            total = [_zeros(n, v.device, fast) for n, v in zip(bins, vs)]
+        for h, v, top in zip(total, vs, tops):
+            if fast:
+                from .hist_triton import accumulate_
+                accumulate_(h, v, top)
+            else:
+                h[0] += torch.bincount(_hi_keys(v) if top is None else _lo_keys(v, top), minlength=h.shape[1])
+    return [h.sum(0) for h in total] if total else [torch.zeros(n, dtype=torch.int64) for n in bins]
+
+
+def _zeros(bins: int, device: torch.device, fast: bool) -> torch.Tensor:
+    """[rows, bins] int64 zeros: one row for torch.bincount, hist_triton's replicas for Triton."""
+    if fast:
+        from .hist_triton import zeros
+        return zeros(bins, device)
+    return torch.zeros(1, bins, dtype=torch.int64, device=device)
 
 
 def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
@@ -70,13 +89,12 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
     wanted = [i for i, k in enumerate(ks) if k]
     if not wanted:                       # nothing to rank: no pass over the data
         return [[] for _ in ks]
-    hi = _histograms(lambda: ([vs[i] for i in wanted] for vs in chunks()), _hi_keys, [()] * len(wanted), HI_BINS)
+    hi = _histograms(lambda: ([vs[i] for i in wanted] for vs in chunks()), [None] * len(wanted))
     picks = {(i, k): pick(h, k) for i, h in zip(wanted, hi) for k in ks[i]}
     # the low pass needs one histogram per (series, top bin); a k-th largest that is Inf/NaN
     # (inputs only get here with --allow-nonfinite) gives +inf
     bins = sorted({(i, top) for (i, _), (top, _) in picks.items() if top < INF_BIN})
-    lo = _histograms(lambda: ([vs[i] for i, _ in bins] for vs in chunks()), _lo_keys,
-                     [(top,) for _, top in bins], LO_BINS + 2) if bins else []
+    lo = _histograms(lambda: ([vs[i] for i, _ in bins] for vs in chunks()), [top for _, top in bins]) if bins else []
     lo = dict(zip(bins, lo))
     thr = {}
     for (i, k), (top, rank) in picks.items():

@@ -17,7 +17,7 @@ import torch
 
 from .. import kernels
 from ..engine.errors import BadParameter
-from . import dare, linear, masks, ties as _ties
+from . import dare, fused as _fused, linear, masks, ties as _ties
 from . import stock as _stock, svd as _svd
 from . import breadcrumbs as _breadcrumbs, della as _della, magmax as _magmax
 from ._blocks import CHUNK_ALIGN, deltas  # noqa: F401  (the engine aligns chunks to CHUNK_ALIGN)
@@ -112,6 +112,7 @@ class Method:
     trim: str = "none"            # none | magnitude | random | mask
     elect: str = "none"           # none | sign
     summary: str = ""
+    fused: Callable | None = None  # fused(b, xs, *, <params>, <stats>, out_dtype) -> chunk | None, Triton (fused.py)
 
 
 def _trim_ranks(*, density: list[float], n: int) -> list[list[int]]:
@@ -129,26 +130,27 @@ def _localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
 
 REGISTRY = {m.name: m for m in [
     Method("linear", linear.apply_linear, (WEIGHTS, _normalize(True)),
-           "https://arxiv.org/abs/2203.05482", needs_base=False,
+           "https://arxiv.org/abs/2203.05482", needs_base=False, fused=_fused.linear,
            summary="weighted average of the experts (model soup)"),
     Method("task_arithmetic", linear.apply_task_arithmetic, (WEIGHTS, SCALE, _normalize(False)),
-           "https://arxiv.org/abs/2212.04089", summary="b + lam * sum_i w_i d_i"),
+           "https://arxiv.org/abs/2212.04089", fused=_fused.task_arithmetic,
+           summary="b + lam * sum_i w_i d_i"),
     Method("ties", _ties.apply, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE),
-           "https://arxiv.org/abs/2306.01708", ranks=_trim_ranks, trim="magnitude", elect="sign",
+           "https://arxiv.org/abs/2306.01708", ranks=_trim_ranks, trim="magnitude", elect="sign", fused=_fused.ties,
            summary="trim to top-rho magnitudes, elect sign, disjoint merge"),
     Method("dare_linear", dare.apply_linear, (WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
-           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random",
+           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", fused=_fused.dare_linear,
            summary="random drop with rescale, then task arithmetic"),
     Method("dare_ties", dare.apply_ties, (WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
-           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", elect="sign",
+           "https://arxiv.org/abs/2311.03099", stats=dare.stats, trim="random", elect="sign", fused=_fused.dare_ties,
            summary="random drop with rescale, then TIES sign election"),
     # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
     Method("breadcrumbs", _breadcrumbs.apply_linear, (WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE),
-           "https://arxiv.org/abs/2312.06795", ranks=_breadcrumbs.ranks, trim="magnitude",
+           "https://arxiv.org/abs/2312.06795", ranks=_breadcrumbs.ranks, trim="magnitude", fused=_fused.breadcrumbs,
            summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task arithmetic"),
     Method("breadcrumbs_ties", _breadcrumbs.apply_ties,
            (WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE), "https://arxiv.org/abs/2312.06795",
-           ranks=_breadcrumbs.ranks, trim="magnitude", elect="sign",
+           ranks=_breadcrumbs.ranks, trim="magnitude", elect="sign", fused=_fused.breadcrumbs_ties,
            summary="drop the top-gamma outliers and the smallest |d|, keep rho; then TIES sign election"),
     Method("della", _della.apply_ties,
            (WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED), "https://arxiv.org/abs/2406.11617",
@@ -176,10 +178,11 @@ REGISTRY = {m.name: m for m in [
            summary="Iso-C on a common subspace plus per-task orthogonal subspaces"),
     # -- masks
     Method("consensus", masks.consensus, (WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE),
-           "https://arxiv.org/abs/2405.07813", ranks=_consensus_ranks, trim="mask",
+           "https://arxiv.org/abs/2405.07813", ranks=_consensus_ranks, trim="mask", fused=_fused.consensus,
            summary="TALL masks; keep what at least k tasks claim of the multi-task vector"),
     Method("localize_stitch", masks.localize_stitch, (SPARSITY, _scope("model")),
            "https://arxiv.org/abs/2408.13656", ranks=_localize_ranks, trim="magnitude", keep_base=EMBEDDINGS,
+           fused=_fused.localize_stitch,
            summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged"),
 ]}
 
@@ -270,8 +273,15 @@ def statistics(method: Method, params: dict, chunks: Callable, numel: int, key: 
 
 
 def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, key: str,
-                shape: tuple) -> torch.Tensor:
-    """The merged float32 chunk for inputs starting at element `offset` of tensor `key`."""
+                shape: tuple, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The merged chunk for inputs (any float dtype) starting at element `offset` of tensor `key`:
+    out_dtype from the method's fused Triton kernel where kernels.use_triton, else float32 from the
+    torch method on float32 inputs; the caller casts to out_dtype either way (a no-op after a kernel)."""
+    if method.fused is not None and kernels.use_triton(xs[0].device):
+        out = _call(method.fused, b, xs, offset=offset, key=key, shape=shape, out_dtype=out_dtype, **params, **stats)
+        if out is not None:
+            return out.view(xs[0].shape)
+    b, xs = (b.float() if b is not None else None), [x.float() for x in xs]     # no copy when float32
     return _call(method.apply, b, xs, offset=offset, key=key, shape=shape, **params, **stats)
 
 

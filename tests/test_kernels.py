@@ -1,6 +1,7 @@
-"""Kernels against independent references: radix select against torch.kthvalue, the Philox
-uniforms against Triton's own tl.rand (run by Triton's CPU interpreter), DARE against a plain
-reference built on those uniforms."""
+"""Kernels against independent references: radix select against torch.kthvalue (its histograms
+from torch.bincount or, with both_impls, the Triton kernel), the Philox uniforms against Triton's
+own tl.rand (run by Triton's CPU interpreter), DARE against a plain reference built on those
+uniforms. The fused merges are in test_kernels_fused.py."""
 import pytest
 import torch
 import triton
@@ -51,7 +52,7 @@ def test_kth_largest_matches_kthvalue(n, k):
     assert kth_largest_abs(lambda: [[v]], [[k]]) == [[_kth(v, k)]]
 
 
-def test_kth_largest_with_ties_zeros_and_several_series():
+def test_kth_largest_with_ties_zeros_and_several_series(both_impls):
     ties = torch.tensor([0.5, -0.5, 0.5, 0.25, 0.0, -0.0])
     zeros = torch.zeros(6)
     sub = torch.tensor([1e-40, -3e-41, 2e-45, 0.0, 1.0, -2.0])     # subnormals order by bits too
@@ -60,12 +61,12 @@ def test_kth_largest_with_ties_zeros_and_several_series():
     assert got == [[_kth(ties, 2), _kth(ties, 4)], [_kth(zeros, 3)], [_kth(sub, 4), _kth(sub, 1)]]
 
 
-def test_kth_largest_skips_series_without_ranks():
+def test_kth_largest_skips_series_without_ranks(both_impls):
     v = torch.tensor([1.0, -3.0, 2.0])
     assert kth_largest_abs(lambda: [[torch.full((3,), float("nan")), v]], [[], [2]]) == [[], [2.0]]
 
 
-def test_kth_largest_of_nonfinite_values_is_inf():
+def test_kth_largest_of_nonfinite_values_is_inf(both_impls):
     v = torch.tensor([float("nan"), float("inf"), 1.0, 2.0])
     assert kth_largest_abs(lambda: [[v, v]], [[1], [3]]) == [[float("inf")], [2.0]]      # NaN > Inf > 2 > 1
 

@@ -1,0 +1,76 @@
+"""The fused Triton paths of the element-wise methods: one adapter per method maps its parameters
+and statistics to one kernels.* call (kernels/merge_triton.py) that reads each input once, in its
+stored dtype, and writes the merged chunk once, in out_dtype. The torch methods stay the
+references and the CPU path; `apply_chunk` calls an adapter when `kernels.use_triton(device)`.
+An adapter returns None where its kernel does not cover the parameters: the torch method runs.
+"""
+from .. import kernels
+from ..kernels.dare import expert_seed
+
+
+def _div(weights: list[float], normalize: bool) -> float:
+    return sum(weights) if normalize else 1.0      # the references' `tau /= sum(weights)`
+
+
+def _lo(thr: list[list[float]]) -> list[float | None]:
+    """TIES and localize_stitch thresholds thr_i = [t] (or [], keep all) as band lower bounds."""
+    return [t[0] if t else None for t in thr]
+
+
+def _band(thr: list[list[float]]) -> dict:
+    """Breadcrumbs thresholds thr_i = [hi, lo] (or [], keep all) as band bounds."""
+    return {"hi": [t[0] if t else None for t in thr], "lo": [t[1] if t else None for t in thr]}
+
+
+def _elects(xs) -> bool:
+    return len(xs) <= kernels.MAX_ELECT_EXPERTS
+
+
+def _random(xs, density, seed, key, offset, gain) -> dict:
+    """DARE's keep masks: seeds per expert, as methods.dare._kept."""
+    return {"trim": "random", "density": density, "gain": gain, "offset": offset,
+            "seeds": [expert_seed(seed, key, i) for i in range(len(xs))]}
+
+
+def linear(b, xs, *, weights, normalize, out_dtype):
+    return kernels.delta_merge(None, xs, weights=weights, scale=1.0, div=_div(weights, normalize), out_dtype=out_dtype)
+
+
+def task_arithmetic(b, xs, *, weights, scale, normalize, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize), out_dtype=out_dtype)
+
+
+def ties(b, xs, *, weights, scale, consensus, aggregate, thr, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, trim="band", lo=_lo(thr), elect=consensus,
+                               aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
+
+
+def breadcrumbs(b, xs, *, weights, scale, normalize, thr, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize), trim="band",
+                               **_band(thr), out_dtype=out_dtype)
+
+
+def breadcrumbs_ties(b, xs, *, weights, scale, consensus, aggregate, thr, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, trim="band", **_band(thr), elect=consensus,
+                               aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
+
+
+def dare_linear(b, xs, *, weights, scale, normalize, density, seed, key, offset, gain, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize),
+                               **_random(xs, density, seed, key, offset, gain), out_dtype=out_dtype)
+
+
+def dare_ties(b, xs, *, weights, scale, consensus, aggregate, density, seed, key, offset, gain, out_dtype):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, **_random(xs, density, seed, key, offset, gain),
+                               elect=consensus, aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
+
+
+def localize_stitch(b, xs, *, thr, out_dtype):
+    return kernels.masked_stitch(b, xs, lo=_lo(thr), out_dtype=out_dtype)
+
+
+def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, out_dtype):
+    """TALL masks over task arithmetic only; mtl='ties' runs the torch method."""
+    if mtl != "ta":
+        return None
+    return kernels.tall_merge(b, xs, weights=weights, tall_lambda=tall_lambda, k=k, scale=scale, out_dtype=out_dtype)
