@@ -4,8 +4,9 @@ CUDA: each input chunk is copied from the mapped file into a pinned buffer (the 
 reads the file) and sent to the device on a side stream; the compute stream waits for that copy
 only. The CPU thread returns at once to read the next chunk while the device still merges this
 one, so reading, transfers and compute overlap. Merged chunks come back into pinned buffers and
-a writer thread (Output) writes them. Memory is fixed: SLOTS pinned buffers of SLOT_BYTES each
-way, and the device tensors of the chunks in flight (bounded by --memory-budget).
+a writer thread (Output) writes them. Memory is fixed: pinned buffers of SLOT_BYTES, two per
+input (a chunk is read while the previous one's copies run) and SLOTS for the output, and the
+device tensors of the chunks in flight (bounded by --memory-budget).
 CPU: chunks are float32 copies of the mapped bytes; nothing is staged.
 """
 import queue
@@ -16,8 +17,8 @@ import torch
 
 from .errors import BadParameter
 
-SLOT_BYTES = 32 << 20   # one pinned buffer; a larger chunk travels in pieces
-SLOTS = 4               # per direction: the CPU fills one while the copies of the others run
+SLOT_BYTES = 16 << 20   # one pinned buffer; a larger chunk travels in pieces
+SLOTS = 4               # output buffers: the device fills one while the writer empties the others
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -48,12 +49,12 @@ def _pieces(n_bytes: int, itemsize: int) -> list[tuple[int, int]]:
 class Uploader:
     """float32 copies of mapped input chunks on the compute device."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, n_inputs: int):
         self.device = device
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
-            self.slots = [torch.empty(SLOT_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(SLOTS)]
-            self.copied = [None] * SLOTS   # the event of each slot's last copy to the device
+            self.slots = [torch.empty(SLOT_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2 * n_inputs)]
+            self.copied = [None] * len(self.slots)   # the event of each slot's last copy to the device
             self.next = 0
 
     def float32(self, view: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class Uploader:
             stored = torch.empty(view.shape, dtype=view.dtype, device=self.device)
         raw, dst = view.view(torch.uint8), stored.view(torch.uint8)
         for a, z in _pieces(raw.numel(), 1):
-            i, self.next = self.next, (self.next + 1) % SLOTS
+            i, self.next = self.next, (self.next + 1) % len(self.slots)
             if self.copied[i] is not None:
                 self.copied[i].synchronize()           # the slot's previous copy has left it
             slot = self.slots[i][:z - a]

@@ -48,6 +48,8 @@ def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
     if use_triton(device):
         from .dare_triton import uniform_triton
         return uniform_triton(seed, start, n, device)
+    if device.type == "cpu":
+        return dare.uniform_cpu(seed, start, n)
     return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))
 
 
