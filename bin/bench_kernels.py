@@ -8,7 +8,6 @@ on a known GPU, its HBM peak. On CUDA with the Triton backend this times the fus
 over the engine's float32 chunks.
 """
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def _timed(fn, device: torch.device, repeat: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(n_bytes: int, device: torch.device, repeat: int) -> float:
