@@ -47,7 +47,7 @@ def _pieces(n_bytes: int, itemsize: int) -> list[tuple[int, int]]:
 
 
 class Uploader:
-    """float32 copies of mapped input chunks on the compute device."""
+    """Copies of mapped input chunks on the compute device."""
 
     def __init__(self, device: torch.device, n_inputs: int):
         self.device = device
@@ -57,11 +57,11 @@ class Uploader:
             self.copied = [None] * len(self.slots)   # the event of each slot's last copy to the device
             self.next = 0
 
-    def float32(self, view: torch.Tensor) -> torch.Tensor:
-        """A float32 copy of `view` (a mapped CPU tensor) on the device; once this returns, the
-        mapped pages are no longer needed."""
+    def load(self, view: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """A copy of `view` (a mapped CPU tensor) on the device, as float32 or in its stored dtype;
+        once this returns, the mapped pages are no longer needed."""
         if self.device.type == "cpu":
-            return view.to(torch.float32, copy=True)
+            return view.to(torch.float32, copy=True) if float32 else view.clone()
         with torch.cuda.stream(self.stream):
             stored = torch.empty(view.shape, dtype=view.dtype, device=self.device)
         raw, dst = view.view(torch.uint8), stored.view(torch.uint8)
@@ -78,7 +78,7 @@ class Uploader:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self.stream)
         stored.record_stream(compute)                  # freed only after the compute stream used it
-        return stored.float()
+        return stored.float() if float32 else stored
 
 
 class Output:

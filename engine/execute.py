@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .. import methods
+from .. import kernels, methods
 from .errors import NonFinite
 from .header import DTYPES
 from .journal import Journal
@@ -104,16 +104,17 @@ class Merger:
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
 
-    def _read(self, t: TensorPlan):
-        """(b, xs, offset) float32 chunks of tensor t on the device. The first full read checks
+    def _read(self, t: TensorPlan, stored: bool = False):
+        """(b, xs, offset) chunks of tensor t on the device, float32 (or, with `stored`, in the
+        dtype they are stored in, for a fused kernel to read as they are). The first full read checks
         the values once it holds the last chunk, before yielding it (one device sync per tensor):
         before anything is journaled, before a statistics pass ends, and before a whole-tensor
         method (one chunk) sees them."""
         check = t.name not in self.checked
         finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)   # per input, so far
         for i, (a, z) in enumerate(t.chunks):
-            b = self._float_chunk(self.base, t, a, z) if self.base is not None else None
-            xs = [self._float_chunk(m, t, a, z) for m in self.experts]
+            b = self._chunk(self.base, t, a, z, stored) if self.base is not None else None
+            xs = [self._chunk(m, t, a, z, stored) for m in self.experts]
             if check:  # one flag updated in place: a list of per-chunk sums would fragment the heap
                 finite &= torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
                 if i == len(t.chunks) - 1:
@@ -121,10 +122,10 @@ class Merger:
             yield b, xs, a
         self.checked.add(t.name)
 
-    def _float_chunk(self, m: MappedModel, t: TensorPlan, a: int, z: int) -> torch.Tensor:
-        """float32 elements [a, z) of tensor t on the device; the mapped pages are released at once."""
+    def _chunk(self, m: MappedModel, t: TensorPlan, a: int, z: int, stored: bool) -> torch.Tensor:
+        """Elements [a, z) of tensor t on the device; the mapped pages are released at once."""
         entry = m.index.tensors[t.name]
-        x = self.uploader.float32(m.chunk(entry, a, z))
+        x = self.uploader.load(m.chunk(entry, a, z), float32=not stored)
         m.release(entry, a, z)
         return x
 
@@ -137,7 +138,9 @@ class Merger:
 
     def _merge(self, t: TensorPlan, done: Callable[[int], None], model_thr) -> None:
         name, shape, out_dtype = t.name, t.ref.shape, DTYPES[t.out_dtype]
-        chunks = lambda: self._read(t)  # noqa: E731
+        # read once, by a fused kernel: the chunks stay in their stored dtype (half the bytes for bf16)
+        stored = self.method.fused is not None and kernels.use_triton(self.device) and not self._has_stats(model_thr)
+        chunks = lambda: self._read(t, stored)  # noqa: E731
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(chunks())  # small tensor: the statistics passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731

@@ -66,13 +66,14 @@ def test_output_bytes_do_not_depend_on_chunking(wide_family, tmp_path, method):
     assert runs["2GB"] == runs["100KB"]
 
 
-FUSED = [n for n in NAMES if mbmerge.methods.get(n).fused is not None]
+FUSED = [(n, {}) for n in NAMES if mbmerge.methods.get(n).fused is not None] + [("ties", {"sparsify_scope": "model"})]
 
 
-@pytest.mark.parametrize("method", FUSED)
-def test_the_engine_on_fused_kernels_writes_the_torch_methods_bytes(wide_family, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,params", FUSED)
+def test_the_engine_on_fused_kernels_writes_the_torch_methods_bytes(wide_family, tmp_path, monkeypatch, method, params):
     """The whole streamed merge (4096-element chunks, so DARE's offsets and per-tensor thresholds
-    are exercised) through the fused Triton kernels, interpreted, against the torch methods."""
+    are exercised) through the fused Triton kernels, interpreted, against the torch methods. Methods
+    that read a tensor once (task_arithmetic, linear, model-wide ranks) hand the kernels bf16 chunks."""
     from mbmerge import kernels
     p = wide_family["paths"]
     runs = {}
@@ -80,7 +81,7 @@ def test_the_engine_on_fused_kernels_writes_the_torch_methods_bytes(wide_family,
         monkeypatch.setenv("MBMERGE_KERNELS", impl)
         kernels.backend.cache_clear()
         out = mbmerge.merge(method, base=str(p["base"]), experts=[str(p[f"e{i}"]) for i in range(3)],
-                            out=tmp_path / impl, progress=False, memory_budget="100KB", device="cpu")
+                            out=tmp_path / impl, progress=False, memory_budget="100KB", device="cpu", **params)
         runs[impl] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
     kernels.backend.cache_clear()
     assert runs["torch"] == runs["triton"]
@@ -97,3 +98,21 @@ def test_docs_are_generated_from_the_registry():
     assert DOCS.read_text() == markdown(), "docs/methods.md is stale: run `mbmerge methods --markdown > docs/methods.md`"
     result = CliRunner().invoke(cli, ["methods"])
     assert result.exit_code == 0 and all(name in result.output for name in NAMES)
+
+
+@pytest.mark.parametrize("method,params,dtype", [("task_arithmetic", {}, torch.bfloat16),
+                                                 ("ties", {"sparsify_scope": "model"}, torch.bfloat16),
+                                                 ("ties", {}, torch.float32)])   # read twice: float32 kept
+def test_fused_kernels_read_chunks_in_their_stored_dtype_when_read_once(wide_family, tmp_path, monkeypatch,
+                                                                        method, params, dtype):
+    from mbmerge import kernels
+    from mbmerge.kernels import merge_triton
+    seen, real = set(), merge_triton.delta_merge
+    monkeypatch.setattr(merge_triton, "delta_merge", lambda b, xs, **kw: seen.add(xs[0].dtype) or real(b, xs, **kw))
+    monkeypatch.setenv("MBMERGE_KERNELS", "triton")
+    kernels.backend.cache_clear()
+    p = wide_family["paths"]
+    mbmerge.merge(method, base=str(p["base"]), experts=[str(p["e0"]), str(p["e1"])], out=tmp_path / "out",
+                  progress=False, memory_budget="100KB", device="cpu", **params)
+    kernels.backend.cache_clear()
+    assert seen == {dtype}
