@@ -40,10 +40,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def _pieces(n_bytes: int, itemsize: int) -> list[tuple[int, int]]:
-    """[a, z) element ranges of at most SLOT_BYTES each."""
+def _pieces(n: int, itemsize: int) -> list[tuple[int, int]]:
+    """[a, z) ranges of n elements, at most SLOT_BYTES each."""
     step = SLOT_BYTES // itemsize
-    return [(a, min(a + step, n_bytes // itemsize)) for a in range(0, n_bytes // itemsize, step)]
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 class Uploader:
@@ -103,7 +103,7 @@ class Output:
         if values.device.type == "cpu":
             return self._submit(("write", t, start, values, None, None))
         values = values.flatten()
-        for a, z in _pieces(values.numel() * values.element_size(), values.element_size()):
+        for a, z in _pieces(values.numel(), values.element_size()):
             slot = self._take_slot()
             host = slot[:(z - a) * values.element_size()].view(values.dtype)
             host.copy_(values[a:z], non_blocking=True)

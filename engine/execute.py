@@ -111,11 +111,12 @@ class Merger:
         before anything is journaled, before a statistics pass ends, and before a whole-tensor
         method (one chunk) sees them."""
         check = t.name not in self.checked
-        finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)   # per input, so far
+        if check:  # per input, so far: one flag updated in place (a list of per-chunk sums fragments the heap)
+            finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)
         for i, (a, z) in enumerate(t.chunks):
             b = self._chunk(self.base, t, a, z, stored) if self.base is not None else None
             xs = [self._chunk(m, t, a, z, stored) for m in self.experts]
-            if check:  # one flag updated in place: a list of per-chunk sums would fragment the heap
+            if check:
                 finite &= torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
                 if i == len(t.chunks) - 1:
                     self._check_finite(t, finite.tolist())

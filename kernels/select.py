@@ -49,28 +49,29 @@ def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def _histograms(chunks, tops: list[int | None]) -> list[torch.Tensor]:
     """Per series, the int64 histogram, on the data's device, of its hi keys (top None) or of
     its lo keys in bin `top`, over every chunk: Triton's atomics or torch.bincount."""
-    from . import use_triton      # the package's dispatch; it imports this module first
     bins = [HI_BINS if top is None else LO_BINS + 2 for top in tops]
-    total, fast = [], False
+    total = []
     for vs in chunks():
         if not total:
-            fast = use_triton(vs[0].device)
-            total = [_zeros(n, v.device, fast) for n, v in zip(bins, vs)]
+            add, zeros = _backend(vs[0].device)
+            total = [zeros(n, v.device) for n, v in zip(bins, vs)]
         for h, v, top in zip(total, vs, tops):
-            if fast:
-                from .hist_triton import accumulate_
-                accumulate_(h, v, top)
-            else:
-                h[0] += torch.bincount(_hi_keys(v) if top is None else _lo_keys(v, top), minlength=h.shape[1])
+            add(h, v, top)
     return [h.sum(0) for h in total] if total else [torch.zeros(n, dtype=torch.int64) for n in bins]
 
 
-def _zeros(bins: int, device: torch.device, fast: bool) -> torch.Tensor:
-    """[rows, bins] int64 zeros: one row for torch.bincount, hist_triton's replicas for Triton."""
-    if fast:
-        from .hist_triton import zeros
-        return zeros(bins, device)
-    return torch.zeros(1, bins, dtype=torch.int64, device=device)
+def _backend(device: torch.device):
+    """(accumulate_(hist, v, top), zeros(bins, device)): hist_triton's for the Triton backend (its
+    [replicas, bins] histograms), else torch.bincount into one [1, bins] row."""
+    from . import use_triton      # the package's dispatch; it imports this module first
+    if use_triton(device):
+        from .hist_triton import accumulate_, zeros
+        return accumulate_, zeros
+    return _bincount_, lambda bins, device: torch.zeros(1, bins, dtype=torch.int64, device=device)
+
+
+def _bincount_(hist: torch.Tensor, v: torch.Tensor, top: int | None) -> None:
+    hist[0] += torch.bincount(_hi_keys(v) if top is None else _lo_keys(v, top), minlength=hist.shape[1])
 
 
 def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],

@@ -105,3 +105,10 @@ def test_nonfinite_input_named_after_the_last_chunk_is_read(wide_family, tmp_pat
                             "--out", tmp_path / "out", "--memory-budget", "100KB", "-q")
     assert code == 2 and f"tensor {name} holds NaN or Inf" in err and str(shard) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_chunks_travel_through_pinned_buffers_in_pieces_that_fit_one():
+    from mbmerge.engine.device import SLOT_BYTES, _pieces
+    per_slot = SLOT_BYTES // 2                                  # bf16 elements in one buffer
+    assert _pieces(2 * per_slot + 3, 2) == [(0, per_slot), (per_slot, 2 * per_slot), (2 * per_slot, 2 * per_slot + 3)]
+    assert _pieces(5, 1) == [(0, 5)] and _pieces(0, 4) == []
