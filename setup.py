@@ -5,7 +5,7 @@ folder is a subpackage: mbmerge.engine -> engine/, mbmerge.methods -> methods/, 
 """
 from setuptools import setup
 
-SUBPACKAGES = ["engine", "kernels", "methods", "eval", "bin"]
+SUBPACKAGES = ["engine", "kernels", "methods", "eval", "stats", "bin"]
 
 setup(
     name="mbmerge",

@@ -10,6 +10,7 @@ from ..engine.recipe import load_recipe
 from .bench import bench
 from .bench_kernels import bench_kernels
 from .method_docs import list_methods
+from .stats import data_kwargs, data_options, stats
 from .demo import demo
 from .evaluate import evaluate
 from .verify import verify
@@ -69,9 +70,15 @@ def _param_options(fn):
               help="Continue an interrupted merge of the same recipe and inputs into OUT.")
 @click.option("--device", default="auto", show_default=True,
               help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
+@click.option("--stats", "stats_dirs", help="fisher, regmean, localize_stitch_trained: one statistics folder per "
+              "expert, comma-separated (from `mbmerge stats`).")
+@click.option("--data", help="... or one data source per expert to collect them from (cached); default for "
+              "domain experts: each one's own domain.")
+@data_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
-          overwrite, resume, device, quiet, **params):
+          overwrite, resume, device, stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size,
+          stats_dtype, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
@@ -86,12 +93,19 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         for name, value in [("--method", method), ("--experts", experts)]:
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
-        experts = [e.strip() for e in experts.split(",") if e.strip()]
+        experts = _listed(experts) or []
     path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                         memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                        progress=not quiet, protocol=protocol, resume=resume, device=device, **given)
+                        progress=not quiet, protocol=protocol, resume=resume, device=device,
+                        stats=_listed(stats_dirs), data=_listed(data),
+                        data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
+                                                 stats_dtype), **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
+
+
+def _listed(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -109,6 +123,7 @@ cli.add_command(verify)
 cli.add_command(evaluate)
 cli.add_command(zoo)
 cli.add_command(demo)
+cli.add_command(stats)
 
 
 def main():

@@ -13,6 +13,7 @@ from .plan import CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
 from .resolve import DOMAINS, Source, is_domain, resolve
 from .spec import VERSION, MergeSpec
+from .statistics import open_statistics, read_card
 from .journal import JOURNAL, Journal, fingerprint, input_identity
 from .verify import input_changes, sha256_files
 from .write import (ShardWriter, check_output, copy_side_files, discard, missing_parents, output_lock,
@@ -22,7 +23,8 @@ from .write import (ShardWriter, check_output, copy_side_files, discard, missing
 def merge(method: str, *, experts, out, base: str | None = None, keep_base: str | None = None,
           dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
           overwrite: bool = False, progress: bool = True, protocol: str | None = None, resume: bool = True,
-          device: str = "auto", **params) -> Path:
+          device: str = "auto", stats: list | None = None, data: list | None = None, data_options: dict | None = None,
+          **params) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -39,6 +41,11 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         resume: continue an interrupted merge into `out` of the same recipe and inputs (its
             journal and checksums are checked); False starts over.
         device: where the merge computes: "cpu", "cuda", "cuda:N", or "auto" (CUDA when present).
+        stats: data-aware methods (fisher, regmean, localize_stitch_trained): one statistics folder per
+            expert, as `mbmerge stats` writes them.
+        data: or one data source per expert (a zoo domain, a JSON/JSONL file, a hub dataset) to collect
+            them from, cached (default for domain experts: each one's own domain data).
+        data_options: how to read the data: split, data_format, max_length, batch_size, seed, dtype.
         params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
     Returns:
         the output folder.
@@ -46,7 +53,8 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
     spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
-                     allow_nonfinite, overwrite, progress, protocol, resume, device)
+                     allow_nonfinite, overwrite, progress, protocol, resume, device,
+                     tuple(stats) if stats else None, tuple(data) if data else None, data_options or {})
     return run(spec)
 
 
@@ -66,6 +74,35 @@ def _sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
     if base is None and methods.get(spec.method).needs_base:
         raise BadParameter(f"method {spec.method} needs a base model (--base)")
     return base, [resolve(e, f"expert {e}", spec.base) for e in spec.experts]
+
+
+def statistics_folders(spec: MergeSpec, base: Source | None, experts: list[Source]) -> list[Path]:
+    """Each expert's statistics folder: given (--stats), or collected from its data (--data; by
+    default, for domain experts, its own domain), once, into the cache."""
+    method = methods.get(spec.method)
+    if spec.stats:
+        return [Path(f) for f in spec.stats]
+    data = spec.data or default_data(spec)
+    if data is None:
+        raise BadParameter(f"method {spec.method} needs each expert's {method.statistic.kind} statistics: "
+                           f"--stats DIR,... (from `mbmerge stats`) or --data SOURCE,... to collect them")
+    if len(data) != len(experts):
+        raise BadParameter(f"{len(data)} data source(s) for {len(experts)} experts; give one per expert")
+    from ..stats.collect import collect_cached  # runs models: transformers is imported only here
+    params = {k: spec.resolved[k] for k in method.statistic.collect}
+    return [collect_cached(method.statistic.kind, s.path, src, base=base.path if base else None,
+                           params={k: v[i] if isinstance(v, list) else v for k, v in params.items()},
+                           device=spec.device, progress=spec.progress, **spec.data_options)
+            for i, (s, src) in enumerate(zip(experts, data))]
+
+
+def default_data(spec: MergeSpec) -> tuple[str, ...] | None:
+    """Domain experts' own data: the zoo's domain for the built-in family, MergeBench's `_val` set
+    (MergeBench/<domain>_val) for a hub family."""
+    if not all(is_domain(e) for e in spec.experts):
+        return None
+    names = [DOMAINS[e.lower()] for e in spec.experts]
+    return tuple(names) if spec.base is None else tuple(f"MergeBench/{d}_val" for d in names)
 
 
 def run(spec: MergeSpec) -> Path:
@@ -93,7 +130,9 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base, span=method.span,
                      preferred=GPU_CHUNK if spec.device.type == "cuda" else CPU_CHUNK)
-    identity = input_identity([ix for ix in [base_index, *indexes] if ix is not None])
+    stat_indexes = (open_statistics(method, statistics_folders(spec, base, experts), [s.role for s in experts], plan)
+                    if method.statistic else [])
+    identity = input_identity([ix for ix in [base_index, *indexes, *stat_indexes] if ix is not None])
     fp = fingerprint(spec.recipe(), plan, identity)
     tmp = partial_folder(spec.out)
     resumed = Journal.resume(tmp, fp, plan) if spec.resume else None
@@ -105,13 +144,14 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
     try:
         base_map = MappedModel(base_index) if base_index else None
         expert_maps = [MappedModel(ix) for ix in indexes]
-        maps = [m for m in [base_map, *expert_maps] if m is not None]
+        stat_maps = [MappedModel(ix) for ix in stat_indexes]
+        maps = [m for m in [base_map, *expert_maps, *stat_maps] if m is not None]
         writer, journal = ShardWriter(tmp, plan, fresh=resumed is None), Journal(tmp, fp, fresh=resumed is None)
         try:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
             Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-                   spec.allow_nonfinite, spec.device).run(spec.progress, journal, done, model_thr)
+                   spec.allow_nonfinite, spec.device, stat_maps).run(spec.progress, journal, done, model_thr)
         finally:
             writer.close()
             journal.close()
@@ -121,6 +161,8 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
         write_index(tmp, plan)
         copy_side_files(ref_index.folder, tmp, spec.dtype)
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
+        if stat_indexes:
+            record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
         record.update(resumed_tensors=len(done), inputs=identity,
                       sha256=sha256_files(tmp, [s.name for s in plan.shards] + [INDEX_FILE] * plan.sharded))
         write_card(tmp, record)

@@ -31,8 +31,10 @@ class Merger:
 
     def __init__(self, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
                  experts: list[MappedModel], roles: list[str], writer: ShardWriter,
-                 allow_nonfinite: bool = False, device: torch.device = torch.device("cpu")):
+                 allow_nonfinite: bool = False, device: torch.device = torch.device("cpu"),
+                 statistics: list[MappedModel] | None = None):
         self.plan, self.method, self.params = plan, method, params
+        self.statistics = statistics or []   # per expert, its data statistics (a data-aware method)
         self.experts, self.roles, self.writer = experts, roles, writer
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None
@@ -145,12 +147,28 @@ class Merger:
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(chunks())  # small tensor: the statistics passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
-        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name, shape, model_thr)
+        whole = self.method.statistic is not None and self.method.statistic.whole
+        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name, shape, model_thr,
+                                   aux=[self._statistic(m, t, whole=True) for m in self.statistics] if whole else None)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
-            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape, out_dtype=out_dtype)
+            aux = [self._statistic(m, t, a, a + xs[0].numel()) for m in self.statistics] if self.statistics \
+                and not whole else None
+            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape, out_dtype=out_dtype,
+                                      aux=aux)
             self.output.write(t, a, out.to(out_dtype))   # a no-op after a fused kernel
             done(per_elem * out.numel())
+
+    def _statistic(self, m: MappedModel, t: TensorPlan, a: int = 0, z: int | None = None, whole: bool = False):
+        """Elements [a, z) of an expert's statistic of tensor t on the device (all of it, in its own
+        shape, when whole); None when it has none (e.g. no Gram for a norm)."""
+        entry = m.index.tensors.get(t.name)
+        if entry is None:
+            return None
+        z = entry.numel if whole else z
+        x = self.uploader.load(m.chunk(entry, a, z), float32=True)
+        m.release(entry, a, z)
+        return x.view(entry.shape) if whole else x
 
     def _has_stats(self, model_thr) -> bool:
         """Whether a tensor is read more than once (statistics passes before apply)."""

@@ -32,6 +32,9 @@ class MergeSpec:
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
     resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
     device: str | torch.device = "auto"  # cpu, cuda[:N], or auto (CUDA when present)
+    stats: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
+    data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from
+    data_options: dict = field(default_factory=dict)  # split, data_format, max_length, batch_size, ...
     resolved: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -53,6 +56,11 @@ class MergeSpec:
         set_(self, "resolved", methods.resolve_params(method, n, {**chosen, **self.params}))
         if self.keep_base is None:
             set_(self, "keep_base", keep_default)
+        if (self.stats or self.data) and method.statistic is None:
+            raise BadParameter(f"method {self.method} uses no data statistics; --stats/--data are for "
+                               f"{', '.join(m.name for m in methods.REGISTRY.values() if m.statistic)}")
+        if self.stats and self.data:
+            raise BadParameter("give --stats (collected statistics) or --data (collect them), not both")
         if self.keep_base:
             try:
                 re.compile(self.keep_base)

@@ -20,6 +20,7 @@ beats the base by +0.3..+0.55 and merging all five keeps ~65% normalised perform
 arithmetic scale 0.4; TIES density 0.2, scale 1.0, mergebench protocol), against ~43% for v1.
 This module knows nothing of merging; `bin/zoo.py` is its command line.
 """
+import contextlib
 import json
 import math
 import os
@@ -249,7 +250,8 @@ def build_zoo(family: str = "llama", size: str = "full", cache: Path | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _build(tmp, family, SIZES[size], size, progress)
+        with quiet_transformers():
+            _build(tmp, family, SIZES[size], size, progress)
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
     finally:
@@ -257,17 +259,26 @@ def build_zoo(family: str = "llama", size: str = "full", cache: Path | None = No
     return root
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and loading bars off (our own progress says what happens), restored after."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        bars and hf_logging.enable_progress_bar()
+
+
 def _build(out: Path, family: str, s: Size, size_name: str, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     timings, losses, seeds = {}, {}, {"base": 0}
     try:
         t0 = time.perf_counter()
@@ -315,8 +326,6 @@ def _build(out: Path, family: str, s: Size, size_name: str, progress: bool) -> N
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
-        hf_logging.set_verbosity(verbosity)
-        bars and hf_logging.enable_progress_bar()
 
 
 def _save(model, folder: Path) -> None:

@@ -20,6 +20,7 @@ from ..engine.errors import BadParameter
 from . import dare, fused as _fused, linear, masks, ties as _ties
 from . import stock as _stock, svd as _svd
 from . import breadcrumbs as _breadcrumbs, della as _della, magmax as _magmax
+from . import data_aware as _data
 from ._blocks import CHUNK_ALIGN, deltas  # noqa: F401  (the engine aligns chunks to CHUNK_ALIGN)
 
 
@@ -82,6 +83,28 @@ COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank
                         fraction=True)
 
 
+# collected with the statistics (mbmerge stats), not used by apply
+SAMPLES = Param("samples", 1000, "statistics: examples of each expert's data (MergeBench: 1000)")
+FISHER_LABELS = Param("fisher", "sampled", "fisher: labels sampled from the expert (true Fisher) or the gold "
+                      "ones (empirical)", choices=("sampled", "empirical"))
+REDUCTION = Param("reduction", 0.5, "regmean: alpha, the factor on the Grams' off-diagonal entries "
+                  "(MergeBench's RegMean 0.5, RegMean++ 0.1)")
+SIGMOID_BIAS = Param("sigmoid_bias", 3.0, "localize_stitch_trained: mask logits start at +-this")
+MASK_LR = Param("lr", 1e8, "localize_stitch_trained: step on the mask logits (raw gradients are tiny)")
+EPOCHS = Param("epochs", 1, "localize_stitch_trained: passes over the data, one mask update each")
+L1 = Param("l1", 0.0, "localize_stitch_trained: L1 pull of the masks towards 0 (MergeBench: 0)")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """What a data-aware method needs of each expert beyond its weights (see mbmerge.stats)."""
+    kind: str                     # fisher | gram | mask: what `mbmerge stats --kind` collects
+    whole: bool                   # the method's stats() takes the whole statistic tensor (a Gram
+                                  # [in, in]); otherwise apply gets chunks aligned with the weight's
+    every_tensor: bool            # every merged tensor has one (Grams: only linear weights)
+    collect: tuple[str, ...]      # the parameters that belong to collecting it
+
+
 def _normalize(default: bool) -> Param:
     return Param("normalize", default, "divide by the sum of weights")
 
@@ -113,6 +136,7 @@ class Method:
     elect: str = "none"           # none | sign
     summary: str = ""
     fused: Callable | None = None  # fused(b, xs, *, <params>, <stats>, out_dtype) -> chunk | None, Triton (fused.py)
+    statistic: Statistic | None = None  # data-aware: per-expert statistics streamed beside the weights
 
 
 def _trim_ranks(*, density: list[float], n: int) -> list[list[int]]:
@@ -184,6 +208,19 @@ REGISTRY = {m.name: m for m in [
            "https://arxiv.org/abs/2408.13656", ranks=_localize_ranks, trim="magnitude", keep_base=EMBEDDINGS,
            fused=_fused.localize_stitch,
            summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged"),
+    # -- data-aware: statistics of each expert on its own data (mbmerge stats)
+    Method("fisher", _data.fisher, (WEIGHTS, SAMPLES, FISHER_LABELS), "https://arxiv.org/abs/2111.09832",
+           needs_base=False, keep_base=EMBEDDINGS, statistic=Statistic("fisher", False, True, ("samples", "fisher")),
+           summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its data"),
+    Method("regmean", _data.regmean, (REDUCTION, SAMPLES), "https://arxiv.org/abs/2212.09849",
+           stats=_data.regmean_stats, span="row", needs_base=False, keep_base=EMBEDDINGS,
+           statistic=Statistic("gram", True, False, ("samples",)),
+           summary="per linear layer the weights minimising the experts' output gaps on their data (Grams)"),
+    Method("localize_stitch_trained", _data.localize_stitch_trained,
+           (SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES), "https://arxiv.org/abs/2408.13656",
+           keep_base=EMBEDDINGS,
+           statistic=Statistic("mask", False, True, ("sparsity", "sigmoid_bias", "lr", "epochs", "l1", "samples")),
+           summary="Localize-and-Stitch with masks trained on each expert's data, overlaps averaged"),
 ]}
 
 
@@ -208,6 +245,12 @@ def get(name: str) -> Method:
     if name not in REGISTRY:
         raise BadParameter(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def collection_params(kind: str) -> dict[str, Param]:
+    """The parameters of collecting statistics of KIND (fisher, gram, mask), by name."""
+    return {p.name: p for m in REGISTRY.values() if m.statistic and m.statistic.kind == kind
+            for p in m.params if p.name in m.statistic.collect}
 
 
 def check_experts(method: Method, n: int) -> None:
@@ -261,32 +304,35 @@ def model_scope(method: Method, params: dict) -> bool:
 
 
 def statistics(method: Method, params: dict, chunks: Callable, numel: int, key: str, shape: tuple,
-               thr: list | None = None) -> dict:
+               thr: list | None = None, aux: list | None = None) -> dict:
     """What apply needs of one tensor: thresholds (given, when model-wide, or computed here) and
-    the method's own statistics; chunks() yields (b, xs, offset) float32 chunks."""
+    the method's own statistics; chunks() yields (b, xs, offset) float32 chunks; aux: per expert,
+    its whole data statistic of this tensor (None where it has none), for a Statistic.whole method."""
     out = {}
     if method.ranks is not None:
         out["thr"] = thr if thr is not None else thresholds(method, params, chunks, numel)
     if method.stats is not None:
-        out.update(_call(method.stats, chunks, numel=numel, key=key, shape=shape, **params))
+        out.update(_call(method.stats, chunks, numel=numel, key=key, shape=shape, aux=aux, **params))
     return out
 
 
 def apply_chunk(method: Method, params: dict, stats: dict, b, xs, offset: int, key: str,
-                shape: tuple, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                shape: tuple, out_dtype: torch.dtype = torch.float32, aux: list | None = None) -> torch.Tensor:
     """The merged chunk for inputs (any float dtype) starting at element `offset` of tensor `key`:
     out_dtype from the method's fused Triton kernel where kernels.use_triton, else float32 from the
-    torch method on float32 inputs; the caller casts to out_dtype either way (a no-op after a kernel)."""
+    torch method on float32 inputs; the caller casts to out_dtype either way (a no-op after a kernel).
+    aux: per expert, the same chunk of its data statistic (a method with a Statistic not `whole`)."""
     if method.fused is not None and kernels.use_triton(xs[0].device):
         out = _call(method.fused, b, xs, offset=offset, key=key, shape=shape, out_dtype=out_dtype, **params, **stats)
         if out is not None:
             return out.view(xs[0].shape)
     b, xs = (b.float() if b is not None else None), [x.float() for x in xs]     # no copy when float32
-    return _call(method.apply, b, xs, offset=offset, key=key, shape=shape, **params, **stats)
+    aux = [a.float() for a in aux] if aux is not None else None
+    return _call(method.apply, b, xs, offset=offset, key=key, shape=shape, aux=aux, **params, **stats)
 
 
 def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, key: str = "",
-                  thr: list | None = None, **params) -> torch.Tensor:
+                  thr: list | None = None, stats: list | None = None, **params) -> torch.Tensor:
     """Merge whole tensors in memory with a registered method; returns b's (or x_0's) dtype.
 
     Args:
@@ -295,27 +341,36 @@ def merge_tensors(name: str, b: torch.Tensor | None, xs: list[torch.Tensor], *, 
         xs: the experts' tensors, same shape as b.
         key: the tensor's name; seeds DARE's keep masks, so the engine's output is reproduced.
         thr: magnitude thresholds ranked elsewhere (see merge_state_dicts); default: this tensor's.
+        stats: data-aware methods: per expert, its statistic of this tensor (a Fisher diagonal, a
+            Gram [in, in] or None, a 0/1 mask), as mbmerge.stats collects them.
         params: method parameters, e.g. density=0.2, weights=[0.3, 0.7].
     Example:
         >>> merge_tensors("ties", b, [x1, x2], density=0.2)
+        >>> merge_tensors("fisher", None, [x1, x2], stats=[f1, f2])
     """
     method = get(name)
     if method.needs_base and b is None:
         raise BadParameter(f"method {name} needs a base tensor")
     check_experts(method, len(xs))
+    if method.statistic is not None and (stats is None or len(stats) != len(xs)):
+        raise BadParameter(f"method {name} needs one statistic per expert (stats=[...])")
     p = resolve_params(method, len(xs), params)
     like = b if b is not None else xs[0]
     bf = b.float().flatten() if b is not None else None
     xf = [x.float().flatten() for x in xs]
-    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key, tuple(like.shape), thr)
-    return apply_chunk(method, p, s, bf, xf, 0, key, tuple(like.shape)).view(like.shape).to(like.dtype)
+    whole = method.statistic is not None and method.statistic.whole
+    s = statistics(method, p, lambda: [(bf, xf, 0)], like.numel(), key, tuple(like.shape), thr,
+                   aux=stats if whole else None)
+    aux = [a.flatten() for a in stats] if stats is not None and not whole else None
+    return apply_chunk(method, p, s, bf, xf, 0, key, tuple(like.shape), aux=aux).view(like.shape).to(like.dtype)
 
 
 def merge_state_dicts(name: str, base: dict | None, experts: list[dict], *, keep_base: str | None = None,
-                      **params) -> dict:
+                      stats: list[dict] | None = None, **params) -> dict:
     """Merge in-memory state dicts ({name: tensor}) as the engine merges model folders: floating
     tensors merged (those matching keep_base, default the method's, copied from the base), others
-    copied, and sparsify_scope="model" ranking over every merged tensor.
+    copied, and sparsify_scope="model" ranking over every merged tensor. stats: data-aware methods,
+    per expert a state dict of its statistics (tensors without one, e.g. norms for RegMean, absent).
 
     Example:
         >>> merge_state_dicts("ties", base_sd, [sd1, sd2], density=0.2, sparsify_scope="model")
@@ -332,8 +387,9 @@ def merge_state_dicts(name: str, base: dict | None, experts: list[dict], *, keep
         thr = thresholds(method, p, chunks, sum(ref[k].numel() for k in merged))
     out = {k: v.clone() for k, v in ref.items()}
     for k in merged:
+        aux = [sd.get(k) for sd in stats] if stats is not None else None
         out[k] = merge_tensors(name, base[k] if base is not None else None, [x[k] for x in experts], key=k,
-                               thr=thr, **params)
+                               thr=thr, stats=aux, **params)
     return out
 
 

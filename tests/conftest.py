@@ -112,7 +112,8 @@ def read_model(folder: Path) -> dict[str, torch.Tensor]:
 def family(tmp_path_factory):
     """A tiny Llama family on disk: base + experts math, code, ifeval (bf16, 2 shards).
 
-    Returns a dict: folder paths under 'paths', and the bf16-rounded float32 tensors under 'tensors'.
+    Returns a dict: folder paths under 'paths', the bf16-rounded float32 tensors under 'tensors', and
+    synthetic data statistics under 'stats' ({kind: {expert: (folder, tensors)}}).
     """
     root = tmp_path_factory.mktemp("family")
     base = base_tensors()
@@ -120,7 +121,43 @@ def family(tmp_path_factory):
                                for name, seed in [("math", 1), ("code", 2), ("ifeval", 3)]}}
     paths = {name: write_model(root / name, t) for name, t in models.items()}
     rounded = {name: {n: v.to(torch.bfloat16).float() for n, v in t.items()} for name, t in models.items()}
-    return {"paths": paths, "tensors": rounded, "root": root}
+    return {"paths": paths, "tensors": rounded, "root": root, "stats": _stats_of(root, models)}
+
+
+def synthetic_stats(kind: str, tensors: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Statistics of the right shapes for a data-aware method, made up (the maths is tested on them,
+    not their origin): Fisher diagonals >= 0 with some zeros (the 1e-10 floor), Grams X^T X / n of
+    random X for every 2-D tensor (none for the others, as for norms), random 0/1 masks."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, t in tensors.items():
+        if kind == "fisher":
+            out[n] = torch.randn(t.shape, generator=g).square() * (torch.rand(t.shape, generator=g) > 0.1)
+        elif kind == "mask":
+            out[n] = (torch.rand(t.shape, generator=g) < 0.3).to(torch.uint8)
+        elif t.dim() == 2:
+            x = torch.randn(3 * t.shape[1], t.shape[1], generator=g) * torch.rand(t.shape[1], generator=g)
+            out[n] = x.T @ x / x.shape[0]
+    return out
+
+
+def write_stats(folder: Path, kind: str, stats: dict) -> Path:
+    """A statistics folder as `mbmerge stats` writes one (safetensors and card), by the safetensors library."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: v.contiguous() for n, v in stats.items()}, str(folder / "model.safetensors"))
+    (folder / "mbmerge-stats.json").write_text(json.dumps({"kind": kind}))
+    return folder
+
+
+def _stats_of(root: Path, models: dict) -> dict:
+    """{kind: {expert: (folder, tensors)}} for every kind and every expert of a fixture family."""
+    out = {}
+    for kind in ("fisher", "gram", "mask"):
+        out[kind] = {}
+        for i, (name, t) in enumerate((k, v) for k, v in models.items() if k != "base"):
+            stats = synthetic_stats(kind, t, 100 + i)
+            out[kind][name] = (write_stats(root / "stats" / kind / name, kind, stats), stats)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +166,7 @@ def wide_family(tmp_path_factory):
     in one): [96, 200] (row-span chunks of 20 rows), 1-D [5000] (one row), [3, 5, 700], [7, 700]
     (5 rows a chunk) and a small [40, 33]. Base + experts e0, e1, e2 (bf16, 2 shards), each expert
     with a shared direction (so model_stock's cosines are not ~0) and sparse larger deltas.
-    Returns {'paths': folders, 'tensors': the bf16-rounded float32 tensors}, like `family`."""
+    Returns {'paths', 'tensors', 'stats'}, like `family`."""
     root = tmp_path_factory.mktemp("wide")
     g = torch.Generator().manual_seed(11)
     base = {"a.weight": torch.randn(96, 200, generator=g) * 0.05, "b.weight": 1 + 0.1 * torch.randn(5000, generator=g),
@@ -140,7 +177,8 @@ def wide_family(tmp_path_factory):
         common = 0.02 * torch.randn(1, generator=g)
         models[f"e{i}"] = {n: v + common * base[n] for n, v in expert_tensors(base, 20 + i).items()}
     paths = {name: write_model(root / name, t) for name, t in models.items()}
-    return {"paths": paths, "tensors": {k: {n: v.bfloat16().float() for n, v in t.items()} for k, t in models.items()}}
+    return {"paths": paths, "tensors": {k: {n: v.bfloat16().float() for n, v in t.items()} for k, t in models.items()},
+            "stats": _stats_of(root, models)}
 
 
 @pytest.fixture(scope="session")

@@ -26,10 +26,19 @@ def _experts(method):
     return ["math", "code", "ifeval"][:m.max_experts or 3]
 
 
-def _merge(family, tmp_path, method, name="out", **kw):
-    p = family["paths"]
-    return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in _experts(method)],
-                         out=tmp_path / name, progress=False, **kw)
+def _stats(family, method, experts):
+    """Data-aware methods: the fixture's statistics folders and tensors for these experts."""
+    st = mbmerge.methods.get(method).statistic
+    if st is None:
+        return None, None
+    pairs = [family["stats"][st.kind][e] for e in experts]
+    return [str(folder) for folder, _ in pairs], [tensors for _, tensors in pairs]
+
+
+def _merge(family, tmp_path, method, name="out", experts=None, **kw):
+    p, experts = family["paths"], experts or _experts(method)
+    return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in experts],
+                         out=tmp_path / name, progress=False, stats=_stats(family, method, experts)[0], **kw)
 
 
 @pytest.mark.parametrize("method", NAMES)
@@ -39,12 +48,14 @@ def test_engine_equals_the_library_function_and_transformers_loads_it(family, tm
     out = _merge(family, tmp_path, method, **scope)
     got, t = read_model(out), family["tensors"]
     keep = mbmerge.methods.get(method).keep_base
+    stats = _stats(family, method, _experts(method))[1]
     for name, b in t["base"].items():
         if keep and re.search(keep, name):
             want = b.to(torch.bfloat16)
         else:
             want = mbmerge.methods.merge_tensors(method, b.to(torch.bfloat16),
-                                                 [t[e][name].to(torch.bfloat16) for e in _experts(method)], key=name)
+                                                 [t[e][name].to(torch.bfloat16) for e in _experts(method)], key=name,
+                                                 stats=[s.get(name) for s in stats] if stats else None)
         assert torch.equal(got[name], want), name
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -55,12 +66,10 @@ def test_engine_equals_the_library_function_and_transformers_loads_it(family, tm
 @pytest.mark.parametrize("method", [n for n in NAMES if mbmerge.methods.get(n).span != "tensor"])
 def test_output_bytes_do_not_depend_on_chunking(wide_family, tmp_path, method):
     params = {"rescale": "l1"} if "rescale" in {p.name for p in mbmerge.methods.get(method).params} else {}
-    p = wide_family["paths"]
-    experts = [str(p[f"e{i}"]) for i in range(mbmerge.methods.get(method).max_experts or 3)]
+    experts = [f"e{i}" for i in range(mbmerge.methods.get(method).max_experts or 3)]
     runs = {}
     for budget in ("2GB", "100KB"):                                  # 100KB: 4096-element chunks
-        out = mbmerge.merge(method, base=str(p["base"]), experts=experts, out=tmp_path / budget,
-                            progress=False, memory_budget=budget, **params)
+        out = _merge(wide_family, tmp_path, method, budget, experts, memory_budget=budget, **params)
         runs[budget] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
     assert json.loads((tmp_path / "100KB" / "mbmerge.json").read_text())["chunk_elements"] == 4096
     assert runs["2GB"] == runs["100KB"]

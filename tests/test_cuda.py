@@ -82,11 +82,13 @@ def test_fused_kernels_match_the_torch_methods(name, params, dtype):
 @pytest.mark.parametrize("method", sorted(methods.REGISTRY))
 def test_merges_on_the_gpu_equal_merges_on_the_cpu(wide_family, tmp_path, method):
     p = wide_family["paths"]
-    experts = [str(p[e]) for e in ["e0", "e1", "e2"][:methods.get(method).max_experts or 3]]
+    names = ["e0", "e1", "e2"][:methods.get(method).max_experts or 3]
+    st = methods.get(method).statistic
+    stats = [str(wide_family["stats"][st.kind][e][0]) for e in names] if st else None
 
     def merge(device):
-        return mbmerge.merge(method, base=str(p["base"]), experts=experts, out=tmp_path / device,
-                             progress=False, memory_budget="100KB", device=device)
+        return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in names], out=tmp_path / device,
+                             progress=False, memory_budget="100KB", device=device, stats=stats)
     cpu, gpu = read_model(merge("cpu")), read_model(merge("cuda"))
     assert cpu.keys() == gpu.keys()
     for k in cpu:

@@ -1,0 +1,132 @@
+"""Collecting one expert's statistics: load the model (one at a time, never all experts), read and
+tokenize its data, run the collector, write the statistics folder with a card, and cache it by
+(kind, input files, data, parameters) so a merge with --data collects each expert once.
+
+| kind   | collector          | model run              | tensors written                               |
+|--------|--------------------|------------------------|-----------------------------------------------|
+| fisher | fisher.fisher      | the expert, fwd + bwd  | F per parameter (embeddings excepted)         |
+| gram   | gram.gram          | the expert, forward    | X^T X / tokens per linear weight, [in, in]    |
+| mask   | mask.train_mask    | b + sigmoid(S) d       | 0/1 mask per parameter (embeddings excepted)  |
+"""
+import hashlib
+import json
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine.device import resolve_device
+from ..engine.errors import BadParameter
+from ..engine.index import TensorIndex
+from ..engine.journal import input_identity
+from ..engine.plan import parse_size
+from ..engine.read import MappedModel
+from ..engine.spec import VERSION
+from ..engine.statistics import STATS_CARD
+from ..engine.synthetic import cache_dir
+from ..eval.zoo import quiet_transformers
+from ..engine.errors import MissingTensor
+from ..methods import EMBEDDINGS, collection_params
+from . import data as datasets
+from .fisher import fisher
+from .gram import gram
+from .mask import train_mask
+from .store import StatsWriter
+
+KINDS = ("fisher", "gram", "mask")
+BATCH = {"fisher": 1, "gram": 8, "mask": 8}  # fisher: one example per backward, the exact per-example Fisher
+
+
+def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None = None, params: dict | None = None,
+            split: str = "validation", data_format: str | None = None, max_length: int = 2048,
+            batch_size: int | None = None, seed: int = 0, dtype: str | None = None, device: str = "auto",
+            memory_budget: int | str = "4GB", overwrite: bool = False, progress: bool = True) -> Path:
+    """Statistics of KIND for MODEL (a folder) on DATA into OUT; see the module table. params: the
+    method's collection parameters (samples, fisher labels; mask: sparsity, sigmoid_bias, lr,
+    epochs, l1); mask needs the BASE the model was fine-tuned from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if kind not in KINDS:
+        raise BadParameter(f"unknown statistics kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "mask" and base is None:
+        raise BadParameter("mask statistics train on b + sigmoid(S) d: give the base (--base)")
+    p = {**{n: q.default for n, q in collection_params(kind).items()}, **(params or {})}
+    dev, budget = resolve_device(str(device)), parse_size(memory_budget)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    writer = StatsWriter(out, overwrite)
+    if progress:
+        print(f"mbmerge stats: {kind} of {model} on {data} ({p['samples']} examples)", file=sys.stderr, flush=True)
+    try:
+        started = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        template = datasets.default_template(data)
+        record = datasets.describe(data, split=split, n=p["samples"], seed=seed, data_format=data_format,
+                                   template=template, max_length=max_length)
+        examples = datasets.load_examples(data, split=split, n=p["samples"], seed=seed, data_format=data_format)
+        tok = AutoTokenizer.from_pretrained(model)
+        seqs = datasets.tokenize(examples, tok, template=template, max_length=max_length)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        batches = datasets.batches(seqs, batch_size or BATCH[kind], pad)
+        with quiet_transformers():
+            net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model)
+        net.to(dev, torch_dtype).eval()
+        names = [n for n, t in net.named_parameters() if t.is_floating_point() and not re.search(EMBEDDINGS, n)]
+        if kind == "fisher":
+            info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)
+        elif kind == "gram":
+            info = gram(net, batches, budget=budget, emit=writer)
+        else:
+            base_t, expert_t = _tensors(base, "base"), _tensors(model, "expert")
+            info = train_mask(net, base_t, expert_t, batches, names=names, sparsity=p["sparsity"],
+                              sigmoid_bias=p["sigmoid_bias"], lr=p["lr"], epochs=p["epochs"], l1=p["l1"], emit=writer)
+        card = {"kind": kind, "mbmerge_version": VERSION, "model": str(Path(model).resolve()),
+                "base": str(Path(base).resolve()) if base else None, "data": record,
+                "params": {k: p[k] for k in _used(kind)}, "dtype": str(torch_dtype).removeprefix("torch."),
+                "device": str(dev), "info": info, "seconds": round(time.perf_counter() - started, 3),
+                "model_bytes": sum(t.numel() * t.element_size() for t in net.parameters()),
+                "peak_rss_bytes": _peak_rss(),
+                **({"peak_gpu_bytes": torch.cuda.max_memory_allocated(dev)} if dev.type == "cuda" else {}),
+                "torch": torch.__version__}
+        return writer.publish(card, overwrite)
+    except BaseException:
+        writer.discard()
+        raise
+
+
+def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = None, params: dict | None = None,
+                   progress: bool = True, **options) -> Path:
+    """collect() into the cache (MBMERGE_CACHE/stats), or the folder a same-keyed call wrote before."""
+    key = {"kind": kind, "version": VERSION, "data": data, "params": {k: (params or {}).get(k) for k in _used(kind)},
+           "options": {k: str(v) for k, v in options.items()},
+           "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (model, base) if f is not None])}
+    if Path(data).is_file():
+        key["data_file"] = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = cache_dir() / "stats" / f"{kind}-{Path(model).name}-{digest}"
+    if (out / STATS_CARD).is_file():
+        return out
+    return collect(kind, model, data, out, base=base, params=params, progress=progress, overwrite=True, **options)
+
+
+def _used(kind: str) -> tuple[str, ...]:
+    return tuple(collection_params(kind))
+
+
+def _tensors(folder: Path, role: str):
+    """name -> float32 CPU tensor of a model folder, read through the engine's checked reader."""
+    m = MappedModel(TensorIndex.from_folder(Path(folder), role))
+
+    def get(name: str) -> torch.Tensor:
+        if name not in m.index.tensors:
+            raise MissingTensor(f"{folder}: no tensor {name}, a parameter of the model ({role})")
+        e = m.index.tensors[name]
+        return m.chunk(e, 0, e.numel).float().view(e.shape)
+    return get
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
