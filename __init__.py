@@ -5,6 +5,6 @@
     >>> mbmerge.methods.ties(b, [x1, x2], density=0.2)      # plain tensors, no files
 """
 # engine first: it imports methods, which need only engine.errors from it
-from .engine import MbmergeError, MergeSpec, merge  # noqa: F401
+from .engine import MbmergeError, MergeSpec, collect_statistics, merge  # noqa: F401
 from .engine.spec import VERSION as __version__  # noqa: F401
 from . import methods  # noqa: F401,E402

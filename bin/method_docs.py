@@ -42,6 +42,10 @@ def _row(m: methods.Method) -> str:
             f"{m.keep_base and '`embeddings`' or '-'} | [paper]({m.paper}) |")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def markdown() -> str:
     out = [INTRO, "| method | what it does | trim | sign | span | experts | kept at base | source |",
            "|---|---|---|---|---|---|---|---|", *(_row(m) for m in methods.REGISTRY.values()), ""]
@@ -50,9 +54,14 @@ def markdown() -> str:
         first, _, rest = doc.partition("\n")
         out += [f"## {first}", "", "```text", *[line.rstrip() for line in rest.strip("\n").splitlines()], "```", ""]
         for m in group:
-            out += [f"### {m.name}", "", f"{m.summary}. Experts: {_experts(m)}; chunks hold: {m.span}.", "",
-                    "| parameter | default | meaning |", "|---|---|---|"]
-            out += [f"| `--{p.name.replace('_', '-')}` | `{p.default}`{' per expert' if p.per_expert else ''} "
+            out += [f"### {m.name}", "", f"{m.summary}. Experts: {_experts(m)}; chunks hold: {m.span}.", ""]
+            if m.statistic:
+                out += [f"Needs each expert's `{m.statistic.kind}` statistics: `mbmerge stats --kind "
+                        f"{m.statistic.kind}` per expert, then `--stats DIR,...`; or `--data SOURCE,...` "
+                        f"collects them (cached). Collection parameters: "
+                        f"{', '.join(f'`{_flag(n)}`' for n in m.statistic.collect)}.", ""]
+            out += ["| parameter | default | meaning |", "|---|---|---|"]
+            out += [f"| `{_flag(p.name)}` | `{p.default}`{' per expert' if p.per_expert else ''} "
                     f"| {_cell(p.help)} |" for p in m.params]
             out.append("")
     return "\n".join(out)
@@ -69,4 +78,4 @@ def list_methods(as_markdown):
         click.echo(f"{m.name:16} {m.summary}  [trim: {m.trim}, sign: {m.elect}, span: {m.span}, "
                    f"experts: {_experts(m)}]  {m.paper}")
         for p in m.params:
-            click.echo(f"    --{p.name.replace('_', '-'):15} default {p.default!s:8} {p.help}")
+            click.echo(f"    {_flag(p.name):17} default {p.default!s:8} {p.help}")

@@ -10,6 +10,7 @@ from ..engine.api import default_family
 from ..engine.resolve import DOMAINS, is_domain, resolve
 
 KIND_PARAMS = {kind: methods.collection_params(kind) for kind in ("fisher", "gram", "mask")}
+ALL_PARAMS = {n: p for ps in KIND_PARAMS.values() for n, p in ps.items()}
 
 
 def data_options(fn):
@@ -35,8 +36,7 @@ def data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, sta
 
 
 def _collect_options(fn):
-    params = {p.name: p for ps in KIND_PARAMS.values() for p in ps.values()}
-    for p in reversed(list(params.values())):
+    for p in reversed(list(ALL_PARAMS.values())):
         kind = click.Choice(p.choices) if p.choices else type(p.default)
         fn = click.option("--" + p.name.replace("_", "-"), p.name, type=kind, help=p.help)(fn)
     return fn
@@ -59,9 +59,14 @@ def _collect_options(fn):
 def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, **kw):
     """Collect one expert's statistics on its data (one model in memory at a time)."""
     from ..stats.collect import collect
-    given = {k: kw.pop(k) for k in list(kw) if k in {n for ps in KIND_PARAMS.values() for n in ps}}
-    params = {k: KIND_PARAMS[kind][k].coerce(v, kind) for k, v in given.items() if v is not None and k in KIND_PARAMS[kind]}
-    params = {k: v[0] if isinstance(v, list) else v for k, v in params.items()}
+    params = {}
+    for name, value in [(n, kw.pop(n)) for n in ALL_PARAMS]:   # what is left in kw: the data options
+        if value is None:
+            continue
+        if name not in KIND_PARAMS[kind]:
+            raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --kind {kind}")
+        value = ALL_PARAMS[name].coerce(value, kind)
+        params[name] = value[0] if isinstance(value, list) else value   # one expert: one value
     if is_domain(ref) and base is None:
         zoo = default_family()
         model, base, data = zoo / DOMAINS[ref.lower()], str(zoo / "base"), data or DOMAINS[ref.lower()]

@@ -78,22 +78,32 @@ def _sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
 
 def statistics_folders(spec: MergeSpec, base: Source | None, experts: list[Source]) -> list[Path]:
     """Each expert's statistics folder: given (--stats), or collected from its data (--data; by
-    default, for domain experts, its own domain), once, into the cache."""
-    method = methods.get(spec.method)
+    default, for domain experts, its own domain)."""
     if spec.stats:
         return [Path(f) for f in spec.stats]
     data = spec.data or default_data(spec)
     if data is None:
-        raise BadParameter(f"method {spec.method} needs each expert's {method.statistic.kind} statistics: "
-                           f"--stats DIR,... (from `mbmerge stats`) or --data SOURCE,... to collect them")
+        raise BadParameter(f"method {spec.method} needs each expert's {methods.get(spec.method).statistic.kind} "
+                           f"statistics: --stats DIR,... (from `mbmerge stats`) or --data SOURCE,... to collect them")
+    return collect_statistics(spec.method, [s.path for s in experts], data, base=base.path if base else None,
+                              params=spec.resolved, device=spec.device, memory_budget=spec.memory_budget,
+                              progress=spec.progress, **spec.data_options)
+
+
+def collect_statistics(method: str, experts: list[Path], data: list[str], *, base: Path | None = None,
+                       params: dict | None = None, progress: bool = True, **options) -> list[Path]:
+    """The statistics a data-aware method needs of each expert folder, collected on its data source
+    (paired by position) into the cache, or found there. options: device, split, data_format,
+    max_length, batch_size, seed, dtype, memory_budget (see mbmerge.stats.collect)."""
+    m = methods.get(method)
     if len(data) != len(experts):
         raise BadParameter(f"{len(data)} data source(s) for {len(experts)} experts; give one per expert")
     from ..stats.collect import collect_cached  # runs models: transformers is imported only here
-    params = {k: spec.resolved[k] for k in method.statistic.collect}
-    return [collect_cached(method.statistic.kind, s.path, src, base=base.path if base else None,
-                           params={k: v[i] if isinstance(v, list) else v for k, v in params.items()},
-                           device=spec.device, progress=spec.progress, **spec.data_options)
-            for i, (s, src) in enumerate(zip(experts, data))]
+    p = methods.resolve_params(m, len(experts), params or {})
+    p = {k: v for k, v in p.items() if k in m.statistic.collect}
+    return [collect_cached(m.statistic.kind, Path(e), src, base=base, progress=progress,
+                           params={k: v[i] if isinstance(v, list) else v for k, v in p.items()}, **options)
+            for i, (e, src) in enumerate(zip(experts, data))]
 
 
 def default_data(spec: MergeSpec) -> tuple[str, ...] | None:

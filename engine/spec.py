@@ -86,4 +86,6 @@ class MergeSpec:
             parts += ["--keep-base", f"'{self.keep_base}'"]
         if self.dtype:
             parts += ["--dtype", self.dtype]
+        for flag, values in [("--stats", self.stats), ("--data", self.data)]:
+            parts += [flag, ",".join(values)] if values else []
         return " ".join(parts + ["--out", str(self.out)])

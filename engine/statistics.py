@@ -65,4 +65,5 @@ def _check(ix: TensorIndex, e: TensorEntry | None, weight: TensorEntry, method: 
     want = weight.shape if not method.statistic.whole else (weight.shape[-1],) * 2
     if e.shape != want or e.dtype not in STAT_DTYPES or (method.statistic.whole and len(weight.shape) != 2):
         raise ShapeMismatch(f"{e.file}: tensor {e.name} is {e.dtype}{list(e.shape)}; a {method.statistic.kind} "
-                            f"statistic of {weight.name} {list(weight.shape)} must be float{list(want)}")
+                            f"statistic of {weight.name} {list(weight.shape)} must be {list(want)}, of a float "
+                            f"or 0/1 dtype")

@@ -70,9 +70,9 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         seqs = datasets.tokenize(examples, tok, template=template, max_length=max_length)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         batches = datasets.batches(seqs, batch_size or BATCH[kind], pad)
-        with quiet_transformers():
-            net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model)
-        net.to(dev, torch_dtype).eval()
+        with quiet_transformers():  # loaded in the collecting dtype: a cast afterwards would hold both copies
+            net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model, torch_dtype=torch_dtype)
+        net.to(dev).eval()
         names = [n for n, t in net.named_parameters() if t.is_floating_point() and not re.search(EMBEDDINGS, n)]
         if kind == "fisher":
             info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)
@@ -84,7 +84,8 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
                               sigmoid_bias=p["sigmoid_bias"], lr=p["lr"], epochs=p["epochs"], l1=p["l1"], emit=writer)
         card = {"kind": kind, "mbmerge_version": VERSION, "model": str(Path(model).resolve()),
                 "base": str(Path(base).resolve()) if base else None, "data": record,
-                "params": {k: p[k] for k in _used(kind)}, "dtype": str(torch_dtype).removeprefix("torch."),
+                "params": {k: p[k] for k in collection_params(kind)},
+                "dtype": str(torch_dtype).removeprefix("torch."),
                 "device": str(dev), "info": info, "seconds": round(time.perf_counter() - started, 3),
                 "model_bytes": sum(t.numel() * t.element_size() for t in net.parameters()),
                 "peak_rss_bytes": _peak_rss(),
@@ -99,8 +100,9 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
 def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = None, params: dict | None = None,
                    progress: bool = True, **options) -> Path:
     """collect() into the cache (MBMERGE_CACHE/stats), or the folder a same-keyed call wrote before."""
-    key = {"kind": kind, "version": VERSION, "data": data, "params": {k: (params or {}).get(k) for k in _used(kind)},
-           "options": {k: str(v) for k, v in options.items()},
+    key = {"kind": kind, "version": VERSION, "data": data,
+           "params": {k: (params or {}).get(k) for k in collection_params(kind)},
+           "options": {k: str(v) for k, v in options.items() if k != "memory_budget"},  # changes passes, not values
            "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (model, base) if f is not None])}
     if Path(data).is_file():
         key["data_file"] = hashlib.sha256(Path(data).read_bytes()).hexdigest()
@@ -109,10 +111,6 @@ def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = Non
     if (out / STATS_CARD).is_file():
         return out
     return collect(kind, model, data, out, base=base, params=params, progress=progress, overwrite=True, **options)
-
-
-def _used(kind: str) -> tuple[str, ...]:
-    return tuple(collection_params(kind))
 
 
 def _tensors(folder: Path, role: str):

@@ -25,8 +25,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from mbmerge.engine.errors import BadParameter
-from mbmerge.stats.groups import Tally, device_of, measuring, on_device, pick, plan_groups
+from ..engine.errors import BadParameter
+from .groups import Tally, device_of, measuring, on_device, pick, plan_groups
 
 LABELS = ("sampled", "empirical")
 

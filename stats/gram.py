@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from mbmerge.engine.errors import BadModel, BadParameter
-from mbmerge.stats.groups import Tally, device_of, measuring, on_device, pick, plan_groups
+from ..engine.errors import BadModel, BadParameter
+from .groups import Tally, device_of, measuring, on_device, pick, plan_groups
 
 
 def gram(model: torch.nn.Module, batches: Callable[[], Iterable[dict]], *,

@@ -26,10 +26,11 @@ from math import floor
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..engine.errors import BadParameter
+from .fisher import log_likelihood
+from .groups import device_of, measuring, on_device
 
 
 def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str], torch.Tensor], batches,
@@ -61,26 +62,22 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
     S = {n: torch.where(delta(n).abs() >= t, sigmoid_bias, -sigmoid_bias).float() for n in names}
     init_kept = sum(int((s > 0).sum()) for s in S.values()) / numel
 
-    flags, training = {n: p.requires_grad for n, p in params.items()}, model.training
-    model.eval()
-    try:
-        _load(params, names, base, delta, lambda n: (S[n] > 0).float())
-        loss_init, examples, tokens = _mean_loss(model, batches)
-        for _ in range(epochs):
-            _load(params, names, base, delta, lambda n: torch.sigmoid(S[n]))
-            acc, count = _gradients(model, params, names, batches)
-            for n in names:      # g = acc / count: the mean over this epoch's target tokens
-                s = torch.sigmoid(S[n])
-                S[n] -= (lr * acc.pop(n).cpu().div_(count) * delta(n) + l1) * s * (1 - s)
-        _load(params, names, base, delta, lambda n: (S[n] > 0).float())
-        loss_final = _mean_loss(model, batches)[0]
-    finally:
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(base(n))
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        model.train(training)
+    with measuring(model):        # eval mode, flags restored; only _gradients unfreezes
+        try:
+            _load(params, names, base, delta, lambda n: (S[n] > 0).float())
+            loss_init, examples, tokens = _mean_loss(model, batches)
+            for _ in range(epochs):
+                _load(params, names, base, delta, lambda n: torch.sigmoid(S[n]))
+                acc, count = _gradients(model, params, names, batches)
+                for n in names:      # g = acc / count: the mean over this epoch's target tokens
+                    s = torch.sigmoid(S[n])
+                    S[n] -= (lr * acc.pop(n).cpu().div_(count) * delta(n) + l1) * s * (1 - s)
+            _load(params, names, base, delta, lambda n: (S[n] > 0).float())
+            loss_final = _mean_loss(model, batches)[0]
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(base(n))
     for n in names:
         emit(n, (S[n] > 0).to(torch.uint8))
     return {"examples": examples, "tokens": tokens, "seconds": time.perf_counter() - start,
@@ -97,20 +94,15 @@ def _load(params, names, base, delta, coef):
 
 def _batch_loss(model, batch):
     """(summed cross-entropy over the batch's target tokens, their count): HF's shifted labels."""
-    dev = model.get_input_embeddings().weight.device
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((labels != -100).sum())
+    ll, n = log_likelihood(model, batch, "empirical", None)
+    return -ll, n
 
 
 def _mean_loss(model, batches):
     """(mean loss per target token, examples, target tokens) over one pass of the data, no grad."""
     total, examples, tokens = 0.0, 0, 0
     with torch.no_grad():
-        for batch in batches():
+        for batch in on_device(batches, device_of(model)):
             loss, n = _batch_loss(model, batch)
             total, examples, tokens = total + float(loss), examples + len(batch["input_ids"]), tokens + n
     if not tokens:
@@ -130,16 +122,17 @@ def _gradients(model, params, names, batches) -> tuple[dict, int]:
             p.grad = None
         return hook
 
-    for p in params.values():
-        p.requires_grad_(False)
     handles = [params[n].requires_grad_(True).register_post_accumulate_grad_hook(fold(n)) for n in names]
     try:
-        for batch in batches():
-            loss, n = _batch_loss(model, batch)
+        for batch in on_device(batches, device_of(model)):
+            with torch.enable_grad():
+                loss, n = _batch_loss(model, batch)
             loss.backward()
             count += n
     finally:
         for h in handles:
             h.remove()
+        for n in names:
+            params[n].requires_grad_(False)
     # a parameter the loss does not reach has a zero gradient
     return {n: acc.get(n, torch.zeros_like(params[n], dtype=torch.float32)) for n in names}, count

@@ -98,3 +98,23 @@ def test_merges_on_the_gpu_equal_merges_on_the_cpu(wide_family, tmp_path, method
             assert _ulps(gpu[k], cpu[k]) <= 1, k
     card = json.loads((tmp_path / "cuda" / "mbmerge.json").read_text())
     assert card["device"].startswith("cuda") and card["peak_gpu_bytes"] > 0
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gram", "mask"])
+def test_statistics_collected_on_the_gpu_equal_those_collected_on_the_cpu(micro_zoo, tmp_path, kind):
+    """The collectors on CUDA (float32, so only summation order differs) against the CPU."""
+    from safetensors.torch import load_file
+    from mbmerge.stats.collect import collect
+
+    def run(device):
+        out = collect(kind, micro_zoo / "math", "math", tmp_path / device, base=micro_zoo / "base",
+                      params={"samples": 16, "lr": 1e6}, device=device, dtype="float32", progress=False)
+        card = json.loads((out / "mbmerge-stats.json").read_text())
+        return {k: v for f in sorted(out.glob("stats-*.safetensors")) for k, v in load_file(str(f)).items()}, card
+    (cpu, _), (gpu, card) = run("cpu"), run("cuda")
+    assert card["peak_gpu_bytes"] > 0 and cpu.keys() == gpu.keys()
+    for k in cpu:
+        if kind == "mask":  # a logit within rounding of 0 may flip
+            assert (cpu[k] != gpu[k]).float().mean() < 1e-3, k
+        else:
+            torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-3, atol=1e-9, msg=k)

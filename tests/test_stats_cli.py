@@ -112,3 +112,13 @@ def test_merge_with_data_stitches_the_trained_masks(zoo, tmp_path):
         want = b[name].float() + (d[0] * m[0] + d[1] * m[1]) / (m[0] + m[1]).clamp(min=1)
         torch.testing.assert_close(got[name].float(), want, msg=name)
     assert torch.equal(got["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_stats_command_refuses_options_of_another_kind_and_a_mask_without_base(micro_zoo, tmp_path, run_main):
+    code, _, err = run_main("stats", "--kind", "gram", "--model", micro_zoo / "math", "--data", "math",
+                            "--lr", "1", "--out", tmp_path / "a", "-q")
+    assert code == 2 and "--lr does not apply to --kind gram" in err and err.count("\n") == 1
+    code, _, err = run_main("stats", "--kind", "mask", "--model", micro_zoo / "math", "--data", "math",
+                            "--out", tmp_path / "b", "-q")
+    assert code == 2 and "--base" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
