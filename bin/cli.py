@@ -10,7 +10,9 @@ from ..engine.recipe import load_recipe
 from .bench import bench
 from .bench_kernels import bench_kernels
 from .method_docs import list_methods
+from .options import method_param_options
 from .stats import data_kwargs, data_options, stats
+from .tune import tune
 from .demo import demo
 from .evaluate import evaluate
 from .verify import verify
@@ -32,23 +34,6 @@ def cli():
     """Streaming merges of fine-tuned LLMs. Default command: merge."""
 
 
-def _param_options(fn):
-    """One click option per method parameter in the registry (shared names share an option)."""
-    seen = {}
-    for m in methods.REGISTRY.values():
-        for p in m.params:
-            seen.setdefault(p.name, p)
-    for p in reversed(list(seen.values())):
-        flag = "--" + p.name.replace("_", "-")
-        names = [flag, *p.aliases]
-        if isinstance(p.default, bool):
-            fn = click.option(f"{flag}/--no-{flag[2:]}", p.name, default=None, help=p.help)(fn)
-        else:
-            kind = click.Choice(p.choices) if p.choices else None
-            fn = click.option(*names, p.name, type=kind, help=p.help)(fn)
-    return fn
-
-
 @cli.command("merge")
 @click.option("--method", "-m", help="Merge method (see `mbmerge methods`).")
 @click.option("--experts", "-e", help="Comma-separated folders, hub ids or MergeBench domains.")
@@ -59,7 +44,7 @@ def _param_options(fn):
 @click.option("--protocol", type=click.Choice(sorted(methods.PROTOCOLS)),
               help="Set a benchmark's choices at once (mergebench: model-wide ranks, embeddings kept, "
                    "TIES sum, DARE 1/p).")
-@_param_options
+@method_param_options
 @click.option("--keep-base", help="Regex of tensor names copied from the base, e.g. 'embed_tokens|lm_head' "
               "('' merges all; default: the method's).")
 @click.option("--dtype", help="Output dtype of float tensors (default: as stored).")
@@ -75,10 +60,13 @@ def _param_options(fn):
 @click.option("--data", help="... or one data source per expert to collect them from (cached); default for "
               "domain experts: each one's own domain.")
 @data_options
+@click.option("--override", "overrides", nargs=2, multiple=True, metavar="REGEX 'K=V ...'",
+              help="For tensors matching REGEX (the first --override that does), these parameter values, "
+                   "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
           overwrite, resume, device, stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size,
-          stats_dtype, quiet, **params):
+          stats_dtype, overrides, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
@@ -97,11 +85,19 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
     path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                         memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
                         progress=not quiet, protocol=protocol, resume=resume, device=device,
-                        stats=_listed(stats_dirs), data=_listed(data),
+                        stats=_listed(stats_dirs), data=_listed(data), overrides=[_override(*o) for o in overrides],
                         data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
                                                  stats_dtype), **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
+
+
+def _override(pattern: str, values: str) -> tuple[str, dict]:
+    """('REGEX', 'k=v k=v') -> (REGEX, {k: v}); values stay strings, coerced with the method's params."""
+    pairs = [item.partition("=") for item in values.split()]
+    if not pairs or any(not k or not sep for k, sep, _ in pairs):
+        raise click.UsageError(f"--override {pattern!r} {values!r}: give the values as 'name=value name=value'")
+    return pattern, {k.replace("-", "_"): v for k, _, v in pairs}
 
 
 def _listed(text: str | None) -> list[str] | None:
@@ -124,6 +120,7 @@ cli.add_command(evaluate)
 cli.add_command(zoo)
 cli.add_command(demo)
 cli.add_command(stats)
+cli.add_command(tune)
 
 
 def main():

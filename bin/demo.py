@@ -34,11 +34,30 @@ def five_expert_methods() -> list[str]:
     return [m.name for m in methods.REGISTRY.values() if m.min_experts <= 5 <= (m.max_experts or 5)]
 
 
-def _row(model: str, kind: str, r: dict, stats_seconds: float | None = None) -> dict:
+def _row(model: str, kind: str, r: dict, stats_seconds: float | None = None, tuning: dict | None = None) -> dict:
+    """A report row; tuning: a tune record, whose merge and validation times replace the merge's own."""
+    merge_seconds = tuning["seconds"]["merge"] if tuning else (r["merge"] or {}).get("wall_seconds")
     return {"model": model, "kind": kind, "scores": {d: r["scores"].get(d) for d in DOMAINS},
             "general": r["scores"].get("general"), "normalised": r["normalised_performance"]["mean"],
-            "forgetting": r["forgetting"]["mean"],
-            "merge_seconds": (r["merge"] or {}).get("wall_seconds"), "stats_seconds": stats_seconds}
+            "forgetting": r["forgetting"]["mean"], "merge_seconds": merge_seconds, "stats_seconds": stats_seconds,
+            "validation_seconds": tuning["seconds"]["validation"] if tuning else None}
+
+
+TUNED = ("task_arithmetic", "ties", "dare_ties", "hi_merging")
+
+
+def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet):
+    """(name, tune record) of each method tuned on MergeBench's grid, or of Hi-Merging, on the
+    validation split of each expert's domain."""
+    from ..tune.hi_run import hi_merge
+    from ..tune.search import tune
+    kw = dict(experts=[str(zoo / d) for d in DOMAINS], base=str(zoo / "base"), validate=list(DOMAINS), limit=limit,
+              batch_size=batch_size, overwrite=True, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+    for name in names:
+        if name == "hi_merging":
+            yield name, hi_merge(out=out / "tuned" / name, max_evals=max_evals, **kw)
+        else:
+            yield name, tune(name, out=out / "tuned" / name, **kw)
 
 
 def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None, float | None]:
@@ -60,8 +79,12 @@ def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None
 @click.option("--limit", type=int, help="Evaluate on at most N examples per task.")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Zoo cache folder.")
+@click.option("--tune", "tuned", is_flag=True, help="Also tune methods on the validation split (MergeBench's "
+              "grids) and run Hi-Merging; adds their rows, with merge and validation times.")
+@click.option("--tune-methods", default=",".join(TUNED), show_default=True, help="--tune: which.")
+@click.option("--max-evals", default=240, show_default=True, help="--tune: Hi-Merging's evaluation budget.")
 @click.option("--quiet", "-q", is_flag=True)
-def demo(out, family, micro, names, limit, batch_size, cache, quiet):
+def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, quiet):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
@@ -77,6 +100,10 @@ def demo(out, family, micro, names, limit, batch_size, cache, quiet):
                          stats_seconds))
         if not quiet:
             click.echo(f"{name}: normalised performance {rows[-1]['normalised']:.3f}", err=True)
+    for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet)
+                         if tuned else []):
+        r = harness.report(out / "tuned" / name, zoo=zoo, limit=limit, batch_size=batch_size)
+        rows.append(_row(f"{name} (tuned)", "tuned", r, tuning=record))
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
     preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "
                f"parameters). Merges: all five experts, `--protocol mergebench`, MergeBench's example "

@@ -24,7 +24,7 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
           dtype: str | None = None, memory_budget: int | str = "2GB", allow_nonfinite: bool = False,
           overwrite: bool = False, progress: bool = True, protocol: str | None = None, resume: bool = True,
           device: str = "auto", stats: list | None = None, data: list | None = None, data_options: dict | None = None,
-          **params) -> Path:
+          overrides: list | None = None, **params) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -46,6 +46,8 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
         data: or one data source per expert (a zoo domain, a JSON/JSONL file, a hub dataset) to collect
             them from, cached (default for domain experts: each one's own domain data).
         data_options: how to read the data: split, data_format, max_length, batch_size, seed, dtype.
+        overrides: [(regex, {param: value}), ...]: for tensors whose name matches a regex (the first
+            that does), these values replace `params`, e.g. per layer: [("[.]layers[.]3[.]", {"scale": 0})].
         params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
     Returns:
         the output folder.
@@ -54,7 +56,8 @@ def merge(method: str, *, experts, out, base: str | None = None, keep_base: str 
     """
     spec = MergeSpec(method, tuple(experts), Path(out), base, params, keep_base, dtype, memory_budget,
                      allow_nonfinite, overwrite, progress, protocol, resume, device,
-                     tuple(stats) if stats else None, tuple(data) if data else None, data_options or {})
+                     tuple(stats) if stats else None, tuple(data) if data else None, data_options or {},
+                     tuple(overrides or ()))
     return run(spec)
 
 
@@ -65,7 +68,7 @@ def default_family() -> Path:
     return build_zoo("llama", os.environ.get("MBMERGE_ZOO_SIZE", "full"))
 
 
-def _sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
+def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
     if spec.base is None and all(is_domain(e) for e in spec.experts):
         family = default_family()  # no base and domain names: the mini zoo
         return (Source("built-in", family / "base", None, "base"),
@@ -130,7 +133,7 @@ def run(spec: MergeSpec) -> Path:
 
 def _run_locked(spec: MergeSpec, started: float) -> Path:
     method = methods.get(spec.method)
-    base, experts = _sources(spec)
+    base, experts = sources(spec)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
     ref_index = base_index or indexes[0]
@@ -161,7 +164,8 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
             Merger(plan, method, spec.resolved, base_map, expert_maps, [s.role for s in experts], writer,
-                   spec.allow_nonfinite, spec.device, stat_maps).run(spec.progress, journal, done, model_thr)
+                   spec.allow_nonfinite, spec.device, stat_maps, spec.resolved_overrides).run(
+                spec.progress, journal, done, model_thr)
         finally:
             writer.close()
             journal.close()
@@ -195,6 +199,7 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
+        **({"overrides": [list(o) for o in spec.resolved_overrides]} if spec.overrides else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),
         "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(spec.device),

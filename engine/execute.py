@@ -3,6 +3,7 @@ convert to float32, hand it to the method, cast, and write it in place. Statisti
 the method has any, re-read the chunks first. Knows nothing of the methods' maths or of file
 formats: inputs are MappedModels, the output a ShardWriter.
 """
+import re
 from typing import Callable
 
 import torch
@@ -32,8 +33,9 @@ class Merger:
     def __init__(self, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
                  experts: list[MappedModel], roles: list[str], writer: ShardWriter,
                  allow_nonfinite: bool = False, device: torch.device = torch.device("cpu"),
-                 statistics: list[MappedModel] | None = None):
+                 statistics: list[MappedModel] | None = None, overrides: tuple = ()):
         self.plan, self.method, self.params = plan, method, params
+        self.overrides = [(re.compile(pattern), p) for pattern, p in overrides]  # (regex, params): first match wins
         self.statistics = statistics or []   # per expert, its data statistics (a data-aware method)
         self.experts, self.roles, self.writer = experts, roles, writer
         self.ref = base if base is not None else experts[0]
@@ -148,13 +150,14 @@ class Merger:
             cached = list(chunks())  # small tensor: the statistics passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
         whole = self.method.statistic is not None and self.method.statistic.whole
-        stats = methods.statistics(self.method, self.params, chunks, t.ref.numel, name, shape, model_thr,
+        params = next((p for pattern, p in self.overrides if pattern.search(name)), self.params)
+        stats = methods.statistics(self.method, params, chunks, t.ref.numel, name, shape, model_thr,
                                    aux=[self._statistic(m, t, whole=True) for m in self.statistics] if whole else None)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
             aux = [self._statistic(m, t, a, a + xs[0].numel()) for m in self.statistics] if self.statistics \
                 and not whole else None
-            out = methods.apply_chunk(self.method, self.params, stats, b, xs, a, name, shape, out_dtype=out_dtype,
+            out = methods.apply_chunk(self.method, params, stats, b, xs, a, name, shape, out_dtype=out_dtype,
                                       aux=aux)
             self.output.write(t, a, out.to(out_dtype))   # a no-op after a fused kernel
             done(per_elem * out.numel())

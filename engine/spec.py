@@ -13,6 +13,14 @@ from .plan import dtype_name, parse_size
 VERSION = "0.1.0"
 
 
+def _regex(pattern: str, what: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise BadParameter(f"{what} {pattern!r} is not a regular expression ({e})") from None
+    return pattern
+
+
 @dataclass(frozen=True)
 class MergeSpec:
     """A merge recipe. `params` holds the user's method parameters; after construction,
@@ -35,7 +43,10 @@ class MergeSpec:
     stats: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
     data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from
     data_options: dict = field(default_factory=dict)  # split, data_format, max_length, batch_size, ...
+    overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
+                                        # values replace `params` for that tensor (e.g. per layer)
     resolved: dict = field(default_factory=dict, init=False)
+    resolved_overrides: tuple = field(default_factory=tuple, init=False)
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: derived fields are set once, here
@@ -54,6 +65,13 @@ class MergeSpec:
         chosen = methods.protocol_defaults(method, self.protocol)
         keep_default = chosen.pop("keep_base", method.keep_base)
         set_(self, "resolved", methods.resolve_params(method, n, {**chosen, **self.params}))
+        set_(self, "overrides", tuple((pattern, dict(values)) for pattern, values in self.overrides))
+        set_(self, "resolved_overrides", tuple(
+            (_regex(pattern, "an override"), methods.resolve_params(method, n, {**chosen, **self.params, **values}))
+            for pattern, values in self.overrides))
+        if self.overrides and methods.model_scope(method, self.resolved):
+            raise BadParameter("per-tensor overrides need --sparsify-scope tensor (model-wide ranks use one "
+                               "density for the whole model)")
         if self.keep_base is None:
             set_(self, "keep_base", keep_default)
         if (self.stats or self.data) and method.statistic is None:
@@ -62,16 +80,14 @@ class MergeSpec:
         if self.stats and self.data:
             raise BadParameter("give --stats (collected statistics) or --data (collect them), not both")
         if self.keep_base:
-            try:
-                re.compile(self.keep_base)
-            except re.error as e:
-                raise BadParameter(f"--keep-base {self.keep_base!r} is not a regular expression ({e})") from None
+            _regex(self.keep_base, "--keep-base")
 
     def recipe(self) -> dict:
         """What fixes the output bytes (an interrupted merge resumes only if this is unchanged)."""
         return {"mbmerge_version": VERSION, "method": self.method, "params": self.resolved, "base": self.base,
                 "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
-                "allow_nonfinite": self.allow_nonfinite}
+                "allow_nonfinite": self.allow_nonfinite,
+                **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
 
     def command(self) -> str:
         """The equivalent command line (for the model card)."""
@@ -88,4 +104,8 @@ class MergeSpec:
             parts += ["--dtype", self.dtype]
         for flag, values in [("--stats", self.stats), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []
+        for pattern, values in self.overrides:
+            given = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                             for k, v in values.items())
+            parts += ["--override", f"'{pattern}'", f"'{given}'"]
         return " ".join(parts + ["--out", str(self.out)])

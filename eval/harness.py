@@ -184,13 +184,15 @@ def _local(ref: str, role: str) -> Path:
 
 
 def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | None = None, limit=None,
-           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True) -> dict:
+           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test") -> dict:
     """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
     each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
-    from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache."""
+    from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache. split:
+    "validation" scores the tuning data instead (registry.plan); real families then have no
+    forgetting tasks."""
     from .metrics import forgetting, normalised_performance
     family = registry.family_of(family)
-    p = registry.plan(family, domains)
+    p = registry.plan(family, domains, split=split)
     domains = [d for d in p if d != registry.GENERAL]
     kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
               add_bos_token=bos_token(family), cache=cache)
@@ -201,8 +203,8 @@ def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | N
     for d in domains:
         ts = evaluate_tasks(_local(expert_refs[d], f"expert {d}"), p[d], **kw)
         expert_scores[d] = domain_scores({d: p[d]}, ts)[d]
-    general = [t.name for t in p[registry.GENERAL]]
-    base_tasks = evaluate_tasks(_local(base_ref, "base"), p[registry.GENERAL], **kw)
+    general = [t.name for t in p.get(registry.GENERAL, ())]
+    base_tasks = evaluate_tasks(_local(base_ref, "base"), p.get(registry.GENERAL, ()), **kw) if general else {}
     record = Path(model_dir) / "mbmerge.json"
     merge = None
     if record.exists():
@@ -210,7 +212,8 @@ def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | N
         merge = {"method": r.get("method"), "wall_seconds": r.get("wall_seconds")}
     return {
         "model": str(model_dir), "family": family,
-        "settings": {"limit": limit, "chat_template": chat_template, "batch_size": batch_size, "device": device},
+        "settings": {"limit": limit, "chat_template": chat_template, "batch_size": batch_size, "device": device,
+                     "split": split},
         "tasks": task_scores, "scores": scores,
         "skipped": sorted(t for t, v in task_scores.items() if v is None),
         "experts": {d: {"ref": expert_refs[d], "score": expert_scores[d]} for d in domains},

@@ -67,6 +67,17 @@ MERGEBENCH = {
 }
 
 
+# Validation ("surrogate") tasks for tuning on real families: MergeBench's scripts/validate.sh, as far as
+# lm-eval carries it. Its instruction row is the IFEval test task itself (as released); lambada_openai is
+# English; CoNaLa (coding) and WildJailbreak (safety) run in other harnesses, so those domains cannot be
+# validated here.
+VALIDATION = {
+    "instruction": (Task("ifeval", "inst_level_loose_acc,none", 0),),
+    "math": (Task("mmlu_stem", "acc,none", 0),),
+    "multilingual": (Task("lambada_openai", "acc,none", 0),),
+}
+
+
 def families() -> list[str]:
     return [ZOO, *FAMILIES]
 
@@ -88,38 +99,48 @@ def base_ref(family: str) -> str:
     return FAMILIES[family_of(family)]
 
 
-def zoo_tasks_dir(n: int = ZOO_EXAMPLES, seed: int = 0) -> Path:
-    """The zoo's generated lm-eval tasks (test split), written on first use under the cache, in a
-    folder named by eval/domains.py's digest (a changed domain gets fresh tasks)."""
+def zoo_tasks_dir(n: int = ZOO_EXAMPLES, seed: int = 0, split: str = "test") -> Path:
+    """The zoo's generated lm-eval tasks (of one split of its domains), written on first use under
+    the cache, in a folder named by eval/domains.py's digest (a changed domain gets fresh tasks)."""
     import hashlib
     from ..engine.synthetic import cache_dir
     from . import domains, tasks
     version = hashlib.sha256(Path(domains.__file__).read_bytes() + Path(tasks.__file__).read_bytes()).hexdigest()[:12]
-    folder = cache_dir() / "eval-tasks" / f"zoo-{version}-n{n}-s{seed}"
+    folder = cache_dir() / "eval-tasks" / f"zoo-{version}-n{n}-s{seed}{'' if split == 'test' else '-' + split}"
     if not (folder / f"{tasks.task_name(GENERAL)}.yaml").exists():
-        tasks.write_tasks(folder, [*domains.DOMAINS.values(), domains.GENERAL], n=n, seed=seed)
+        tasks.write_tasks(folder, [*domains.DOMAINS.values(), domains.GENERAL], split=split, n=n, seed=seed)
     return folder
 
 
-def plan(family: str, domains=None, *, general: bool = True,
-         zoo_tasks: Path | None = None) -> dict[str, tuple[Task, ...]]:
+def plan(family: str, domains=None, *, general: bool = True, zoo_tasks: Path | None = None,
+         split: str = "test") -> dict[str, tuple[Task, ...]]:
     """{domain: its lm-eval tasks} for a family; with general=True also {"general": forgetting tasks}.
 
     Args:
         family: 'zoo' or a MergeBench base (see FAMILIES).
         domains: subset of MERGEBENCH_DOMAINS (default all five).
-        zoo_tasks: folder of generated zoo tasks (default: zoo_tasks_dir(), written if missing).
+        zoo_tasks: folder of generated zoo tasks (default: zoo_tasks_dir(split=split), written if missing).
+        split: "test" (evaluation) or "validation" (tuning: the zoo's validation split, or for a real
+            family the VALIDATION surrogates; there, no forgetting tasks).
     """
     family = family_of(family)
     domains = list(domains or MERGEBENCH_DOMAINS)
     bad = [d for d in domains if d not in MERGEBENCH_DOMAINS]
     if bad:
         raise ValueError(f"unknown domain(s) {', '.join(bad)}: choose from {', '.join(MERGEBENCH_DOMAINS)}")
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be test or validation, not {split!r}")
     wanted = domains + ([GENERAL] if general else [])
+    if family != ZOO and split == "validation":
+        missing = [d for d in domains if d not in VALIDATION]
+        if missing:
+            raise ValueError(f"no lm-eval validation task for {', '.join(missing)} (MergeBench validates them in "
+                             f"other harnesses); validate on {', '.join(VALIDATION)}")
+        return {d: VALIDATION[d] for d in domains}
     if family != ZOO:
         return {d: MERGEBENCH[d] for d in wanted}
     from .tasks import METRIC, task_name
-    include = str(zoo_tasks or zoo_tasks_dir())
+    include = str(zoo_tasks or zoo_tasks_dir(split=split))
     return {d: (Task(task_name(d), f"{METRIC},none", 0, include=include),) for d in wanted}
 
 

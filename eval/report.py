@@ -9,15 +9,16 @@ from pathlib import Path
 
 def markdown(rows: list[dict], domains: list[str]) -> str:
     """rows: {"model", "kind", "scores": {domain: float}, "general", "normalised", "forgetting",
-    "merge_seconds", "stats_seconds" (collecting a data-aware method's statistics)} (None where it
-    does not apply)."""
+    "merge_seconds", "stats_seconds" (collecting a data-aware method's statistics), "validation_seconds"
+    (tuning)} (None where it does not apply)."""
     fmt = lambda v, f="{:.3f}": "—" if v is None else f.format(v)  # noqa: E731
-    head = ["model", "kind", *domains, "general", "normalised perf.", "forgetting", "merge s", "statistics s"]
+    head = ["model", "kind", *domains, "general", "normalised perf.", "forgetting", "merge s", "statistics s",
+            "validation s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["kind"], *(fmt(r["scores"].get(d)) for d in domains), fmt(r["general"]),
                  fmt(r["normalised"]), fmt(r["forgetting"]), fmt(r["merge_seconds"], "{:.2f}"),
-                 fmt(r.get("stats_seconds"), "{:.1f}")]
+                 fmt(r.get("stats_seconds"), "{:.1f}"), fmt(r.get("validation_seconds"), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -39,14 +40,14 @@ def plots(rows: list[dict], domains: list[str], out: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     files.append(_save(fig, out / "scores.png"))
 
-    merges = [r for r in rows if r["kind"] == "merge" and r["normalised"] is not None]
+    merges = [r for r in rows if r["kind"] in ("merge", "tuned") and r["normalised"] is not None]
     fig, ax = _figure((6, 4.5))
     for r in merges:
-        seconds = r["merge_seconds"] + (r.get("stats_seconds") or 0)
+        seconds = r["merge_seconds"] + (r.get("stats_seconds") or 0) + (r.get("validation_seconds") or 0)
         ax.scatter(seconds, r["normalised"])
         ax.annotate(r["model"], (seconds, r["normalised"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("merge time, with collecting statistics (s)")
+    ax.set_xlabel("merge time, with collecting statistics and tuning (s)")
     ax.set_ylabel("normalised performance")
     ax.set_title("Normalised performance vs merge time")
     files.append(_save(fig, out / "efficiency.png"))

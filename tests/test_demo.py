@@ -33,3 +33,16 @@ def test_demo_on_the_micro_zoo(micro_zoo, tmp_path):
 def test_every_method_taking_five_experts_is_in_the_demo():
     assert "slerp" not in five_expert_methods()
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "consensus", "localize_stitch"} <= set(five_expert_methods())
+
+
+def test_demo_tune_adds_tuned_rows_with_merge_and_validation_time(micro_zoo, tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out", str(out),
+                                      "--methods", "task_arithmetic", "--tune", "--tune-methods", "task_arithmetic",
+                                      "--limit", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = {r["model"]: r for r in json.loads((out / "report.json").read_text())["models"]}
+    tuned = rows["task_arithmetic (tuned)"]
+    assert tuned["kind"] == "tuned" and tuned["merge_seconds"] > 0 and tuned["validation_seconds"] > 0
+    record = json.loads((out / "tuned" / "task_arithmetic" / "tune.json").read_text())
+    assert [c["params"]["scale"] for c in record["candidates"]] == [0.2, 0.4, 0.6, 0.8, 1.0]   # MergeBench's grid

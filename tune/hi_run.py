@@ -1,0 +1,128 @@
+"""Hi-Merging on real models: every Mix the algorithm (hi_merging.py) asks about becomes a streamed
+TIES merge (per-tensor top-p, mass sign, sum of s-scaled agreeing deltas, embeddings kept at the
+base) with per-layer overrides, scored on the validation split through the tuning cache; the final
+Mix is merged into the output folder, whose tune.json records every decision and the time split.
+"""
+import json
+import re
+import time
+from pathlib import Path
+
+from ..engine import api
+from ..engine.errors import BadParameter
+from ..engine.index import TensorIndex
+from . import score as scoring
+from .hi_merging import Mix, hi_merging
+from .score import Candidate, ScoreCache, Validation, identity
+from .search import _domains
+
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+TIES_SUM = {"aggregate": "sum", "consensus": "sum", "sparsify_scope": "tensor", "scale": 1.0}
+
+
+def n_layers(folder: Path) -> int:
+    """Transformer blocks of a model folder: the `layers.N.` indices of its tensor names."""
+    found = {int(m.group(1)) for name in TensorIndex.from_folder(folder).tensors if (m := LAYER.search(name))}
+    if not found:
+        raise BadParameter(f"{folder}: no tensor named like 'layers.N.'; Hi-Merging works on transformer blocks")
+    return max(found) + 1
+
+
+def layer_regex(layer: int) -> str:
+    return rf"(?:^|\.)layers\.{layer}\."
+
+
+def candidate(mix: Mix, experts: list[str], base: str | None, layers: int) -> Candidate:
+    """The TIES merge a Mix stands for: model-wise (p, s) per expert, per-layer overrides, and for
+    only_layer / drop_layer a zero scale everywhere else / on that layer."""
+    where = {e: k for k, e in enumerate(mix.experts)}
+    overrides = []
+    for layer in range(layers):
+        p, s = list(mix.p), list(mix.s)
+        for l, e, lp, ls in mix.layers:
+            if l == layer:
+                p[where[e]], s[where[e]] = lp, ls
+        scale = 0.0 if layer == mix.drop_layer or (mix.only_layer is not None and layer != mix.only_layer) else 1.0
+        if (p, s, scale) != (list(mix.p), list(mix.s), 1.0) or layer == mix.only_layer:  # before the catch-all
+            overrides.append((layer_regex(layer), {"density": p, "weights": s, "scale": scale}))
+    if mix.only_layer is not None:
+        overrides.append((".", {"scale": 0.0}))  # outside the kept layer (norms, ...): the base
+    params = {**TIES_SUM, "density": list(mix.p), "weights": list(mix.s)}
+    return Candidate("ties", tuple(experts[e] for e in mix.experts), base, params, tuple(overrides))
+
+
+class Scorer:
+    """hi_merging's scorer: validation scores of a Mix, from the cache or merged and scored; the
+    base and each unpruned expert alone are their own folders. Counts merge and validation time."""
+
+    def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None):
+        self.experts, self.base, self.v, self.progress = experts, base, v, progress
+        self.cache, self.seconds = ScoreCache(), {"merge": 0.0, "validation": 0.0}
+        spec = Candidate("ties", tuple(experts), base).spec(Path("unused"))
+        base_src, expert_src = api.sources(spec)
+        self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
+        self.layers = n_layers(self.folders["base"])
+
+    def __call__(self, mix: Mix, domains) -> dict:
+        folder = self._plain(mix)
+        if folder is not None:   # the base, or one expert as it is: the eval layer's own cache
+            started = time.perf_counter()
+            out = scoring.validation_scores(folder, self.v, list(domains), cache=True)
+            self.seconds["validation"] += time.perf_counter() - started
+            return out
+        c = candidate(mix, self.experts, self.base, self.layers)
+        keys = {d: identity(c, self.v, d) for d in domains}
+        found = {d: self.cache.get(k) for d, k in keys.items()}
+        missing = [d for d, f in found.items() if f is None]
+        if missing:
+            r = scoring.run(c, self.v, missing)
+            share = r["validation_seconds"] / len(missing)
+            self.cache.put({keys[d]: {"score": r["scores"][d], "merge_seconds": r["merge_seconds"],
+                                      "validation_seconds": share} for d in missing})
+            found.update({d: {"score": r["scores"][d], "merge_seconds": r["merge_seconds"],
+                              "validation_seconds": share} for d in missing})
+            self.progress and self.progress(f"scored {mix} on {', '.join(missing)}")
+        self.seconds["merge"] += max(f["merge_seconds"] for f in found.values())
+        self.seconds["validation"] += sum(f["validation_seconds"] for f in found.values())
+        return {d: f["score"] for d, f in found.items()}
+
+    def _plain(self, mix: Mix) -> Path | None:
+        if not mix.experts:
+            return self.folders["base"]
+        plain = not mix.layers and mix.only_layer is None and mix.drop_layer is None
+        if plain and len(mix.experts) == 1 and mix.p == (1.0,) and mix.s == (1.0,):
+            return self.folders[mix.experts[0]]
+        return None
+
+
+def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | None = None, grid: dict | None = None,
+             max_evals: int | None = None, limit: int | None = None, batch_size: int = 64, device: str = "cpu",
+             overwrite: bool = False, progress=None, **options) -> dict:
+    """Hi-Merging of EXPERTS into OUT, scored on the validation split of each expert's domain;
+    grid: {"p": [...], "s": [...]} for stage 1; options: hi_merging's (partial, accept)."""
+    started = time.perf_counter()
+    v = Validation(tuple(validate or _domains(experts)), limit=limit, batch_size=batch_size, device=device)
+    scorer = Scorer(list(experts), base, v, progress)
+    grid = {k: [float(x) for x in vals] for k, vals in (grid or {}).items()}
+    unknown = set(grid) - {"p", "s"}
+    if unknown:
+        raise BadParameter(f"hi_merging's grid has p and s, not {', '.join(sorted(unknown))}")
+    try:
+        result = hi_merging(scorer, domains=list(v.domains), n_layers=scorer.layers, max_evals=max_evals,
+                            log=progress, **{f"grid_{k}": tuple(vals) for k, vals in grid.items()}, **options)
+    except ValueError as e:   # e.g. experts that score 0 on their own domain: no NP to guide the search
+        raise BadParameter(f"hi_merging: {e}") from None
+    final = candidate(result.mix, list(experts), base, scorer.layers)
+    api.merge("ties", experts=list(final.experts), out=out, base=base, protocol="mergebench", overwrite=overwrite,
+              progress=False, overrides=list(final.overrides), **final.params)
+    record = {"method": "hi_merging", "validate": list(v.domains), "limit": limit, "max_evals": max_evals,
+              "stage1": {"p": result.p, "s": result.s, "np": result.np_stage1}, "np_final": result.np_final,
+              "evals": result.evals, "stopped_early": result.stopped_early, "order": result.order,
+              "decisions": result.decisions, "contributions": result.contributions,
+              "seconds": {**scorer.seconds, "this_run": time.perf_counter() - started}}
+    record["summary"] = (f"Hi-Merging: stage 1 p={result.p} s={result.s} NP {result.np_stage1:.3f}; after "
+                         f"{len(result.decisions)} layer decisions NP {result.np_final:.3f}; {result.evals} "
+                         f"evaluations, merge {scorer.seconds['merge']:.1f} s, validation "
+                         f"{scorer.seconds['validation']:.1f} s")
+    (Path(out) / "tune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record

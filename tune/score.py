@@ -1,0 +1,124 @@
+"""Scoring candidate merges on validation data, with a cache keyed by what fixes a merge's bytes.
+
+A candidate is a merge recipe (method, parameters, per-tensor overrides, inputs). Its key is the
+sha256 of the recipe, the identity of every input file (size, mtime, header digest) and the
+validation settings, one entry per domain, so a rerun, or another search that meets the same
+candidate, costs nothing, and a domain scored once is never scored again. The merge is written to
+a temporary folder, scored, and deleted; scores are validation scores through the eval layer
+(lm-eval), normalised by each expert's score on its own domain (MergeBench's NP).
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..engine import api
+from ..engine.index import TensorIndex
+from ..engine.journal import input_identity
+from ..engine.spec import MergeSpec
+from ..engine.synthetic import cache_dir
+from ..eval import harness, registry
+from ..eval.tasks import tasks_digest
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How candidates are scored: domains[i] is expert i's own domain (its validation task)."""
+    domains: tuple[str, ...]
+    family: str = registry.ZOO
+    limit: int | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One merge to score (picklable: a worker process, or another machine, can run it)."""
+    method: str
+    experts: tuple[str, ...]
+    base: str | None = None
+    params: dict = field(default_factory=dict)
+    overrides: tuple = ()
+    stats: tuple[str, ...] | None = None
+    protocol: str | None = "mergebench"
+
+    def spec(self, out: Path) -> MergeSpec:
+        return MergeSpec(self.method, self.experts, out, self.base, dict(self.params), protocol=self.protocol,
+                         progress=False, overwrite=True, resume=False, stats=self.stats,
+                         overrides=tuple(self.overrides))
+
+
+def validation_scores(folder, v: Validation, domains, cache: bool = False) -> dict[str, float | None]:
+    """{domain: validation score} of the model in `folder` (the eval layer's score cache when `cache`)."""
+    plan = registry.plan(v.family, list(domains), general=False, split="validation")
+    ts = harness.evaluate_tasks(folder, [t for group in plan.values() for t in group], limit=v.limit,
+                                batch_size=v.batch_size, device=v.device, add_bos_token=harness.bos_token(v.family),
+                                cache=cache)
+    return harness.domain_scores(plan, ts)
+
+
+def normalised(scores: dict, references: list[float | None], v: Validation) -> float | None:
+    """Mean over experts i of score[domains[i]] / expert i's own score (MergeBench's NP)."""
+    ratios = [scores.get(d) / r for d, r in zip(v.domains, references) if r and scores.get(d) is not None]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def identity(c: Candidate, v: Validation, domain: str) -> str:
+    """The cache key of candidate c scored on one domain."""
+    spec = c.spec(Path("unused"))
+    base, experts = api.sources(spec)
+    folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats or ())]
+    text = json.dumps({"recipe": spec.recipe(), "protocol": c.protocol,
+                       "inputs": input_identity([TensorIndex.from_folder(f) for f in folders]),
+                       "validation": {**asdict(v), "domains": None, "domain": domain},
+                       "tasks": _task_digest(v, domain)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _task_digest(v: Validation, domain: str) -> list:
+    plan = registry.plan(v.family, [domain], general=False, split="validation")
+    return [(t.name, t.metric, t.num_fewshot, tasks_digest(t.include) if t.include else None) for t in plan[domain]]
+
+
+def run(c: Candidate, v: Validation, domains) -> dict:
+    """Merge c into a temporary folder and score it on `domains`: {"scores", "merge_seconds",
+    "validation_seconds"}. The folder is deleted whatever happens."""
+    tmp = Path(tempfile.mkdtemp(prefix="mbmerge-tune-"))
+    try:
+        started = time.perf_counter()
+        api.run(c.spec(tmp / "merged"))
+        merged = time.perf_counter()
+        scores = validation_scores(tmp / "merged", v, domains)
+        return {"scores": scores, "merge_seconds": merged - started,
+                "validation_seconds": time.perf_counter() - merged}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ScoreCache:
+    """{key: {"score", "merge_seconds", "validation_seconds"}} in one JSON file (re-read before each
+    write: another search may have added to it)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else cache_dir() / "tune-scores.json"
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        return self._load().get(key)
+
+    def put(self, entries: dict) -> None:
+        data = self._load()
+        data.update(entries)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)

@@ -1,0 +1,197 @@
+"""`mbmerge tune`: grid search of a method's parameters on validation data. Every candidate is an
+independent streamed merge scored through the eval layer (score.py, cached per domain); the best
+by mean normalised performance is merged again into the output folder, with a table of all
+candidates and MergeBench's time split: merge (algorithm) time against validation time.
+
+Candidates run in-process, or in `jobs` worker processes (each with its share of the cores); a
+Candidate is plain data, so a pool of other machines could take them the same way.
+"""
+import itertools
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from .. import methods
+from ..engine import api
+from ..engine.errors import BadParameter
+from . import score as scoring
+from .score import Candidate, ScoreCache, Validation, identity, normalised
+
+# MergeBench's grids, as the tuning scripts of a public fork of it have them (reference/mergebench.md
+# §4.10; the paper appendix's were not readable). DARE's p is read as the drop rate (density 1 - p
+# would keep 70-90%, far from MergeBench's own example p 0.9), so density in {0.1, 0.2, 0.3}.
+GRIDS = {
+    "task_arithmetic": {"scale": [0.2, 0.4, 0.6, 0.8, 1.0]},
+    "ties": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
+    "dare_ties": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
+    "dare_linear": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
+    "consensus": {"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]},
+    "localize_stitch": {"sparsity": [0.1, 0.2, 0.3, 0.4]},
+}
+
+
+def parse_grid(text: str) -> dict[str, list[str]]:
+    """'scale=0.2,0.4 density=0.1,0.2' -> {"scale": ["0.2", "0.4"], "density": ["0.1", "0.2"]}
+    (values are checked and converted by the method's parameters)."""
+    grid = {}
+    for item in text.split():
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise BadParameter(f"--grid item {item!r}: write name=v1,v2,... (e.g. scale=0.2,0.4)")
+        grid[name.replace("-", "_")] = values.split(",")
+    if not grid:
+        raise BadParameter("--grid is empty")
+    return grid
+
+
+def default_grid(method: str) -> dict[str, list]:
+    if method not in GRIDS:
+        raise BadParameter(f"no default grid for {method}; give one with --grid 'name=v1,v2 ...' "
+                           f"(default grids: {', '.join(GRIDS)})")
+    return GRIDS[method]
+
+
+def typed(method: str, grid: dict) -> dict[str, list]:
+    """The grid's values as the method's parameter types (one value each, per-expert ones too)."""
+    known = {p.name: p for p in methods.get(method).params}
+    unknown = [k for k in grid if k not in known]
+    if unknown:
+        raise BadParameter(f"method {method} has no parameter {unknown[0]!r} to tune (it takes: {', '.join(known)})")
+    return {k: [_one(known[k].coerce(v, method)) for v in values] for k, values in grid.items()}
+
+
+def _one(value):
+    """A per-expert parameter's single value (grids broadcast one value to every expert)."""
+    return value[0] if isinstance(value, list) else value
+
+
+def points(grid: dict) -> list[dict]:
+    """Every combination, the last parameter varying fastest."""
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*grid.values())]
+
+
+@dataclass
+class Row:
+    params: dict
+    scores: dict
+    np: float | None
+    merge_seconds: float
+    validation_seconds: float
+    cached: bool
+
+
+def score_all(candidates: list[Candidate], v: Validation, jobs: int = 1, cache: ScoreCache | None = None,
+              progress=None) -> list[Row]:
+    """Each candidate's validation scores on every domain of v: from the cache, or merged and scored
+    (in `jobs` processes); new scores are cached as they come."""
+    cache = cache or ScoreCache()
+    references = [scoring.validation_scores(e, v, [d], cache=True)[d]
+                  for e, d in zip(_expert_folders(candidates[0]), v.domains)]
+    keys = [{d: identity(c, v, d) for d in v.domains} for c in candidates]
+    found = [{d: cache.get(k) for d, k in ks.items()} for ks in keys]
+    todo = [i for i, f in enumerate(found) if any(e is None for e in f.values())]
+    results = {}
+    for i, result in _map(candidates, todo, v, jobs):
+        results[i] = result
+        share = result["validation_seconds"] / len(v.domains)
+        cache.put({keys[i][d]: {"score": result["scores"][d], "merge_seconds": result["merge_seconds"],
+                                "validation_seconds": share} for d in v.domains})
+        progress and progress(f"candidate {i + 1}/{len(candidates)} {candidates[i].params}: "
+                              f"NP {normalised(result['scores'], references, v)}")
+    rows = []
+    for i, c in enumerate(candidates):
+        if i in results:
+            r, cached = results[i], False
+        else:
+            f = found[i]
+            r = {"scores": {d: e["score"] for d, e in f.items()}, "merge_seconds": f[v.domains[0]]["merge_seconds"],
+                 "validation_seconds": sum(e["validation_seconds"] for e in f.values())}
+            cached = True
+        rows.append(Row(c.params, r["scores"], normalised(r["scores"], references, v), r["merge_seconds"],
+                        r["validation_seconds"], cached))
+    return rows
+
+
+def _expert_folders(c: Candidate) -> list[Path]:
+    return [s.path for s in api.sources(c.spec(Path("unused")))[1]]
+
+
+def _map(candidates, todo, v, jobs):
+    """(index, run result) for the candidates in `todo`, in-process or over `jobs` processes."""
+    if jobs <= 1:
+        for i in todo:
+            yield i, scoring.run(candidates[i], v, v.domains)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker, initargs=(threads,)) as pool:
+        futures = {i: pool.submit(scoring.run, candidates[i], v, v.domains) for i in todo}
+        for i, f in futures.items():
+            yield i, f.result()
+
+
+def _worker(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def tune(method: str, *, experts, out, base: str | None = None, grid: dict | None = None,
+         validate: list[str] | None = None, jobs: int = 1, protocol: str | None = "mergebench",
+         limit: int | None = None, batch_size: int = 64, device: str = "cpu", overwrite: bool = False,
+         progress=None, **params) -> dict:
+    """Grid-search METHOD's parameters (grid: {name: values}; default GRIDS[method]) on the validation
+    split of each expert's domain (validate; default: the experts' own domain names), merge the best
+    into OUT, and return (and write to OUT/tune.json) every candidate's scores and the time split.
+    params: fixed parameters of every candidate."""
+    started = time.perf_counter()
+    v = Validation(tuple(validate or _domains(experts)), limit=limit, batch_size=batch_size, device=device)
+    if len(v.domains) != len(experts):
+        raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
+    grid = typed(method, grid or default_grid(method))
+    template = Candidate(method, tuple(experts), base, params, protocol=protocol)
+    candidates = [replace(template, params={**params, **p}) for p in points(grid)]
+    for c in candidates:
+        c.spec(Path(out))  # every candidate's parameters checked before anything runs
+    rows = score_all(candidates, v, jobs, progress=progress)
+    best = max(range(len(rows)), key=lambda i: (rows[i].np is not None, rows[i].np or 0, -i))
+    final = time.perf_counter()
+    api.merge(method, experts=list(experts), out=out, base=base, protocol=protocol, overwrite=overwrite,
+              progress=False, **candidates[best].params)
+    record = {"method": method, "grid": grid, "validate": list(v.domains), "limit": limit,
+              "best": {"params": rows[best].params, "np": rows[best].np},
+              "candidates": [vars(r) for r in rows],
+              "seconds": {"merge": sum(r.merge_seconds for r in rows) + time.perf_counter() - final,
+                          "validation": sum(r.validation_seconds for r in rows),
+                          "this_run": time.perf_counter() - started},
+              "evaluated": sum(not r.cached for r in rows), "cached": sum(r.cached for r in rows)}
+    (Path(out) / "tune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _domains(experts) -> list[str]:
+    from ..engine.resolve import DOMAINS, is_domain
+    if not all(is_domain(e) for e in experts):
+        raise BadParameter("--validate DOMAIN,... is needed: the experts are not domain names")
+    return [DOMAINS[e.lower()] for e in experts]
+
+
+def table(record: dict) -> str:
+    """Markdown: every candidate with its validation scores and NP (the best marked), then the time split."""
+    domains = record["validate"]
+    head = ["params", *domains, "NP", "merge s", "validation s", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in record["candidates"]:
+        mark = "best" if r["params"] == record["best"]["params"] else ("cached" if r["cached"] else "")
+        cells = [" ".join(f"{k}={v}" for k, v in r["params"].items() if k in record["grid"]),
+                 *(f"{r['scores'][d]:.3f}" if r["scores"].get(d) is not None else "—" for d in domains),
+                 f"{r['np']:.3f}" if r["np"] is not None else "—", f"{r['merge_seconds']:.2f}",
+                 f"{r['validation_seconds']:.1f}", mark]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = record["seconds"]
+    lines.append(f"\nmerge (algorithm) time {s['merge']:.1f} s, validation time {s['validation']:.1f} s "
+                 f"({record['evaluated']} candidates evaluated, {record['cached']} from the cache)")
+    return "\n".join(lines)
