@@ -100,3 +100,19 @@ def test_tune_through_lm_eval_on_the_validation_split(micro_zoo, tmp_path, run_m
     assert all(set(r["scores"]) == {"math", "coding"} for r in record["candidates"])
     assert all(isinstance(r["scores"]["math"], float) for r in record["candidates"])
     assert "merge (algorithm) time" in out and (tmp_path / "best" / "model.safetensors").exists()
+
+
+def test_the_cache_key_names_files_not_spellings(micro_zoo, monkeypatch):
+    """Domain names, folders and a trailing slash naming the same files give the same key; another
+    parameter or input does not."""
+    from mbmerge.tune.score import Candidate, Validation, identity
+    monkeypatch.setenv("MBMERGE_CACHE", str(micro_zoo.parents[1]))     # domain names -> this zoo
+    v = Validation(tuple(DOMAINS))
+    by_name = Candidate("ties", tuple(DOMAINS), params={"density": 0.2})
+    by_folder = Candidate("ties", tuple(f"{micro_zoo / d}/" for d in DOMAINS), str(micro_zoo / "base"),
+                          {"density": 0.2})
+    assert identity(by_name, v, "math") == identity(by_folder, v, "math")
+    assert identity(by_name, v, "math") != identity(by_name, v, "coding")
+    assert identity(by_name, v, "math") != identity(Candidate("ties", tuple(DOMAINS), params={"density": 0.3}), v, "math")
+    assert identity(by_name, v, "math") != identity(Candidate("ties", ("math", "safety"), params={"density": 0.2}),
+                                                    v, "math")

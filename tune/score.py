@@ -68,12 +68,14 @@ def normalised(scores: dict, references: list[float | None], v: Validation) -> f
 
 
 def identity(c: Candidate, v: Validation, domain: str) -> str:
-    """The cache key of candidate c scored on one domain."""
+    """The cache key of candidate c scored on one domain: the recipe without the references' spelling
+    (a folder, a hub id or a domain name may name the same files) and each input's files, in order."""
     spec = c.spec(Path("unused"))
     base, experts = api.sources(spec)
     folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats or ())]
-    text = json.dumps({"recipe": spec.recipe(), "protocol": c.protocol,
-                       "inputs": input_identity([TensorIndex.from_folder(f) for f in folders]),
+    recipe = {k: v for k, v in spec.recipe().items() if k not in ("base", "experts")}
+    text = json.dumps({"recipe": recipe, "protocol": c.protocol,
+                       "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders],
                        "validation": {**asdict(v), "domains": None, "domain": domain},
                        "tasks": _task_digest(v, domain)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
