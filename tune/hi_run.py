@@ -13,7 +13,7 @@ from ..engine.errors import BadParameter
 from ..engine.index import TensorIndex
 from . import score as scoring
 from .hi_merging import Mix, hi_merging
-from .score import Candidate, ScoreCache, Validation, identity
+from .score import Candidate, ScoreCache, Validation
 from .search import _domains
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -71,16 +71,10 @@ class Scorer:
             self.seconds["validation"] += time.perf_counter() - started
             return out
         c = candidate(mix, self.experts, self.base, self.layers)
-        keys = {d: identity(c, self.v, d) for d in domains}
-        found = {d: self.cache.get(k) for d, k in keys.items()}
+        keys, found = self.cache.lookup(c, self.v, domains)
         missing = [d for d, f in found.items() if f is None]
         if missing:
-            r = scoring.run(c, self.v, missing)
-            share = r["validation_seconds"] / len(missing)
-            self.cache.put({keys[d]: {"score": r["scores"][d], "merge_seconds": r["merge_seconds"],
-                                      "validation_seconds": share} for d in missing})
-            found.update({d: {"score": r["scores"][d], "merge_seconds": r["merge_seconds"],
-                              "validation_seconds": share} for d in missing})
+            found.update(self.cache.store(keys, scoring.run(c, self.v, missing)))
             self.progress and self.progress(f"scored {mix} on {', '.join(missing)}")
         self.seconds["merge"] += max(f["merge_seconds"] for f in found.values())
         self.seconds["validation"] += sum(f["validation_seconds"] for f in found.values())

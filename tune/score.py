@@ -102,11 +102,12 @@ def run(c: Candidate, v: Validation, domains) -> dict:
 
 
 class ScoreCache:
-    """{key: {"score", "merge_seconds", "validation_seconds"}} in one JSON file (re-read before each
-    write: another search may have added to it)."""
+    """{key: {"score", "merge_seconds", "validation_seconds"}} in one JSON file, read once and re-read
+    before each write (another search may have added to it)."""
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "tune-scores.json"
+        self.data = self._load()
 
     def _load(self) -> dict:
         try:
@@ -114,13 +115,20 @@ class ScoreCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self, key: str) -> dict | None:
-        return self._load().get(key)
+    def lookup(self, c: Candidate, v: Validation, domains) -> tuple[dict, dict]:
+        """({domain: key}, {domain: cached entry or None}) of candidate c."""
+        keys = {d: identity(c, v, d) for d in domains}
+        return keys, {d: self.data.get(k) for d, k in keys.items()}
 
-    def put(self, entries: dict) -> None:
-        data = self._load()
-        data.update(entries)
+    def store(self, keys: dict, result: dict) -> dict:
+        """Cache a run's scores, one entry per domain with its share of the validation time; returns
+        the entries by domain."""
+        share = result["validation_seconds"] / len(result["scores"])
+        entries = {d: {"score": s, "merge_seconds": result["merge_seconds"], "validation_seconds": share}
+                   for d, s in result["scores"].items()}
+        self.data = {**self._load(), **{keys[d]: e for d, e in entries.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
+        return entries

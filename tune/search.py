@@ -19,7 +19,7 @@ from .. import methods
 from ..engine import api
 from ..engine.errors import BadParameter
 from . import score as scoring
-from .score import Candidate, ScoreCache, Validation, identity, normalised
+from .score import Candidate, ScoreCache, Validation, normalised
 
 # MergeBench's grids, as the tuning scripts of a public fork of it have them (reference/mergebench.md
 # §4.10; the paper appendix's were not readable). DARE's p is read as the drop rate (density 1 - p
@@ -92,28 +92,18 @@ def score_all(candidates: list[Candidate], v: Validation, jobs: int = 1, cache: 
     cache = cache or ScoreCache()
     references = [scoring.validation_scores(e, v, [d], cache=True)[d]
                   for e, d in zip(_expert_folders(candidates[0]), v.domains)]
-    keys = [{d: identity(c, v, d) for d in v.domains} for c in candidates]
-    found = [{d: cache.get(k) for d, k in ks.items()} for ks in keys]
-    todo = [i for i, f in enumerate(found) if any(e is None for e in f.values())]
-    results = {}
+    keys, found = zip(*(cache.lookup(c, v, v.domains) for c in candidates))
+    todo = [i for i, f in enumerate(found) if None in f.values()]
     for i, result in _map(candidates, todo, v, jobs):
-        results[i] = result
-        share = result["validation_seconds"] / len(v.domains)
-        cache.put({keys[i][d]: {"score": result["scores"][d], "merge_seconds": result["merge_seconds"],
-                                "validation_seconds": share} for d in v.domains})
-        progress and progress(f"candidate {i + 1}/{len(candidates)} {candidates[i].params}: "
-                              f"NP {normalised(result['scores'], references, v)}")
+        found[i].update(cache.store(keys[i], result))
+        np = normalised(result["scores"], references, v)
+        progress and progress(f"candidate {i + 1}/{len(candidates)} {candidates[i].params}: NP "
+                              f"{'—' if np is None else f'{np:.3f}'}")
     rows = []
-    for i, c in enumerate(candidates):
-        if i in results:
-            r, cached = results[i], False
-        else:
-            f = found[i]
-            r = {"scores": {d: e["score"] for d, e in f.items()}, "merge_seconds": f[v.domains[0]]["merge_seconds"],
-                 "validation_seconds": sum(e["validation_seconds"] for e in f.values())}
-            cached = True
-        rows.append(Row(c.params, r["scores"], normalised(r["scores"], references, v), r["merge_seconds"],
-                        r["validation_seconds"], cached))
+    for i, (c, f) in enumerate(zip(candidates, found)):
+        scores = {d: e["score"] for d, e in f.items()}
+        rows.append(Row(c.params, scores, normalised(scores, references, v), f[v.domains[0]]["merge_seconds"],
+                        sum(e["validation_seconds"] for e in f.values()), i not in todo))
     return rows
 
 
