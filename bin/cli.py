@@ -10,7 +10,7 @@ from ..engine.recipe import load_recipe
 from .bench import bench
 from .bench_kernels import bench_kernels
 from .method_docs import list_methods
-from .options import method_param_options
+from .options import listed as _listed, method_param_options
 from .stats import data_kwargs, data_options, stats
 from .tune import tune
 from .demo import demo
@@ -98,10 +98,6 @@ def _override(pattern: str, values: str) -> tuple[str, dict]:
     if not pairs or any(not k or not sep for k, sep, _ in pairs):
         raise click.UsageError(f"--override {pattern!r} {values!r}: give the values as 'name=value name=value'")
     return pattern, {k.replace("-", "_"): v for k, _, v in pairs}
-
-
-def _listed(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}

@@ -19,3 +19,8 @@ def method_param_options(fn):
             kind = click.Choice(p.choices) if p.choices else None
             fn = click.option(*names, p.name, type=kind, help=p.help)(fn)
     return fn
+
+
+def listed(text: str | None) -> list[str] | None:
+    """'a, b,c' -> ['a', 'b', 'c'] (None stays None)."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None

@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from .. import methods
-from .options import method_param_options
+from .options import listed as _listed, method_param_options
 
 
 @click.command("tune")
@@ -17,6 +17,8 @@ from .options import method_param_options
               "hi_merging: 'p=... s=...').")
 @click.option("--validate", help="One validation domain per expert (default: each expert's own domain).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The best merge's folder.")
+@click.option("--stats", "stats_dirs", help="Data-aware methods: one statistics folder per expert.")
+@click.option("--data", help="Data-aware methods: one data source per expert (default for domains: their own).")
 @click.option("--jobs", default=1, show_default=True, help="Candidates merged and scored at once (processes).")
 @click.option("--max-evals", type=int, help="hi_merging: at most this many (model, domain) evaluations.")
 @click.option("--limit", type=int, help="Validation examples per domain (default: all).")
@@ -26,12 +28,11 @@ from .options import method_param_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True)
 @method_param_options
-def tune(method, experts, base, grid_text, validate, out, jobs, max_evals, limit, batch_size, protocol, overwrite,
-         quiet, **params):
+def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, jobs, max_evals, limit, batch_size,
+         protocol, overwrite, quiet, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import search
-    experts = [e.strip() for e in experts.split(",") if e.strip()]
-    validate = [d.strip() for d in validate.split(",")] if validate else None
+    experts, validate = _listed(experts), _listed(validate)
     fixed = {k: v for k, v in params.items() if v is not None}
     grid = search.parse_grid(grid_text) if grid_text else None
     log = None if quiet else (lambda msg: click.echo(msg, err=True))
@@ -42,7 +43,7 @@ def tune(method, experts, base, grid_text, validate, out, jobs, max_evals, limit
         record = hi_merge(grid=grid, max_evals=max_evals, **kw)
     else:
         record = search.tune(method, grid=grid, jobs=jobs, protocol=None if protocol == "none" else protocol,
-                             **kw, **fixed)
+                             stats=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
     if not quiet:
         click.echo(search.table(record) if method != "hi_merging" else record["summary"])
         click.echo(f"\nbest merge written to {out} (all candidates: {Path(out) / 'tune.json'})")

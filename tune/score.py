@@ -43,12 +43,13 @@ class Candidate:
     base: str | None = None
     params: dict = field(default_factory=dict)
     overrides: tuple = ()
-    stats: tuple[str, ...] | None = None
+    stats: tuple[str, ...] | None = None    # data-aware methods: statistics folders, or
+    data: tuple[str, ...] | None = None     # data sources to collect them from (cached)
     protocol: str | None = "mergebench"
 
     def spec(self, out: Path) -> MergeSpec:
         return MergeSpec(self.method, self.experts, out, self.base, dict(self.params), protocol=self.protocol,
-                         progress=False, overwrite=True, resume=False, stats=self.stats,
+                         progress=False, overwrite=True, resume=False, stats=self.stats, data=self.data,
                          overrides=tuple(self.overrides))
 
 
@@ -74,7 +75,7 @@ def identity(c: Candidate, v: Validation, domain: str) -> str:
     base, experts = api.sources(spec)
     folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats or ())]
     recipe = {k: v for k, v in spec.recipe().items() if k not in ("base", "experts")}
-    text = json.dumps({"recipe": recipe, "protocol": c.protocol,
+    text = json.dumps({"recipe": recipe, "protocol": c.protocol, "data": c.data,
                        "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders],
                        "validation": {**asdict(v), "domains": None, "domain": domain},
                        "tasks": _task_digest(v, domain)}, sort_keys=True, default=str)

@@ -132,17 +132,18 @@ def _worker(threads: int) -> None:
 def tune(method: str, *, experts, out, base: str | None = None, grid: dict | None = None,
          validate: list[str] | None = None, jobs: int = 1, protocol: str | None = "mergebench",
          limit: int | None = None, batch_size: int = 64, device: str = "cpu", overwrite: bool = False,
-         progress=None, **params) -> dict:
+         progress=None, stats: list | None = None, data: list | None = None, **params) -> dict:
     """Grid-search METHOD's parameters (grid: {name: values}; default GRIDS[method]) on the validation
     split of each expert's domain (validate; default: the experts' own domain names), merge the best
     into OUT, and return (and write to OUT/tune.json) every candidate's scores and the time split.
-    params: fixed parameters of every candidate."""
+    params: fixed parameters of every candidate; stats/data: a data-aware method's (see merge)."""
     started = time.perf_counter()
     v = Validation(tuple(validate or _domains(experts)), limit=limit, batch_size=batch_size, device=device)
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     grid = typed(method, grid or default_grid(method))
-    template = Candidate(method, tuple(experts), base, params, protocol=protocol)
+    template = Candidate(method, tuple(experts), base, params, stats=tuple(stats) if stats else None,
+                         data=tuple(data) if data else None, protocol=protocol)
     candidates = [replace(template, params={**params, **p}) for p in points(grid)]
     for c in candidates:
         c.spec(Path(out))  # every candidate's parameters checked before anything runs
@@ -150,7 +151,7 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     best = max(range(len(rows)), key=lambda i: (rows[i].np is not None, rows[i].np or 0, -i))
     final = time.perf_counter()
     api.merge(method, experts=list(experts), out=out, base=base, protocol=protocol, overwrite=overwrite,
-              progress=False, **candidates[best].params)
+              progress=False, stats=stats, data=data, **candidates[best].params)
     record = {"method": method, "grid": grid, "validate": list(v.domains), "limit": limit,
               "best": {"params": rows[best].params, "np": rows[best].np},
               "candidates": [vars(r) for r in rows],
