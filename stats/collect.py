@@ -52,6 +52,9 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         raise BadParameter(f"unknown statistics kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "mask" and base is None:
         raise BadParameter("mask statistics train on b + sigmoid(S) d: give the base (--base)")
+    for folder, role in [(model, "model"), (base, "base")]:   # checked headers before transformers reads them
+        if folder is not None:
+            TensorIndex.from_folder(Path(folder), role)
     p = {**{n: q.default for n, q in collection_params(kind).items()}, **(params or {})}
     dev, budget = resolve_device(str(device)), parse_size(memory_budget)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)

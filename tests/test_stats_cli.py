@@ -122,3 +122,13 @@ def test_stats_command_refuses_options_of_another_kind_and_a_mask_without_base(m
                             "--out", tmp_path / "b", "-q")
     assert code == 2 and "--base" in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_stats_command_names_a_corrupt_model_file_in_one_line(micro_zoo, tmp_path, run_main):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(micro_zoo / "math", bad)
+    (bad / "model.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    code, _, err = run_main("stats", "--kind", "gram", "--model", bad, "--data", "math", "--out", tmp_path / "o", "-q")
+    assert code == 2 and "model.safetensors" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
