@@ -53,6 +53,9 @@ class MergeSpec:
         if not self.experts:
             raise BadParameter("no experts given (--experts A,B)")
         set_(self, "experts", tuple(self.experts))
+        for name in ("stats", "data"):   # folders may come as Paths
+            if getattr(self, name):
+                set_(self, name, tuple(str(x) for x in getattr(self, name)))
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "memory_budget", parse_size(self.memory_budget))
