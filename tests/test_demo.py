@@ -12,14 +12,15 @@ from mbmerge.eval.domains import DOMAINS
 def test_demo_on_the_micro_zoo(micro_zoo, tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out", str(out),
-                                      "--methods", "linear,ties,localize_stitch", "--limit", "4", "-q"])
+                                      "--methods", "linear,ties,localize_stitch,regmean", "--limit", "4", "-q"])
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "scores.png", "efficiency.png",
                                                 "forgetting.png", "merges"}
     rows = {r["model"]: r for r in json.loads((out / "report.json").read_text())["models"]}
-    assert list(rows) == ["base", *DOMAINS, "multitask", "linear", "ties", "localize_stitch"]
+    assert list(rows) == ["base", *DOMAINS, "multitask", "linear", "ties", "localize_stitch", "regmean"]
+    assert rows["regmean"]["stats_seconds"] > 0 and rows["ties"]["stats_seconds"] is None   # Grams on each domain
     assert all(0 <= v <= 1 for r in rows.values() for v in r["scores"].values() if v is not None)
-    for name in ["linear", "ties", "localize_stitch"]:
+    for name in ["linear", "ties", "localize_stitch", "regmean"]:
         r = rows[name]
         assert r["kind"] == "merge" and r["merge_seconds"] > 0
         ratios = [r["scores"][d] / rows[d]["scores"][d] for d in DOMAINS if rows[d]["scores"][d]]
