@@ -14,7 +14,7 @@ from ..engine.index import TensorIndex
 from . import score as scoring
 from .hi_merging import Mix, hi_merging
 from .score import Candidate, ScoreCache, Validation
-from .search import _domains
+from .search import expert_domains
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TIES_SUM = {"aggregate": "sum", "consensus": "sum", "sparsify_scope": "tensor", "scale": 1.0}
@@ -95,7 +95,7 @@ def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | Non
     """Hi-Merging of EXPERTS into OUT, scored on the validation split of each expert's domain;
     grid: {"p": [...], "s": [...]} for stage 1; options: hi_merging's (partial, accept)."""
     started = time.perf_counter()
-    v = Validation(tuple(validate or _domains(experts)), limit=limit, batch_size=batch_size, device=device)
+    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
     scorer = Scorer(list(experts), base, v, progress)
     grid = {k: [float(x) for x in vals] for k, vals in (grid or {}).items()}
     unknown = set(grid) - {"p", "s"}

@@ -138,7 +138,7 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     into OUT, and return (and write to OUT/tune.json) every candidate's scores and the time split.
     params: fixed parameters of every candidate; stats/data: a data-aware method's (see merge)."""
     started = time.perf_counter()
-    v = Validation(tuple(validate or _domains(experts)), limit=limit, batch_size=batch_size, device=device)
+    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     grid = typed(method, grid or default_grid(method))
@@ -163,7 +163,8 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     return record
 
 
-def _domains(experts) -> list[str]:
+def expert_domains(experts) -> list[str]:
+    """Each domain expert's domain name (math, coding, ...): the default validation domains."""
     from ..engine.resolve import DOMAINS, is_domain
     if not all(is_domain(e) for e in experts):
         raise BadParameter("--validate DOMAIN,... is needed: the experts are not domain names")
