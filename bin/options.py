@@ -1,7 +1,22 @@
-"""Command-line options shared by commands: one per method parameter of the registry."""
+"""Command-line options shared by commands: method parameters of the registry, comma lists."""
 import click
 
 from .. import methods
+
+
+def param_options(params):
+    """A decorator adding one click option per methods.Param (default None: not given); values stay
+    strings for Param.coerce, except choices."""
+    def decorate(fn):
+        for p in reversed(list(params)):
+            flag = "--" + p.name.replace("_", "-")
+            if isinstance(p.default, bool):
+                fn = click.option(f"{flag}/--no-{flag[2:]}", p.name, default=None, help=p.help)(fn)
+            else:
+                kind = click.Choice(p.choices) if p.choices else None
+                fn = click.option(flag, *p.aliases, p.name, type=kind, help=p.help)(fn)
+        return fn
+    return decorate
 
 
 def method_param_options(fn):
@@ -10,15 +25,7 @@ def method_param_options(fn):
     for m in methods.REGISTRY.values():
         for p in m.params:
             seen.setdefault(p.name, p)
-    for p in reversed(list(seen.values())):
-        flag = "--" + p.name.replace("_", "-")
-        names = [flag, *p.aliases]
-        if isinstance(p.default, bool):
-            fn = click.option(f"{flag}/--no-{flag[2:]}", p.name, default=None, help=p.help)(fn)
-        else:
-            kind = click.Choice(p.choices) if p.choices else None
-            fn = click.option(*names, p.name, type=kind, help=p.help)(fn)
-    return fn
+    return param_options(seen.values())(fn)
 
 
 def listed(text: str | None) -> list[str] | None:

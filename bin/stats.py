@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .. import methods
+from .options import param_options
 from ..engine.api import default_family
 from ..engine.resolve import DOMAINS, is_domain, resolve
 
@@ -35,13 +36,6 @@ def data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, sta
                 batch_size=stats_batch_size, dtype=stats_dtype)
 
 
-def _collect_options(fn):
-    for p in reversed(list(ALL_PARAMS.values())):
-        kind = click.Choice(p.choices) if p.choices else type(p.default)
-        fn = click.option("--" + p.name.replace("_", "-"), p.name, type=kind, help=p.help)(fn)
-    return fn
-
-
 @click.command("stats")
 @click.option("--kind", required=True, type=click.Choice(list(KIND_PARAMS)),
               help="fisher (for --method fisher), gram (regmean), mask (localize_stitch_trained).")
@@ -49,7 +43,7 @@ def _collect_options(fn):
 @click.option("--base", help="The base it was fine-tuned from (mask; default for a zoo domain: the zoo's).")
 @click.option("--data", help="Zoo domain, .json/.jsonl file or hub dataset (default for a domain: its own).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Statistics folder.")
-@_collect_options
+@param_options(ALL_PARAMS.values())
 @data_options
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--memory-budget", default="4GB", show_default=True,
