@@ -11,7 +11,7 @@ from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
 from .plan import CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
-from .resolve import DOMAINS, Source, is_domain, resolve
+from .resolve import Source, domain_names, resolve
 from .spec import VERSION, MergeSpec
 from .statistics import open_statistics, read_card
 from .journal import JOURNAL, Journal, fingerprint, input_identity
@@ -69,10 +69,11 @@ def default_family() -> Path:
 
 
 def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
-    if spec.base is None and all(is_domain(e) for e in spec.experts):
+    names = domain_names(spec.experts)
+    if spec.base is None and names is not None:
         family = default_family()  # no base and domain names: the mini zoo
         return (Source("built-in", family / "base", None, "base"),
-                [Source(e, family / DOMAINS[e.lower()], None, f"expert {e}") for e in spec.experts])
+                [Source(e, family / d, None, f"expert {e}") for e, d in zip(spec.experts, names)])
     base = resolve(spec.base, "base") if spec.base else None
     if base is None and methods.get(spec.method).needs_base:
         raise BadParameter(f"method {spec.method} needs a base model (--base)")
@@ -112,9 +113,9 @@ def collect_statistics(method: str, experts: list[Path], data: list[str], *, bas
 def default_data(spec: MergeSpec) -> tuple[str, ...] | None:
     """Domain experts' own data: the zoo's domain for the built-in family, MergeBench's `_val` set
     (MergeBench/<domain>_val) for a hub family."""
-    if not all(is_domain(e) for e in spec.experts):
+    names = domain_names(spec.experts)
+    if names is None:
         return None
-    names = [DOMAINS[e.lower()] for e in spec.experts]
     return tuple(names) if spec.base is None else tuple(f"MergeBench/{d}_val" for d in names)
 
 
@@ -199,7 +200,7 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
-        **({"overrides": [list(o) for o in spec.resolved_overrides]} if spec.overrides else {}),
+        **({"overrides": spec.recipe()["overrides"]} if spec.overrides else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),
         "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(spec.device),

@@ -168,10 +168,9 @@ class Merger:
         entry = m.index.tensors.get(t.name)
         if entry is None:
             return None
-        z = entry.numel if whole else z
-        x = self.uploader.load(m.chunk(entry, a, z), float32=True)
-        m.release(entry, a, z)
-        return x.view(entry.shape) if whole else x
+        if whole:
+            return self._chunk(m, t, 0, entry.numel, stored=False).view(entry.shape)
+        return self._chunk(m, t, a, z, stored=False)
 
     def _has_stats(self, model_thr) -> bool:
         """Whether a tensor is read more than once (statistics passes before apply)."""

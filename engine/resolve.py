@@ -32,6 +32,11 @@ def is_domain(ref: str) -> bool:
     return ref.lower() in DOMAINS
 
 
+def domain_names(refs) -> list[str] | None:
+    """Each reference's domain ('code' -> 'coding'), when every one of them names a domain; else None."""
+    return [DOMAINS[r.lower()] for r in refs] if all(is_domain(r) for r in refs) else None
+
+
 def mergebench_repo(base_ref: str, domain: str) -> str:
     """MergeBench's expert repo for a base: MergeBench/{base name}_{domain}."""
     name = base_ref.split("@")[0].rstrip("/").split("/")[-1]

@@ -66,9 +66,9 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         template = datasets.default_template(data)
-        record = datasets.describe(data, split=split, n=p["samples"], seed=seed, data_format=data_format,
-                                   template=template, max_length=max_length)
         examples = datasets.load_examples(data, split=split, n=p["samples"], seed=seed, data_format=data_format)
+        record = datasets.describe(data, examples, split=split, n=p["samples"], seed=seed, data_format=data_format,
+                                   template=template, max_length=max_length)
         tok = AutoTokenizer.from_pretrained(model)
         seqs = datasets.tokenize(examples, tok, template=template, max_length=max_length)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -118,12 +118,12 @@ def batches(seqs: list[tuple[list[int], list[int]]], batch_size: int,
     return run
 
 
-def describe(source: str, *, split: str, n: int, seed: int, data_format: str | None, template: str,
-             max_length: int) -> dict:
-    """What the statistics were computed on: the arguments, the number of examples and the sha256 of
-    the rendered (prompt, response) pairs, so a changed file changes the record."""
-    rendered = [render(ex, template) for ex in load_examples(source, split=split, n=n, seed=seed,
-                                                             data_format=data_format)]
+def describe(source: str, examples: list[Example], *, split: str, n: int, seed: int, data_format: str | None,
+             template: str, max_length: int) -> dict:
+    """What the statistics were computed on: the arguments that loaded EXAMPLES from SOURCE, their
+    number and the sha256 of their rendered (prompt, response) pairs, so a changed file changes
+    the record."""
+    rendered = [render(ex, template) for ex in examples]
     digest = hashlib.sha256(json.dumps(rendered, ensure_ascii=False).encode()).hexdigest()
     return {"source": source, "split": split, "n": n, "seed": seed, "data_format": data_format,
             "template": template, "max_length": max_length, "examples": len(rendered), "sha256": digest}

@@ -144,14 +144,18 @@ def test_batches_right_padded_and_repeatable():
 def test_describe(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "r"}])
     args = dict(split="validation", n=10, seed=0, data_format=None, template="alpaca", max_length=64)
-    rec = describe(src, **args)
+
+    def describe_file(src, **args):   # the examples read afresh each time, as collect reads them
+        return describe(src, load_examples(src, split=args["split"], n=args["n"], seed=args["seed"],
+                                           data_format=args["data_format"]), **args)
+    rec = describe_file(src, **args)
     assert json.loads(json.dumps(rec)) == rec
     assert {k: rec[k] for k in ("source", "examples", "template", "max_length")} == \
         {"source": src, "examples": 1, "template": "alpaca", "max_length": 64}
-    assert len(rec["sha256"]) == 64 and describe(src, **args) == rec
-    assert describe(src, **{**args, "template": "plain"})["sha256"] != rec["sha256"]
+    assert len(rec["sha256"]) == 64 and describe_file(src, **args) == rec
+    assert describe_file(src, **{**args, "template": "plain"})["sha256"] != rec["sha256"]
     write_jsonl(tmp_path / "d.jsonl", [{"query": "q", "response": "R"}])
-    assert describe(src, **args)["sha256"] != rec["sha256"]
+    assert describe_file(src, **args)["sha256"] != rec["sha256"]
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -58,8 +58,7 @@ class Scorer:
     def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None):
         self.experts, self.base, self.v, self.progress = experts, base, v, progress
         self.cache, self.seconds = ScoreCache(), {"merge": 0.0, "validation": 0.0}
-        spec = Candidate("ties", tuple(experts), base).spec(Path("unused"))
-        base_src, expert_src = api.sources(spec)
+        base_src, expert_src = Candidate("ties", tuple(experts), base).sources()
         self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
         self.layers = n_layers(self.folders["base"])
 

@@ -52,6 +52,10 @@ class Candidate:
                          progress=False, overwrite=True, resume=False, stats=self.stats, data=self.data,
                          overrides=tuple(self.overrides))
 
+    def sources(self):
+        """(base, experts) as the engine resolves them (engine.api.sources)."""
+        return api.sources(self.spec(Path("unused")))
+
 
 def validation_scores(folder, v: Validation, domains, cache: bool = False) -> dict[str, float | None]:
     """{domain: validation score} of the model in `folder` (the eval layer's score cache when `cache`)."""
@@ -68,18 +72,22 @@ def normalised(scores: dict, references: list[float | None], v: Validation) -> f
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def identity(c: Candidate, v: Validation, domain: str) -> str:
-    """The cache key of candidate c scored on one domain: the recipe without the references' spelling
-    (a folder, a hub id or a domain name may name the same files) and each input's files, in order."""
+def keys(c: Candidate, v: Validation, domains) -> dict[str, str]:
+    """{domain: the cache key of candidate c scored on it}: the recipe without the references'
+    spelling (a folder, a hub id or a domain name may name the same files), each input's files in
+    order, the validation settings and the domain's tasks. Inputs are read once for all domains."""
     spec = c.spec(Path("unused"))
-    base, experts = api.sources(spec)
+    base, experts = c.sources()
     folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats or ())]
-    recipe = {k: v for k, v in spec.recipe().items() if k not in ("base", "experts")}
-    text = json.dumps({"recipe": recipe, "protocol": c.protocol, "data": c.data,
-                       "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders],
-                       "validation": {**asdict(v), "domains": None, "domain": domain},
-                       "tasks": _task_digest(v, domain)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    common = {"recipe": {k: x for k, x in spec.recipe().items() if k not in ("base", "experts")},
+              "protocol": c.protocol, "data": c.data,
+              "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders]}
+    out = {}
+    for d in domains:
+        text = json.dumps({**common, "validation": {**asdict(v), "domains": None, "domain": d},
+                           "tasks": _task_digest(v, d)}, sort_keys=True, default=str)
+        out[d] = hashlib.sha256(text.encode()).hexdigest()
+    return out
 
 
 def _task_digest(v: Validation, domain: str) -> list:
@@ -118,8 +126,8 @@ class ScoreCache:
 
     def lookup(self, c: Candidate, v: Validation, domains) -> tuple[dict, dict]:
         """({domain: key}, {domain: cached entry or None}) of candidate c."""
-        keys = {d: identity(c, v, d) for d in domains}
-        return keys, {d: self.data.get(k) for d, k in keys.items()}
+        found = keys(c, v, domains)
+        return found, {d: self.data.get(k) for d, k in found.items()}
 
     def store(self, keys: dict, result: dict) -> dict:
         """Cache a run's scores, one entry per domain with its share of the validation time; returns

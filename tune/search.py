@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import methods
 from ..engine import api
 from ..engine.errors import BadParameter
+from ..engine.resolve import domain_names
 from . import score as scoring
 from .score import Candidate, ScoreCache, Validation, normalised
 
@@ -90,8 +91,8 @@ def score_all(candidates: list[Candidate], v: Validation, jobs: int = 1, cache: 
     """Each candidate's validation scores on every domain of v: from the cache, or merged and scored
     (in `jobs` processes); new scores are cached as they come."""
     cache = cache or ScoreCache()
-    references = [scoring.validation_scores(e, v, [d], cache=True)[d]
-                  for e, d in zip(_expert_folders(candidates[0]), v.domains)]
+    references = [scoring.validation_scores(e.path, v, [d], cache=True)[d]
+                  for e, d in zip(candidates[0].sources()[1], v.domains)]
     keys, found = zip(*(cache.lookup(c, v, v.domains) for c in candidates))
     todo = [i for i, f in enumerate(found) if None in f.values()]
     for i, result in _map(candidates, todo, v, jobs):
@@ -105,10 +106,6 @@ def score_all(candidates: list[Candidate], v: Validation, jobs: int = 1, cache: 
         rows.append(Row(c.params, scores, normalised(scores, references, v), f[v.domains[0]]["merge_seconds"],
                         sum(e["validation_seconds"] for e in f.values()), i not in todo))
     return rows
-
-
-def _expert_folders(c: Candidate) -> list[Path]:
-    return [s.path for s in api.sources(c.spec(Path("unused")))[1]]
 
 
 def _map(candidates, todo, v, jobs):
@@ -165,10 +162,10 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
 
 def expert_domains(experts) -> list[str]:
     """Each domain expert's domain name (math, coding, ...): the default validation domains."""
-    from ..engine.resolve import DOMAINS, is_domain
-    if not all(is_domain(e) for e in experts):
+    names = domain_names(experts)
+    if names is None:
         raise BadParameter("--validate DOMAIN,... is needed: the experts are not domain names")
-    return [DOMAINS[e.lower()] for e in experts]
+    return names
 
 
 def table(record: dict) -> str:
