@@ -3,8 +3,33 @@
     >>> import mbmerge
     >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     >>> mbmerge.methods.ties(b, [x1, x2], density=0.2)      # plain tensors, no files
+
+Layers, each importing only those below it (tests/test_layers.py reads the import graph):
+
+    bin        the `mbmerge` command (click)
+    tune       evaluation-guided search: grids, Hi-Merging
+    stats      data statistics of experts (Fisher, Grams, trained masks); a merge completed for the
+               engine (stats/prepare.py: the built-in family, statistics collected)
+    eval       lm-eval glue, the mini zoo and the synthetic bench fixtures (workloads)
+    engine     sources, safetensors index, plan, streaming executor, writer
+    methods    pure per-tensor merge functions and the method table
+    kernels    torch references, Triton kernels and compiled CPU loops of the heavy steps
+    common     errors, the cache folder, MergeBench's names
+
+Attributes are imported on first use, so `import mbmerge` (and the command's --help) stays free of torch.
 """
-# engine first: it imports methods, which need only engine.errors from it
-from .engine import MbmergeError, MergeSpec, collect_statistics, merge  # noqa: F401
-from .engine.spec import VERSION as __version__  # noqa: F401
-from . import methods  # noqa: F401,E402
+import importlib
+
+from .common import VERSION as __version__  # noqa: F401
+
+_ATTRIBUTES = {"merge": ".stats.prepare", "collect_statistics": ".stats.prepare", "MergeSpec": ".engine.spec",
+               "MbmergeError": ".common.errors"}
+_SUBPACKAGES = ("bin", "common", "engine", "eval", "kernels", "methods", "stats", "tune")
+
+
+def __getattr__(name: str):
+    if name in _ATTRIBUTES:
+        return getattr(importlib.import_module(_ATTRIBUTES[name], __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

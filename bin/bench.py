@@ -1,6 +1,6 @@
 """`mbmerge bench`: end-to-end merges timed against mergekit (when installed) and against the I/O floor.
 
-The fixture (engine/synthetic.py) has the tensor shapes of a MergeBench base (`--model gemma-2-9b`;
+The fixture (eval/synthetic.py) has the tensor shapes of a MergeBench base (`--model gemma-2-9b`;
 `--layers N` keeps the real shapes in fewer layers) or of a Llama of any size (`--model custom`), and
 tools/make_models.py's delta statistics; bf16; built once into the cache folder. Each tool runs as its
 own process from a warm page cache; we measure wall time, input GB/s, that process's peak RSS (wait4
@@ -22,26 +22,21 @@ import click
 import torch
 
 from .. import methods as mbmerge_methods
-from ..engine.synthetic import MODELS, cache_dir, model_config, n_params, write_family
+from ..common.errors import MbmergeError
+from ..engine.recipe import to_mergekit
+from ..common.cache import cache_dir
+from ..eval.synthetic import MODELS, model_config, n_params, write_family
 from .bench_plot import plot
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
-DENSITY = 0.2
-# Cases both tools run: one mergekit recipe per case, run by mergekit-yaml and by `mbmerge --config`,
-# so both get mergekit's semantics: merge_method: (per-model parameters, global parameters).
-RECIPES = {"linear": ({"weight": 1.0}, {}), "task_arithmetic": ({"weight": 1.0}, {}),
-           "ties": ({"weight": 1.0, "density": DENSITY}, {}), "dare_ties": ({"weight": 1.0, "density": DENSITY}, {}),
-           "breadcrumbs_ties": ({"weight": 1.0, "density": DENSITY, "gamma": 0.01}, {}),
-           "della": ({"weight": 1.0, "density": DENSITY, "epsilon": 0.1}, {}),
-           "model_stock": ({}, {}), "slerp": ({}, {"t": 0.5})}
-# Cases only mbmerge runs: its own flags.
-MBMERGE_ONLY = {"ties_model_scope": ["--method", "ties", "--density", str(DENSITY), "--sparsify-scope", "model"],
-                "localize_stitch": ["--method", "localize_stitch"], "consensus": ["--method", "consensus"],
-                "magmax": ["--method", "magmax"], "tsv": ["--method", "tsv"], "iso_c": ["--method", "iso_c"]}
-CASES = [*RECIPES, *MBMERGE_ONLY]
+# case: (method, parameters): each method's bench case (its registry row), and variants. A case whose
+# method and parameters mergekit has runs from one mergekit recipe, by mergekit-yaml and by
+# `mbmerge --config`, so both get mergekit's semantics; the others run mbmerge's own flags.
+VARIANTS = {"ties_model_scope": ("ties", {"density": 0.2, "sparsify_scope": "model"})}
+CASES = {**{m.name: (m.name, m.bench) for m in mbmerge_methods.REGISTRY.values() if m.bench is not None}, **VARIANTS}
 DEFAULT_CASES = "linear,task_arithmetic,ties,dare_ties"
 BLOCK = 64 << 20
-SHARD_BYTES = {"custom": 200 << 20}  # as tools/make_models.py; named models: 1 GiB shards
+SHARD_BYTES = {"custom": 200 << 20}  # named models: 1 GiB shards
 GB = 1e9
 
 
@@ -132,25 +127,39 @@ def timed_run(cmd, files, out: Path) -> tuple[float, float]:
     return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
 
 
+def recipe_params(case: str) -> tuple[dict, dict] | None:
+    """The case's mergekit (per-model, global) parameters; None where mergekit cannot run it."""
+    method, params = CASES[case]
+    if mbmerge_methods.get(method).mergekit is None:
+        return None
+    try:
+        return to_mergekit(method, params)
+    except MbmergeError:
+        return None
+
+
 def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str):
     exe = Path(sys.executable).with_name("mbmerge")
     head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
     tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else [])]
     if recipe:
         return head + ["--config", str(recipe), *tail]
+    method, params = CASES[case]
+    flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     return head + ["--base", str(fx / "base"), "--experts", ",".join(str(fx / e) for e in experts),
-                   *tail, *MBMERGE_ONLY[case]]
+                   *tail, "--method", method, *flags]
 
 
-def write_recipe(method, fx, experts, folder: Path) -> Path:
-    """The case's mergekit recipe (dtype from config.json, as tools/mergekit_baseline.sh)."""
-    per_model, glob = RECIPES[method]
+def write_recipe(case, fx, experts, folder: Path) -> Path:
+    """The case's mergekit recipe (dtype from the base's config.json)."""
+    method, _ = CASES[case]
+    per_model, glob = recipe_params(case)
     dtype = json.loads((fx / "base" / "config.json").read_text())["torch_dtype"]
     flow = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"  # noqa: E731
     lines = [f"merge_method: {method}", *([] if method == "linear" else [f"base_model: {fx / 'base'}"]), "models:",
              *[f"  - {{model: {fx / e}, parameters: {flow(per_model)}}}" for e in experts],
              f"parameters: {flow(glob)}", f"dtype: {dtype}"]
-    path = folder / f"{method}.yml"
+    path = folder / f"{case}.yml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -165,14 +174,15 @@ def best_of(repeat, cmd, files, out):
 
 
 def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
-    experts = experts[:mbmerge_methods.get(case if case in RECIPES else MBMERGE_ONLY[case][1]).max_experts or None]
+    method = CASES[case][0]
+    experts = experts[:mbmerge_methods.get(method).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
-    files = [f for m in ([] if case == "linear" else ["base"]) + experts for f in shards[m]]
+    files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
     in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in shards["base"])
     row = {"method": case, "input_GB": in_bytes / GB,
            "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
     row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
-    recipe = write_recipe(case, fx, experts, tmp) if case in RECIPES else None
+    recipe = write_recipe(case, fx, experts, tmp) if recipe_params(case) else None
     cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device)
     row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"], card = best_of(repeat, cmd, files, tmp / "mb")
     row["mbmerge_device"] = card.get("device")
@@ -265,7 +275,7 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, mergekit, cache, json_path,
           plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
-    methods = CASES if methods == "all" else methods.split(",")
+    methods = list(CASES) if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES]:
         raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(CASES)}", param_hint="--methods")
     if model != "custom" and (hidden or vocab):

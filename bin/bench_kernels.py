@@ -59,16 +59,16 @@ def _merge_step(name: str, b, xs, out_dtype, device: torch.device):
     params = methods.resolve_params(method, len(xs), CASES[name])
     n, key, shape = b.numel(), "bench.weight", (b.numel(),)
     bf, xf = b.float(), [x.float() for x in xs]
-    stats = methods.statistics(method, params, lambda: [(bf, xf, 0)], n, key, shape)
+    reduced = methods.reductions(method, params, lambda: [(bf, xf, 0)], key, shape)
     if kernels.use_triton(device):
         del bf, xf
-        return lambda: methods.apply_chunk(method, params, stats, b, xs, 0, key, shape, out_dtype=out_dtype)
+        return lambda: methods.apply_chunk(method, params, reduced, b, xs, 0, key, shape, out_dtype=out_dtype)
 
     def chunked():
         for a in range(0, n, CPU_CHUNK):
             z = min(a + CPU_CHUNK, n)
             bc, xc = b[a:z].float(), [x[a:z].float() for x in xs]
-            methods.apply_chunk(method, params, stats, bc, xc, a, key, shape).to(out_dtype)
+            methods.apply_chunk(method, params, reduced, bc, xc, a, key, shape).to(out_dtype)
     return chunked
 
 

@@ -5,8 +5,10 @@ import sys
 import click
 
 from .. import methods
-from ..engine import MbmergeError, merge as merge_models
+from ..common.errors import MbmergeError
 from ..engine.recipe import load_recipe
+from ..kernels import BACKENDS as kernel_backends
+from ..stats.prepare import ZOO_SIZES, merge as merge_models
 from .bench import bench
 from .bench_kernels import bench_kernels
 from .method_docs import list_methods
@@ -55,6 +57,13 @@ def cli():
               help="Continue an interrupted merge of the same recipe and inputs into OUT.")
 @click.option("--device", default="auto", show_default=True,
               help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
+@click.option("--kernels", type=click.Choice(kernel_backends), envvar="MBMERGE_KERNELS",
+              help="Kernel backend: auto (Triton on CUDA, else torch), torch or triton [default: $MBMERGE_KERNELS, "
+                   "else auto].")
+@click.option("--compile/--no-compile", "compiled", default=None,
+              help="Compiled CPU loops [default: on, unless MBMERGE_COMPILE=0].")
+@click.option("--zoo-size", type=click.Choice(ZOO_SIZES), help="With domain experts and no --base: the mini "
+              "zoo's size [default: $MBMERGE_ZOO_SIZE, else full].")
 @click.option("--stats", "stats_dirs", help="fisher, regmean, localize_stitch_trained: one statistics folder per "
               "expert, comma-separated (from `mbmerge stats`).")
 @click.option("--data", help="... or one data source per expert to collect them from (cached); default for "
@@ -65,8 +74,8 @@ def cli():
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
-          overwrite, resume, device, stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size,
-          stats_dtype, overrides, quiet, **params):
+          overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
+          data_seed, stats_batch_size, stats_dtype, overrides, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
@@ -84,8 +93,9 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         experts = _listed(experts) or []
     path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                         memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                        progress=not quiet, protocol=protocol, resume=resume, device=device,
-                        stats=_listed(stats_dirs), data=_listed(data), overrides=[_override(*o) for o in overrides],
+                        progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
+                        compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
+                        overrides=[_override(*o) for o in overrides],
                         data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
                                                  stats_dtype), **given)
     if not quiet:

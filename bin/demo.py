@@ -9,26 +9,12 @@ from pathlib import Path
 import click
 
 from .. import methods
-from ..engine.api import collect_statistics, merge
-from ..engine.statistics import read_card
+from ..engine.stats_folders import read_card
 from ..eval import harness
 from ..eval.domains import DOMAINS
 from ..eval.report import write_report
 from ..eval.zoo import build_zoo
-
-# MergeBench's example settings (scripts/merge.sh: TA lam 0.4, TIES K 0.3 lam 0.4, DARE p 0.9 lam 0.4,
-# Consensus lam 0.4, dataless L&S sparsity 0.1), all under --protocol mergebench; other sums of
-# deltas get lam 0.4 too, so that no method is handicapped by summing five full deltas.
-PARAMS = {"task_arithmetic": {"scale": 0.4}, "ties": {"density": 0.3, "scale": 0.4},
-          "dare_linear": {"density": 0.1, "scale": 0.4}, "dare_ties": {"density": 0.1, "scale": 0.4},
-          "consensus": {"scale": 0.4}, "breadcrumbs": {"density": 0.3, "scale": 0.4},
-          "breadcrumbs_ties": {"density": 0.3, "scale": 0.4}, "della": {"density": 0.3, "scale": 0.4},
-          "della_linear": {"density": 0.3, "scale": 0.4},
-          # MergeBench's lr 1e8 acts on a sum of raw gradients over ~500 steps of a 2B model; one step of
-          # 1e8 on the zoo's mean gradient overshoots (math expert: task loss 0.32 -> 1.60 against the
-          # dataless mask), 1e6 for 3 epochs lowers it (0.32 -> 0.29) and keeps ~10% of entries
-          "localize_stitch_trained": {"lr": 1e6, "epochs": 3}}
-
+from ..stats.prepare import collect_statistics, merge
 
 def five_expert_methods() -> list[str]:
     return [m.name for m in methods.REGISTRY.values() if m.min_experts <= 5 <= (m.max_experts or 5)]
@@ -63,10 +49,10 @@ def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_eva
 def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None, float | None]:
     """A data-aware method's statistics of each expert on its own domain (collected once, cached)
     and the seconds collecting them took (from their cards, so a cached run still reports them)."""
-    if methods.get(name).statistic is None:
+    if methods.get(name).data_statistic is None:
         return None, None
     folders = collect_statistics(name, [zoo / d for d in DOMAINS], list(DOMAINS), base=zoo / "base",
-                                 params=PARAMS.get(name, {}), progress=progress)
+                                 params=methods.get(name).demo, progress=progress)
     return folders, sum(read_card(f)["seconds"] for f in folders)
 
 
@@ -95,7 +81,7 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
         folder = out / "merges" / name
         stats, stats_seconds = _statistics(name, zoo, not quiet)
         merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
-              progress=False, protocol="mergebench", stats=stats, **PARAMS.get(name, {}))
+              progress=False, protocol="mergebench", stats_folders=stats, **methods.get(name).demo)
         rows.append(_row(name, "merge", harness.report(folder, zoo=zoo, limit=limit, batch_size=batch_size),
                          stats_seconds))
         if not quiet:
@@ -105,9 +91,10 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
         r = harness.report(out / "tuned" / name, zoo=zoo, limit=limit, batch_size=batch_size)
         rows.append(_row(f"{name} (tuned)", "tuned", r, tuning=record))
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
+    settings = {m.name: m.demo for m in methods.REGISTRY.values() if m.demo}
     preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "
                f"parameters). Merges: all five experts, `--protocol mergebench`, MergeBench's example "
-               f"settings ({json.dumps(PARAMS)}). Normalised performance: mean over domains of "
+               f"settings ({json.dumps(settings)}). Normalised performance: mean over domains of "
                f"score / the domain expert's score. Forgetting: relative drop of the general-knowledge "
                f"score against the base.")
     table = write_report(rows, list(DOMAINS), out, preface)

@@ -7,8 +7,9 @@ import click
 
 from .. import methods
 from .options import param_options
-from ..engine.api import default_family
-from ..engine.resolve import DOMAINS, is_domain, resolve
+from ..stats.prepare import default_family
+from ..common.names import DOMAIN_ALIASES, is_domain
+from ..engine.resolve import resolve
 
 KIND_PARAMS = {kind: methods.collection_params(kind) for kind in ("fisher", "gram", "mask")}
 ALL_PARAMS = {n: p for ps in KIND_PARAMS.values() for n, p in ps.items()}
@@ -63,7 +64,7 @@ def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, *
         params[name] = value[0] if isinstance(value, list) else value   # one expert: one value
     if is_domain(ref) and base is None:
         zoo = default_family()
-        model, base, data = zoo / DOMAINS[ref.lower()], str(zoo / "base"), data or DOMAINS[ref.lower()]
+        model, base, data = zoo / DOMAIN_ALIASES[ref.lower()], str(zoo / "base"), data or DOMAIN_ALIASES[ref.lower()]
     else:
         model = resolve(ref, f"model {ref}", base).path
     if data is None:

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import click
 
-from ..eval.zoo import FAMILIES, build_zoo, load_record, margins_table
+from ..eval.zoo import ZOO_FAMILIES, build_zoo, load_record, margins_table
 
 
 @click.command("zoo")
-@click.option("--family", type=click.Choice(FAMILIES), default="llama", show_default=True,
+@click.option("--family", type=click.Choice(ZOO_FAMILIES), default="llama", show_default=True,
               help="Architecture: LlamaForCausalLM or Gemma2ForCausalLM.")
 @click.option("--micro", is_flag=True, help="The tiny, seconds-to-build zoo the tests use (margins not meaningful).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),

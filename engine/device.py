@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .errors import BadParameter
+from ..common.errors import BadParameter
 
 SLOT_BYTES = 16 << 20   # one pinned buffer; a larger chunk travels in pieces
 SLOTS = 4               # output buffers: the device fills one while the writer empties the others

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels, methods
-from .errors import NonFinite
+from ..common.errors import NonFinite
 from .header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
@@ -30,13 +30,13 @@ class Merger:
     """Runs one method over a plan. Tensors not merged are copied from the base (if given) or
     the first expert; the base is read for merging only when the method needs it."""
 
-    def __init__(self, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
+    def __init__(self, *, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
                  experts: list[MappedModel], roles: list[str], writer: ShardWriter,
                  allow_nonfinite: bool = False, device: torch.device = torch.device("cpu"),
-                 statistics: list[MappedModel] | None = None, overrides: tuple = ()):
+                 stat_inputs: list[MappedModel] | None = None, overrides: tuple = ()):
         self.plan, self.method, self.params = plan, method, params
         self.overrides = [(re.compile(pattern), p) for pattern, p in overrides]  # (regex, params): first match wins
-        self.statistics = statistics or []   # per expert, its data statistics (a data-aware method)
+        self.stat_inputs = stat_inputs or []   # per expert, its statistics folder (a data-aware method)
         self.experts, self.roles, self.writer = experts, roles, writer
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None
@@ -112,7 +112,7 @@ class Merger:
         """(b, xs, offset) chunks of tensor t on the device, float32 (or, with `stored`, in the
         dtype they are stored in, for a fused kernel to read as they are). The first full read checks
         the values once it holds the last chunk, before yielding it (one device sync per tensor):
-        before anything is journaled, before a statistics pass ends, and before a whole-tensor
+        before anything is journaled, before a reduction pass ends, and before a whole-tensor
         method (one chunk) sees them."""
         check = t.name not in self.checked
         if check:  # per input, so far: one flag updated in place (a list of per-chunk sums fragments the heap)
@@ -147,22 +147,22 @@ class Merger:
         stored = self.method.fused is not None and kernels.use_triton(self.device) and not self._has_stats(model_thr)
         chunks = lambda: self._read(t, stored)  # noqa: E731
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
-            cached = list(chunks())  # small tensor: the statistics passes and apply share one read
+            cached = list(chunks())  # small tensor: the reduction passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
-        whole = self.method.statistic is not None and self.method.statistic.whole
+        whole = self.method.data_statistic is not None and self.method.data_statistic.whole
         params = next((p for pattern, p in self.overrides if pattern.search(name)), self.params)
-        stats = methods.statistics(self.method, params, chunks, t.ref.numel, name, shape, model_thr,
-                                   aux=[self._statistic(m, t, whole=True) for m in self.statistics] if whole else None)
+        reduced = methods.reductions(self.method, params, chunks, name, shape, model_thr,
+                                     stat=[self._stat(m, t, whole=True) for m in self.stat_inputs] if whole else None)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         for b, xs, a in chunks():
-            aux = [self._statistic(m, t, a, a + xs[0].numel()) for m in self.statistics] if self.statistics \
+            stat = [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs] if self.stat_inputs \
                 and not whole else None
-            out = methods.apply_chunk(self.method, params, stats, b, xs, a, name, shape, out_dtype=out_dtype,
-                                      aux=aux)
+            out = methods.apply_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype=out_dtype,
+                                      stat=stat)
             self.output.write(t, a, out.to(out_dtype))   # a no-op after a fused kernel
             done(per_elem * out.numel())
 
-    def _statistic(self, m: MappedModel, t: TensorPlan, a: int = 0, z: int | None = None, whole: bool = False):
+    def _stat(self, m: MappedModel, t: TensorPlan, a: int = 0, z: int | None = None, whole: bool = False):
         """Elements [a, z) of an expert's statistic of tensor t on the device (all of it, in its own
         shape, when whole); None when it has none (e.g. no Gram for a norm)."""
         entry = m.index.tensors.get(t.name)
@@ -173,5 +173,5 @@ class Merger:
         return self._chunk(m, t, a, z, stored=False)
 
     def _has_stats(self, model_thr) -> bool:
-        """Whether a tensor is read more than once (statistics passes before apply)."""
-        return self.method.stats is not None or (self.method.ranks is not None and model_thr is None)
+        """Whether a tensor is read more than once (ranks or reductions before apply)."""
+        return self.method.reduce is not None or (self.method.ranks is not None and model_thr is None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadHeader, BadOffsets
+from ..common.errors import BadHeader, BadOffsets
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 MAX_DIM = 2 ** 63  # torch sizes are int64

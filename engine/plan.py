@@ -5,9 +5,8 @@ cut into, and where every output tensor's bytes go. Knows nothing of the methods
 import re
 from dataclasses import dataclass
 
-from ..methods import CHUNK_ALIGN
-from ..methods._blocks import row_length
-from .errors import BadParameter
+from ..common.errors import BadParameter
+from ..methods import CHUNK_ALIGN, row_length
 from .header import DTYPES, TensorEntry, encode_header
 from .index import SINGLE_FILE, TensorIndex
 

@@ -1,7 +1,7 @@
 """mergekit YAML recipes (mergekit 0.1.5, the `models:` form) as keyword arguments for merge().
 
-The recipe keeps mergekit's meaning. mergekit's defaults are filled in explicitly, because
-mbmerge's own defaults differ (e.g. ties density 0.2 here, 1.0 there):
+The recipe keeps mergekit's meaning. mergekit's defaults (each method's registry row) are filled in
+explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1.0 there):
 
   merge_method               -> method (the methods both tools have)
   base_model                 -> base. A listed base is not an expert. Exception: linear merges
@@ -24,25 +24,10 @@ besides the recipe.
 import yaml
 
 from .. import methods
-from .errors import BadParameter
+from ..methods.contract import REQUIRED
+from ..common.errors import BadParameter
 from .plan import dtype_name
 
-REQUIRED = object()
-_GTA = {"weight": REQUIRED, "density": 1.0, "lambda": 1.0, "int8_mask": False}
-# mergekit's parameters and their defaults per method (merge_methods/registry.py)
-MERGEKIT = {
-    "linear": {"weight": REQUIRED, "normalize": True},
-    "task_arithmetic": {**_GTA, "normalize": False, "rescale": False},
-    "ties": {**_GTA, "normalize": True, "rescale": False},
-    "dare_linear": {**_GTA, "normalize": False, "rescale": True},
-    "dare_ties": {**_GTA, "normalize": False, "rescale": True},
-    "breadcrumbs": {**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
-    "breadcrumbs_ties": {**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
-    "della": {**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
-    "della_linear": {**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True},
-    "model_stock": {"filter_wise": False},
-    "slerp": {"t": REQUIRED},
-}
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise"}
 KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
@@ -64,11 +49,12 @@ def load_recipe(path) -> dict:
     try:
         cfg = _read(path)
         name = cfg.get("merge_method")
-        known = [m for m in MERGEKIT if m in methods.REGISTRY]
+        known = [m.name for m in methods.REGISTRY.values() if m.mergekit is not None]
         if name not in known:
             _fail("merge_method", "is missing" if name is None else
                   f"= {name!r} is not supported; mbmerge runs these mergekit methods: {', '.join(known)}")
-        method, spec = methods.REGISTRY[name], MERGEKIT[name]
+        method = methods.REGISTRY[name]
+        spec = method.mergekit
         base, models = _inputs(cfg, method, spec)
         params = _params(models, _values("parameters", cfg.get("parameters"), spec, set(spec)), method, spec)
         methods.resolve_params(method, len(models), params)     # mbmerge's own checks, e.g. density in (0, 1]
@@ -205,3 +191,22 @@ def _translate(method, mk: str, value, default, params: dict) -> None:
     if not no_effect and any(v != default for v in (value if isinstance(value, list) else [value])):
         _fail(mk, f"= {value}: mbmerge's {method.name} has no such option (only mergekit's default, "
                   f"{default}, is possible)")
+
+
+def to_mergekit(method: str, params: dict) -> tuple[dict, dict]:
+    """mbmerge parameters (one value each) as a mergekit recipe's (per-model, global) parameters,
+    for a method both tools have.
+
+    Example:
+        >>> to_mergekit("ties", {"weights": 1.0, "density": 0.2})
+        ({'weight': 1.0, 'density': 0.2}, {})
+    """
+    spec = methods.get(method).mergekit
+    names = {"weights": "weight", "scale": "lambda"}
+    per_model, glob = {}, {}
+    for k, v in params.items():
+        mk = names.get(k, k)
+        if mk not in spec:
+            raise BadParameter(f"mergekit's {method} has no parameter for mbmerge's {k!r}")
+        (per_model if mk in PER_MODEL else glob)[mk] = v
+    return per_model, glob

@@ -5,18 +5,15 @@ read at call time); or a MergeBench domain short name, resolved against the base
 tensors.
 """
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadModel, UnknownExpert
+from ..common.errors import BadModel, UnknownExpert
+from ..common.names import DOMAIN_ALIASES, HUB_ID, is_domain, mergebench_repo
 
-DOMAINS = {"math": "math", "code": "coding", "coding": "coding", "multilingual": "multilingual",
-           "instruction": "instruction", "ifeval": "instruction", "safety": "safety"}
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -26,21 +23,6 @@ class Source:
     path: Path
     revision: str | None
     role: str          # "base" or "expert <name>"
-
-
-def is_domain(ref: str) -> bool:
-    return ref.lower() in DOMAINS
-
-
-def domain_names(refs) -> list[str] | None:
-    """Each reference's domain ('code' -> 'coding'), when every one of them names a domain; else None."""
-    return [DOMAINS[r.lower()] for r in refs] if all(is_domain(r) for r in refs) else None
-
-
-def mergebench_repo(base_ref: str, domain: str) -> str:
-    """MergeBench's expert repo for a base: MergeBench/{base name}_{domain}."""
-    name = base_ref.split("@")[0].rstrip("/").split("/")[-1]
-    return f"MergeBench/{name}_{DOMAINS[domain.lower()]}"
 
 
 def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
@@ -63,7 +45,7 @@ def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
     if HUB_ID.match(ref):
         return _download(ref, role, ref)
     raise UnknownExpert(f"{_who(role, ref)} is not a folder, a hub id (owner/name) or a MergeBench domain "
-                        f"({', '.join(sorted(set(DOMAINS)))})")
+                        f"({', '.join(sorted(DOMAIN_ALIASES))})")
 
 
 def _who(role: str, ref: str) -> str:

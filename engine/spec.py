@@ -1,16 +1,16 @@
 """MergeSpec: everything a merge needs to know, checked once at construction."""
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .. import methods
 import torch
 
+from .. import kernels, methods
 from .device import resolve_device
-from .errors import BadParameter
+from ..common.errors import BadParameter
 from .plan import dtype_name, parse_size
 
-VERSION = "0.1.0"
+from ..common import VERSION  # noqa: F401  (the recipe records it)
 
 
 def _regex(pattern: str, what: str) -> str:
@@ -21,7 +21,7 @@ def _regex(pattern: str, what: str) -> str:
     return pattern
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeSpec:
     """A merge recipe. `params` holds the user's method parameters; after construction,
     `resolved` holds every parameter with defaults filled in and per-expert lists broadcast."""
@@ -29,6 +29,8 @@ class MergeSpec:
     experts: tuple[str, ...]
     out: Path
     base: str | None = None
+    family: str | None = None           # with no base, a folder of base/ and one folder per domain that
+                                        # domain names refer to (the command line passes the mini zoo's)
     params: dict = field(default_factory=dict)
     keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0);
                                         # None: the method's default, "": none
@@ -40,11 +42,13 @@ class MergeSpec:
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
     resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
     device: str | torch.device = "auto"  # cpu, cuda[:N], or auto (CUDA when present)
-    stats: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
-    data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from
-    data_options: dict = field(default_factory=dict)  # split, data_format, max_length, batch_size, ...
+    stats_folders: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
+    data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from (by
+    data_options: dict = field(default_factory=dict)  # mbmerge.stats; the engine needs the folders)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
                                         # values replace `params` for that tensor (e.g. per layer)
+    kernels: str | None = None          # auto | torch | triton (default: kernels.chosen(): the caller's
+    compile: bool | None = None         # kernels.using, else MBMERGE_KERNELS / MBMERGE_COMPILE)
     resolved: dict = field(default_factory=dict, init=False)
     resolved_overrides: tuple = field(default_factory=tuple, init=False)
 
@@ -53,13 +57,18 @@ class MergeSpec:
         if not self.experts:
             raise BadParameter("no experts given (--experts A,B)")
         set_(self, "experts", tuple(self.experts))
-        for name in ("stats", "data"):   # folders may come as Paths
+        for name in ("stats_folders", "data"):   # folders may come as Paths
             if getattr(self, name):
                 set_(self, name, tuple(str(x) for x in getattr(self, name)))
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "memory_budget", parse_size(self.memory_budget))
         set_(self, "device", resolve_device(str(self.device)))
+        chosen = kernels.chosen()   # what the caller runs under (kernels.using), else the environment's
+        set_(self, "kernels", kernels.backend_name(self.kernels or chosen.backend))
+        set_(self, "compile", chosen.compile if self.compile is None else self.compile)
+        if self.family is not None:
+            set_(self, "family", str(self.family))
         if self.memory_budget <= 0:
             raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)
@@ -77,10 +86,10 @@ class MergeSpec:
                                "density for the whole model)")
         if self.keep_base is None:
             set_(self, "keep_base", keep_default)
-        if (self.stats or self.data) and method.statistic is None:
+        if (self.stats_folders or self.data) and method.data_statistic is None:
             raise BadParameter(f"method {self.method} uses no data statistics; --stats/--data are for "
-                               f"{', '.join(m.name for m in methods.REGISTRY.values() if m.statistic)}")
-        if self.stats and self.data:
+                               f"{', '.join(m.name for m in methods.REGISTRY.values() if m.data_statistic)}")
+        if self.stats_folders and self.data:
             raise BadParameter("give --stats (collected statistics) or --data (collect them), not both")
         if self.keep_base:
             _regex(self.keep_base, "--keep-base")
@@ -105,10 +114,27 @@ class MergeSpec:
             parts += ["--keep-base", f"'{self.keep_base}'"]
         if self.dtype:
             parts += ["--dtype", self.dtype]
-        for flag, values in [("--stats", self.stats), ("--data", self.data)]:
+        for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []
         for pattern, values in self.overrides:
             given = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                              for k, v in values.items())
             parts += ["--override", f"'{pattern}'", f"'{given}'"]
         return " ".join(parts + ["--out", str(self.out)])
+
+
+def spec_from(method: str, experts, out, **options) -> MergeSpec:
+    """A MergeSpec from keyword arguments: MergeSpec's fields by name, every other one a method
+    parameter (density=0.2, weights=[0.5, 0.5], ...). Lists may stand for tuples.
+
+    Example:
+        >>> spec_from("ties", ["X1/", "X2/"], "m/", base="B/", density=0.2, overwrite=True)
+    """
+    known = {f.name for f in fields(MergeSpec) if f.init}
+    given = {k: v for k, v in options.items() if k in known}
+    params = {**given.pop("params", {}), **{k: v for k, v in options.items() if k not in known}}
+    for name in ("stats_folders", "data", "overrides"):
+        if given.get(name) is not None:
+            given[name] = tuple(given[name])
+    given["data_options"] = given.get("data_options") or {}
+    return MergeSpec(method=method, experts=tuple(experts), out=Path(out), params=params, **given)

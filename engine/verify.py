@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadModel, MbmergeError
+from ..common.errors import BadModel, MbmergeError
 from .header import TensorEntry, read_header
 from .index import INDEX_FILE, TensorIndex
 from .read import MappedModel

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OutputBusy, OutputExists
+from ..common.errors import OutputBusy, OutputExists
 from .index import INDEX_FILE
 from .plan import Plan, TensorPlan
 

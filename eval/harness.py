@@ -19,7 +19,7 @@ CODE_EVAL = "HF_ALLOW_CODE_EVAL"
 
 
 def cache_file() -> Path:
-    from ..engine.synthetic import cache_dir
+    from ..common.cache import cache_dir
     return cache_dir() / "eval-scores.json"
 
 
@@ -49,7 +49,7 @@ def model_identity(folder, memo: dict | None = None) -> str:
         return "mbmerge:" + file_sha256(record) + f":{record.stat().st_mtime_ns}"
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
-        from ..engine.errors import BadModel
+        from ..common.errors import BadModel
         raise BadModel(f"{folder}: no *.safetensors weights to evaluate (is it a model folder?)")
     memo = {} if memo is None else memo
     h = hashlib.sha256()

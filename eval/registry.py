@@ -27,17 +27,11 @@ domain's checker). Knows nothing of models or of running lm-eval.
 from dataclasses import dataclass
 from pathlib import Path
 
-MERGEBENCH_DOMAINS = ("instruction", "math", "multilingual", "coding", "safety")
+from ..common.names import MERGEBENCH_BASES, MERGEBENCH_DOMAINS, mergebench_repo
+
 GENERAL = "general"
 ZOO = "zoo"
 ZOO_EXAMPLES = 100  # test examples written per zoo domain (--limit takes fewer)
-
-# family (lower case) -> its base on the Hub; experts are MergeBench/{base name}_{domain}
-FAMILIES = {b.split("/")[-1].lower(): b for b in (
-    "google/gemma-2-2b", "google/gemma-2-2b-it", "google/gemma-2-9b", "google/gemma-2-9b-it",
-    "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
-    "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct")}
-
 
 @dataclass(frozen=True)
 class Task:
@@ -79,31 +73,31 @@ VALIDATION = {
 
 
 def families() -> list[str]:
-    return [ZOO, *FAMILIES]
+    return [ZOO, *MERGEBENCH_BASES]
 
 
 def family_of(name: str) -> str:
     """Normalise a --family value ('Gemma-2-2B', 'google/gemma-2-2b' -> 'gemma-2-2b')."""
     key = name.rstrip("/").split("/")[-1].lower()
-    if key != ZOO and key not in FAMILIES:
+    if key != ZOO and key not in MERGEBENCH_BASES:
         raise ValueError(f"unknown family {name!r}: choose one of {', '.join(families())}")
     return key
 
 
 def expert_ref(family: str, domain: str) -> str:
     """MergeBench's expert hub id for a real family: ('gemma-2-2b', 'math') -> 'MergeBench/gemma-2-2b_math'."""
-    return f"MergeBench/{FAMILIES[family_of(family)].split('/')[-1]}_{domain}"
+    return mergebench_repo(base_ref(family), domain)
 
 
 def base_ref(family: str) -> str:
-    return FAMILIES[family_of(family)]
+    return MERGEBENCH_BASES[family_of(family)]
 
 
 def zoo_tasks_dir(n: int = ZOO_EXAMPLES, seed: int = 0, split: str = "test") -> Path:
     """The zoo's generated lm-eval tasks (of one split of its domains), written on first use under
     the cache, in a folder named by eval/domains.py's digest (a changed domain gets fresh tasks)."""
     import hashlib
-    from ..engine.synthetic import cache_dir
+    from ..common.cache import cache_dir
     from . import domains, tasks
     version = hashlib.sha256(Path(domains.__file__).read_bytes() + Path(tasks.__file__).read_bytes()).hexdigest()[:12]
     folder = cache_dir() / "eval-tasks" / f"zoo-{version}-n{n}-s{seed}{'' if split == 'test' else '-' + split}"
@@ -117,7 +111,7 @@ def plan(family: str, domains=None, *, general: bool = True, zoo_tasks: Path | N
     """{domain: its lm-eval tasks} for a family; with general=True also {"general": forgetting tasks}.
 
     Args:
-        family: 'zoo' or a MergeBench base (see FAMILIES).
+        family: 'zoo' or a MergeBench base (see common.names.MERGEBENCH_BASES).
         domains: subset of MERGEBENCH_DOMAINS (default all five).
         zoo_tasks: folder of generated zoo tasks (default: zoo_tasks_dir(split=split), written if missing).
         split: "test" (evaluation) or "validation" (tuning: the zoo's validation split, or for a real

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..engine.synthetic import cache_dir
+from ..common.cache import cache_dir
 from .domains import ALL, DOMAINS, FACTS, GENERAL, Domain, fact_statement
 
 VERSION = "v2"  # of the full zoo; a size whose data or settings have not changed keeps its own
 VERSIONS = {"micro": "v1", "full": VERSION}
-FAMILIES = ("llama", "gemma2")
+ZOO_FAMILIES = ("llama", "gemma2")
 MODELS = ("base", *DOMAINS, "multitask")
 
 # --- tokenizer: one token per character -----------------------------------------------------
@@ -120,7 +120,7 @@ def model_config(family: str, s: Size):
         cfg = Gemma2Config(**common, head_dim=hd, query_pre_attn_scalar=hd, sliding_window=128,
                            tie_word_embeddings=True)
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+        raise ValueError(f"family must be one of {ZOO_FAMILIES}, not {family!r}")
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -239,8 +239,8 @@ def is_complete(folder: Path) -> bool:
 def build_zoo(family: str = "llama", size: str = "full", cache: Path | None = None, progress=True) -> Path:
     """The zoo's folder: base/, one folder per domain, multitask/ and zoo.json; trained on first use
     (into a temporary folder renamed when complete), found in the cache afterwards."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if family not in ZOO_FAMILIES:
+        raise ValueError(f"family must be one of {ZOO_FAMILIES}, not {family!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, not {size!r}")
     root = zoo_folder(family, size, cache)

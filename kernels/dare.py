@@ -12,10 +12,9 @@ COMPILE_AFTER uniforms eagerly, `uniform_cpu` compiles the same function with to
 (inductor fuses the ~120 integer ops into one loop: 2.6 ns per element; compiling costs 2-5 s,
 so small merges never pay it) and runs it over fixed BLOCK-element blocks with the key as
 tensors, so one compiled graph serves every seed and length. Without a working compiler it stays
-eager. MBMERGE_COMPILE=0 keeps it eager.
+eager; compile=False (--no-compile) keeps it eager.
 """
 import hashlib
-import os
 import sys
 
 import torch
@@ -63,11 +62,11 @@ BLOCK = 1 << 16             # elements per compiled call (a fixed shape: one gra
 _drawn, _compiled = 0, None   # _compiled: None not tried, False failed or disabled, else the function
 
 
-def uniform_cpu(seed: int, start: int, n: int) -> torch.Tensor:
-    """uniform_ref(seed, arange(start, start + n)) on the CPU, compiled once the process has drawn
-    many (module docstring); bit-identical either way."""
+def uniform_cpu(seed: int, start: int, n: int, compile: bool = True) -> torch.Tensor:
+    """uniform_ref(seed, arange(start, start + n)) on the CPU, compiled (if `compile`) once the
+    process has drawn many (module docstring); bit-identical either way."""
     global _drawn
-    fast = _fast() if _drawn >= COMPILE_AFTER else None
+    fast = _fast() if compile and _drawn >= COMPILE_AFTER else None
     _drawn += n
     if not fast or n < BLOCK // 4:
         return uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64))
@@ -84,13 +83,12 @@ def _fast():
     global _compiled
     if _compiled is None:
         _compiled = False
-        if os.environ.get("MBMERGE_COMPILE", "1") != "0":
-            try:
-                fn = torch.compile(_philox, dynamic=False)
-                probe = torch.arange((1 << 32) - 5, (1 << 32) - 5 + BLOCK, dtype=torch.int64)
-                if torch.equal(fn(torch.tensor(7), torch.tensor(9), probe), _philox(7, 9, probe)):
-                    _compiled = fn
-            except Exception as e:  # no C++ compiler, an inductor failure: eager is exact too, only slower
-                print(f"mbmerge: torch.compile unavailable ({type(e).__name__}); DARE masks stay eager",
-                      file=sys.stderr)
+        try:
+            fn = torch.compile(_philox, dynamic=False)
+            probe = torch.arange((1 << 32) - 5, (1 << 32) - 5 + BLOCK, dtype=torch.int64)
+            if torch.equal(fn(torch.tensor(7), torch.tensor(9), probe), _philox(7, 9, probe)):
+                _compiled = fn
+        except Exception as e:  # no C++ compiler, an inductor failure: eager is exact too, only slower
+            print(f"mbmerge: torch.compile unavailable ({type(e).__name__}); DARE masks stay eager",
+                  file=sys.stderr)
     return _compiled

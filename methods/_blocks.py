@@ -1,4 +1,4 @@
-"""Shared pieces of the task-arithmetic family (METHODS.md notation): d_i = x_i - b, trimming,
+"""Shared pieces of the task-arithmetic family (docs/methods.md notation): d_i = x_i - b, trimming,
 sign election, disjoint aggregation. Pure tensor functions on float32 chunks; no files.
 
 Masks are kept as float arithmetic (relu, sign, copysign, threshold), never as bool tensors:
@@ -7,11 +7,17 @@ on CPU a comparison plus bool->float conversion costs 5-10x a float op (2^17 ele
 """
 import math
 import struct
+from math import floor
 
 import torch
 from torch.nn.functional import threshold
 
 CHUNK_ALIGN = 4096  # float sums are taken per aligned granule of this many elements (see granule_sums)
+
+
+def top_k(rho: float, n: int) -> int:
+    """k = max(1, floor(rho n)): the entries a density rho keeps of n."""
+    return max(1, floor(rho * n))
 
 
 def deltas(b: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:

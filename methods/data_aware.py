@@ -1,5 +1,5 @@
 """Merges weighted by statistics the experts gathered on their own data (mbmerge.stats collects
-them; the engine streams them beside the weights as `aux`, one entry per expert).
+them; the engine streams them beside the weights as `stat`, one tensor per expert).
 
 fisher (Matena & Raffel 2022), with F_i expert i's diagonal Fisher, floored at 1e-10:
     out = sum_i w_i F_i x_i / sum_i w_i F_i
@@ -19,9 +19,9 @@ FISHER_FLOOR = 1e-10
 ILL_CONDITIONED = 1e8
 
 
-def fisher(b, xs: list[torch.Tensor], *, weights: list[float], aux: list[torch.Tensor]) -> torch.Tensor:
+def fisher(b, xs: list[torch.Tensor], *, weights: list[float], stat: list[torch.Tensor]) -> torch.Tensor:
     num, den = torch.zeros_like(xs[0]), torch.zeros_like(xs[0])
-    for x, f, w in zip(xs, aux, weights):
+    for x, f, w in zip(xs, stat, weights):
         wf = f.clamp(min=FISHER_FLOOR).mul_(w)
         num.addcmul_(wf, x)
         den += wf
@@ -46,12 +46,12 @@ def inverse(a: torch.Tensor) -> torch.Tensor:
     return (q * inv_w) @ q.T
 
 
-def regmean_stats(chunks, *, aux: list[torch.Tensor | None], reduction: float) -> dict:
+def regmean_projections(chunks, *, stat: list[torch.Tensor | None], reduction: float) -> dict:
     """The per-expert projections P_i = G~_i A^-1 (float32), or None for a tensor with no Grams;
     the weights themselves (chunks) are not needed."""
-    if all(g is None for g in aux):
+    if all(g is None for g in stat):
         return {"proj": None}
-    grams = [shrink(g.double(), reduction) for g in aux]
+    grams = [shrink(g.double(), reduction) for g in stat]
     a_inv = inverse(sum(grams))
     return {"proj": [(g @ a_inv).float() for g in grams]}
 
@@ -64,5 +64,5 @@ def regmean(b, xs: list[torch.Tensor], *, proj: list[torch.Tensor] | None) -> to
     return out.view(-1)
 
 
-def localize_stitch_trained(b: torch.Tensor, xs: list[torch.Tensor], *, aux: list[torch.Tensor]) -> torch.Tensor:
-    return stitch(b, [x - b for x in xs], [m.float() for m in aux])
+def localize_stitch_trained(b: torch.Tensor, xs: list[torch.Tensor], *, stat: list[torch.Tensor]) -> torch.Tensor:
+    return stitch(b, [x - b for x in xs], [m.float() for m in stat])

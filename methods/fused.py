@@ -1,7 +1,8 @@
 """The fused Triton paths of the element-wise methods: one adapter per method maps its parameters
 and statistics to one kernels.* call (kernels/merge_triton.py) that reads each input once, in its
 stored dtype, and writes the merged chunk once, in out_dtype. The torch methods stay the
-references and the CPU path; `apply_chunk` calls an adapter when `kernels.use_triton(device)`.
+references and the CPU path; `dispatch.apply_chunk` calls an adapter when `kernels.use_triton(device)`;
+an adapter takes the torch method's arguments (the registry row's apply.takes) and out_dtype.
 An adapter returns None where its kernel does not cover the parameters: the torch method runs.
 """
 from .. import kernels
@@ -69,7 +70,7 @@ def localize_stitch(b, xs, *, thr, out_dtype):
     return kernels.masked_stitch(b, xs, lo=_lo(thr), out_dtype=out_dtype)
 
 
-def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, out_dtype):
+def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, consensus, aggregate, thr, out_dtype):
     """TALL masks over task arithmetic only; mtl='ties' runs the torch method."""
     if mtl != "ta":
         return None

@@ -20,6 +20,17 @@ localize_stitch, dataless (He et al. 2024, arXiv:2408.13656):
 import torch
 
 from ._blocks import deltas, disjoint_merge, elect, trim
+from .ties_merging import ranks as trim_ranks
+
+
+def consensus_ranks(*, mtl: str, density: list[float], n: int) -> list[list[int]]:
+    """mtl='ties' trims each e_i as TIES does; 'ta' ranks nothing."""
+    return trim_ranks(density=density, n=n) if mtl == "ties" else [[] for _ in density]
+
+
+def localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
+    """t_i: the k-th largest |d_i|, k from the sparsity as TIES's from its density."""
+    return trim_ranks(density=sparsity, n=n)
 
 
 def consensus(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float, k: int,

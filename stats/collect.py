@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from ..engine.device import resolve_device
-from ..engine.errors import BadParameter
+from ..common.errors import BadParameter
 from ..engine.index import TensorIndex
 from ..engine.journal import input_identity
 from ..engine.plan import parse_size
 from ..engine.read import MappedModel
 from ..engine.spec import VERSION
-from ..engine.statistics import STATS_CARD
-from ..engine.synthetic import cache_dir
+from ..engine.stats_folders import STATS_CARD
+from ..common.cache import cache_dir
 from ..eval.zoo import quiet_transformers
-from ..engine.errors import MissingTensor
+from ..common.errors import MissingTensor
 from ..methods import EMBEDDINGS, collection_params
 from . import data as datasets
 from .fisher import fisher

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..engine.errors import BadParameter
-from ..engine.resolve import DOMAINS as ALIASES, HUB_ID
+from ..common.errors import BadParameter
+from ..common.names import DOMAIN_ALIASES as ALIASES, HUB_ID
 from ..eval import zoo
 from ..eval.domains import ALL
 

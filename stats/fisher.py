@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..engine.errors import BadParameter
+from ..common.errors import BadParameter
 from .groups import Tally, device_of, measuring, on_device, pick, plan_groups
 
 LABELS = ("sampled", "empirical")

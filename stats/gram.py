@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..engine.errors import BadModel, BadParameter
+from ..common.errors import BadModel, BadParameter
 from .groups import Tally, device_of, measuring, on_device, pick, plan_groups
 
 

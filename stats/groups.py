@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..engine.errors import BadParameter
+from ..common.errors import BadParameter
 
 
 def plan_groups(items: list[tuple[str, int]], budget: int) -> list[list[str]]:

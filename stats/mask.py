@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
-from ..engine.errors import BadParameter
+from ..common.errors import BadParameter
 from .fisher import log_likelihood
 from .groups import device_of, measuring, on_device
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..engine.errors import OutputExists
+from ..common.errors import OutputExists
 from ..engine.index import INDEX_FILE
-from ..engine.statistics import STATS_CARD
+from ..engine.stats_folders import STATS_CARD
 
 SHARD_BYTES = 2 << 30
 

@@ -28,15 +28,13 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture(params=["torch", "triton"])
-def both_impls(request, monkeypatch):
+def both_impls(request):
     """Runs a test once with the torch references and once with the Triton kernels (interpreted)."""
     import mbmerge.kernels as kernels
     if request.param == "triton" and not kernels.has_triton():
         pytest.skip("triton is not installed")
-    monkeypatch.setenv("MBMERGE_KERNELS", request.param)
-    kernels.backend.cache_clear()
-    yield request.param
-    kernels.backend.cache_clear()
+    with kernels.using(request.param):
+        yield request.param
 
 
 def llama_shapes():

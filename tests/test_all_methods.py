@@ -28,7 +28,7 @@ def _experts(method):
 
 def _stats(family, method, experts):
     """Data-aware methods: the fixture's statistics folders and tensors for these experts."""
-    st = mbmerge.methods.get(method).statistic
+    st = mbmerge.methods.get(method).data_statistic
     if st is None:
         return None, None
     pairs = [family["stats"][st.kind][e] for e in experts]
@@ -38,7 +38,7 @@ def _stats(family, method, experts):
 def _merge(family, tmp_path, method, name="out", experts=None, **kw):
     p, experts = family["paths"], experts or _experts(method)
     return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in experts],
-                         out=tmp_path / name, progress=False, stats=_stats(family, method, experts)[0], **kw)
+                         out=tmp_path / name, progress=False, stats_folders=_stats(family, method, experts)[0], **kw)
 
 
 @pytest.mark.parametrize("method", NAMES)
@@ -55,7 +55,7 @@ def test_engine_equals_the_library_function_and_transformers_loads_it(family, tm
         else:
             want = mbmerge.methods.merge_tensors(method, b.to(torch.bfloat16),
                                                  [t[e][name].to(torch.bfloat16) for e in _experts(method)], key=name,
-                                                 stats=[s.get(name) for s in stats] if stats else None)
+                                                 stat=[s.get(name) for s in stats] if stats else None)
         assert torch.equal(got[name], want), name
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -83,16 +83,13 @@ def test_the_engine_on_fused_kernels_writes_the_torch_methods_bytes(wide_family,
     """The whole streamed merge (4096-element chunks, so DARE's offsets and per-tensor thresholds
     are exercised) through the fused Triton kernels, interpreted, against the torch methods. Methods
     that read a tensor once (task_arithmetic, linear, model-wide ranks) hand the kernels bf16 chunks."""
-    from mbmerge import kernels
     p = wide_family["paths"]
     runs = {}
     for impl in ("torch", "triton"):
-        monkeypatch.setenv("MBMERGE_KERNELS", impl)
-        kernels.backend.cache_clear()
         out = mbmerge.merge(method, base=str(p["base"]), experts=[str(p[f"e{i}"]) for i in range(3)],
-                            out=tmp_path / impl, progress=False, memory_budget="100KB", device="cpu", **params)
+                            out=tmp_path / impl, progress=False, memory_budget="100KB", device="cpu", kernels=impl,
+                            **params)
         runs[impl] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
-    kernels.backend.cache_clear()
     assert runs["torch"] == runs["triton"]
 
 
@@ -114,14 +111,10 @@ def test_docs_are_generated_from_the_registry():
                                                  ("ties", {}, torch.float32)])   # read twice: float32 kept
 def test_fused_kernels_read_chunks_in_their_stored_dtype_when_read_once(wide_family, tmp_path, monkeypatch,
                                                                         method, params, dtype):
-    from mbmerge import kernels
     from mbmerge.kernels import merge_triton
     seen, real = set(), merge_triton.delta_merge
     monkeypatch.setattr(merge_triton, "delta_merge", lambda b, xs, **kw: seen.add(xs[0].dtype) or real(b, xs, **kw))
-    monkeypatch.setenv("MBMERGE_KERNELS", "triton")
-    kernels.backend.cache_clear()
     p = wide_family["paths"]
     mbmerge.merge(method, base=str(p["base"]), experts=[str(p["e0"]), str(p["e1"])], out=tmp_path / "out",
-                  progress=False, memory_budget="100KB", device="cpu", **params)
-    kernels.backend.cache_clear()
+                  progress=False, memory_budget="100KB", device="cpu", kernels="triton", **params)
     assert seen == {dtype}

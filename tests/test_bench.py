@@ -1,4 +1,4 @@
-"""`mbmerge bench` and its synthetic fixtures (engine/synthetic.py): the named models have the published
+"""`mbmerge bench` and its synthetic fixtures (eval/synthetic.py): the named models have the published
 parameter counts and transformers' own tensor names and shapes, a written family loads in transformers
 with experts that really differ from the base, bench writes its JSON and PNG, and refuses in one line a
 fixture the disk cannot hold."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mbmerge.engine.synthetic import MODELS, model_config, model_shapes, n_params, write_family
+from mbmerge.eval.synthetic import MODELS, model_config, model_shapes, n_params, write_family
 
 # Published config.json numbers: hidden, intermediate, layers, heads, KV heads, head_dim, vocab, tied
 # embeddings, norms per layer; and the model card's headline parameter count.

@@ -21,11 +21,9 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA 
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("MBMERGE_KERNELS", "triton")
-    kernels.backend.cache_clear()
-    yield
-    kernels.backend.cache_clear()
+def _triton_backend():
+    with kernels.using("triton"):
+        yield
 
 
 def _ulps(got: torch.Tensor, ref: torch.Tensor) -> int:
@@ -83,12 +81,12 @@ def test_fused_kernels_match_the_torch_methods(name, params, dtype):
 def test_merges_on_the_gpu_equal_merges_on_the_cpu(wide_family, tmp_path, method):
     p = wide_family["paths"]
     names = ["e0", "e1", "e2"][:methods.get(method).max_experts or 3]
-    st = methods.get(method).statistic
+    st = methods.get(method).data_statistic
     stats = [str(wide_family["stats"][st.kind][e][0]) for e in names] if st else None
 
     def merge(device):
         return mbmerge.merge(method, base=str(p["base"]), experts=[str(p[e]) for e in names], out=tmp_path / device,
-                             progress=False, memory_budget="100KB", device=device, stats=stats)
+                             progress=False, memory_budget="100KB", device=device, stats_folders=stats)
     cpu, gpu = read_model(merge("cpu")), read_model(merge("cuda"))
     assert cpu.keys() == gpu.keys()
     for k in cpu:

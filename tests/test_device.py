@@ -8,7 +8,7 @@ import torch
 
 import mbmerge
 from mbmerge.engine.device import Output, resolve_device
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from conftest import read_model
 
 

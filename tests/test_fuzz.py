@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from mbmerge.engine.errors import MbmergeError
+from mbmerge.common.errors import MbmergeError
 from mbmerge.engine.header import DTYPES, MAX_HEADER_BYTES, TensorEntry, encode_header, read_header
 from mbmerge.engine.index import INDEX_FILE, TensorIndex
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import base_tensors, write_model
-from mbmerge.engine.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
+from mbmerge.common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
 from mbmerge.engine.header import encode_header, read_header
 from mbmerge.engine.index import TensorIndex, check_agreement
 

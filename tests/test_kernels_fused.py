@@ -2,7 +2,6 @@
 torch methods they replace, and the Triton histograms (kernels/hist_triton.py) against
 torch.bincount. Merged values must lie within 1 ulp of the output dtype of the torch method's
 float32 result cast to that dtype; masks and thresholds must be bit-identical."""
-import sys
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from mbmerge import kernels, methods
 from mbmerge.kernels import hist_triton
 from mbmerge.kernels.dare import expert_seed, uniform_ref
 from mbmerge.kernels.select import HI_BINS, LO_BINS, _hi_keys, _lo_keys, kth_largest_abs
+from mbmerge.methods import ties_merging as TIES   # the module (mbmerge.methods.ties is the function)
 
 FUSED = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
          "localize_stitch", "consensus"]
@@ -23,15 +23,12 @@ CASES = [  # (experts T, elements n, input dtype, output dtype); n = 1000, 5000:
     (12, 700, torch.bfloat16, torch.bfloat16),      # more than 8 experts: a smaller block
 ]
 OFFSET = 2**32 + 7      # the chunk's first element index: DARE's Philox counters use both 32-bit words
-TIES = sys.modules["mbmerge.methods.ties"]      # (mbmerge.methods.ties is the registry's function)
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("MBMERGE_KERNELS", "triton")
-    kernels.backend.cache_clear()
-    yield
-    kernels.backend.cache_clear()
+def triton_backend():
+    with kernels.using("triton"):
+        yield
 
 
 @pytest.fixture
@@ -93,9 +90,9 @@ def merged_both_ways(name: str, b, xs, params: dict, out_dtype, offset: int = OF
     p = methods.resolve_params(method, len(xs), params)
     bf, xf = b.float(), [x.float() for x in xs]
     n = xf[0].numel()
-    stats = methods.statistics(method, p, lambda: [(bf, xf, offset)], n, "layer.w", (n,))
-    got = methods.apply_chunk(method, p, stats, b, xs, offset, "layer.w", (n,), out_dtype=out_dtype)
-    want = methods._call(method.apply, bf, xf, offset=offset, key="layer.w", shape=(n,), **p, **stats)
+    reduced = methods.reductions(method, p, lambda: [(bf, xf, offset)], "layer.w", (n,))
+    got = methods.apply_chunk(method, p, reduced, b, xs, offset, "layer.w", (n,), out_dtype=out_dtype)
+    want = method.apply(bf, xf, offset=offset, key="layer.w", shape=(n,), stat=None, **p, **reduced)
     return got, want.to(out_dtype)
 
 
@@ -121,12 +118,10 @@ def test_fused_all_zero_deltas_give_the_base(triton_backend, calls, name):
 
 
 @pytest.mark.parametrize("impl,mtl", [("torch", "ta"), ("triton", "ties")])
-def test_torch_backend_and_uncovered_parameters_use_the_torch_method(calls, monkeypatch, impl, mtl):
-    monkeypatch.setenv("MBMERGE_KERNELS", impl)
-    kernels.backend.cache_clear()
+def test_torch_backend_and_uncovered_parameters_use_the_torch_method(calls, impl, mtl):
     b, xs = inputs(100, 3, torch.bfloat16)           # the torch method gets them as float32
-    got, want = merged_both_ways("consensus", b, xs, {"mtl": mtl}, torch.float32)
-    kernels.backend.cache_clear()
+    with kernels.using(impl):
+        got, want = merged_both_ways("consensus", b, xs, {"mtl": mtl}, torch.float32)
     assert not calls and torch.equal(got, want)
 
 

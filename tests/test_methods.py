@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mbmerge
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 
 # --- plain references -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mbmerge
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from mbmerge.kernels.dare import expert_seed, uniform_ref
 from mbmerge.methods import merge_tensors
 from conftest import read_model, write_model

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mbmerge
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from mbmerge.methods import merge_tensors
 from conftest import read_model, write_model
 

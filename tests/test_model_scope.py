@@ -172,10 +172,10 @@ def test_protocol_mergebench(family, tmp_path):
 
 
 def test_protocol_lets_explicit_parameters_win(family, tmp_path):
-    spec = mbmerge.engine.spec.MergeSpec("ties", ("a", "b"), tmp_path / "o", protocol="mergebench",
+    spec = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a", "b"), out=tmp_path / "o", protocol="mergebench",
                                          params={"aggregate": "mean"})
     assert spec.resolved["aggregate"] == "mean" and spec.resolved["sparsify_scope"] == "model"
-    assert spec.keep_base and mbmerge.engine.spec.MergeSpec("ties", ("a",), tmp_path / "o").keep_base is None
+    assert spec.keep_base and mbmerge.engine.spec.MergeSpec(method="ties", experts=("a",), out=tmp_path / "o").keep_base is None
 
 
 @pytest.mark.parametrize("method,params", [("ties", dict(density=0.3, sparsify_scope="model")),

@@ -7,7 +7,7 @@ import torch
 import mbmerge
 from conftest import read_model
 from mbmerge import methods
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from mbmerge.engine.recipe import load_recipe
 
 

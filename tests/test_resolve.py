@@ -12,9 +12,10 @@ import torch
 import mbmerge
 from conftest import read_model
 from mbmerge.bin.cli import main
-from mbmerge.engine.errors import BadModel, UnknownExpert
+from mbmerge.common.errors import BadModel, UnknownExpert
 from mbmerge.engine.index import TensorIndex
-from mbmerge.engine.resolve import mergebench_repo, resolve
+from mbmerge.common.names import mergebench_repo
+from mbmerge.engine.resolve import resolve
 
 
 def hub_repo(cache: Path, repo_id: str, src: Path, refs=("main",)) -> Path:

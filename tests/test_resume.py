@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import mbmerge
-from mbmerge.engine.errors import InputChanged, OutputBusy
+from mbmerge.common.errors import InputChanged, OutputBusy
 from mbmerge.engine.write import output_lock
 
 # Runs the mbmerge command, but SIGKILLs itself at the KILL_AT-th chunk write, or at the first write

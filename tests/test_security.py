@@ -18,7 +18,7 @@ import torch
 
 import mbmerge
 from conftest import read_model
-from mbmerge.engine.errors import BadModel
+from mbmerge.common.errors import BadModel
 from mbmerge.engine.index import INDEX_FILE, TensorIndex
 from mbmerge.engine.resolve import resolve
 from test_resolve import hub_repo

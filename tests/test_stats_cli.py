@@ -92,7 +92,7 @@ def test_merge_with_data_collects_once_and_equals_the_merge_with_those_stats(zoo
     import mbmerge.stats.collect as collect
     monkeypatch.setattr(collect, "collect", lambda *a, **k: pytest.fail("statistics collected twice"))
     again = mbmerge.merge("localize_stitch_trained", out=tmp_path / "b", **kw)
-    given = mbmerge.merge("localize_stitch_trained", out=tmp_path / "c", stats=folders, **kw)
+    given = mbmerge.merge("localize_stitch_trained", out=tmp_path / "c", stats_folders=folders, **kw)
     assert read_model(first).keys() == read_model(again).keys()
     for k, v in read_model(first).items():
         assert torch.equal(v, read_model(again)[k]) and torch.equal(v, read_model(given)[k]), k

@@ -4,7 +4,7 @@ hooks (checked once more against the layer maths). A tiny random Llama, float32,
 import pytest
 import torch
 
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from mbmerge.stats.fisher import fisher
 from mbmerge.stats.gram import gram
 from mbmerge.stats.groups import plan_groups

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from mbmerge.engine.errors import BadParameter
+from mbmerge.common.errors import BadParameter
 from mbmerge.eval import zoo
 from mbmerge.eval.domains import ALL
 from mbmerge.stats.data import Example, batches, default_template, describe, load_examples, render, tokenize

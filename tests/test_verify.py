@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import mbmerge
 from mbmerge.engine import verify as verify_mod
-from mbmerge.engine.errors import BadModel
+from mbmerge.common.errors import BadModel
 from mbmerge.engine.verify import sha256_files, verify
 
 N_TENSORS = 21

@@ -8,8 +8,8 @@ import re
 import time
 from pathlib import Path
 
+from ..common.errors import BadParameter
 from ..engine import api
-from ..engine.errors import BadParameter
 from ..engine.index import TensorIndex
 from . import score as scoring
 from .hi_merging import Mix, hi_merging
@@ -106,8 +106,7 @@ def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | Non
     except ValueError as e:   # e.g. experts that score 0 on their own domain: no NP to guide the search
         raise BadParameter(f"hi_merging: {e}") from None
     final = candidate(result.mix, list(experts), base, scorer.layers)
-    api.merge("ties", experts=list(final.experts), out=out, base=base, protocol="mergebench", overwrite=overwrite,
-              progress=False, overrides=list(final.overrides), **final.params)
+    api.run(final.spec(Path(out), overwrite=overwrite, resume=True))
     record = {"method": "hi_merging", "validate": list(v.domains), "limit": limit, "max_evals": max_evals,
               "stage1": {"p": result.p, "s": result.s, "np": result.np_stage1}, "np_final": result.np_final,
               "evals": result.evals, "stopped_early": result.stopped_early, "order": result.order,

@@ -16,13 +16,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..common.cache import cache_dir
 from ..engine import api
 from ..engine.index import TensorIndex
 from ..engine.journal import input_identity
 from ..engine.spec import MergeSpec
-from ..engine.synthetic import cache_dir
 from ..eval import harness, registry
 from ..eval.tasks import tasks_digest
+from ..stats.prepare import complete, with_family
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,25 @@ class Candidate:
     base: str | None = None
     params: dict = field(default_factory=dict)
     overrides: tuple = ()
-    stats: tuple[str, ...] | None = None    # data-aware methods: statistics folders, or
-    data: tuple[str, ...] | None = None     # data sources to collect them from (cached)
+    stats_folders: tuple[str, ...] | None = None    # data-aware methods: statistics folders, or
+    data: tuple[str, ...] | None = None             # data sources to collect them from (cached)
     protocol: str | None = "mergebench"
 
-    def spec(self, out: Path) -> MergeSpec:
-        return MergeSpec(self.method, self.experts, out, self.base, dict(self.params), protocol=self.protocol,
-                         progress=False, overwrite=True, resume=False, stats=self.stats, data=self.data,
-                         overrides=tuple(self.overrides))
+    def merge_spec(self, out: Path, **options) -> MergeSpec:
+        """The candidate's merge into `out`, checked: a scratch merge (overwrite, no resume, quiet)
+        unless options say otherwise."""
+        options = {"overwrite": True, "resume": False, "progress": False, **options}
+        return MergeSpec(method=self.method, experts=self.experts, out=out, base=self.base, params=dict(self.params),
+                         protocol=self.protocol, stats_folders=self.stats_folders, data=self.data,
+                         overrides=tuple(self.overrides), **options)
+
+    def spec(self, out: Path, **options) -> MergeSpec:
+        """merge_spec completed for the engine (the built-in family, statistics collected)."""
+        return complete(self.merge_spec(out, **options))
 
     def sources(self):
         """(base, experts) as the engine resolves them (engine.api.sources)."""
-        return api.sources(self.spec(Path("unused")))
+        return api.sources(with_family(self.merge_spec(Path("unused"))))
 
 
 def validation_scores(folder, v: Validation, domains, cache: bool = False) -> dict[str, float | None]:
@@ -76,9 +84,9 @@ def keys(c: Candidate, v: Validation, domains) -> dict[str, str]:
     """{domain: the cache key of candidate c scored on it}: the recipe without the references'
     spelling (a folder, a hub id or a domain name may name the same files), each input's files in
     order, the validation settings and the domain's tasks. Inputs are read once for all domains."""
-    spec = c.spec(Path("unused"))
+    spec = c.merge_spec(Path("unused"))
     base, experts = c.sources()
-    folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats or ())]
+    folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (c.stats_folders or ())]
     common = {"recipe": {k: x for k, x in spec.recipe().items() if k not in ("base", "experts")},
               "protocol": c.protocol, "data": c.data,
               "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders]}

@@ -17,23 +17,10 @@ from pathlib import Path
 
 from .. import methods
 from ..engine import api
-from ..engine.errors import BadParameter
-from ..engine.resolve import domain_names
+from ..common.errors import BadParameter
+from ..common.names import domain_names
 from . import score as scoring
 from .score import Candidate, ScoreCache, Validation, normalised
-
-# MergeBench's grids, as the tuning scripts of a public fork of it have them (reference/mergebench.md
-# §4.10; the paper appendix's were not readable). DARE's p is read as the drop rate (density 1 - p
-# would keep 70-90%, far from MergeBench's own example p 0.9), so density in {0.1, 0.2, 0.3}.
-GRIDS = {
-    "task_arithmetic": {"scale": [0.2, 0.4, 0.6, 0.8, 1.0]},
-    "ties": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
-    "dare_ties": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
-    "dare_linear": {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]},
-    "consensus": {"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]},
-    "localize_stitch": {"sparsity": [0.1, 0.2, 0.3, 0.4]},
-}
-
 
 def parse_grid(text: str) -> dict[str, list[str]]:
     """'scale=0.2,0.4 density=0.1,0.2' -> {"scale": ["0.2", "0.4"], "density": ["0.1", "0.2"]}
@@ -50,10 +37,13 @@ def parse_grid(text: str) -> dict[str, list[str]]:
 
 
 def default_grid(method: str) -> dict[str, list]:
-    if method not in GRIDS:
+    """MergeBench's grid of the method (its registry row)."""
+    grid = methods.get(method).grid
+    if grid is None:
+        known = [m.name for m in methods.REGISTRY.values() if m.grid]
         raise BadParameter(f"no default grid for {method}; give one with --grid 'name=v1,v2 ...' "
-                           f"(default grids: {', '.join(GRIDS)})")
-    return GRIDS[method]
+                           f"(default grids: {', '.join(known)})")
+    return grid
 
 
 def typed(method: str, grid: dict) -> dict[str, list]:
@@ -139,16 +129,15 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     grid = typed(method, grid or default_grid(method))
-    template = Candidate(method, tuple(experts), base, params, stats=tuple(stats) if stats else None,
+    template = Candidate(method, tuple(experts), base, params, stats_folders=tuple(stats) if stats else None,
                          data=tuple(data) if data else None, protocol=protocol)
     candidates = [replace(template, params={**params, **p}) for p in points(grid)]
     for c in candidates:
-        c.spec(Path(out))  # every candidate's parameters checked before anything runs
+        c.merge_spec(Path(out))  # every candidate's parameters checked before anything runs
     rows = score_all(candidates, v, jobs, progress=progress)
     best = max(range(len(rows)), key=lambda i: (rows[i].np is not None, rows[i].np or 0, -i))
     final = time.perf_counter()
-    api.merge(method, experts=list(experts), out=out, base=base, protocol=protocol, overwrite=overwrite,
-              progress=False, stats=stats, data=data, **candidates[best].params)
+    api.run(candidates[best].spec(Path(out), overwrite=overwrite, resume=True))
     record = {"method": method, "grid": grid, "validate": list(v.domains), "limit": limit,
               "best": {"params": rows[best].params, "np": rows[best].np},
               "candidates": [vars(r) for r in rows],

@@ -6,12 +6,17 @@
     m   = sum_i agree_i e_i / sum_i agree_i w_i        agree_i = [sign(e_i) = s, e_i != 0]  ('sum': no division)
     out = b + lam * m
 
-thr_i is computed exactly by radix select (methods.thresholds), over the tensor (mergekit's scope,
+thr_i is computed exactly by radix select (dispatch.thresholds), over the tensor (mergekit's scope,
 the default) or over the whole model (sparsify_scope='model', the TIES paper and MergeBench).
 """
 import torch
 
-from ._blocks import deltas, disjoint_merge, elect, trim
+from ._blocks import deltas, disjoint_merge, elect, top_k, trim
+
+
+def ranks(*, density: list[float], n: int) -> list[list[int]]:
+    """Per expert, the rank of thr_i: [k_i]; [] (keep everything) where rho_i = 1."""
+    return [[] if rho >= 1 else [top_k(rho, n)] for rho in density]
 
 
 def apply(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,

@@ -17,7 +17,7 @@ in argsort order, fails on rows of one element (0/0 ranks), and always rescales 
 import torch
 
 from .. import kernels
-from ..engine.errors import BadParameter
+from ..common.errors import BadParameter
 from ..kernels.dare import expert_seed
 from ._blocks import Total, deltas, disjoint_merge, elect, l1_gain, row_length, weighted_sum
 
@@ -49,7 +49,7 @@ def _kept(d: torch.Tensor, i: int, rho: float, eps: float, m: int, seed: int, ke
     return e.div_(p) if inverse else e
 
 
-def stats(chunks, *, density: list[float], epsilon: list[float], rescale: str, seed: int, key: str,
+def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale: str, seed: int, key: str,
           shape: tuple) -> dict:
     """Checks rho and eps; g_i for 'l1' (a pass over the tensor, summed per row), else 1."""
     _check(density, epsilon)

@@ -23,7 +23,7 @@ def _kept(d: torch.Tensor, i: int, p: float, seed: int, key: str, offset: int) -
     return u.neg_().add_(p).sign_().relu_().mul_(d)      # [u < p] * d, as float arithmetic
 
 
-def stats(chunks, *, density: list[float], rescale: str, seed: int, key: str) -> dict:
+def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key: str) -> dict:
     """g_i, the per-expert rescale factor (needs a pass over the tensor only for 'l1')."""
     if rescale != "l1":
         return {"gain": [1 / p if rescale == "inverse" else 1.0 for p in density]}

@@ -35,7 +35,7 @@ def _mean_cos(g: dict, n: int) -> torch.Tensor:
     return sum(cos) / len(pairs)
 
 
-def stats_model_stock(chunks, *, filter_wise: bool, shape: tuple) -> dict:
+def model_stock_cosine(chunks, *, filter_wise: bool, shape: tuple) -> dict:
     """c over the whole tensor; with filter_wise, apply takes c per row of its chunk instead."""
     if filter_wise:
         return {"cos": None}
@@ -60,7 +60,7 @@ def apply_model_stock(b: torch.Tensor, xs: list[torch.Tensor], *, filter_wise: b
     return (t * mean.view(-1, row) + (1 - t) * b.view(-1, row)).view(-1)   # [rows, row] -> flat
 
 
-def stats_slerp(chunks, *, t: float) -> dict:
+def slerp_coefficients(chunks, *, t: float) -> dict:
     """The coefficients (c_b, c_x) of out = c_b b + c_x x, from |b|^2, |x|^2 and b . x."""
     bb, xx, bx = Total(), Total(), Total()
     for b, (x,), _ in chunks():

@@ -1,6 +1,7 @@
 """Synthetic model folders for benchmarks (bin/bench.py): configs and tensor shapes of the MergeBench
 bases (Gemma-2 2B/9B, Llama-3.2 3B, Llama-3.1 8B) or of a Llama of any size, a fast deterministic
-writer of base + expert folders, and the user cache folder. It knows nothing of merging or timing.
+writer of base + expert folders. A workload, like the zoo: the engine never imports it; it knows nothing
+of merging or timing.
 (The built-in default family is the trained mini zoo, eval/zoo.py.)
 
 Values: base N(0, 0.02), norms 1; expert = base + N(0, 2e-4) + on 5% of entries N(0, 2e-3); bf16.
@@ -10,14 +11,13 @@ costs a copy and one bf16 add per element and the disk, not the random generator
 import functools
 import hashlib
 import json
-import os
 from contextlib import ExitStack
 from math import prod
 from pathlib import Path
 
 import torch
 
-from .header import encode_header
+from ..engine.header import encode_header
 
 # Published config.json numbers (hub: google/gemma-2-2b, google/gemma-2-9b, meta-llama/Llama-3.2-3B,
 # meta-llama/Llama-3.1-8B). Token ids are those of the character tokenizer written below.
@@ -163,8 +163,3 @@ def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int) -> None:
                       ("generation_config", generation), ("model.safetensors.index", index)]:
         (folder / f"{name}.json").write_text(json.dumps(obj, indent=2))
 
-
-def cache_dir() -> Path:
-    """MBMERGE_CACHE, else $XDG_CACHE_HOME/mbmerge, else ~/.cache/mbmerge."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mbmerge"
-    return Path(os.environ.get("MBMERGE_CACHE", default))

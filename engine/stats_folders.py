@@ -1,6 +1,6 @@
 """Statistics folders (what `mbmerge stats` writes: safetensors plus STATS_CARD, like a model
-folder) as merge inputs: opened and checked against the plan before anything is written. Knows
-nothing of how they were collected.
+folder) as merge inputs, read beside the weights as each expert's `stat`: opened and checked
+against the plan before anything is written. Knows nothing of how they were collected.
 
 Tensor names are the model's. A Fisher diagonal or a mask has its weight's shape; a Gram matrix of
 a linear weight [out, in] is [in, in].
@@ -8,8 +8,8 @@ a linear weight [out, in] is [in, in].
 import json
 from pathlib import Path
 
+from ..common.errors import BadModel, BadParameter, MissingTensor, ShapeMismatch
 from ..methods import Method
-from .errors import BadModel, BadParameter, MissingTensor, ShapeMismatch
 from .header import TensorEntry
 from .index import TensorIndex
 from .plan import Plan
@@ -35,7 +35,7 @@ def read_card(folder: Path) -> dict:
 def open_statistics(method: Method, folders: list[Path], roles: list[str], plan: Plan) -> list[TensorIndex]:
     """One checked TensorIndex per expert: of the kind the method needs, holding a statistic of the
     right shape for every merged tensor that must have one."""
-    kind = method.statistic.kind
+    kind = method.data_statistic.kind
     if len(folders) != len(roles):
         raise BadParameter(f"{len(folders)} statistics folder(s) for {len(roles)} experts; give one per expert")
     indexes = []
@@ -58,12 +58,12 @@ def open_statistics(method: Method, folders: list[Path], roles: list[str], plan:
 
 def _check(ix: TensorIndex, e: TensorEntry | None, weight: TensorEntry, method: Method, role: str) -> None:
     if e is None:
-        if method.statistic.every_tensor:
-            raise MissingTensor(f"{ix.folder}: no {method.statistic.kind} statistic for tensor {weight.name} "
+        if method.data_statistic.every_tensor:
+            raise MissingTensor(f"{ix.folder}: no {method.data_statistic.kind} statistic for tensor {weight.name} "
                                 f"({role}); collect it again, or copy the tensor with --keep-base")
         return
-    want = weight.shape if not method.statistic.whole else (weight.shape[-1],) * 2
-    if e.shape != want or e.dtype not in STAT_DTYPES or (method.statistic.whole and len(weight.shape) != 2):
-        raise ShapeMismatch(f"{e.file}: tensor {e.name} is {e.dtype}{list(e.shape)}; a {method.statistic.kind} "
+    want = weight.shape if not method.data_statistic.whole else (weight.shape[-1],) * 2
+    if e.shape != want or e.dtype not in STAT_DTYPES or (method.data_statistic.whole and len(weight.shape) != 2):
+        raise ShapeMismatch(f"{e.file}: tensor {e.name} is {e.dtype}{list(e.shape)}; a {method.data_statistic.kind} "
                             f"statistic of {weight.name} {list(weight.shape)} must be {list(want)}, of a float "
                             f"or 0/1 dtype")

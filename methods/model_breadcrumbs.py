@@ -20,8 +20,8 @@ from math import floor
 
 import torch
 
-from ..engine.errors import BadParameter
-from ._blocks import band, deltas, disjoint_merge, elect, weighted_sum
+from ..common.errors import BadParameter
+from ._blocks import band, deltas, disjoint_merge, elect, top_k, weighted_sum
 
 
 def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[int]]:
@@ -30,7 +30,7 @@ def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[int]
     for rho, g in zip(density, gamma):
         if not 0 <= g < 1:
             raise BadParameter(f"breadcrumbs: gamma={g} must be in [0, 1) (the fraction of largest |d| dropped)")
-        k = max(1, floor(rho * n))
+        k = top_k(rho, n)
         t = max(0, min(floor(g * n), n - k))
         out.append([] if t == 0 and k >= n else [t + 1, t + k])
     return out

@@ -1,0 +1,193 @@
+"""The method table: one row per method (methods/contract.py says what a row holds), its
+parameters, and the benchmark protocols. Adding a method touches its own module and one row here.
+"""
+from ..common.errors import BadParameter
+from . import averages, dare_drop, data_aware, della_magprune, fused, interpolation, masks, max_magnitude
+from . import model_breadcrumbs, svd, ties_merging
+from .contract import REQUIRED, DataStatistic, Method, Param, step
+
+WEIGHTS = Param("weights", 1.0, "per-expert weight w_i", per_expert=True)
+DENSITY = Param("density", 0.2, "fraction rho_i of each delta kept", per_expert=True, fraction=True)
+SCALE = Param("scale", 1.0, "lambda, the scale on the merged delta (mergekit: lambda)", aliases=("--lambda",))
+CONSENSUS = Param("consensus", "sum", "sign election: sum (by mass) or count (by vote)", choices=("sum", "count"))
+AGGREGATE = Param("aggregate", "mean", "agreeing deltas: mean (TIES paper, mergekit normalize) "
+                  "or sum (MergeBench)", choices=("mean", "sum"))
+RESCALE = Param("rescale", "inverse", "dropped deltas: inverse (1/p, paper) | l1 (mergekit) | none",
+                choices=("inverse", "l1", "none"))
+SEED = Param("seed", 0, "seed of the counter-based keep masks")
+GAMMA = Param("gamma", 0.01, "breadcrumbs: fraction of the largest |d_i| dropped as outliers", per_expert=True)
+EPSILON = Param("epsilon", 0.15, "della: keep probability spread, rho_i -+ eps_i from smallest to largest "
+                "|d_i| in a row", per_expert=True)
+K = Param("k", 2, "consensus: keep entries that at least k TALL masks select")
+TALL_LAMBDA = Param("tall_lambda", 0.2, "consensus: TALL mask |e_i| >= lambda_i |tau - e_i|", per_expert=True)
+MTL = Param("mtl", "ta", "consensus: the multi-task vector tau, task arithmetic or TIES", choices=("ta", "ties"))
+SPARSITY = Param("sparsity", 0.1, "localize_stitch: fraction of each delta kept by its mask",
+                 per_expert=True, fraction=True)
+FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
+SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
+COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
+                        fraction=True)
+# collected with the data statistics (mbmerge stats), not used by apply
+SAMPLES = Param("samples", 1000, "statistics: examples of each expert's data (MergeBench: 1000)")
+FISHER_LABELS = Param("fisher", "sampled", "fisher: labels sampled from the expert (true Fisher) or the gold "
+                      "ones (empirical)", choices=("sampled", "empirical"))
+REDUCTION = Param("reduction", 0.5, "regmean: alpha, the factor on the Grams' off-diagonal entries "
+                  "(MergeBench's RegMean 0.5, RegMean++ 0.1)")
+SIGMOID_BIAS = Param("sigmoid_bias", 3.0, "localize_stitch_trained: mask logits start at +-this")
+MASK_LR = Param("lr", 1e8, "localize_stitch_trained: step on the mask logits (raw gradients are tiny)")
+EPOCHS = Param("epochs", 1, "localize_stitch_trained: passes over the data, one mask update each")
+L1 = Param("l1", 0.0, "localize_stitch_trained: L1 pull of the masks towards 0 (MergeBench: 0)")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, "divide by the sum of weights")
+
+
+def _scope(default: str) -> Param:
+    return Param("sparsify_scope", default, "magnitude ranks over each tensor (mergekit) or over the "
+                 "whole model (TIES paper, MergeBench)", choices=("tensor", "model"))
+
+
+SCOPE = _scope("tensor")
+EMBEDDINGS = r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|word_embeddings)(\.|$)"
+
+# mergekit 0.1.5's parameters and defaults (its merge_methods/registry.py); the generalized task
+# arithmetic family shares these
+_GTA = {"weight": REQUIRED, "density": 1.0, "lambda": 1.0, "int8_mask": False}
+# MergeBench's tuning grids, as the tuning scripts of a public fork of it have them. DARE's p is read as
+# the drop rate (density 1 - p would keep 70-90%, far from MergeBench's own example p 0.9).
+_DROP_GRID = {"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]}
+# `mbmerge demo`: MergeBench's example settings (its scripts/merge.sh: TA lam 0.4, TIES K 0.3 lam 0.4,
+# DARE p 0.9 lam 0.4, Consensus lam 0.4, dataless L&S sparsity 0.1), under --protocol mergebench; other
+# sums of deltas get lam 0.4 too, so that no method is handicapped by summing five full deltas.
+_DEMO_TRIM = {"density": 0.3, "scale": 0.4}
+_DEMO_DROP = {"density": 0.1, "scale": 0.4}
+_BENCH_TRIM = {"weights": 1.0, "density": 0.2}
+
+REGISTRY = {m.name: m for m in [
+    Method(name="linear", summary="weighted average of the experts (model soup)",
+           paper="https://arxiv.org/abs/2203.05482", params=(WEIGHTS, _normalize(True)),
+           apply=step(averages.apply_linear, "weights normalize"), fused=fused.linear, needs_base=False,
+           mergekit={"weight": REQUIRED, "normalize": True}, bench={"weights": 1.0}),
+    Method(name="task_arithmetic", summary="b + lam * sum_i w_i d_i", paper="https://arxiv.org/abs/2212.04089",
+           params=(WEIGHTS, SCALE, _normalize(False)),
+           apply=step(averages.apply_task_arithmetic, "weights scale normalize"), fused=fused.task_arithmetic,
+           mergekit={**_GTA, "normalize": False, "rescale": False},
+           grid={"scale": [0.2, 0.4, 0.6, 0.8, 1.0]}, demo={"scale": 0.4}, bench={"weights": 1.0}),
+    Method(name="ties", summary="trim to top-rho magnitudes, elect sign, disjoint merge",
+           paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE),
+           apply=step(ties_merging.apply, "weights scale consensus aggregate thr"),
+           ranks=step(ties_merging.ranks, "density n"), fused=fused.ties, trim="magnitude", elect="sign",
+           mergekit={**_GTA, "normalize": True, "rescale": False},
+           grid={"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]}, demo=_DEMO_TRIM, bench=_BENCH_TRIM),
+    Method(name="dare_linear", summary="random drop with rescale, then task arithmetic",
+           paper="https://arxiv.org/abs/2311.03099",
+           params=(WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
+           apply=step(dare_drop.apply_linear, "weights scale normalize density seed key offset gain"),
+           reduce=step(dare_drop.rescale_gains, "density rescale seed key"), fused=fused.dare_linear,
+           trim="random", mergekit={**_GTA, "normalize": False, "rescale": True}, grid=_DROP_GRID, demo=_DEMO_DROP,
+           bench=_BENCH_TRIM),
+    Method(name="dare_ties", summary="random drop with rescale, then TIES sign election",
+           paper="https://arxiv.org/abs/2311.03099",
+           params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
+           apply=step(dare_drop.apply_ties, "weights scale consensus aggregate density seed key offset gain"),
+           reduce=step(dare_drop.rescale_gains, "density rescale seed key"), fused=fused.dare_ties,
+           trim="random", elect="sign", mergekit={**_GTA, "normalize": False, "rescale": True},
+           grid=_DROP_GRID, demo=_DEMO_DROP, bench=_BENCH_TRIM),
+    # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
+    Method(name="breadcrumbs", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task "
+           "arithmetic", paper="https://arxiv.org/abs/2312.06795",
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE),
+           apply=step(model_breadcrumbs.apply_linear, "weights scale normalize thr"),
+           ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs, trim="magnitude",
+           mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False}, demo=_DEMO_TRIM),
+    Method(name="breadcrumbs_ties", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then "
+           "TIES sign election", paper="https://arxiv.org/abs/2312.06795",
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE),
+           apply=step(model_breadcrumbs.apply_ties, "weights scale consensus aggregate thr"),
+           ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs_ties,
+           trim="magnitude", elect="sign", mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
+           demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "gamma": 0.01}),
+    Method(name="della", summary="random drop, keep probability rising with |d| rank in the row; then TIES "
+           "sign election", paper="https://arxiv.org/abs/2406.11617",
+           params=(WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
+           apply=step(della_magprune.apply_ties, "weights scale consensus aggregate density epsilon rescale seed "
+                                                 "key offset shape gain"),
+           reduce=step(della_magprune.rescale_gains, "density epsilon rescale seed key shape"), span="row",
+           trim="random", elect="sign", mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
+           demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "epsilon": 0.1}),
+    Method(name="della_linear", summary="random drop, keep probability rising with |d| rank in the row; then "
+           "task arithmetic", paper="https://arxiv.org/abs/2406.11617",
+           params=(WEIGHTS, DENSITY, EPSILON, SCALE, _normalize(False), RESCALE, SEED),
+           apply=step(della_magprune.apply_linear, "weights scale normalize density epsilon rescale seed key "
+                                                   "offset shape gain"),
+           reduce=step(della_magprune.rescale_gains, "density epsilon rescale seed key shape"), span="row",
+           trim="random", mergekit={**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True}, demo=_DEMO_TRIM,
+           bench={**_BENCH_TRIM, "epsilon": 0.1}),
+    Method(name="magmax", summary="per element the delta of largest magnitude: b + lam * d_argmax",
+           paper="https://arxiv.org/abs/2407.06322", params=(SCALE,),
+           apply=step(max_magnitude.apply, "scale"), bench={}),
+    # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
+    Method(name="model_stock", summary="t * mean_i x_i + (1 - t) b, t from the mean pairwise cosine of the deltas",
+           paper="https://arxiv.org/abs/2403.19522", params=(FILTER_WISE,),
+           apply=step(interpolation.apply_model_stock, "filter_wise cos shape"),
+           reduce=step(interpolation.model_stock_cosine, "filter_wise shape"), span="row", min_experts=2,
+           mergekit={"filter_wise": False}, bench={}),
+    Method(name="slerp", summary="spherical interpolation from the base (t=0) to one expert (t=1), whole tensors",
+           paper="https://dl.acm.org/doi/10.1145/325165.325242", params=(SLERP_T,),
+           apply=step(interpolation.apply_slerp, "coef"), reduce=step(interpolation.slerp_coefficients, "t"),
+           min_experts=1, max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 0.5}),
+    Method(name="tsv", summary="task singular vectors: top r/T triplets per task, orthogonalised",
+           paper="https://arxiv.org/abs/2412.00081", params=(SCALE,), apply=step(svd.apply_tsv, "scale shape"),
+           span="tensor", keep_base=EMBEDDINGS, bench={}),
+    Method(name="iso_c", summary="SVD of the summed deltas with a flat (isotropic) spectrum",
+           paper="https://arxiv.org/abs/2502.04959", params=(SCALE,), apply=step(svd.apply_iso_c, "scale shape"),
+           span="tensor", keep_base=EMBEDDINGS, bench={}),
+    Method(name="iso_cts", summary="Iso-C on a common subspace plus per-task orthogonal subspaces",
+           paper="https://arxiv.org/abs/2502.04959", params=(SCALE, COMMON_FRACTION),
+           apply=step(svd.apply_iso_cts, "scale common_fraction shape"), span="tensor", keep_base=EMBEDDINGS),
+    # -- masks
+    Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
+           paper="https://arxiv.org/abs/2405.07813",
+           params=(WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE),
+           apply=step(masks.consensus, "weights scale k tall_lambda mtl consensus aggregate thr"),
+           ranks=step(masks.consensus_ranks, "mtl density n"), fused=fused.consensus, trim="mask",
+           grid={"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]}, demo={"scale": 0.4}, bench={}),
+    Method(name="localize_stitch", summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged",
+           paper="https://arxiv.org/abs/2408.13656", params=(SPARSITY, _scope("model")),
+           apply=step(masks.localize_stitch, "thr"), ranks=step(masks.localize_ranks, "sparsity n"),
+           fused=fused.localize_stitch, trim="magnitude", keep_base=EMBEDDINGS,
+           grid={"sparsity": [0.1, 0.2, 0.3, 0.4]}, bench={}),
+    # -- data-aware: statistics of each expert on its own data (mbmerge stats)
+    Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
+           "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
+           apply=step(data_aware.fisher, "weights stat"), needs_base=False, keep_base=EMBEDDINGS,
+           data_statistic=DataStatistic("fisher", False, True, ("samples", "fisher"))),
+    Method(name="regmean", summary="per linear layer the weights minimising the experts' output gaps on their "
+           "data (Grams)", paper="https://arxiv.org/abs/2212.09849", params=(REDUCTION, SAMPLES),
+           apply=step(data_aware.regmean, "proj"), reduce=step(data_aware.regmean_projections, "stat reduction"),
+           span="row", needs_base=False, keep_base=EMBEDDINGS,
+           data_statistic=DataStatistic("gram", True, False, ("samples",))),
+    Method(name="localize_stitch_trained", summary="Localize-and-Stitch with masks trained on each expert's data, "
+           "overlaps averaged", paper="https://arxiv.org/abs/2408.13656",
+           params=(SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES),
+           apply=step(data_aware.localize_stitch_trained, "stat"), keep_base=EMBEDDINGS,
+           data_statistic=DataStatistic("mask", False, True, ("sparsity", "sigmoid_bias", "lr", "epochs", "l1",
+                                                              "samples")),
+           # MergeBench's lr 1e8 acts on a sum of raw gradients over ~500 steps of a 2B model; one step of 1e8
+           # on the zoo's mean gradient overshoots (math expert: task loss 0.32 -> 1.60 against the dataless
+           # mask), 1e6 for 3 epochs lowers it (0.32 -> 0.29) and keeps ~10% of entries
+           demo={"lr": 1e6, "epochs": 3}),
+]}
+
+# A benchmark's choices at once; user parameters win. keep_base: the default --keep-base.
+PROTOCOLS = {
+    "mergebench": {"sparsify_scope": "model", "aggregate": "sum", "rescale": "inverse", "keep_base": EMBEDDINGS},
+}
+
+
+def get(name: str) -> Method:
+    """The registry row for `name`; BadParameter naming the known methods otherwise."""
+    if name not in REGISTRY:
+        raise BadParameter(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,117 @@
+"""A merge as users ask for it, completed for the engine, which knows no workloads and collects
+nothing: domain experts with no base refer to the built-in family (the mini zoo, trained on first
+use), and a data-aware method's statistics are collected from each expert's data (cached) unless
+given as folders. mbmerge.merge() is `merge` here; the command line, tune and demo complete their
+specs here too.
+"""
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .. import methods
+from ..common.errors import BadParameter
+from ..common.names import domain_names
+from ..engine import MergeSpec, run, sources, spec_from
+
+ZOO_SIZES = ("full", "micro")
+
+
+def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) -> Path:
+    """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
+
+    Args:
+        method: a registered method name ("linear", "task_arithmetic", "ties", ...).
+        experts: model references: folders, hub ids, or MergeBench domains ("math", "code").
+        out: the output folder (refused if it exists and is not empty, unless overwrite=True).
+        base: the base model reference; with none and domain experts, the built-in family (the mini
+            zoo, of zoo_size: full, or micro for tests; default MBMERGE_ZOO_SIZE, else full).
+        keep_base: regex of tensor names copied from the base instead of merged ("" none; None the
+            method's or protocol's default, e.g. embeddings for localize_stitch).
+        dtype: output dtype of float tensors (default: the base's).
+        memory_budget: upper bound of the working memory, e.g. "2GB".
+        protocol: "mergebench" sets MergeBench's choices (model-wide ranks, embeddings kept at the
+            base, TIES sum aggregation, DARE 1/p rescale); params given here win.
+        resume: continue an interrupted merge into `out` of the same recipe and inputs (its
+            journal and checksums are checked); False starts over.
+        device: where the merge computes: "cpu", "cuda", "cuda:N", or "auto" (CUDA when present).
+        kernels, compile: the kernel backend (auto, torch, triton) and whether compiled CPU loops
+            may run (default: MBMERGE_KERNELS / MBMERGE_COMPILE, else auto and yes).
+        stats_folders: data-aware methods (fisher, regmean, localize_stitch_trained): one statistics
+            folder per expert, as `mbmerge stats` writes them.
+        data: or one data source per expert (a zoo domain, a JSON/JSONL file, a hub dataset) to collect
+            them from, cached (default for domain experts: each one's own domain data).
+        data_options: how to read the data: split, data_format, max_length, batch_size, seed, dtype.
+        overrides: [(regex, {param: value}), ...]: for tensors whose name matches a regex (the first
+            that does), these values replace the parameters, e.g. per layer: [("[.]layers[.]3[.]", {"scale": 0})].
+        **params: method parameters, e.g. density=0.2, weights=[0.5, 0.5], scale=1.0.
+    Returns:
+        the output folder.
+    Example:
+        >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
+    """
+    return run(complete(spec_from(method, experts, out, **options), zoo_size))
+
+
+def complete(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
+    """spec with the built-in family (with_family) and its data statistics folders (when the method
+    needs them and none were given)."""
+    spec = with_family(spec, zoo_size)
+    if methods.get(spec.method).data_statistic is None or spec.stats_folders:
+        return spec
+    return replace(spec, stats_folders=tuple(str(f) for f in statistics_folders(spec)), data=None)
+
+
+def with_family(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
+    """spec whose domain experts, given with no base and no family, refer to the mini zoo (built
+    into the cache on first use)."""
+    if spec.base is not None or spec.family is not None or domain_names(spec.experts) is None:
+        return spec
+    return replace(spec, family=str(default_family(zoo_size, spec.progress)))
+
+
+def default_family(size: str | None = None, progress: bool = True) -> Path:
+    """The mini zoo's Llama family of this size (default MBMERGE_ZOO_SIZE, else full), trained once
+    into the cache on first use."""
+    from ..eval.zoo import build_zoo   # torch training code: imported only when the zoo is needed
+    size = size or os.environ.get("MBMERGE_ZOO_SIZE") or "full"
+    if size not in ZOO_SIZES:
+        raise BadParameter(f"zoo size {size!r}: choose {', '.join(ZOO_SIZES)}")
+    return build_zoo("llama", size, progress=progress)
+
+
+def statistics_folders(spec: MergeSpec) -> list[Path]:
+    """Each expert's statistics folder, collected from its data (spec.data; by default, for domain
+    experts, its own domain)."""
+    base, experts = sources(spec)
+    data = spec.data or default_data(spec)
+    if data is None:
+        raise BadParameter(f"method {spec.method} needs each expert's {methods.get(spec.method).data_statistic.kind} "
+                           f"statistics: --stats DIR,... (from `mbmerge stats`) or --data SOURCE,... to collect them")
+    return collect_statistics(spec.method, [s.path for s in experts], data, base=base.path if base else None,
+                              params=spec.resolved, device=spec.device, memory_budget=spec.memory_budget,
+                              progress=spec.progress, **spec.data_options)
+
+
+def collect_statistics(method: str, experts: list[Path], data: list[str], *, base: Path | None = None,
+                       params: dict | None = None, progress: bool = True, **options) -> list[Path]:
+    """The statistics a data-aware method needs of each expert folder, collected on its data source
+    (paired by position) into the cache, or found there. options: device, split, data_format,
+    max_length, batch_size, seed, dtype, memory_budget (see mbmerge.stats.collect)."""
+    m = methods.get(method)
+    if len(data) != len(experts):
+        raise BadParameter(f"{len(data)} data source(s) for {len(experts)} experts; give one per expert")
+    from .collect import collect_cached  # runs models: transformers is imported only here
+    p = methods.resolve_params(m, len(experts), params or {})
+    p = {k: v for k, v in p.items() if k in m.data_statistic.collect}
+    return [collect_cached(m.data_statistic.kind, Path(e), src, base=base, progress=progress,
+                           params={k: v[i] if isinstance(v, list) else v for k, v in p.items()}, **options)
+            for i, (e, src) in enumerate(zip(experts, data))]
+
+
+def default_data(spec: MergeSpec) -> tuple[str, ...] | None:
+    """Domain experts' own data: the zoo's domain for the built-in family, MergeBench's `_val` set
+    (MergeBench/<domain>_val) for a hub family."""
+    names = domain_names(spec.experts)
+    if names is None:
+        return None
+    return tuple(names) if spec.base is None else tuple(f"MergeBench/{d}_val" for d in names)
