@@ -1,19 +1,24 @@
-"""Installs the import package `mbmerge` from the top-level folders and the `mbmerge` command.
+"""Installs the import package `mbmerge` from the repository root and the `mbmerge` command.
 
-The repository root is the package (its __init__.py is the public API); each top-level
-folder is a subpackage: mbmerge.engine -> engine/, mbmerge.methods -> methods/, ...
+The root is the package (its __init__.py is the public API); each top-level folder with an
+__init__.py is a subpackage, found by find_packages: mbmerge.engine -> engine/, mbmerge.tune ->
+tune/, ... (tests/test_packaging.py builds the wheel and checks that none is left out).
 """
-from setuptools import setup
+import re
+from pathlib import Path
 
-SUBPACKAGES = ["engine", "kernels", "methods", "eval", "stats", "bin"]
+from setuptools import find_packages, setup
+
+SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "build", "build.*"])
+VERSION = re.search(r'^VERSION = "(.+)"$', Path("common/__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="mbmerge",
-    version="0.1.0",
+    version=VERSION,
     description="Memory-efficient streaming merges of fine-tuned LLMs",
     python_requires=">=3.10",
     packages=["mbmerge"] + [f"mbmerge.{p}" for p in SUBPACKAGES],
-    package_dir={"mbmerge": ".", **{f"mbmerge.{p}": p for p in SUBPACKAGES}},
+    package_dir={"mbmerge": ".", **{f"mbmerge.{p}": p.replace(".", "/") for p in SUBPACKAGES}},
     install_requires=[
         "torch>=2.2",
         "safetensors>=0.4",

@@ -2,11 +2,11 @@
 
 The fixture (eval/synthetic.py) has the tensor shapes of a MergeBench base (`--model gemma-2-9b`;
 `--layers N` keeps the real shapes in fewer layers) or of a Llama of any size (`--model custom`), and
-tools/make_models.py's delta statistics; bf16; built once into the cache folder. Each tool runs as its
-own process from a warm page cache; we measure wall time, input GB/s, that process's peak RSS (wait4
-ru_maxrss) and the peak GPU memory mbmerge records in the output's mbmerge.json. The I/O floor, reading
-every input once from the page cache and writing one output-sized file, is the time no merge can beat
-on this machine. Prints a table and writes JSON and a PNG of input GB/s per method (bench_plot.py).
+deltas shaped like fine-tunes' (dense small noise, sparse larger entries); bf16; built once into the
+cache folder. Each tool runs as its own process from a warm page cache; we measure wall time, input
+GB/s, that process's peak RSS (wait4 ru_maxrss) and the peak GPU memory mbmerge records in the output's
+mbmerge.json. The I/O floor, reading every input once from the page cache and writing one output-sized
+file, is the time no merge can beat on this machine. Prints a table and writes JSON and a PNG of input GB/s per method (bench_plot.py).
 """
 import json
 import os

@@ -43,7 +43,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, jobs
         record = hi_merge(grid=grid, max_evals=max_evals, **kw)
     else:
         record = search.tune(method, grid=grid, jobs=jobs, protocol=None if protocol == "none" else protocol,
-                             stats=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
+                             stats_folders=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
     if not quiet:
         click.echo(search.table(record) if method != "hi_merging" else record["summary"])
         click.echo(f"\nbest merge written to {out} (all candidates: {Path(out) / 'tune.json'})")

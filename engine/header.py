@@ -28,10 +28,9 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorEntry:
     """Where one tensor's bytes are: `offset` is absolute within `file`."""
     name: str
@@ -119,7 +118,8 @@ def _entry(path, name, spec, buffer_start) -> TensorEntry:
     if nbytes != expected:
         needs = f"more than {nbytes}" if expected is None else expected
         raise BadOffsets(f"{where}: holds {nbytes} bytes but shape {shape} of {dtype} needs {needs}")
-    return TensorEntry(name, Path(path), buffer_start + offsets[0], nbytes, dtype, tuple(shape))
+    return TensorEntry(name=name, file=Path(path), offset=buffer_start + offsets[0], nbytes=nbytes, dtype=dtype,
+                       shape=tuple(shape))
 
 
 def _needed(shape: list[int], itemsize: int, limit: int) -> int | None:

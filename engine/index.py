@@ -13,7 +13,7 @@ SINGLE_FILE = "model.safetensors"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorIndex:
     """Every tensor of one model folder, in file order (shard by shard, by offset)."""
     folder: Path
@@ -45,7 +45,8 @@ class TensorIndex:
             if name not in tensors or tensors[name].file != folder / shard:
                 raise MissingTensor(f"{_where(label, folder)}: {INDEX_FILE} lists tensor {name!r} in "
                                     f"{shard} but that file does not hold it")
-        return cls(folder, tensors, tuple(shards), weight_map is not None, metadata)
+        return cls(folder=folder, tensors=tensors, shards=tuple(shards), sharded=weight_map is not None,
+                   metadata=metadata)
 
 
 def _shard_files(folder: Path, label: str) -> tuple[list[str], dict | None]:

@@ -17,7 +17,7 @@ CPU_CHUNK = 1 << 17  # elements; keeps a method's float32 temporaries in cache. 
 GPU_CHUNK = 1 << 22  # a GPU wants few, large launches; 4M elements x 4 inputs is 64 MB of bf16 per chunk
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorPlan:
     name: str
     ref: TensorEntry                 # the reference input's entry (base, or first expert)
@@ -39,7 +39,7 @@ class ShardPlan:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     tensors: tuple[TensorPlan, ...]  # in read order
     shards: tuple[ShardPlan, ...]
@@ -105,10 +105,12 @@ def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | 
         size = len(header)
         for e, (dtype, merge), off in zip(entries, kinds, offsets):
             chunks = _chunks(e, step, span if merge else "element", budget, n_inputs)
-            tensors.append(TensorPlan(e.name, e, dtype, merge, chunks, name, len(header) + off))
+            tensors.append(TensorPlan(name=e.name, ref=e, out_dtype=dtype, merge=merge, chunks=chunks, shard=name,
+                                      out_offset=len(header) + off))
             size += tensors[-1].out_nbytes
         shards.append(ShardPlan(name, header, size))
-    return Plan(tuple(tensors), tuple(shards), ref.sharded or len(ref.shards) > 1, step, budget)
+    return Plan(tensors=tuple(tensors), shards=tuple(shards), sharded=ref.sharded or len(ref.shards) > 1,
+                chunk_elems=step, budget=budget)
 
 
 def _kind(e: TensorEntry, out_dtype: str | None, keep) -> tuple[str, bool]:

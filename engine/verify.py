@@ -143,7 +143,7 @@ def _checksums(folder: Path, names: list[str], record: dict) -> list[str]:
 
 def _nonfinite(folder: Path, headers: dict[str, dict[str, TensorEntry]]) -> list[str]:
     """NaN/Inf in the floating tensors of the shards whose headers are valid."""
-    index = TensorIndex(folder, {}, tuple(headers), False, {})
+    index = TensorIndex(folder=folder, tensors={}, shards=tuple(headers), sharded=False, metadata={})
     found = []  # (entry, count of non-finite elements)
     mapped = MappedModel(index)
     try:

@@ -1,4 +1,4 @@
-"""MergeBench's two summary numbers (reference/mergebench.md §1), from per-domain and per-task scores.
+"""MergeBench's two summary numbers (arXiv:2505.10833), from per-domain and per-task scores.
 
 - normalised performance: r_d = merged_d / expert_d on each domain d, then NP = mean_d r_d
   (the expert is the fine-tune on d; 1.0 means the merge keeps all of it);

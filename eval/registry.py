@@ -1,7 +1,7 @@
 """Which lm-eval tasks measure each MergeBench domain, and forgetting, for a model family.
 
 Real families (MergeBench's 8 bases) use MergeBench's own evaluation, as far as lm-eval 0.4.13
-carries it (see ../shared/reference/mergebench.md §3.1), with no chat template:
+carries it (MergeBench's scripts/evaluate.sh, github.com/uiuctml/MergeBench), with no chat template:
 
 | domain       | lm-eval tasks (metric)                                                        |
 |--------------|-------------------------------------------------------------------------------|

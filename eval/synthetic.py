@@ -90,7 +90,7 @@ def n_params(cfg: dict) -> int:
 
 
 def shard_names(shapes: dict, limit: int) -> list[list[str]]:
-    """Names grouped as tools/make_models.py does: a shard closes once it holds `limit` bytes (bf16)."""
+    """Names grouped into shards in order: a shard closes once it holds `limit` bytes (bf16)."""
     shards, size = [[]], 0
     for name, s in shapes.items():
         shards[-1].append(name)

@@ -129,7 +129,9 @@ def test_pickle_beside_safetensors_ignored(family, tmp_path, no_unpickling):
 
 
 def package_sources() -> list[Path]:
-    return [p for p in PACKAGE.rglob("*.py") if "tests" not in p.relative_to(PACKAGE).parts]
+    """The package's own modules (an editable tree also holds tests, a build/ copy and a .venv)."""
+    return [p for p in PACKAGE.rglob("*.py")
+            if not any(x in ("tests", "build") or x.startswith(".") for x in p.relative_to(PACKAGE).parts)]
 
 
 def test_no_trust_remote_code_nor_unpickling_in_the_package():

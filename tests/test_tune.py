@@ -111,11 +111,11 @@ def test_the_cache_key_names_files_not_spellings(micro_zoo, monkeypatch):
         return keys(c, v, [domain])[domain]
     monkeypatch.setenv("MBMERGE_CACHE", str(micro_zoo.parents[1]))     # domain names -> this zoo
     v = Validation(tuple(DOMAINS))
-    by_name = Candidate("ties", tuple(DOMAINS), params={"density": 0.2})
-    by_folder = Candidate("ties", tuple(f"{micro_zoo / d}/" for d in DOMAINS), str(micro_zoo / "base"),
-                          {"density": 0.2})
+    by_name = Candidate(method="ties", experts=tuple(DOMAINS), params={"density": 0.2})
+    by_folder = Candidate(method="ties", experts=tuple(f"{micro_zoo / d}/" for d in DOMAINS),
+                          base=str(micro_zoo / "base"), params={"density": 0.2})
     assert identity(by_name, v, "math") == identity(by_folder, v, "math")
     assert identity(by_name, v, "math") != identity(by_name, v, "coding")
-    assert identity(by_name, v, "math") != identity(Candidate("ties", tuple(DOMAINS), params={"density": 0.3}), v, "math")
-    assert identity(by_name, v, "math") != identity(Candidate("ties", ("math", "safety"), params={"density": 0.2}),
-                                                    v, "math")
+    other = [Candidate(method="ties", experts=tuple(DOMAINS), params={"density": 0.3}),
+             Candidate(method="ties", experts=("math", "safety"), params={"density": 0.2})]
+    assert all(identity(by_name, v, "math") != identity(c, v, "math") for c in other)

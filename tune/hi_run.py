@@ -48,7 +48,8 @@ def candidate(mix: Mix, experts: list[str], base: str | None, layers: int) -> Ca
     if mix.only_layer is not None:
         overrides.append((".", {"scale": 0.0}))  # outside the kept layer (norms, ...): the base
     params = {**TIES_SUM, "density": list(mix.p), "weights": list(mix.s)}
-    return Candidate("ties", tuple(experts[e] for e in mix.experts), base, params, tuple(overrides))
+    return Candidate(method="ties", experts=tuple(experts[e] for e in mix.experts), base=base, params=params,
+                     overrides=tuple(overrides))
 
 
 class Scorer:
@@ -58,7 +59,7 @@ class Scorer:
     def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None):
         self.experts, self.base, self.v, self.progress = experts, base, v, progress
         self.cache, self.seconds = ScoreCache(), {"merge": 0.0, "validation": 0.0}
-        base_src, expert_src = Candidate("ties", tuple(experts), base).sources()
+        base_src, expert_src = Candidate(method="ties", experts=tuple(experts), base=base).sources()
         self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
         self.layers = n_layers(self.folders["base"])
 

@@ -36,7 +36,7 @@ class Validation:
     device: str = "cpu"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Candidate:
     """One merge to score (picklable: a worker process, or another machine, can run it)."""
     method: str

@@ -66,7 +66,7 @@ def points(grid: dict) -> list[dict]:
     return [dict(zip(names, values)) for values in itertools.product(*grid.values())]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Row:
     params: dict
     scores: dict
@@ -93,8 +93,9 @@ def score_all(candidates: list[Candidate], v: Validation, jobs: int = 1, cache: 
     rows = []
     for i, (c, f) in enumerate(zip(candidates, found)):
         scores = {d: e["score"] for d, e in f.items()}
-        rows.append(Row(c.params, scores, normalised(scores, references, v), f[v.domains[0]]["merge_seconds"],
-                        sum(e["validation_seconds"] for e in f.values()), i not in todo))
+        rows.append(Row(params=c.params, scores=scores, np=normalised(scores, references, v),
+                        merge_seconds=f[v.domains[0]]["merge_seconds"],
+                        validation_seconds=sum(e["validation_seconds"] for e in f.values()), cached=i not in todo))
     return rows
 
 
@@ -119,17 +120,17 @@ def _worker(threads: int) -> None:
 def tune(method: str, *, experts, out, base: str | None = None, grid: dict | None = None,
          validate: list[str] | None = None, jobs: int = 1, protocol: str | None = "mergebench",
          limit: int | None = None, batch_size: int = 64, device: str = "cpu", overwrite: bool = False,
-         progress=None, stats: list | None = None, data: list | None = None, **params) -> dict:
-    """Grid-search METHOD's parameters (grid: {name: values}; default GRIDS[method]) on the validation
-    split of each expert's domain (validate; default: the experts' own domain names), merge the best
-    into OUT, and return (and write to OUT/tune.json) every candidate's scores and the time split.
-    params: fixed parameters of every candidate; stats/data: a data-aware method's (see merge)."""
+         progress=None, stats_folders: list | None = None, data: list | None = None, **params) -> dict:
+    """Grid-search METHOD's parameters (grid: {name: values}; default: its registry row's grid) on the
+    validation split of each expert's domain (validate; default: the experts' own domain names), merge
+    the best into OUT, and return (and write to OUT/tune.json) every candidate's scores and the time split.
+    params: fixed parameters of every candidate; stats_folders/data: a data-aware method's (see merge)."""
     started = time.perf_counter()
     v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     grid = typed(method, grid or default_grid(method))
-    template = Candidate(method, tuple(experts), base, params, stats_folders=tuple(stats) if stats else None,
+    template = Candidate(method=method, experts=tuple(experts), base=base, params=params, stats_folders=tuple(stats_folders or ()) or None,
                          data=tuple(data) if data else None, protocol=protocol)
     candidates = [replace(template, params={**params, **p}) for p in points(grid)]
     for c in candidates:
