@@ -1,4 +1,6 @@
 """The `mbmerge` command. `mbmerge --method ...` (no subcommand) is `mbmerge merge --method ...`."""
+import contextlib
+import difflib
 import errno
 import sys
 
@@ -22,12 +24,25 @@ from .zoo import zoo
 
 
 class DefaultMerge(click.Group):
-    """A group whose default subcommand is `merge`."""
+    """A group whose default subcommand is `merge`: arguments starting with an option are merge's.
+    A first word that is neither a command nor an option is a mistyped command (merge takes no
+    positional arguments), not a merge missing its --out."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            if not args[0].startswith("-"):
+                raise click.UsageError(self._no_command(args[0]), ctx)
             args = ["merge", *args]
         return super().parse_args(ctx, args)
+
+    def _no_command(self, word: str) -> str:
+        """The error for a first word that names no command: the nearest command, else them all."""
+        if word.endswith((".yml", ".yaml")):
+            return f"no command '{word}'; for a mergekit recipe, pass --config {word}"
+        close = difflib.get_close_matches(word, list(self.commands), n=1)
+        if close:
+            return f"no command '{word}'; did you mean '{close[0]}'?"
+        return f"no command '{word}' (commands: {', '.join(sorted(self.commands))}; default: merge --method ...)"
 
 
 @click.group(cls=DefaultMerge, context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,15 +106,28 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
         experts = _listed(experts) or []
-    path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
-                        memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                        progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
-                        compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
-                        overrides=[_override(*o) for o in overrides],
-                        data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
-                                                 stats_dtype), **given)
+    with _resumable():
+        path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
+                            memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+                            progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
+                            compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs),
+                            data=_listed(data), overrides=[_override(*o) for o in overrides],
+                            data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
+                                                     stats_dtype), **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a merge: its partial folder and journal stay for the same command to resume."""
+
+
+@contextlib.contextmanager
+def _resumable():
+    try:
+        yield
+    except KeyboardInterrupt:   # click would turn it into a plain Abort
+        raise Interrupted() from None
 
 
 def _override(pattern: str, values: str) -> tuple[str, dict]:
@@ -141,8 +169,11 @@ def main():
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         _fail(e.format_message() + (f" (see '{ctx.command_path} --help')" if ctx else ""), e.exit_code)
+    except Interrupted:
+        click.echo("mbmerge: interrupted; run the same command again to resume the merge where it stopped", err=True)
+        sys.exit(130)
     except click.exceptions.Abort:
-        click.echo("mbmerge: aborted", err=True)
+        click.echo("mbmerge: interrupted", err=True)
         sys.exit(130)
     except MbmergeError as e:
         _fail(str(e))
@@ -151,5 +182,5 @@ def main():
             raise
         _fail(f"{e.strerror}: {e.filename}" if e.filename else str(e))
     except KeyboardInterrupt:
-        click.echo("mbmerge: interrupted; run the same command again to resume", err=True)
+        click.echo("mbmerge: interrupted", err=True)
         sys.exit(130)

@@ -45,9 +45,17 @@ class OutputExists(MbmergeError):
     """The output folder exists and is not empty."""
 
 
+class OutputLocation(MbmergeError):
+    """An output that cannot be written where it was asked for, or would overwrite an input."""
+
+
 class OutputBusy(MbmergeError):
     """Another mbmerge is writing the same output folder."""
 
 
 class InputChanged(MbmergeError):
     """An input file changed while it was being merged."""
+
+
+class MethodFailed(MbmergeError):
+    """A merge method that failed on a tensor (e.g. an SVD that did not converge)."""

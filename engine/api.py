@@ -1,5 +1,6 @@
 """run(spec): resolve the inputs, check them, plan, merge, and publish the output folder. Knows no
 workloads (the mini zoo) and collects no data statistics: those come as folders."""
+import sys
 import time
 from pathlib import Path
 
@@ -8,17 +9,19 @@ import torch
 from .. import kernels, methods
 from ..common.errors import BadParameter, InputChanged
 from ..common.names import domain_names
+from . import side_files
 from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
 from .journal import JOURNAL, Journal, fingerprint, input_identity
+from .output import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder, publish,
+                     remove_empty)
 from .plan import CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
 from .resolve import Source, resolve
 from .spec import VERSION, MergeSpec, spec_from
 from .stats_folders import open_statistics, read_card
 from .verify import input_changes, sha256_files
-from .write import (ShardWriter, check_output, copy_side_files, discard, missing_parents, output_lock,
-                    partial_folder, publish, remove_empty, write_card, write_index)
+from .write import ShardWriter, write_card, write_index
 
 
 def merge(method: str, *, experts, out, **options) -> Path:
@@ -49,24 +52,48 @@ def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
 
 
 def run(spec: MergeSpec) -> Path:
-    """Run a checked MergeSpec; see merge()."""
+    """Run a checked MergeSpec; see merge(). The output's place is checked before any input is read."""
     started = time.perf_counter()
-    check_output(spec.out, spec.overwrite)
+    check_location(spec.out, spec.overwrite)
+    base, experts = sources(spec)
+    folders = [(s.role, s.path) for s in ([base] if base else []) + experts]
+    folders += [(f"statistics of {s.role}", Path(f)) for s, f in zip(experts, spec.stats_folders or ())]
+    check_apart(spec.out, folders + [(role, f) for role, folder in folders for f in _files(folder)])
+    _warn_repeated(folders)
     created = missing_parents(spec.out)
     try:
         with output_lock(spec.out):
-            return _run_locked(spec, started)
+            return _run_locked(spec, base, experts, started)
     except BaseException:
         remove_empty(created)
         raise
 
 
-def _run_locked(spec: MergeSpec, started: float) -> Path:
+def _files(folder: Path) -> list[Path]:
+    """The files in an input folder (hub snapshots link them into the cache's blobs/)."""
+    try:
+        return [f for f in Path(folder).iterdir() if f.is_file()]
+    except OSError:
+        return []   # reading the folder fails later, with its own message
+
+
+def _warn_repeated(folders: list[tuple[str, Path]]) -> None:
+    """One warning line when a model is given twice (an expert twice, or the base as an expert)."""
+    seen = {}
+    for role, folder in folders:
+        real = Path(folder).resolve()
+        if real in seen:
+            print(f"mbmerge: warning: {role} is the same model as {seen[real]} ({folder}); it is merged twice",
+                  file=sys.stderr)
+        seen.setdefault(real, role)
+
+
+def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], started: float) -> Path:
     method = methods.get(spec.method)
-    base, experts = sources(spec)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
     ref_index = base_index or indexes[0]
+    side_files.check(ref_index.folder, "base" if base else experts[0].role)
     check_agreement(ref_index, {s.role.removeprefix("expert "): ix for s, ix in zip(experts, indexes)},
                     "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
@@ -82,6 +109,9 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
     if resumed is None:
         discard(tmp, notice=True)
         tmp.mkdir()
+    elif spec.progress:
+        print(f"mbmerge: resuming the interrupted merge into {spec.out}: {len(resumed[0])} of {len(plan.tensors)} "
+              f"tensors are written and check out, merging the rest", file=sys.stderr)
     done, model_thr = resumed or (set(), None)
     maps = []
     try:
@@ -105,12 +135,12 @@ def _run_locked(spec: MergeSpec, started: float) -> Path:
             raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
-        copy_side_files(ref_index.folder, tmp, spec.dtype)
+        copied = side_files.copy(ref_index.folder, tmp, spec.dtype)
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
-        record.update(resumed_tensors=len(done), inputs=identity,
-                      sha256=sha256_files(tmp, [s.name for s in plan.shards] + [INDEX_FILE] * plan.sharded))
+        written = [s.name for s in plan.shards] + [INDEX_FILE] * plan.sharded + copied
+        record.update(resumed_tensors=len(done), inputs=identity, sha256=sha256_files(tmp, written))
         write_card(tmp, record)
         publish(tmp, spec.out, spec.overwrite)
     except KeyboardInterrupt:

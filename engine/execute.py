@@ -3,6 +3,7 @@ convert to float32, hand it to the method, cast, and write it in place. Statisti
 the method has any, re-read the chunks first. Knows nothing of the methods' maths or of file
 formats: inputs are MappedModels, the output a ShardWriter.
 """
+import contextlib
 import re
 from typing import Callable
 
@@ -10,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels, methods
-from ..common.errors import NonFinite
+from ..common.errors import MbmergeError, MethodFailed, NonFinite
 from .header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
@@ -45,6 +46,7 @@ class Merger:
         self.device, self.uploader = device, Uploader(device, len(self.inputs))
         # a tensor read more than once is kept (on a GPU up to a quarter of the budget; on the CPU 64 MB)
         self.cache_bytes = plan.budget // 4 if device.type == "cuda" else min(CACHE_BYTES, plan.budget // 4)
+        self.allow_nonfinite = allow_nonfinite
         self.checked: set[str] = set(t.name for t in plan.tensors) if allow_nonfinite else set()
 
     def input_bytes(self, tensors=None) -> int:
@@ -151,16 +153,37 @@ class Merger:
             chunks = lambda: iter(cached)  # noqa: E731
         whole = self.method.data_statistic is not None and self.method.data_statistic.whole
         params = next((p for pattern, p in self.overrides if pattern.search(name)), self.params)
-        reduced = methods.reductions(self.method, params, chunks, name, shape, model_thr,
-                                     stat=[self._stat(m, t, whole=True) for m in self.stat_inputs] if whole else None)
+        whole_stat = [self._stat(m, t, whole=True) for m in self.stat_inputs] if whole else None
+        with self._method_errors(t):
+            reduced = methods.reductions(self.method, params, chunks, name, shape, model_thr, stat=whole_stat)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)    # one flag: one device sync per tensor
         for b, xs, a in chunks():
             stat = [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs] if self.stat_inputs \
                 and not whole else None
-            out = methods.apply_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype=out_dtype,
-                                      stat=stat)
-            self.output.write(t, a, out.to(out_dtype))   # a no-op after a fused kernel
+            with self._method_errors(t):
+                out = methods.apply_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype=out_dtype,
+                                          stat=stat).to(out_dtype)     # a no-op after a fused kernel
+            if not self.allow_nonfinite:
+                finite &= torch.isfinite(out).all()
+            self.output.write(t, a, out)
             done(per_elem * out.numel())
+        if not finite:   # before the tensor is journaled: nothing of it counts as done, nothing is published
+            raise NonFinite(f"method {self.method.name}: merged tensor {name} holds NaN or Inf values (from the "
+                            f"parameters, or an overflow of {t.out_dtype}); nothing was written (pass "
+                            f"--allow-nonfinite to write it anyway)")
+
+    @contextlib.contextmanager
+    def _method_errors(self, t: TensorPlan):
+        """An error inside a method becomes one line naming the method and the tensor."""
+        try:
+            yield
+        except (MbmergeError, OSError):
+            raise
+        except Exception as e:
+            why = " ".join(str(e).split()) or "no message"
+            raise MethodFailed(f"method {self.method.name} failed on tensor {t.name} {list(t.ref.shape)}: "
+                               f"{type(e).__name__.lstrip('_')}: {why[:300]}") from e
 
     def _stat(self, m: MappedModel, t: TensorPlan, a: int = 0, z: int | None = None, whole: bool = False):
         """Elements [a, z) of an expert's statistic of tensor t on the device (all of it, in its own

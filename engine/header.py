@@ -28,6 +28,7 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")   # merged; other dtypes are copied
 
 
 @dataclass(frozen=True, kw_only=True)

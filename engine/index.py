@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
-from .header import TensorEntry, read_header
+from .header import FLOAT_DTYPES, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -140,11 +140,13 @@ def _root(folder: Path) -> Path:
 
 
 def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_label: str = "base") -> None:
-    """Every expert must have exactly the base's tensor names, shapes and dtypes.
+    """Every expert must have exactly the base's tensor names and shapes, and its dtypes up to the
+    float width (a bf16 base merges with an fp32 expert: the maths is float32 either way).
 
-    Raises MissingTensor or ShapeMismatch listing every disagreement (the first few by name).
+    Raises MissingTensor or ShapeMismatch in one line: per expert the first few disagreements and a
+    count, and the likely cause when it is a resized vocabulary.
     """
-    missing, mismatched = [], []
+    missing, mismatched, vocab = [], [], False
     for label, ex in experts.items():
         lacks = [n for n in base.tensors if n not in ex.tensors]
         extra = [n for n in ex.tensors if n not in base.tensors]
@@ -153,16 +155,24 @@ def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_lab
             missing.append(f"{who} lacks {_few(lacks)} that {base_label} has")
         if extra:
             missing.append(f"{who} has {_few(extra)} that {base_label} lacks")
-        for name, b in base.tensors.items():
-            e = ex.tensors.get(name)
-            if e is not None and (e.shape, e.dtype) != (b.shape, b.dtype):
-                mismatched.append(f"expert {label!r} tensor {name} is {e.dtype}{list(e.shape)}, "
-                                  f"{base_label} has {b.dtype}{list(b.shape)}")
+        differ = [(e, b) for name, b in base.tensors.items() if (e := ex.tensors.get(name)) is not None
+                  and (e.shape != b.shape or (e.dtype != b.dtype and not {e.dtype, b.dtype} <= set(FLOAT_DTYPES)))]
+        if differ:
+            shown = ", ".join(f"{e.name} {e.dtype}{list(e.shape)} vs {b.dtype}{list(b.shape)}" for e, b in differ[:2])
+            mismatched.append(f"{who} differs from {base_label} in {len(differ)} tensor(s) ({shown}"
+                              f"{', ...' if len(differ) > 2 else ''})")
+            vocab |= all(_resized_rows(e, b) for e, b in differ)
     problems = missing + mismatched
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        cls = MissingTensor if missing else ShapeMismatch
-        raise cls("; ".join(problems[:5]) + more + ": the experts are not fine-tunes of the same model")
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        why = ("the vocabulary was resized (added tokens); merging models whose vocabularies differ is not "
+               "supported yet" if vocab and not missing else "the experts are not fine-tunes of the same model")
+        raise (MissingTensor if missing else ShapeMismatch)("; ".join(problems[:3]) + more + f": {why}")
+
+
+def _resized_rows(e: TensorEntry, b: TensorEntry) -> bool:
+    """An embedding-like tensor that differs only in its number of rows."""
+    return len(e.shape) == len(b.shape) == 2 and e.shape[1:] == b.shape[1:] and e.shape[0] != b.shape[0]
 
 
 def _few(names: list[str]) -> str:

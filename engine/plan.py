@@ -3,14 +3,14 @@ which order (file order of the reference model, so reads are sequential), the ch
 cut into, and where every output tensor's bytes go. Knows nothing of the methods' maths.
 """
 import re
+import sys
 from dataclasses import dataclass
 
 from ..common.errors import BadParameter
 from ..methods import CHUNK_ALIGN, row_length
-from .header import DTYPES, TensorEntry, encode_header
+from .header import DTYPES, FLOAT_DTYPES, TensorEntry, encode_header
 from .index import SINGLE_FILE, TensorIndex
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 UNSUPPORTED = ("F8_E4M3", "F8_E5M2")
 CPU_CHUNK = 1 << 17  # elements; keeps a method's float32 temporaries in cache. TIES apply, 2 experts,
                      # 2 cores, per 229M elements: 1.5 s at 2^17, 1.6 s at 2^18, 4.8 s at 2^20, 1.9 s at 2^16
@@ -69,6 +69,10 @@ def chunk_elems(budget: int, n_inputs: int, preferred: int = CPU_CHUNK) -> int:
     temporary per expert for deltas and one for trimmed deltas, and five more (sign, sums, output).
     """
     fit = budget // _per_element(n_inputs) // CHUNK_ALIGN * CHUNK_ALIGN
+    if fit < CHUNK_ALIGN:
+        need = CHUNK_ALIGN * _per_element(n_inputs)
+        print(f"mbmerge: --memory-budget {budget / 1024:.0f} KiB is less than one chunk of {CHUNK_ALIGN} elements "
+              f"needs with {n_inputs} inputs; using {need / 1024:.0f} KiB", file=sys.stderr)
     return max(CHUNK_ALIGN, min(preferred, fit))
 
 

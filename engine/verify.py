@@ -1,6 +1,7 @@
 """Re-check a merged output folder after the fact: it parses as a model, every shard's header is
-valid, the files match the sha256 digests in mbmerge.json (none missing, none added), every
-floating tensor is finite, and optionally the recorded inputs are unchanged (size and mtime).
+valid, the files match the sha256 digests in mbmerge.json (none missing, none added), the side
+files (config, tokenizer) parse, every floating tensor is finite, and optionally the recorded
+inputs are unchanged (size and mtime).
 
 Every problem becomes one line naming the file (and tensor); nothing in the folder is trusted
 and nothing is written. Knows nothing of merging or methods: it does not recompute the merge,
@@ -18,7 +19,8 @@ from ..common.errors import BadModel, MbmergeError
 from .header import TensorEntry, read_header
 from .index import INDEX_FILE, TensorIndex
 from .read import MappedModel
-from .write import WEIGHT_SUFFIXES
+from . import side_files
+from .side_files import WEIGHT_SUFFIXES
 
 RECORD = "mbmerge.json"
 CHUNK_ELEMS = 1 << 22  # finiteness is checked 4M elements at a time: <= 16 MiB of float32 per chunk
@@ -75,6 +77,7 @@ def verify(folder: Path, inputs: bool = False) -> list[str]:
         problems.append(index_problem)  # a bad header is reported once, by the per-shard check
     if record is not None:
         problems += _checksums(folder, names, record)
+    problems += side_files.problems(folder)
     problems += _nonfinite(folder, headers)
     if inputs and record is not None:
         problems += _inputs(folder, record)

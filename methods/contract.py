@@ -3,8 +3,9 @@
 A method is a few pure tensor functions that never touch files. The engine streams a tensor to them
 in chunks (float32, flat; `offset` is the element index of a chunk's first element in its tensor):
 
-    ranks(<params>, n)              -> per expert (n: the elements ranked over), the ranks k of |d_i| wanted as thresholds; the engine
-                                       finds them exactly (radix select) over the tensor or the model: `thr`
+    ranks(<params>, n)              -> per expert, the ranks k of |d_i| wanted as thresholds over n
+                                       elements; the engine finds them exactly (radix select) over the
+                                       tensor or the model: `thr`
     reduce(chunks, <params>, <ctx>) -> {name: value}: what apply needs of the whole tensor (rescale gains,
                                        cosines, SVD projections), streamed over chunks() of (b, xs, offset)
     apply(b, xs, <params>, <reductions>, <ctx>) -> the merged float32 chunk
@@ -18,6 +19,7 @@ of ranks (`thr`) and reduce, and the context: `offset`, `key` (the tensor's name
 masks), `shape` (the tensor's), and `stat` (per expert, its data statistic of this chunk; of the whole
 tensor for a reduce whose DataStatistic is `whole`).
 """
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,6 +66,8 @@ class Param:
                 v = kind(value)
         except (TypeError, ValueError):
             raise BadParameter(f"{method}: {self.name}={value!r} is not a {kind.__name__}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadParameter(f"{method}: {self.name}={value!r} must be a finite number")
         if self.choices and v not in self.choices:
             raise BadParameter(f"{method}: {self.name}={v!r}; choose one of {', '.join(self.choices)}")
         if self.fraction and not 0 < v <= 1:

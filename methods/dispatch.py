@@ -55,6 +55,9 @@ def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
             if len(v) != n_experts:
                 raise BadParameter(f"{method.name}: {p.name} has {len(v)} values for {n_experts} experts")
         params[p.name] = v
+    if params.get("normalize") and sum(params["weights"]) == 0:
+        raise BadParameter(f"{method.name}: weights {','.join(map(str, params['weights']))} sum to 0 and normalize "
+                           f"divides by their sum (pass other --weights, or --no-normalize)")
     return params
 
 

@@ -26,7 +26,31 @@ from ._blocks import deltas
 
 
 def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.linalg.svd(a, full_matrices=False)      # U [m, r], S [r], V^T [r, n]
+    """Thin SVD, U [m, r], S [r], V^T [r, n], that survives rank-deficient and ill-conditioned input:
+    LAPACK's divide and conquer (gesdd) can fail to converge there in float32 (seen on a 64 x 576
+    fp16 k_proj residual); then float64, then the eigendecomposition of the smaller Gram matrix."""
+    for attempt in (a, a.double()):
+        try:
+            return tuple(t.to(a.dtype) for t in torch.linalg.svd(attempt, full_matrices=False))
+        except torch.linalg.LinAlgError:
+            continue
+    return tuple(t.to(a.dtype) for t in gram_svd(a.double()))
+
+
+def gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD from eigh of A A^T (A [m, n], m <= n; else of A^T): S = sqrt(eigenvalues), V^T = S^-1 U^T A
+    where S > 0, completed to orthonormal rows where S = 0 (those rows are arbitrary, as in LAPACK)."""
+    if a.shape[0] > a.shape[1]:
+        u, s, vh = gram_svd(a.T)
+        return vh.T, s, u.T
+    w, u = torch.linalg.eigh(a @ a.T)                         # ascending
+    w, u = w.flip(0).clamp(min=0), u.flip(1)
+    live = w > w.max() * a.shape[1] * torch.finfo(a.dtype).eps   # eigenvalues above the Gram's rounding
+    s = torch.where(live, w.sqrt(), 0)                         # [m]
+    vh = (u.T @ a)[live] / s[live, None]                       # [k, n]
+    basis, _ = torch.linalg.qr(torch.cat([vh.T, torch.eye(a.shape[1], dtype=a.dtype)], 1))   # [n, k + n]
+    rest = basis[:, vh.shape[0]:a.shape[0]].T                  # [m - k, n], orthogonal to vh's rows
+    return u, s, torch.cat([vh, rest])
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:

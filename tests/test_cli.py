@@ -116,9 +116,11 @@ def _variant(family, tmp_path, name, change, dtype=torch.bfloat16):
     ("extra", lambda t: t.update({"model.extra.weight": torch.ones(3)}), torch.bfloat16,
      ["has 1 tensor(s) (model.extra.weight) that base lacks"]),
     ("shape", lambda t: t.update({"model.norm.weight": torch.ones(33)}), torch.bfloat16,
-     ["tensor model.norm.weight is BF16[33], base has BF16[32]"]),
-    ("dtype", lambda t: None, torch.float16,
-     ["tensor model.embed_tokens.weight is F16[64, 32], base has BF16[64, 32]", f"(and {N_TENSORS - 5} more)"]),
+     ["differs from base in 1 tensor(s) (model.norm.weight BF16[33] vs BF16[32])", "not fine-tunes of the same"]),
+    ("vocab", lambda t: t.update({n: torch.cat([t[n], t[n][:3]]) for n in ("model.embed_tokens.weight",
+                                                                          "lm_head.weight")}), torch.bfloat16,
+     ["differs from base in 2 tensor(s) (", "model.embed_tokens.weight BF16[67, 32] vs BF16[64, 32]",
+      "lm_head.weight BF16[67, 32] vs BF16[64, 32]", "the vocabulary was resized (added tokens)"]),
 ])
 def test_experts_disagree_with_base(family, tmp_path, mbmerge, name, change, dtype, fragments):
     folder = _variant(family, tmp_path, name, change, dtype)
@@ -177,10 +179,15 @@ def test_existing_output_refused_then_overwritten(family, tmp_path, mbmerge):
     code, err = mbmerge(*merge_args(family, out))
     assert code == 2 and err.splitlines() == [
         f"mbmerge: error: output {out} already exists and is not empty "
-        f"(pass --overwrite to replace it, or choose another --out)"]
+        f"(pass --overwrite to replace an earlier mbmerge output, or choose another --out)"]
+    code, err = mbmerge(*merge_args(family, out), "--overwrite")      # not a folder mbmerge wrote: kept
+    assert code == 2 and "holds files mbmerge did not write" in err
     assert [f.name for f in out.iterdir()] == ["notes.txt"]
-    assert (mbmerge(*merge_args(family, out), "--overwrite")) == (0, "")
-    assert not (out / "notes.txt").exists() and len(read_model(out)) == N_TENSORS
+    (out / "notes.txt").unlink()
+    assert mbmerge(*merge_args(family, out)) == (0, "")
+    first = read_model(out)
+    assert (mbmerge(*merge_args(family, out, method="task_arithmetic"), "--overwrite")) == (0, "")
+    assert len(read_model(out)) == N_TENSORS and read_model(out).keys() == first.keys()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
 
 
@@ -188,7 +195,7 @@ def test_existing_output_file_refused(family, tmp_path, mbmerge):
     out = tmp_path / "out"
     out.write_text("x")
     code, err = mbmerge(*merge_args(family, out))
-    assert code == 2 and err.startswith(f"mbmerge: error: output {out} already exists") and out.read_text() == "x"
+    assert code == 2 and err.startswith(f"mbmerge: error: output {out} is a file") and out.read_text() == "x"
 
 
 def test_empty_output_folder_is_used(family, tmp_path, mbmerge):

@@ -156,7 +156,7 @@ def test_statistics_of_another_kind_or_count_are_refused(family, tmp_path):
         _bad(family, tmp_path, stats_folders=[str(family["stats"]["fisher"]["math"][0])])
     _one_line(e, "1 statistics folder", "2 experts")
     with pytest.raises(mbmerge.MbmergeError) as e:
-        _bad(family, tmp_path, stats_folders=[str(tmp_path), str(tmp_path)])
+        _bad(family, tmp_path, stats_folders=[str(tmp_path / "none")] * 2)
     _one_line(e, "mbmerge-stats.json")
 
 

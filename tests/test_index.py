@@ -286,13 +286,17 @@ def test_check_agreement_lists_every_problem(tmp_path):
     b = TensorIndex.from_folder(write_model(tmp_path / "b", base, shards=1))
     shaped = TensorIndex.from_folder(write_model(tmp_path / "s", {**base, "w": torch.ones(3, 2)}, shards=1))
     typed = TensorIndex.from_folder(write_model(tmp_path / "t", base, dtype=torch.float16, shards=1))
+    ints = TensorIndex.from_folder(write_model(tmp_path / "i", base, dtype=torch.int32, shards=1))
     lacking = TensorIndex.from_folder(write_model(tmp_path / "l", {"w": base["w"], "x": torch.ones(1)}, shards=1))
+    check_agreement(b, {"t": typed})          # another float width merges (in float32)
     with pytest.raises(ShapeMismatch) as e:
-        check_agreement(b, {"s": shaped, "t": typed})
+        check_agreement(b, {"s": shaped, "t": typed, "i": ints})
     msg = str(e.value)
-    assert "expert 's' tensor w is BF16[3, 2], base has BF16[2, 3]" in msg
-    for n, shape in [("w", "[2, 3]"), ("v", "[4]"), ("u", "[1]")]:
-        assert f"expert 't' tensor {n} is F16{shape}, base has BF16{shape}" in msg
+    assert "\n" not in msg
+    assert f"expert 's' ({tmp_path / 's'}) differs from base in 1 tensor(s) (w BF16[3, 2] vs BF16[2, 3])" in msg
+    assert f"expert 'i' ({tmp_path / 'i'}) differs from base in 3 tensor(s) (u I32[1] vs BF16[1], v I32[4] vs " \
+           f"BF16[4], ...)" in msg
+    assert "'t'" not in msg and msg.endswith("the experts are not fine-tunes of the same model")
     with pytest.raises(MissingTensor) as e:
         check_agreement(b, {"l": lacking})
     msg = str(e.value)

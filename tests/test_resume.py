@@ -13,7 +13,7 @@ import pytest
 
 import mbmerge
 from mbmerge.common.errors import InputChanged, OutputBusy
-from mbmerge.engine.write import output_lock
+from mbmerge.engine.output import output_lock
 
 # Runs the mbmerge command, but SIGKILLs itself at the KILL_AT-th chunk write, or at the first write
 # into the KILL_IN_SHARD-th output shard (counted from 1).
@@ -173,7 +173,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(wide_family, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
     out = tmp_path / "sub" / "out"
-    r = run(args(wide_family, out), preexec_fn=small_files)
+    r = run(args(wide_family, out, "--memory-budget", "320KB"), preexec_fn=small_files)   # one chunk: no notice
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"mbmerge: error: {os.strerror(errno.EFBIG)}: ")
     assert ".out.mbmerge-partial" in r.stderr

@@ -126,6 +126,8 @@ def test_recorded_digests_are_the_files(clean):
     expected = {p.name: sha(p) for p in shards(clean)}
     if (clean / INDEX).exists():
         expected[INDEX] = sha(clean / INDEX)
+    for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        expected[side] = sha(clean / side)      # copied from the base, parsed before the merge
     assert listed == expected
 
 

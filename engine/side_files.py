@@ -1,0 +1,67 @@
+"""The files a merged folder takes from its reference model besides the weights: config, generation
+config, tokenizer files, chat template. Each is parsed before the merge starts, so a broken one is
+refused in one line instead of being copied into a folder transformers cannot load; the copies'
+digests go into mbmerge.json, and `mbmerge verify` parses them again. Knows nothing of tensors.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from ..common.errors import BadModel
+from .index import INDEX_FILE
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+NOT_COPIED = {INDEX_FILE, "README.md", "mbmerge.json", "pytorch_model.bin.index.json"}
+TEXT_SUFFIXES = (".txt", ".jinja", ".md")
+TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The files copied from a model folder: everything but hidden files, weights, the weight index
+    and what mbmerge writes itself."""
+    return [f for f in sorted(Path(folder).iterdir()) if not f.name.startswith(".") and f.is_file()
+            and f.name not in NOT_COPIED and f.suffix not in WEIGHT_SUFFIXES]
+
+
+def problems(folder: Path) -> list[str]:
+    """One line per side file that does not parse: JSON files as JSON (config.json as an object
+    with a model_type), text files as UTF-8. Binary files (tokenizer.model) are taken as they are."""
+    found = []
+    for f in side_files(folder):
+        try:
+            text = f.read_bytes().decode("utf-8")
+            value = json.loads(text) if f.suffix == ".json" else None
+            if f.name == "config.json" and not (isinstance(value, dict) and isinstance(value.get("model_type"), str)):
+                found.append(f"{f}: not a model config (a JSON object with a model_type); transformers "
+                             f"could not load the merged model")
+        except UnicodeDecodeError:
+            if f.suffix == ".json" or f.suffix in TEXT_SUFFIXES:
+                found.append(f"{f}: not UTF-8 text: the file is corrupt")
+        except (ValueError, RecursionError) as e:
+            found.append(f"{f}: not valid JSON ({' '.join(str(e).split())}): the file is corrupt")
+        except OSError as e:
+            found.append(f"{f}: cannot be read ({e.strerror})")
+    return found
+
+
+def check(folder: Path, role: str) -> None:
+    """BadModel naming the first broken side file of the reference model (see problems)."""
+    found = problems(folder)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise BadModel(f"{role}: {found[0]}{more}; fix or remove it before merging")
+
+
+def copy(src: Path, folder: Path, out_dtype: str | None) -> list[str]:
+    """Copy the side files of `src` into `folder`, config's dtype set to out_dtype; their names."""
+    names = []
+    for f in side_files(src):
+        shutil.copyfile(f, folder / f.name)
+        names.append(f.name)
+    config = folder / "config.json"
+    if out_dtype and config.is_file():
+        cfg = json.loads(config.read_text())
+        for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[key] = TORCH_DTYPE[out_dtype]
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+    return names
