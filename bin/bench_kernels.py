@@ -23,9 +23,16 @@ CASES = {"task_arithmetic": {}, "ties": {"density": 0.2}, "breadcrumbs_ties": {"
          "dare_ties": {"density": 0.2}, "localize_stitch": {"sparsity": 0.1}, "consensus": {}}
 
 
+WARMUP = 3           # untimed calls before timing: compiling kernels, faulting pages in, warming caches
+COPY_REPEAT = 10     # timed copies at least: every figure is a share of the copy's, so one slow copy skews all
+
+
 def _timed(fn, device: torch.device, repeat: int) -> float:
-    """Median seconds of fn() after one warm-up call (which compiles the kernels)."""
-    fn()
+    """Best seconds of `repeat` timed calls of fn(), after WARMUP untimed ones: a first call pays
+    for compiling and for memory touched for the first time, and the best run is the one least
+    disturbed by the rest of the machine."""
+    for _ in range(WARMUP):
+        fn()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
@@ -35,14 +42,14 @@ def _timed(fn, device: torch.device, repeat: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def copy_bandwidth(n_bytes: int, device: torch.device, repeat: int) -> float:
-    """Bytes/s a plain copy moves (read + write) on the device."""
+    """Bytes/s a plain copy moves (read + write) on the device, timed as the merges are."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    return 2 * n_bytes / _timed(lambda: dst.copy_(src), device, repeat)
+    return 2 * n_bytes / _timed(lambda: dst.copy_(src), device, max(repeat, COPY_REPEAT))
 
 
 def _inputs(n: int, T: int, dtype: torch.dtype, device: torch.device):
@@ -84,7 +91,8 @@ def _threshold_step(b, xs):
 @click.option("--experts", "T", default=3, show_default=True, type=click.IntRange(1, 32))
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto.")
-@click.option("--repeat", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(1),
+              help="Timed runs of each case, after untimed warm-up runs; the best is reported.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures here.")
 def bench_kernels(n, T, dtype, device, repeat, json_path):
     """Effective bandwidth of the merge step alone (fused Triton kernels on a GPU)."""
@@ -105,7 +113,8 @@ def bench_kernels(n, T, dtype, device, repeat, json_path):
     seconds = _timed(_threshold_step(b, xs), device, repeat)
     rows.append({"case": "thresholds (radix select)", "seconds": seconds,
                  "GBps": 2 * T * n * 4 / seconds / 1e9})     # two passes over T float32 deltas
-    click.echo(f"{name}, {path}: {T} experts x {n:,} elements {dtype}; median of {repeat}; "
+    click.echo(f"{name}, {path}: {T} experts x {n:,} elements {dtype}; best of {repeat} timed runs (the copy: "
+               f"{max(repeat, COPY_REPEAT)}), each after {WARMUP} untimed; "
                f"plain copy {copy / 1e9:.3g} GB/s" + (f", HBM peak {peak / 1e9:.0f} GB/s" if peak else "") + "\n")
     click.echo("| case | ms | GB/s | % of copy |" + (" % of HBM peak |" if peak else "") + "\n|---|---|---|---|"
                + ("---|" if peak else ""))

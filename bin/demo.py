@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from .. import methods
+from ..common.errors import MbmergeError
 from ..engine.stats_folders import read_card
 from ..eval import harness
 from ..eval.domains import DOMAINS
-from ..eval.report import write_report
+from ..eval.report import np_text, undefined_note, write_report
 from ..eval.zoo import build_zoo
 from ..stats.prepare import collect_statistics, merge
 
@@ -34,16 +35,24 @@ TUNED = ("task_arithmetic", "ties", "dare_ties", "hi_merging")
 
 def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet):
     """(name, tune record) of each method tuned on MergeBench's grid, or of Hi-Merging, on the
-    validation split of each expert's domain."""
+    validation split of each expert's domain. A method that cannot be tuned on this zoo (Hi-Merging
+    where every expert scores 0 on its own domain) is left out with a warning, not the whole demo."""
     from ..tune.hi_run import hi_merge
     from ..tune.search import tune
     kw = dict(experts=[str(zoo / d) for d in DOMAINS], base=str(zoo / "base"), validate=list(DOMAINS), limit=limit,
               batch_size=batch_size, overwrite=True, progress=None if quiet else (lambda m: click.echo(m, err=True)))
     for name in names:
-        if name == "hi_merging":
-            yield name, hi_merge(out=out / "tuned" / name, max_evals=max_evals, **kw)
-        else:
-            yield name, tune(name, out=out / "tuned" / name, **kw)
+        try:
+            if name == "hi_merging":
+                record = hi_merge(out=out / "tuned" / name, max_evals=max_evals, **kw)
+            else:
+                record = tune(name, out=out / "tuned" / name, **kw)
+        except MbmergeError as e:
+            click.echo(f"mbmerge: warning: {name} (tuned) left out: {e}", err=True)
+            continue
+        if record.get("best", {}).get("note"):
+            click.echo(f"mbmerge: warning: {name} (tuned): {record['best']['note']}", err=True)
+        yield name, record
 
 
 def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None, float | None]:
@@ -70,26 +79,29 @@ def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None
 @click.option("--tune-methods", default=",".join(TUNED), show_default=True, help="--tune: which.")
 @click.option("--max-evals", default=240, show_default=True, help="--tune: Hi-Merging's evaluation budget.")
 @click.option("--quiet", "-q", is_flag=True)
-def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, quiet):
+@click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
+def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, quiet, verbose):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
+
+    def evaluate(folder: Path) -> dict:
+        return harness.report(folder, zoo=zoo, limit=limit, batch_size=batch_size, verbose=verbose)
+
     rows = []
     for name, kind in [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]:
-        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, limit=limit, batch_size=batch_size)))
+        rows.append(_row(name, kind, evaluate(zoo / name)))
     for name in names:
         folder = out / "merges" / name
         stats, stats_seconds = _statistics(name, zoo, not quiet)
         merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
               progress=False, protocol="mergebench", stats_folders=stats, **methods.get(name).demo)
-        rows.append(_row(name, "merge", harness.report(folder, zoo=zoo, limit=limit, batch_size=batch_size),
-                         stats_seconds))
+        rows.append(_row(name, "merge", evaluate(folder), stats_seconds))
         if not quiet:
-            click.echo(f"{name}: normalised performance {rows[-1]['normalised']:.3f}", err=True)
+            click.echo(f"{name}: normalised performance {np_text(rows[-1], rows, list(DOMAINS))}", err=True)
     for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet)
                          if tuned else []):
-        r = harness.report(out / "tuned" / name, zoo=zoo, limit=limit, batch_size=batch_size)
-        rows.append(_row(f"{name} (tuned)", "tuned", r, tuning=record))
+        rows.append(_row(f"{name} (tuned)", "tuned", evaluate(out / "tuned" / name), tuning=record))
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
     settings = {m.name: m.demo for m in methods.REGISTRY.values() if m.demo}
     preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "
@@ -100,4 +112,7 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
     table = write_report(rows, list(DOMAINS), out, preface)
     if not quiet:
         click.echo(table)
+        note = undefined_note(rows, list(DOMAINS))
+        if note:
+            click.echo(f"\n{note}")
         click.echo(f"\nreport: {out / 'report.md'}")

@@ -21,7 +21,8 @@ from ..eval import harness, registry
 @click.option("--chat-template", is_flag=True, help="Apply the tokenizer's chat template (MergeBench: off).")
 @click.option("--dry-run", is_flag=True, help="Print the lm-eval tasks and settings; run nothing.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
-def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_template, dry_run, out):
+@click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
+def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_template, dry_run, out, verbose):
     """Evaluate MODEL_DIR: per-domain scores, normalised performance vs the experts, forgetting vs the base."""
     try:
         family = registry.family_of(family)
@@ -45,7 +46,7 @@ def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_te
     if family == registry.ZOO and zoo is None:
         raise click.UsageError("no zoo found: build it with `mbmerge zoo` or pass --zoo DIR")
     rep = harness.report(model_dir, family=family, domains=doms, zoo=zoo, limit=limit, batch_size=batch_size,
-                         device=device, chat_template=chat_template)
+                         device=device, chat_template=chat_template, verbose=verbose)
     text = json.dumps(rep, indent=2)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

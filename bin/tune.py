@@ -44,6 +44,8 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, jobs
     else:
         record = search.tune(method, grid=grid, jobs=jobs, protocol=None if protocol == "none" else protocol,
                              stats_folders=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
+    if record.get("best", {}).get("note"):     # a warning, not progress: said even with --quiet
+        click.echo(f"mbmerge: warning: {record['best']['note']}", err=True)
     if not quiet:
         click.echo(search.table(record) if method != "hi_merging" else record["summary"])
         click.echo(f"\nbest merge written to {out} (all candidates: {Path(out) / 'tune.json'})")

@@ -6,8 +6,10 @@ Model identity: sha256 of mbmerge.json plus its mtime when the folder has one (a
 digests of its shards there), else sha256 of the weight files (memoised by path, size and mtime).
 Knows nothing of normalised performance or forgetting (eval.metrics) nor of the zoo's checkers.
 """
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -82,9 +84,43 @@ def _pick(result: dict, metric: str, task: str):
     raise KeyError(f"lm-eval result of {task} has no metric {metric!r} (has {sorted(result)})")
 
 
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    """owner.name is value inside the block, and what it was again after."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+@contextlib.contextmanager
+def lm_eval_output(verbose: bool = False):
+    """lm-eval's own output while it scores, off unless `verbose` (restored afterwards): its logger
+    (a warning per task and call, such as 'Overwriting default num_fewshot'), the `git describe` it
+    runs to record a commit hash in results we do not keep (outside a git repository: 'fatal: not
+    a git repository' on the terminal), transformers' warnings, and the progress bars of lm-eval,
+    transformers and datasets (carriage returns in piped logs), all written to sys.stderr."""
+    if verbose:
+        yield
+        return
+    import lm_eval.evaluator
+    from .zoo import quiet_transformers
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    with contextlib.ExitStack() as stack:
+        logger.setLevel(logging.ERROR)
+        stack.callback(logger.setLevel, level)
+        stack.enter_context(_replaced(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        stack.enter_context(quiet_transformers())
+        stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        yield
+
+
 def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", chat_template=False,
-                   add_bos_token: bool | None = None, dtype="auto",
-                   cache: bool | Path = True) -> dict[str, float | None]:
+                   add_bos_token: bool | None = None, dtype="auto", cache: bool | Path = True,
+                   verbose: bool = False) -> dict[str, float | None]:
     """{task name: score} for lm-eval tasks on the model in `model_dir`, from the cache when there.
 
     Args:
@@ -94,10 +130,8 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
         chat_template: apply the tokenizer's chat template (MergeBench: off).
         add_bos_token: None keeps lm-eval's default (no BOS except Gemma); the zoo was trained with <s>.
         cache: True (the default file), a path, or False.
+        verbose: let lm-eval's logging, progress bars and git errors through (lm_eval_output).
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     tasks = list(dict.fromkeys(tasks))
     path = None if cache is False else (cache_file() if cache is True else Path(cache))
     store = _load(path) if path else {}
@@ -120,25 +154,41 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
         if path and len(memo) != hashed:
             _save(path, {}, memo)
         return scores
+    with lm_eval_output(verbose):
+        new = _run_lm_eval(model_dir, todo, limit=limit, batch_size=batch_size, device=device,
+                           chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok)
+    scores.update({t.name: new[key] for t, key in todo})
+    if path:
+        _save(path, new, memo)
+    return scores
+
+
+def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, add_bos_token, dtype,
+                 code_ok) -> dict[str, float]:
+    """{cache key: score} of the (task, key) pairs in `todo`, through lm-eval's simple_evaluate."""
+    import lm_eval
+    import lm_eval.evaluator
+    from lm_eval.tasks import TaskManager
+    from lm_eval.models.huggingface import HFLM
     includes = sorted({t.include for t, _ in todo if t.include})
     # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
     manager = TaskManager(include_path=includes or None, include_defaults=any(not t.include for t, _ in todo))
-    from lm_eval.models.huggingface import HFLM
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
     lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
     new, by_shots = {}, {}
     for t, key in todo:
         by_shots.setdefault(t.num_fewshot, []).append((t, key))
     for shots, group in by_shots.items():
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[t.name for t, _ in group], num_fewshot=shots, limit=limit, task_manager=manager,
-            apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, log_samples=False,
-            confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
+        # lm-eval's record of the environment (torch's collect_env runs pip, compilers, nvidia-smi:
+        # ~1.6 s a call) goes with the rest of its results but the scores: not collected
+        with _replaced(lm_eval.evaluator, "add_env_info", lambda results: None):
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[t.name for t, _ in group], num_fewshot=shots, limit=limit, task_manager=manager,
+                apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, log_samples=False,
+                confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
         for t, key in group:
-            scores[t.name] = new[key] = float(_pick(out["results"][t.name], t.metric, t.name))
-    if path:
-        _save(path, new, memo)
-    return scores
+            new[key] = float(_pick(out["results"][t.name], t.metric, t.name))
+    return new
 
 
 def domain_scores(plan: dict[str, tuple[Task, ...]], task_scores: dict[str, float | None]) -> dict[str, float | None]:
@@ -157,12 +207,13 @@ def bos_token(family: str) -> bool | None:
 
 def evaluate(model_dir, *, family: str = registry.ZOO, domains=None, general: bool = True, limit=None,
              batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True,
-             zoo_tasks: Path | None = None) -> dict[str, float | None]:
+             zoo_tasks: Path | None = None, verbose: bool = False) -> dict[str, float | None]:
     """{domain: score} of the model in `model_dir` on a family's domains (default all five) and,
     with general=True, "general" (the forgetting tasks' mean). Cached; see evaluate_tasks."""
     p = registry.plan(family, domains, general=general, zoo_tasks=zoo_tasks)
     ts = evaluate_tasks(model_dir, [t for group in p.values() for t in group], limit=limit, batch_size=batch_size,
-                        device=device, chat_template=chat_template, add_bos_token=bos_token(family), cache=cache)
+                        device=device, chat_template=chat_template, add_bos_token=bos_token(family), cache=cache,
+                        verbose=verbose)
     return domain_scores(p, ts)
 
 
@@ -184,18 +235,19 @@ def _local(ref: str, role: str) -> Path:
 
 
 def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | None = None, limit=None,
-           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test") -> dict:
+           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test",
+           verbose: bool = False) -> dict:
     """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
     each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
     from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache. split:
     "validation" scores the tuning data instead (registry.plan); real families then have no
-    forgetting tasks."""
+    forgetting tasks. verbose: lm-eval's own output too (lm_eval_output)."""
     from .metrics import forgetting, normalised_performance
     family = registry.family_of(family)
     p = registry.plan(family, domains, split=split)
     domains = [d for d in p if d != registry.GENERAL]
     kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
-              add_bos_token=bos_token(family), cache=cache)
+              add_bos_token=bos_token(family), cache=cache, verbose=verbose)
     task_scores = evaluate_tasks(model_dir, [t for ts in p.values() for t in ts], **kw)
     scores = domain_scores(p, task_scores)
     base_ref, expert_refs = comparison_refs(family, domains, zoo)

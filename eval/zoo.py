@@ -106,6 +106,9 @@ SIZES = {
 }
 
 
+BUILD_TIME = {"micro": "a few seconds", "full": "~12 min"}   # on 2 CPU cores, the Llama family
+
+
 def model_config(family: str, s: Size):
     """A transformers config of FAMILY at size S (fp32, eager attention, vocabulary V)."""
     from transformers import Gemma2Config, LlamaConfig
@@ -170,9 +173,10 @@ def batch_of(seqs: list, idx: list[int]) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def train(model, seqs: list, *, steps: int, lr: float, batch: int, seed: int, log=None) -> float:
+def train(model, seqs: list, *, steps: int, lr: float, batch: int, seed: int, log=None, step=None) -> float:
     """AdamW, linear warm-up then cosine decay, gradient clip 1; batches drawn by a seeded sampler.
-    Returns the mean loss of the last 10% of steps."""
+    Returns the mean loss of the last 10% of steps. log: a line every fifth of the steps; step:
+    called after every step with its loss (a progress bar's tick)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, steps // 20)
@@ -189,6 +193,7 @@ def train(model, seqs: list, *, steps: int, lr: float, batch: int, seed: int, lo
             tail.append(loss.item())
         if log and (t + 1) % max(1, steps // 5) == 0:
             log(f"    step {t + 1}/{steps} loss {loss.item():.3f}")
+        step and step(loss.item())
     model.eval()
     return sum(tail) / len(tail)
 
@@ -246,6 +251,9 @@ def build_zoo(family: str = "llama", size: str = "full", cache: Path | None = No
     root = zoo_folder(family, size, cache)
     if is_complete(root):
         return root
+    if progress:    # said once, before minutes of training nobody asked for by name
+        print(f"mbmerge: building the mini zoo (the built-in default family: a tiny base and one expert per "
+              f"domain, trained once on CPU, {BUILD_TIME[size]}, cached in {root})", file=sys.stderr, flush=True)
     tmp = root.with_name(f".{root.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -273,6 +281,22 @@ def quiet_transformers():
         bars and hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _bar(progress: bool, desc: str, total: int, unit: str = "step"):
+    """A progress bar on stderr with its ETA, yielding its tick (tick(loss) after a training step,
+    tick() after anything else); a tick that does nothing when progress is off."""
+    if not progress:
+        yield lambda loss=None: None
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        def tick(loss=None):
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+        yield tick
+
+
 def _build(out: Path, family: str, s: Size, size_name: str, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None
@@ -285,30 +309,36 @@ def _build(out: Path, family: str, s: Size, size_name: str, progress: bool) -> N
         torch.manual_seed(0)
         cfg = model_config(family, s)
         model = AutoModelForCausalLM.from_config(cfg)
-        log and log(f"zoo {family}-{size_name}: base ({sum(p.numel() for p in model.parameters()):,} parameters)")
-        losses["base"] = train(model, pretrain_data(400, s.answered, dict(s.answered_by_domain)),
-                               steps=s.pretrain_steps, lr=s.pretrain_lr, batch=s.batch, seed=0, log=log)
+        plan = [(d, [d], s.finetune_steps) for d in DOMAINS] + [("multitask", list(DOMAINS), s.multitask_steps)]
+        n = len(plan) + 1
+        log and log(f"zoo {family}-{size_name}: {n} models of {sum(p.numel() for p in model.parameters()):,} "
+                    f"parameters")
+        with _bar(progress, f"1/{n} base", s.pretrain_steps) as tick:
+            losses["base"] = train(model, pretrain_data(400, s.answered, dict(s.answered_by_domain)),
+                                   steps=s.pretrain_steps, lr=s.pretrain_lr, batch=s.batch, seed=0, step=tick)
         _save(model, out / "base")
         timings["base"] = time.perf_counter() - t0
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        plan = [(d, [d], s.finetune_steps) for d in DOMAINS] + [("multitask", list(DOMAINS), s.multitask_steps)]
         for i, (name, domains, steps) in enumerate(plan, start=1):
             t = time.perf_counter()
-            log and log(f"zoo {family}-{size_name}: {name} ({steps} steps)")
             torch.manual_seed(1000 + i)
             model.load_state_dict(base_state)
             seeds[name] = 1000 + i
-            losses[name] = train(model, finetune_data(domains, 3000), steps=steps, lr=s.finetune_lr,
-                                 batch=s.batch, seed=1000 + i, log=log)
+            with _bar(progress, f"{i + 1}/{n} {name}", steps) as tick:
+                losses[name] = train(model, finetune_data(domains, 3000), steps=steps, lr=s.finetune_lr,
+                                     batch=s.batch, seed=1000 + i, step=tick)
             _save(model, out / name)
             timings[name] = time.perf_counter() - t
         t = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(out / "base")
         scores = {}
+        with _bar(progress, "scoring", len(MODELS), unit="model") as tick:
+            for name in MODELS:
+                m = AutoModelForCausalLM.from_pretrained(out / name).eval()
+                doms = list(ALL) if name in ("base", "multitask") else [name, "general"]
+                scores[name] = {d: round(greedy_scores(None, d, s.eval_n, model=m, tok=tok), 4) for d in doms}
+                tick()
         for name in MODELS:
-            m = AutoModelForCausalLM.from_pretrained(out / name).eval()
-            doms = list(ALL) if name in ("base", "multitask") else [name, "general"]
-            scores[name] = {d: round(greedy_scores(None, d, s.eval_n, model=m, tok=tok), 4) for d in doms}
             log and log(f"zoo {family}-{size_name}: {name} scores {scores[name]}")
         timings["eval"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0

@@ -7,6 +7,8 @@ candidate, costs nothing, and a domain scored once is never scored again. The me
 a temporary folder, scored, and deleted; scores are validation scores through the eval layer
 (lm-eval), normalised by each expert's score on its own domain (MergeBench's NP).
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -120,7 +122,8 @@ def run(c: Candidate, v: Validation, domains) -> dict:
 
 class ScoreCache:
     """{key: {"score", "merge_seconds", "validation_seconds"}} in one JSON file, read once and re-read
-    before each write (another search may have added to it)."""
+    before each write (another search may have added to it), under a file lock so that writers in
+    other processes do not overwrite each other's entries."""
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "tune-scores.json"
@@ -143,9 +146,21 @@ class ScoreCache:
         share = result["validation_seconds"] / len(result["scores"])
         entries = {d: {"score": s, "merge_seconds": result["merge_seconds"], "validation_seconds": share}
                    for d, s in result["scores"].items()}
-        self.data = {**self._load(), **{keys[d]: e for d, e in entries.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with self._locked():    # another search's store between our read and our replace would be lost
+            self.data = {**self._load(), **{keys[d]: e for d, e in entries.items()}}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)     # readers, who take no lock, see the old file or the new one
         return entries
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on a file beside the cache (not the cache itself, which os.replace swaps
+        for a new file), held by one writer at a time, across processes; released if it dies."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)

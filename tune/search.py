@@ -140,7 +140,7 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     final = time.perf_counter()
     api.run(candidates[best].spec(Path(out), overwrite=overwrite, resume=True))
     record = {"method": method, "grid": grid, "validate": list(v.domains), "limit": limit,
-              "best": {"params": rows[best].params, "np": rows[best].np},
+              "best": {"params": rows[best].params, "np": rows[best].np, **_undefined_note(rows)},
               "candidates": [vars(r) for r in rows],
               "seconds": {"merge": sum(r.merge_seconds for r in rows) + time.perf_counter() - final,
                           "validation": sum(r.validation_seconds for r in rows),
@@ -148,6 +148,16 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
               "evaluated": sum(not r.cached for r in rows), "cached": sum(r.cached for r in rows)}
     (Path(out) / "tune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def _undefined_note(rows: list[Row]) -> dict:
+    """{"note": ...} when no candidate has a normalised performance to choose by (NP divides by each
+    expert's own score: every expert scoring 0 on its own domain, as the micro zoo's do, leaves it
+    undefined), so "best" is only the first candidate; else {}."""
+    if any(r.np is not None for r in rows):
+        return {}
+    return {"note": "every candidate's NP is undefined (every expert scores 0 on its own domain, or no "
+                    "domain was scored); picked the first candidate"}
 
 
 def expert_domains(experts) -> list[str]:
@@ -170,6 +180,8 @@ def table(record: dict) -> str:
                  f"{r['np']:.3f}" if r["np"] is not None else "—", f"{r['merge_seconds']:.2f}",
                  f"{r['validation_seconds']:.1f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
+    if record["best"].get("note"):
+        lines.append(f"\nbest: {record['best']['note']}")
     s = record["seconds"]
     lines.append(f"\nmerge (algorithm) time {s['merge']:.1f} s, validation time {s['validation']:.1f} s "
                  f"({record['evaluated']} candidates evaluated, {record['cached']} from the cache)")
