@@ -15,12 +15,16 @@ delta, `w_i` weights, `rho_i` densities, `lam` the final scale (`--scale`). Ever
 float32 and cast once. All methods but three work on the weights alone; `fisher`, `regmean` and
 `localize_stitch_trained` also read statistics of each expert on its own data (`mbmerge stats`).
 
-Magnitude ranks (`trim: magnitude`) are exact k-th largest values by radix select. Tie rule: every
-element equal to the threshold is kept (MergeBench's `kthvalue` rule); mergekit keeps exactly k by
-argsort, so elements tied at a threshold can differ from mergekit (common on bf16 models).
+Magnitude ranks (`trim: magnitude`) are exact, by radix select (histograms, no sort), and keep
+exactly k = max(1, floor(rho n)) entries: every |d| above the k-th largest, then the entries equal to
+it in the order they are visited (flat index within a tensor; for `--sparsify-scope model`, tensors
+in the reference model's file order), the same for any chunking and on every kernel backend.
+`--keep-ties` keeps every entry tied at a threshold instead (the TIES and MergeBench code: kthvalue,
+then >=; bf16 deltas tie massively, so that can keep far more than rho). mergekit keeps exactly k
+too, by argsort, whose order among ties is arbitrary.
 `--sparsify-scope model` ranks over all merged tensors of each expert instead of each tensor.
-`--protocol mergebench` sets MergeBench's choices: model-wide ranks, embeddings and lm_head kept at
-the base, TIES aggregation by sum, DARE rescale 1/p.
+`--protocol mergebench` sets MergeBench's choices: model-wide ranks, every tie kept, embeddings and
+lm_head kept at the base, TIES aggregation by sum, DARE rescale 1/p.
 """
 
 

@@ -112,7 +112,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     elif spec.progress:
         print(f"mbmerge: resuming the interrupted merge into {spec.out}: {len(resumed[0])} of {len(plan.tensors)} "
               f"tensors are written and check out, merging the rest", file=sys.stderr)
-    done, model_thr = resumed or (set(), None)
+    done, model_thr, ties = resumed or (set(), None, {})
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
@@ -127,7 +127,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
                             roles=[s.role for s in experts], writer=writer, allow_nonfinite=spec.allow_nonfinite,
                             device=spec.device, stat_inputs=stat_maps, overrides=spec.resolved_overrides)
             with kernels.using(spec.kernels, spec.compile):
-                merger.run(spec.progress, journal, done, model_thr)
+                merger.run(spec.progress, journal, done, model_thr, ties)
         finally:
             writer.close()
             journal.close()

@@ -111,9 +111,9 @@ class Output:
             ready.record(torch.cuda.current_stream(values.device))
             self._submit(("write", t, start + a, host, ready, slot))
 
-    def tensor_done(self, t) -> None:
-        """Journal t once every write submitted for it is on disk."""
-        self._submit(("done", t, None, None, None, None))
+    def tensor_done(self, t, info=None) -> None:
+        """Journal t (with `info`, as it is now) once every write submitted for it is on disk."""
+        self._submit(("done", t, info, None, None, None))
 
     def close(self) -> None:
         """Wait for every submitted write; raise the writer's error, if not raised yet."""
@@ -140,7 +140,7 @@ class Output:
 
     def _run(self, kind, t, start, values, ready, slot) -> None:
         if kind == "done":
-            return self._tensor_done(t)
+            return self._tensor_done(t, start)   # a done job carries the tensor's info where writes have `start`
         if ready is not None:
             ready.synchronize()                         # the copy back to the host is complete
         self._write(t, start, values)

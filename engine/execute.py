@@ -55,31 +55,39 @@ class Merger:
         return sum(t.ref.nbytes * (len(self.inputs) if t.merge else 1) for t in tensors)
 
     def run(self, progress: bool = True, journal: Journal | None = None, done: set[str] = frozenset(),
-            model_thr: list | None = None) -> None:
+            model_thr: list | None = None, ties: dict | None = None) -> None:
         """Merge every planned tensor not in `done` (already written by an interrupted run), and
-        journal each one completed; model-wide thresholds are computed unless given."""
-        if model_thr is None and methods.model_scope(self.method, self.params):
+        journal each one completed; model-wide thresholds are computed unless given (as JSON, with the
+        ties each may still keep after each done tensor: `ties`)."""
+        if model_thr is not None:
+            model_thr = methods.Ranking.from_json(model_thr)
+        elif methods.model_scope(self.method, self.params):
             model_thr = self._model_thresholds(progress)
             if journal:
-                journal.thresholds(model_thr)
-        on_done = (lambda t: journal.tensor_done(t.name, self.writer.sha256(t))) if journal else (lambda t: None)
+                journal.thresholds(model_thr.to_json())
+        on_done = (lambda t, left: journal.tensor_done(t.name, self.writer.sha256(t), left)) if journal \
+            else (lambda t, left: None)
         # a writer thread pays on a GPU, where the CPU waits on the device; on 2 CPU cores it gained
         # nothing (ties on 240M params: 7.1-7.8 s either way)
         self.output = Output(self.writer.write, on_done, threaded=self.device.type == "cuda", device=self.device)
         with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
             try:
-                self._run(bar, model_thr, done)
+                self._run(bar, model_thr, done, ties or {})
             except BaseException:
                 bar.leave = False  # the error line alone, no half-full bar above it
                 self.output.close()
                 raise
             self.output.close()
 
-    def _run(self, bar, model_thr, done) -> None:
+    def _run(self, bar, model_thr, done, ties: dict) -> None:
         tensors = [t for t in self.plan.tensors if t.name not in done]
+        previous = dict(zip([t.name for t in self.plan.tensors], [None, *self.plan.tensors]))
         bar.update(self.input_bytes() - self.input_bytes(tensors))
         for t, after in zip(tensors, tensors[1:] + [None]):
+            before = previous[t.name]
+            if model_thr is not None and before is not None and before.name in done:
+                model_thr.restore(ties[before.name])   # ties are taken in plan order: as the last run left them
             if after is not None:  # the kernel reads the next tensor while this one is merged
                 for m in self.inputs if after.merge else [self.ref]:
                     m.prefetch(m.index.tensors[after.name])
@@ -87,9 +95,9 @@ class Merger:
                 self._merge(t, bar.update, model_thr)
             else:
                 self._copy(t, bar.update)
-            self.output.tensor_done(t)
+            self.output.tensor_done(t, model_thr.state() if model_thr is not None else None)
 
-    def _model_thresholds(self, progress: bool) -> list[list[float]]:
+    def _model_thresholds(self, progress: bool) -> "methods.Ranking":
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
         (radix select's histograms), so the whole model is never held."""
         merged = [t for t in self.plan.tensors if t.merge]

@@ -2,9 +2,9 @@
 
 The journal's first line is the merge's fingerprint: the recipe (method, resolved parameters,
 dtype, kept tensors), the output plan (tensor names, shards, offsets, dtypes) and each input
-file's identity (size, mtime, sha256 of its header). Then one line per completed tensor with the
-sha256 of its output bytes, appended after the bytes are written, and the model-wide thresholds
-once computed. A rerun with the same fingerprint re-checks each journaled tensor's bytes and
+file's identity (size, mtime, sha256 of its header). Then the model-wide thresholds once computed,
+and one line per completed tensor with the sha256 of its output bytes, appended after the bytes are
+written (with model-wide ranks, also how many tied entries each threshold may still keep after it). A rerun with the same fingerprint re-checks each journaled tensor's bytes and
 merges only the rest; a different fingerprint, a torn line or a mismatching checksum is not
 trusted. Knows nothing of methods; the bytes are checked, never assumed.
 """
@@ -52,8 +52,8 @@ class Journal:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()   # in the page cache: a killed process loses nothing; a torn line is ignored
 
-    def tensor_done(self, name: str, sha256: str) -> None:
-        self._append({"tensor": name, "sha256": sha256})
+    def tensor_done(self, name: str, sha256: str, ties: list | None = None) -> None:
+        self._append({"tensor": name, "sha256": sha256, **({"ties": ties} if ties is not None else {})})
 
     def thresholds(self, thr: list) -> None:
         self._append({"thresholds": thr})
@@ -62,9 +62,9 @@ class Journal:
         self._f.close()
 
     @staticmethod
-    def resume(folder: Path, fingerprint: str, plan: Plan) -> tuple[set[str], list | None] | None:
-        """(tensors whose bytes match the journal, model-wide thresholds or None) of an interrupted
-        merge with this fingerprint; None when there is nothing to resume."""
+    def resume(folder: Path, fingerprint: str, plan: Plan) -> tuple[set[str], list | None, dict] | None:
+        """(tensors whose bytes match the journal, model-wide thresholds or None, {tensor: ties left
+        after it}) of an interrupted merge with this fingerprint; None when there is nothing to resume."""
         path = folder / JOURNAL
         try:
             lines = path.read_text().splitlines()
@@ -78,13 +78,16 @@ class Journal:
         if not records or records[0].get("fingerprint") != fingerprint or not _shards_intact(folder, plan):
             return None
         by_name = {t.name: t for t in plan.tensors}
-        done, thr = set(), None
+        done, thr, ties = set(), None, {}
         for r in records[1:]:
             if "thresholds" in r:
                 thr = r["thresholds"]
             elif r.get("tensor") in by_name and _bytes_sha256(folder, by_name[r["tensor"]]) == r.get("sha256"):
                 done.add(r["tensor"])
-        return done, thr
+                ties[r["tensor"]] = r.get("ties")
+        if thr is not None and any(ties[n] is None for n in done):
+            return None   # model-wide ranks whose running tie counts were not journaled: start over
+        return done, thr, ties
 
 
 def _bytes_sha256(folder: Path, t) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from ..common.errors import BadParameter
 from . import dare
-from .select import kth_largest_abs  # noqa: F401  (histogram passes: torch's bincount or hist_triton)
+from .select import kth_largest_abs, kth_largest_abs_ranked  # noqa: F401  (histograms: bincount or Triton)
 
 BACKENDS = ("auto", "torch", "triton")
 _TRITON_ONLY = ("delta_merge", "masked_stitch", "tall_merge", "MAX_ELECT_EXPERTS")

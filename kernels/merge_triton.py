@@ -3,7 +3,8 @@ their stored dtype (converted to float32 in registers), and writes the merged ch
 output dtype. Imported only when the Triton backend is chosen (see kernels/__init__.py).
 
     d_i  = x_i - b                                  (no base: d_i = x_i, nothing added back)
-    k_i  = band: [lo_i <= |d_i| <= hi_i]   random: [u_i < p_i], u_i = tl.rand(seed_i, offset + j)
+    k_i  = band: in(lo_i) and not in(hi_i), in(t, pos) = [|d_i| > t or (|d_i| = t and j < pos)], j the
+           chunk position (methods/ranking.py's Cuts)    random: [u_i < p_i], u_i = tl.rand(seed_i, offset + j)
     e_i  = w_i * kept_i      kept_i = band: k_i d_i (a dropped entry is 0 with d_i's sign);  random: g_i (k_i d_i)
     m    = elect none: sum_i e_i / div
            elect sum|count: s = sign(sum_i e_i) | sign(sum_i sign(e_i)) (0 -> +),
@@ -66,15 +67,18 @@ def _copysign(mag, x):
 
 
 @triton.jit
-def _keep(d, i, idx, seeds_ptr, par_ptr, T: tl.constexpr, TRIM: tl.constexpr):
+def _keep(d, i, j, idx, seeds_ptr, pos_ptr, par_ptr, T: tl.constexpr, TRIM: tl.constexpr):
     keep = idx >= 0
     if TRIM == BAND:
-        # _blocks.trim / band: lo_i <= |d| <= hi_i; lo_i <= 0 or hi_i = inf leaves that side open (NaN kept)
+        # _blocks.trim / band: in the kept set (lo_i) and not in the dropped one (hi_i); lo_i <= 0 or
+        # hi_i = inf leaves that side open (NaN kept)
         lo = tl.load(par_ptr + LO * T + i)
         hi = tl.load(par_ptr + HI * T + i)
         a = tl.abs(d)
-        # tl.where, not `(lo <= 0) | (a >= lo)`: the interpreter cannot `|` a scalar bool with a block
-        keep = tl.where(lo <= 0, True, a >= lo) & tl.where(hi == INF, True, a <= hi)
+        # tl.where, not `(lo <= 0) | (...)`: the interpreter cannot `|` a scalar bool with a block
+        kept = (a > lo) | ((a == lo) & (j < tl.load(pos_ptr + i)))
+        dropped = (a > hi) | ((a == hi) & (j < tl.load(pos_ptr + T + i)))
+        keep = tl.where(lo <= 0, True, kept) & tl.where(hi == INF, True, dropped == 0)
     elif TRIM == RANDOM:
         # methods.dare._kept: u < p, u = tl.rand(seed_i, offset + j); p >= 1 keeps all without Philox
         p = tl.load(par_ptr + P * T + i)
@@ -130,6 +134,7 @@ def _delta_merge_kernel(out_ptr,      # *out_dtype [n]  the merged chunk
                         b_ptr,        # *float [n]      the base chunk (unused without HAS_BASE)
                         xs_ptr,       # *i64 [T]        data pointers of the experts' chunks, dtype DT
                         seeds_ptr,    # *i64 [T]        Philox seed per expert (TRIM random)
+                        pos_ptr,      # *i64 [2, T]     band: tie positions of the lo and hi Cuts
                         par_ptr,      # *f32 [6, T]     w, lo, hi, p, g, lambda per expert (ROWS)
                         n,            # elements in the chunk
                         offset,       # element index of the chunk's first element in its tensor
@@ -149,7 +154,7 @@ def _delta_merge_kernel(out_ptr,      # *out_dtype [n]  the merged chunk
     keeps = tl.zeros([BLOCK_SIZE], tl.int32)       # keep_i in bit i: pass 2 does not redo Philox
     for i in tl.static_range(T):
         d = _delta(b, xs_ptr, i, offs, mask, DT, ALIGNED, HAS_BASE)
-        keep = _keep(d, i, offset + offs, seeds_ptr, par_ptr, T, TRIM)
+        keep = _keep(d, i, offs, offset + offs, seeds_ptr, pos_ptr, par_ptr, T, TRIM)
         e = _term(d, keep, i, par_ptr, T, TRIM)
         if ELECT == COUNT:
             e = (e > 0).to(tl.float32) - (e < 0).to(tl.float32)           # torch.sign: 0 for 0 and NaN
@@ -170,6 +175,7 @@ def _delta_merge_kernel(out_ptr,      # *out_dtype [n]  the merged chunk
 def _stitch_kernel(out_ptr,   # *out_dtype [n]
                    b_ptr,     # *float [n]
                    xs_ptr,    # *i64 [T] data pointers, dtype DT
+                   pos_ptr,   # *i64 [T] tie positions of the Cuts
                    par_ptr,   # *f32 [6, T] (row LO: t_i)
                    n, T: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -179,7 +185,8 @@ def _stitch_kernel(out_ptr,   # *out_dtype [n]
     count = tl.zeros([BLOCK_SIZE], tl.float32)
     for i in tl.static_range(T):
         d = _delta(b, xs_ptr, i, offs, mask, DT, ALIGNED, True)
-        m = (tl.abs(d) >= tl.load(par_ptr + LO * T + i)).to(tl.float32)    # m_i = [|d_i| >= t_i]
+        t, a = tl.load(par_ptr + LO * T + i), tl.abs(d)
+        m = ((a > t) | ((a == t) & (offs < tl.load(pos_ptr + i)))).to(tl.float32)   # m_i: d_i in the Cut
         total += d * m
         count += m
     # out = b + sum_i m_i d_i / max(1, sum_i m_i)
@@ -228,11 +235,12 @@ def _inputs(b, xs: list[torch.Tensor]):
     return b, xs, dt, all(x.data_ptr() % 16 == 0 for x in xs)
 
 
-def _tables(xs, device, seeds=None, **rows):
-    """The [2T] int64 table (data pointers, then seeds) and the [6, T] float32 parameter table
-    (ROWS), each moved to the device in one copy; a row not given is 0."""
+def _tables(xs, device, seeds=None, positions=(), **rows):
+    """The int64 table (data pointers, seeds, then the position rows given) and the [6, T] float32
+    parameter table (ROWS), each moved to the device in one copy; a row not given is 0."""
     T = len(xs)
-    ptrs = torch.tensor([x.data_ptr() for x in xs] + list(seeds or [0] * T), dtype=torch.int64)
+    ptrs = torch.tensor([x.data_ptr() for x in xs] + list(seeds or [0] * T) + [p for row in positions for p in row],
+                        dtype=torch.int64)
     par = torch.tensor([list(rows.get(r, [0.0] * T)) for r in ROWS], dtype=torch.float32)
     if device.type == "cuda":   # from pinned memory, asynchronously: a pageable copy would wait for the device
         return ptrs.pin_memory().to(device, non_blocking=True), par.pin_memory().to(device, non_blocking=True)
@@ -252,21 +260,30 @@ def _launch(kernel, n, T, *args, **constexprs):
                                      **constexprs)
 
 
+def _ints(values, default, T):
+    return [default if v is None else int(v) for v in (values if values is not None else [None] * T)]
+
+
 def _or(values, default, T):
     """A per-expert list with None (a missing list or entry) replaced by default."""
     return [default if v is None else float(v) for v in (values if values is not None else [None] * T)]
 
 
-def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, density=None, seeds=None,
-                gain=None, offset=0, elect="none", aggregate="mean", out_dtype=torch.float32) -> torch.Tensor:
+ALL_TIES = 1 << 62   # a position past any chunk: every tie in the set
+
+
+def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, lo_pos=None, hi_pos=None,
+                density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean",
+                out_dtype=torch.float32) -> torch.Tensor:
     """The task-arithmetic family in one pass: out = b + scale * m (module docstring for m).
 
     Args:
         b: the base chunk (any float dtype), or None: d_i = x_i and nothing is added back.
         xs: the experts' chunks, each with b's number of elements (one dtype, else widened to float32).
         weights: w_i.  scale: lambda.  div: m's divisor without election (sum of w_i to normalize).
-        trim: 'none', 'band' (lo_i <= |d_i| <= hi_i; a None list or entry: 0 / inf) or 'random'
-            (keep u_i < density_i, u_i = tl.rand(seeds[i], offset + j), times gain_i, default 1).
+        trim: 'none', 'band' (in the Cut (lo_i, lo_pos_i) and not in (hi_i, hi_pos_i); a None list or
+            entry: 0 / inf, every tie / none) or 'random' (keep u_i < density_i, u_i = tl.rand(seeds[i],
+            offset + j), times gain_i, default 1).
         elect: 'none', 'sum' (sign by mass) or 'count' (by vote); aggregate: 'mean' or 'sum'.
         out_dtype: the dtype written, rounded to nearest even.
     Returns:
@@ -285,18 +302,20 @@ def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None
     if n == 0:
         return out
     w = [float(v) for v in weights]
-    ptrs, par = _tables(xs, device, seeds, w=w, lo=_or(lo, 0.0, T), hi=_or(hi, float("inf"), T),
+    positions = [_ints(lo_pos, ALL_TIES, T), _ints(hi_pos, 0, T)]
+    ptrs, par = _tables(xs, device, seeds, positions, w=w, lo=_or(lo, 0.0, T), hi=_or(hi, float("inf"), T),
                         p=_or(density, 1.0, T), g=_or(gain, 1.0, T))
     den0 = min(w) if min(w) > 0 else 1.0    # _blocks.disjoint_merge: clamp(min=min w), or 0 -> 1
-    _launch(_delta_merge_kernel, n, T, out, b, ptrs[:T], ptrs[T:], par, n, offset, float(div), float(scale), den0,
+    _launch(_delta_merge_kernel, n, T, out, b, ptrs[:T], ptrs[T:2 * T], ptrs[2 * T:], par, n, offset, float(div),
+            float(scale), den0,
             DT=dt, ALIGNED=aligned, HAS_BASE=b is not None, TRIM=TRIMS[trim], ELECT=ELECTS[elect],
             MEAN=aggregate == "mean")
     return out
 
 
-def masked_stitch(b, xs, *, lo, out_dtype=torch.float32) -> torch.Tensor:
-    """Dataless Localize-and-Stitch: out = b + sum_i m_i d_i / max(1, sum_i m_i), m_i = [|d_i| >= lo_i]
-    (lo_i None or 0: every entry). Flat out_dtype result.
+def masked_stitch(b, xs, *, lo, lo_pos=None, out_dtype=torch.float32) -> torch.Tensor:
+    """Dataless Localize-and-Stitch: out = b + sum_i m_i d_i / max(1, sum_i m_i), m_i = d_i in the Cut
+    (lo_i, lo_pos_i) (lo_i None or 0: every entry). Flat out_dtype result.
 
     Example:
         >>> masked_stitch(b, [x1, x2], lo=[t1, None], out_dtype=torch.bfloat16)
@@ -305,8 +324,9 @@ def masked_stitch(b, xs, *, lo, out_dtype=torch.float32) -> torch.Tensor:
     n, device = xs[0].numel(), xs[0].device
     out = torch.empty(n, dtype=out_dtype, device=device)
     if n:
-        ptrs, par = _tables(xs, device, lo=_or(lo, 0.0, len(xs)))
-        _launch(_stitch_kernel, n, len(xs), out, b, ptrs[:len(xs)], par, n, DT=dt, ALIGNED=aligned)
+        T = len(xs)
+        ptrs, par = _tables(xs, device, None, [_ints(lo_pos, ALL_TIES, T)], lo=_or(lo, 0.0, T))
+        _launch(_stitch_kernel, n, T, out, b, ptrs[:T], ptrs[2 * T:], par, n, DT=dt, ALIGNED=aligned)
     return out
 
 

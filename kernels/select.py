@@ -5,12 +5,12 @@ k-th largest |v| is found digit by digit: a histogram of the top 16 bits (2^15 b
 bit is 0) picks the bin holding it, a histogram of the low 16 bits of that bin's members picks
 the rest. Histograms are integer counts, so they add up exactly across chunks, tensors and
 devices: the threshold never depends on how the data was split.
-Tie rule: every element equal to the threshold is kept (MergeBench's kthvalue rule); mergekit's
-argsort keeps exactly k, so elements tied at the threshold may differ from mergekit.
+The low histogram also says where the k-th value sits among its ties (Kth.rank of Kth.equal), which
+is what a rule keeping exactly k needs (methods/ranking.py).
 """
 import math
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -74,6 +74,13 @@ def _bincount_(hist: torch.Tensor, v: torch.Tensor, top: int | None) -> None:
     hist[0] += torch.bincount(_hi_keys(v) if top is None else _lo_keys(v, top), minlength=hist.shape[1])
 
 
+class Kth(NamedTuple):
+    """The k-th largest |v| of a series and where it sits among its ties."""
+    value: float
+    rank: int      # k - #(|v| > value): the k-th is the rank-th of the entries equal to value (1..equal)
+    equal: int     # #(|v| == value)
+
+
 def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
                     ks: list[list[int]]) -> list[list[float]]:
     """Exact k-th largest |v| of several series, for several k each, streamed in two passes.
@@ -87,6 +94,17 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
         >>> kth_largest_abs(lambda: [[torch.tensor([3., -1., 2.])]], [[1, 2]])
         [[3.0, 2.0]]
     """
+    return [[kth.value for kth in series] for series in kth_largest_abs_ranked(chunks, ks)]
+
+
+def kth_largest_abs_ranked(chunks: Callable[[], Iterable[list[torch.Tensor]]],
+                           ks: list[list[int]]) -> list[list[Kth]]:
+    """kth_largest_abs with each value's place among its ties (Kth), for rules that keep exactly k.
+
+    Example:
+        >>> kth_largest_abs_ranked(lambda: [[torch.tensor([3., -2., 2., 2.])]], [[2]])
+        [[Kth(value=2.0, rank=1, equal=3)]]
+    """
     wanted = [i for i, k in enumerate(ks) if k]
     if not wanted:                       # nothing to rank: no pass over the data
         return [[] for _ in ks]
@@ -97,7 +115,12 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
     bins = sorted({(i, top) for (i, _), (top, _) in picks.items() if top < INF_BIN})
     lo = _histograms(lambda: ([vs[i] for i, _ in bins] for vs in chunks()), [top for _, top in bins]) if bins else []
     lo = dict(zip(bins, lo))
-    thr = {}
+    out = {}
     for (i, k), (top, rank) in picks.items():
-        thr[i, k] = _f32((top << 16) | pick(lo[i, top][1:-1], rank)[0]) if top < INF_BIN else math.inf
-    return [[thr[i, k] for k in series] for i, series in enumerate(ks)]
+        if top >= INF_BIN:
+            out[i, k] = Kth(math.inf, 0, 0)
+            continue
+        counts = lo[i, top][1:-1]                                    # [65536] the bin's members by low key
+        key, within = pick(counts, rank)
+        out[i, k] = Kth(_f32((top << 16) | key), within, int(counts[key]))
+    return [[out[i, k] for k in series] for i, series in enumerate(ks)]

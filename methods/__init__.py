@@ -19,4 +19,5 @@ from .library import (breadcrumbs, breadcrumbs_ties, consensus, dare_linear, dar
                       della_linear, fisher, iso_c, iso_cts, linear, localize_stitch, localize_stitch_trained,
                       magmax, merge_state_dicts, merge_tensors, model_stock, regmean, slerp, task_arithmetic,
                       ties, tsv)
+from .ranking import Ranking  # noqa: F401
 from .registry import EMBEDDINGS, PROTOCOLS, REGISTRY, get  # noqa: F401

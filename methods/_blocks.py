@@ -12,6 +12,8 @@ from math import floor
 import torch
 from torch.nn.functional import threshold
 
+from .ranking import Cut
+
 CHUNK_ALIGN = 4096  # float sums are taken per aligned granule of this many elements (see granule_sums)
 
 
@@ -31,10 +33,21 @@ def float_below(t: float) -> float:
     return struct.unpack("<f", struct.pack("<i", bits - 1))[0]
 
 
-def trim(d: torch.Tensor, thr: list[float]) -> torch.Tensor:
-    """Keep the entries with |d| >= thr[0] (all entries tied at the threshold are kept); thr = []
-    (or a threshold of 0) keeps everything."""
-    return d if not thr or thr[0] <= 0 else threshold(d.abs(), float_below(thr[0]), 0.0).copysign_(d)
+def trim(d: torch.Tensor, thr: list[Cut]) -> torch.Tensor:
+    """Keep the entries of the set thr[0] (a Cut: |d| > t, and |d| = t before its position), dropped
+    ones as 0 with d's sign; thr = [] keeps everything."""
+    if not thr or thr[0].t <= 0:
+        return d                                   # dropping an entry that is 0 leaves it as it is
+    return _keep(d.abs(), thr[0]).copysign_(d)
+
+
+def _keep(a: torch.Tensor, cut: Cut) -> torch.Tensor:
+    """|d| on the set of `cut`, 0 elsewhere; one float threshold unless the cut splits its ties."""
+    if cut.pos >= a.numel():
+        return threshold(a, float_below(cut.t), 0.0)       # every tie: |d| >= t
+    if cut.pos <= 0:
+        return threshold(a, cut.t, 0.0)                    # no tie: |d| > t
+    return torch.where(cut.mask(a), a, 0.0)
 
 
 def weighted_sum(ts: list[torch.Tensor], w: list[float]) -> torch.Tensor:
@@ -95,16 +108,18 @@ def float_above(t: float) -> float:
     return struct.unpack("<f", struct.pack("<i", bits + 1))[0]
 
 
-def band(d: torch.Tensor, thr: list[float]) -> torch.Tensor:
-    """Keep the entries with lo <= |d| <= hi, thr = [hi, lo] (every entry tied at either bound is
-    kept); thr = [] keeps everything."""
+def band(d: torch.Tensor, thr: list[Cut]) -> torch.Tensor:
+    """Keep the entries of the set `keep` and not of the set `drop`, thr = [drop, keep] (Cuts: the
+    largest |d|, dropped as outliers, and the largest kept); thr = [] keeps everything."""
     if not thr:
         return d
-    hi, lo = thr
+    drop, keep = thr
     a = d.abs()
-    if hi < math.inf:
-        a = threshold(a.neg_(), -float_above(hi), 0.0).neg_()   # |d| where |d| <= hi, else 0
-    return (a if lo <= 0 else threshold(a, float_below(lo), 0.0)).copysign_(d)
+    if drop.t < math.inf and drop.pos <= 0:
+        a = threshold(a.neg_(), -float_above(drop.t), 0.0).neg_()   # |d| where |d| <= t, else 0
+    elif drop.t < math.inf:
+        a = torch.where(drop.mask(a), 0.0, a)
+    return (a if keep.t <= 0 else _keep(a, keep)).copysign_(d)
 
 
 class Total:

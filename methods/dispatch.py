@@ -12,6 +12,7 @@ from .. import kernels
 from ..common.errors import BadParameter
 from ._blocks import deltas
 from .contract import Method, Param
+from .ranking import Ranking, bounds, tie_counts
 from .registry import PROTOCOLS, REGISTRY
 
 
@@ -66,11 +67,12 @@ def model_scope(method: Method, params: dict) -> bool:
     return method.ranks is not None and params.get("sparsify_scope") == "model"
 
 
-def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> list[list[float]]:
-    """Per expert, the |d_i| thresholds method.ranks asks for, exact, over n elements streamed as
+def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> Ranking:
+    """The sets of largest |d_i| method.ranks asks for, found exactly over n elements streamed as
     chunks() of (b, xs, offset): one tensor's (scope 'tensor') or the whole model's ('model')."""
-    ks = [[min(k, n) for k in ranks] if n else [] for ranks in method.ranks(n=n, **params)]
-    return kernels.kth_largest_abs(lambda: (deltas(b, xs) for b, xs, _ in chunks()), ks)
+    found = bounds(method.ranks(n=n, **params), lambda: (deltas(b, xs) for b, xs, _ in chunks()), n,
+                   params.get("keep_ties", False))
+    return Ranking(found)
 
 
 def reductions(method: Method, params: dict, chunks: Callable, key: str, shape: tuple,
@@ -93,6 +95,9 @@ def apply_chunk(method: Method, params: dict, reduced: dict, b, xs, offset: int,
     torch method on float32 inputs; the caller casts to out_dtype either way (a no-op after a kernel).
     stat: per expert, the same chunk of its data statistic (a DataStatistic that is not `whole`)."""
     available = dict(params, **reduced, offset=offset, key=key, shape=shape)
+    if isinstance(available.get("thr"), Ranking):   # this chunk's Cuts, in visiting order
+        magnitude = (lambda i: (xs[i].float() - b.float()).abs_()) if b is not None else (lambda i: xs[i].float().abs())
+        available["thr"] = available["thr"].cuts(xs[0].numel(), *tie_counts(magnitude))   # |d_i| as ranked
     if method.fused is not None and kernels.use_triton(xs[0].device):
         out = method.fused(b, xs, out_dtype=out_dtype, **{k: available[k] for k in method.apply.takes})
         if out is not None:

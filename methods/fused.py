@@ -7,20 +7,22 @@ An adapter returns None where its kernel does not cover the parameters: the torc
 """
 from .. import kernels
 from ..kernels.dare import expert_seed
+from .ranking import Cut
 
 
 def _div(weights: list[float], normalize: bool) -> float:
     return sum(weights) if normalize else 1.0      # the references' `tau /= sum(weights)`
 
 
-def _lo(thr: list[list[float]]) -> list[float | None]:
-    """TIES and localize_stitch thresholds thr_i = [t] (or [], keep all) as band lower bounds."""
-    return [t[0] if t else None for t in thr]
+def _lo(thr: list[list[Cut]]) -> dict:
+    """TIES and localize_stitch Cuts thr_i = [kept] (or [], keep all) as band lower bounds."""
+    return {"lo": [t[0].t if t else None for t in thr], "lo_pos": [t[0].pos if t else None for t in thr]}
 
 
-def _band(thr: list[list[float]]) -> dict:
-    """Breadcrumbs thresholds thr_i = [hi, lo] (or [], keep all) as band bounds."""
-    return {"hi": [t[0] if t else None for t in thr], "lo": [t[1] if t else None for t in thr]}
+def _band(thr: list[list[Cut]]) -> dict:
+    """Breadcrumbs Cuts thr_i = [dropped, kept] (or [], keep all) as band bounds."""
+    return {"hi": [t[0].t if t else None for t in thr], "hi_pos": [t[0].pos if t else None for t in thr],
+            **_lo([t[1:] for t in thr])}
 
 
 def _elects(xs) -> bool:
@@ -42,7 +44,7 @@ def task_arithmetic(b, xs, *, weights, scale, normalize, out_dtype):
 
 
 def ties(b, xs, *, weights, scale, consensus, aggregate, thr, out_dtype):
-    return kernels.delta_merge(b, xs, weights=weights, scale=scale, trim="band", lo=_lo(thr), elect=consensus,
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, trim="band", **_lo(thr), elect=consensus,
                                aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
 
 
@@ -67,7 +69,7 @@ def dare_ties(b, xs, *, weights, scale, consensus, aggregate, density, seed, key
 
 
 def localize_stitch(b, xs, *, thr, out_dtype):
-    return kernels.masked_stitch(b, xs, lo=_lo(thr), out_dtype=out_dtype)
+    return kernels.masked_stitch(b, xs, **_lo(thr), out_dtype=out_dtype)
 
 
 def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, consensus, aggregate, thr, out_dtype):

@@ -2,7 +2,7 @@
 
 consensus (TALL masks + Consensus Merging, Wang et al. 2024, arXiv:2405.07813; MergeBench's "Consensus TA"):
     e_i   = w_i d_i
-    tau   = sum_i e_i                      (mtl='ties': the TIES merge of the e_i, trimmed to rho_i)
+    tau   = sum_i e_i                      (mtl='ties': the TIES merge of w_i trim(d_i, rho_i))
     m_i   = [|e_i| >= lambda_i |tau - e_i|]   the TALL mask: where task i dominates the others
     keep  = [sum_i m_i >= k]               entries that at least k tasks claim
     out   = b + lam * keep * tau
@@ -11,7 +11,8 @@ consensus (TALL masks + Consensus Merging, Wang et al. 2024, arXiv:2405.07813; M
   |e_i| equals lambda_i |tau - e_i| exactly.
 
 localize_stitch, dataless (He et al. 2024, arXiv:2408.13656):
-    m_i   = [|d_i| >= t_i]                 t_i: the top-`sparsity` magnitude of d_i over the whole model
+    m_i   = [d_i among the top k_i |d_i|]  k_i = max(1, floor(sparsity_i n)), n: the whole model's entries;
+                                           exactly k_i, ties broken by position (keep_ties: every tie)
     out   = b + sum_i m_i d_i / max(1, sum_j m_j)
   Overlapping entries are averaged, as the paper intends; MergeBench's stitcher mostly sums them
   (a misplaced line), which we do not copy. Embeddings stay at the base (MergeBench); ranking is
@@ -20,27 +21,29 @@ localize_stitch, dataless (He et al. 2024, arXiv:2408.13656):
 import torch
 
 from ._blocks import deltas, disjoint_merge, elect, trim
+from .ranking import Cut, Rank
 from .ties_merging import ranks as trim_ranks
 
 
-def consensus_ranks(*, mtl: str, density: list[float], n: int) -> list[list[int]]:
+def consensus_ranks(*, mtl: str, density: list[float], n: int) -> list[list[Rank]]:
     """mtl='ties' trims each e_i as TIES does; 'ta' ranks nothing."""
     return trim_ranks(density=density, n=n) if mtl == "ties" else [[] for _ in density]
 
 
-def localize_ranks(*, sparsity: list[float], n: int) -> list[list[int]]:
-    """t_i: the k-th largest |d_i|, k from the sparsity as TIES's from its density."""
+def localize_ranks(*, sparsity: list[float], n: int) -> list[list[Rank]]:
+    """The top k_i of each |d_i|, k_i from the sparsity as TIES's from its density."""
     return trim_ranks(density=sparsity, n=n)
 
 
 def consensus(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float, k: int,
               tall_lambda: list[float], mtl: str, consensus: str, aggregate: str,
-              thr: list[list[float]]) -> torch.Tensor:
-    es = [d.mul_(w) for d, w in zip(deltas(b, xs), weights)]
-    if mtl == "ties":
-        trimmed = [trim(e, t) for e, t in zip(es, thr)]
+              thr: list[list[Cut]]) -> torch.Tensor:
+    ds = deltas(b, xs)
+    if mtl == "ties":   # trimmed as the ranks were taken, on d_i, then weighted
+        trimmed = [trim(d, t) * w for d, t, w in zip(ds, thr, weights)]
         tau = disjoint_merge(trimmed, weights, elect(trimmed, consensus), aggregate)
-    else:
+    es = [d.mul_(w) for d, w in zip(ds, weights)]
+    if mtl != "ties":
         tau = sum(es[1:], es[0].clone())
     votes = sum((e.abs() >= lam * (tau - e).abs()).to(torch.int8) for e, lam in zip(es, tall_lambda))
     return tau.mul_(votes >= k).mul_(scale).add_(b)
@@ -55,7 +58,7 @@ def stitch(b: torch.Tensor, ds: list[torch.Tensor], masks: list[torch.Tensor]) -
     return total.div_(count.clamp_(min=1)).add_(b)
 
 
-def localize_stitch(b: torch.Tensor, xs: list[torch.Tensor], *, thr: list[list[float]]) -> torch.Tensor:
+def localize_stitch(b: torch.Tensor, xs: list[torch.Tensor], *, thr: list[list[Cut]]) -> torch.Tensor:
     ds = deltas(b, xs)
-    masks = [(d.abs() >= t[0]).float() if t else torch.ones_like(d) for d, t in zip(ds, thr)]
+    masks = [t[0].mask(d.abs()).float() if t else torch.ones_like(d) for d, t in zip(ds, thr)]
     return stitch(b, ds, masks)

@@ -4,16 +4,16 @@ magnitudes (outliers, a fraction gamma) and its smallest, so that a fraction rho
 
     k_i  = max(1, floor(rho_i n))                  entries kept
     t_i  = min(floor(gamma_i n), n - k_i)          outliers dropped (fewer where rho_i + gamma_i > 1)
-    hi_i = the (t_i + 1)-th largest |d_i|,   lo_i = the (t_i + k_i)-th largest |d_i|
-    e_i  = d_i * [lo_i <= |d_i| <= hi_i]           every entry tied at hi_i or lo_i is kept
+    e_i  = d_i on the entries ranked t_i + 1 .. t_i + k_i by |d_i| (ties broken by position, so
+           exactly k_i are kept), 0 elsewhere; keep_ties: every entry tied at either edge is kept
     breadcrumbs:      b + lam * sum_i w_i e_i      (normalize: / sum_i w_i)
     breadcrumbs_ties: TIES sign election and disjoint merge of w_i e_i, then b + lam * m
 
 n is the tensor's size (or the model's, sparsify_scope='model'); thresholds are exact (radix
 select). rho_i = 1 keeps everything (t_i shrinks to 0); gamma_i n < 1 drops no outliers.
-vs mergekit 0.1.5: it keeps exactly floor(rho_i n) entries in sort order, so entries tied at a
-threshold may differ, and rho_i n < 1 keeps none (here: one); mergekit <= 0.1.4 keeps none when
-gamma_i n < 1 (an empty slice). mergekit's breadcrumbs_ties defaults to normalize=false, which is
+vs mergekit 0.1.5: it keeps floor(rho_i n) entries too, but its argsort orders ties arbitrarily, so
+which tied entries are kept may differ; rho_i n < 1 keeps none there (here: one); mergekit <= 0.1.4
+keeps none when gamma_i n < 1 (an empty slice). mergekit's breadcrumbs_ties defaults to normalize=false, which is
 aggregate='sum' here.
 """
 from math import floor
@@ -22,22 +22,23 @@ import torch
 
 from ..common.errors import BadParameter
 from ._blocks import band, deltas, disjoint_merge, elect, top_k, weighted_sum
+from .ranking import Cut, Rank
 
 
-def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[int]]:
-    """Per expert, the ranks of [hi_i, lo_i] from the top: [t_i + 1, t_i + k_i]; [] keeps all."""
+def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[Rank]]:
+    """Per expert, [the top t_i dropped, the top t_i + k_i kept]; [] keeps all."""
     out = []
     for rho, g in zip(density, gamma):
         if not 0 <= g < 1:
             raise BadParameter(f"breadcrumbs: gamma={g} must be in [0, 1) (the fraction of largest |d| dropped)")
         k = top_k(rho, n)
         t = max(0, min(floor(g * n), n - k))
-        out.append([] if t == 0 and k >= n else [t + 1, t + k])
+        out.append([] if t == 0 and k >= n else [Rank(t, drop=True), Rank(t + k)])
     return out
 
 
 def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-                 normalize: bool, thr: list[list[float]]) -> torch.Tensor:
+                 normalize: bool, thr: list[list[Cut]]) -> torch.Tensor:
     tau = weighted_sum([band(d, t) for d, t in zip(deltas(b, xs), thr)], weights)
     if normalize:
         tau /= sum(weights)
@@ -45,7 +46,7 @@ def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float
 
 
 def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-               consensus: str, aggregate: str, thr: list[list[float]]) -> torch.Tensor:
+               consensus: str, aggregate: str, thr: list[list[Cut]]) -> torch.Tensor:
     es = [band(d, t).mul_(w) for d, t, w in zip(deltas(b, xs), thr, weights)]
     s = elect(es, consensus)
     return disjoint_merge(es, weights, s, aggregate).mul_(scale).add_(b)

@@ -49,6 +49,8 @@ def _scope(default: str) -> Param:
 
 
 SCOPE = _scope("tensor")
+KEEP_TIES = Param("keep_ties", False, "magnitude ranks keep every entry tied at a threshold (the TIES and "
+                  "MergeBench code: kthvalue, then >=) instead of exactly k (ties broken by position)")
 EMBEDDINGS = r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|word_embeddings)(\.|$)"
 
 # mergekit 0.1.5's parameters and defaults (its merge_methods/registry.py); the generalized task
@@ -75,7 +77,7 @@ REGISTRY = {m.name: m for m in [
            mergekit={**_GTA, "normalize": False, "rescale": False},
            grid={"scale": [0.2, 0.4, 0.6, 0.8, 1.0]}, demo={"scale": 0.4}, bench={"weights": 1.0}),
     Method(name="ties", summary="trim to top-rho magnitudes, elect sign, disjoint merge",
-           paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE),
+           paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
            apply=step(ties_merging.apply, "weights scale consensus aggregate thr"),
            ranks=step(ties_merging.ranks, "density n"), fused=fused.ties, trim="magnitude", elect="sign",
            mergekit={**_GTA, "normalize": True, "rescale": False},
@@ -97,13 +99,13 @@ REGISTRY = {m.name: m for m in [
     # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
     Method(name="breadcrumbs", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task "
            "arithmetic", paper="https://arxiv.org/abs/2312.06795",
-           params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE),
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE, KEEP_TIES),
            apply=step(model_breadcrumbs.apply_linear, "weights scale normalize thr"),
            ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs, trim="magnitude",
            mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False}, demo=_DEMO_TRIM),
     Method(name="breadcrumbs_ties", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then "
            "TIES sign election", paper="https://arxiv.org/abs/2312.06795",
-           params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE),
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
            apply=step(model_breadcrumbs.apply_ties, "weights scale consensus aggregate thr"),
            ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs_ties,
            trim="magnitude", elect="sign", mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
@@ -149,12 +151,12 @@ REGISTRY = {m.name: m for m in [
     # -- masks
     Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
            paper="https://arxiv.org/abs/2405.07813",
-           params=(WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE),
+           params=(WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
            apply=step(masks.consensus, "weights scale k tall_lambda mtl consensus aggregate thr"),
            ranks=step(masks.consensus_ranks, "mtl density n"), fused=fused.consensus, trim="mask",
            grid={"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]}, demo={"scale": 0.4}, bench={}),
     Method(name="localize_stitch", summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged",
-           paper="https://arxiv.org/abs/2408.13656", params=(SPARSITY, _scope("model")),
+           paper="https://arxiv.org/abs/2408.13656", params=(SPARSITY, _scope("model"), KEEP_TIES),
            apply=step(masks.localize_stitch, "thr"), ranks=step(masks.localize_ranks, "sparsity n"),
            fused=fused.localize_stitch, trim="magnitude", keep_base=EMBEDDINGS,
            grid={"sparsity": [0.1, 0.2, 0.3, 0.4]}, bench={}),
@@ -182,7 +184,8 @@ REGISTRY = {m.name: m for m in [
 
 # A benchmark's choices at once; user parameters win. keep_base: the default --keep-base.
 PROTOCOLS = {
-    "mergebench": {"sparsify_scope": "model", "aggregate": "sum", "rescale": "inverse", "keep_base": EMBEDDINGS},
+    "mergebench": {"sparsify_scope": "model", "aggregate": "sum", "rescale": "inverse", "keep_ties": True,
+                   "keep_base": EMBEDDINGS},
 }
 
 

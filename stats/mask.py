@@ -1,8 +1,8 @@
 """Trained Localize-and-Stitch mask for one expert (He et al. 2024, arXiv:2408.13656).
 
     d      = x - b                          over the masked parameters `names`
-    S_0    = +sigma_b where |d| >= t else -sigma_b,  t = the k-th largest |d| model-wide,
-             k = max(1, floor(sparsity n))  (exactly the dataless localize_stitch mask)
+    S_0    = +sigma_b on the k largest |d| model-wide, else -sigma_b,  k = max(1, floor(sparsity n)),
+             exactly k: ties broken by parameter order, then position (the dataless localize_stitch mask)
     per epoch, theta = b + sigmoid(S) d held fixed:
       g    = d L / d theta,  L = the mean causal-LM loss over every target token of the epoch
       S   <- S - lr g d sigmoid'(S) - l1 sigmoid'(S)      (sigmoid' = s (1 - s))
@@ -11,8 +11,8 @@
 One update per epoch on the averaged gradient, with the model never stepped, as the original
 L&S repo (yifei-he/Localize-and-Stitch, train_graft). Differences from it: the mean is over
 target tokens (batch losses weighted by their token counts, so the mask does not depend on the
-batching) rather than a mean of per-batch means; the threshold keeps |d| >= t (its top-k init
-keeps > t); the L1 term is the gradient of l1 sum sigmoid(S), its commented-out line (the live
+batching) rather than a mean of per-batch means; the init keeps exactly k (its top-k init keeps
+|d| > t); the L1 term is the gradient of l1 sum sigmoid(S), its commented-out line (the live
 one adds l1 sign(S) sigmoid'(S), which pushes kept entries further up). MergeBench instead runs
 an SFTTrainer epoch that also takes AdamW steps on the model and sums the raw gradients over
 steps (so its lr 1e8 acts on a sum; ours on a mean).
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .. import kernels
+from ..methods.ranking import Rank, Ranking, bounds, tie_counts
 from ..common.errors import BadParameter
 from .fisher import log_likelihood
 from .groups import device_of, measuring, on_device
@@ -57,9 +57,15 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
         return d
 
     numel = sum(params[n].numel() for n in names)
+    # localize_stitch's dataless mask: exactly the top k |d| of the model, ties in the order of `names`
     k = min(numel, max(1, floor(sparsity * numel)))
-    t = kernels.kth_largest_abs(lambda: ([delta(n).flatten()] for n in names), [[k]])[0][0]
-    S = {n: torch.where(delta(n).abs() >= t, sigmoid_bias, -sigmoid_bias).float() for n in names}
+    ranking = Ranking(bounds([[Rank(k)]], lambda: ([delta(n).flatten()] for n in names), numel, keep_ties=False))
+
+    def init(n):
+        a = delta(n).abs()
+        cut = ranking.cuts(a.numel(), *tie_counts(lambda i: a.flatten()))[0][0]
+        return torch.where(cut.mask(a.flatten()).view(a.shape), sigmoid_bias, -sigmoid_bias).float()
+    S = {n: init(n) for n in names}
     init_kept = sum(int((s > 0).sum()) for s in S.values()) / numel
 
     with measuring(model):        # eval mode, flags restored; only _gradients unfreezes

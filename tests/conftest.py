@@ -203,3 +203,24 @@ def run_main(monkeypatch, capsys):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return run
+
+
+# --- independent references for exact magnitude ranks ------------------------------------------
+
+def top_mask(a: torch.Tensor, k: int, skip: int = 0) -> torch.Tensor:
+    """The entries ranked skip+1 .. skip+k of a flat |d| by a stable sort on (-|d|, index): bool, a's shape."""
+    keep = torch.zeros(a.numel(), dtype=torch.bool)
+    keep[torch.sort(-a.flatten(), stable=True).indices[skip:skip + k]] = True
+    return keep.view(a.shape)
+
+
+def visit_order(folder: Path) -> list[str]:
+    """Tensor names as the engine visits a model folder: shard files in name order, then by data
+    offset; read from the raw safetensors headers (8-byte length, JSON), not with mbmerge."""
+    names = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header.pop("__metadata__", None)
+        names += sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    return names

@@ -37,7 +37,7 @@ class Recorder:
             raise OSError(5, "Input/output error", "shard")
         self.events.append(("write", t, start, values.tolist()))
 
-    def done(self, t):
+    def done(self, t, info=None):
         self.events.append(("done", t))
 
 

@@ -11,6 +11,7 @@ from mbmerge.kernels import hist_triton
 from mbmerge.kernels.dare import expert_seed, uniform_ref
 from mbmerge.kernels.select import HI_BINS, LO_BINS, _hi_keys, _lo_keys, kth_largest_abs
 from mbmerge.methods import ties_merging as TIES   # the module (mbmerge.methods.ties is the function)
+from mbmerge.methods.ranking import Cut
 
 FUSED = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
          "localize_stitch", "consensus"]
@@ -90,9 +91,13 @@ def merged_both_ways(name: str, b, xs, params: dict, out_dtype, offset: int = OF
     p = methods.resolve_params(method, len(xs), params)
     bf, xf = b.float(), [x.float() for x in xs]
     n = xf[0].numel()
-    reduced = methods.reductions(method, p, lambda: [(bf, xf, offset)], "layer.w", (n,))
-    got = methods.apply_chunk(method, p, reduced, b, xs, offset, "layer.w", (n,), out_dtype=out_dtype)
-    want = method.apply(bf, xf, offset=offset, key="layer.w", shape=(n,), stat=None, **p, **reduced)
+
+    def merged(b, xs, out_dtype):   # reductions afresh: a Ranking hands out each chunk's Cuts once
+        reduced = methods.reductions(method, p, lambda: [(bf, xf, offset)], "layer.w", (n,))
+        return methods.apply_chunk(method, p, reduced, b, xs, offset, "layer.w", (n,), out_dtype=out_dtype)
+    got = merged(b, xs, out_dtype)
+    with kernels.using("torch"):
+        want = merged(bf, xf, torch.float32)
     return got, want.to(out_dtype)
 
 
@@ -147,7 +152,7 @@ def test_band_keeps_every_entry_tied_at_a_threshold(triton_backend):
     kept = [d * ((d.abs() >= lo) & (d.abs() <= hi)) for d, (hi, lo) in zip(xs, thr)]
     assert torch.equal(got, kept[0] * w[0] + kept[1] * w[1])
     ties = TIES.apply(b, xs, weights=w, scale=1.0, consensus="sum", aggregate="mean",
-                                    thr=[[t[1]] for t in thr])
+                      thr=[[Cut(t[1], 3001)] for t in thr])
     assert torch.equal(kernels.delta_merge(b, xs, weights=w, scale=1.0, trim="band", lo=[t[1] for t in thr],
                                            elect="sum"), ties)
 
@@ -168,7 +173,7 @@ def test_mixed_expert_dtypes_are_widened(triton_backend):
     mixed = [xs[0], xs[1].bfloat16(), xs[2].half()]
     got = kernels.delta_merge(b, mixed, weights=[1.0] * 3, scale=1.0, elect="count", aggregate="sum")
     want = TIES.apply(b, [x.float() for x in mixed], weights=[1.0] * 3, scale=1.0, consensus="count",
-                                    aggregate="sum", thr=[[], [], []])
+                      aggregate="sum", thr=[[], [], []])
     assert torch.equal(got, want)
 
 

@@ -1,4 +1,4 @@
-"""Each method against a plain reference written here (torch.stack, kthvalue, explicit masks),
+"""Each method against a plain reference written here (torch.stack, a stable sort, explicit masks),
 on hand-worked examples and on random tensors, through the library API on plain tensors."""
 from math import floor
 
@@ -12,10 +12,12 @@ from mbmerge.common.errors import BadParameter
 
 
 def ref_trim(d, rho):
+    """d on its k largest |d|: a stable sort by (-|d|, index), the first k kept."""
     n = d.numel()
     k = max(1, floor(rho * n))
-    t = d.abs().flatten().kthvalue(n - k + 1).values        # the k-th largest |d|
-    return d * (d.abs() >= t)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.sort(-d.abs().flatten(), stable=True).indices[:k]] = True
+    return d * keep.view(d.shape)
 
 
 def ref_ties(b, xs, w, rho, lam=1.0, consensus="sum", aggregate="mean"):
@@ -62,9 +64,13 @@ def test_ties_count_consensus_by_hand():
     assert out.tolist() == [1.0, -1.5, 2.0, 0.0, 3.0]
 
 
-def test_trim_keeps_every_element_tied_at_the_threshold():
+def test_trim_keeps_exactly_k_ties_by_position_or_every_tie():
     d = torch.tensor([1.0, -1.0, 1.0, 0.5])
-    out = mbmerge.methods.ties(torch.zeros(4), [d], density=0.25)      # k = 1, but three tie
+    out = mbmerge.methods.ties(torch.zeros(4), [d], density=0.25)      # k = 1, and three tie: the first
+    assert out.tolist() == [1.0, 0.0, 0.0, 0.0]
+    out = mbmerge.methods.ties(torch.zeros(4), [d], density=0.5)       # k = 2: the first two
+    assert out.tolist() == [1.0, -1.0, 0.0, 0.0]
+    out = mbmerge.methods.ties(torch.zeros(4), [d], density=0.25, keep_ties=True)     # kthvalue, then >=
     assert out.tolist() == [1.0, -1.0, 1.0, 0.0]
 
 

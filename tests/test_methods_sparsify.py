@@ -13,23 +13,32 @@ import mbmerge
 from mbmerge.common.errors import BadParameter
 from mbmerge.kernels.dare import expert_seed, uniform_ref
 from mbmerge.methods import merge_tensors
-from conftest import read_model, write_model
+from mbmerge.methods.ranking import Rank
+from conftest import read_model, top_mask, visit_order, write_model
 
 # --- plain references ---------------------------------------------------------------------------
 
 
-def ref_band_thresholds(a, rho, gamma):
-    """(hi, lo): the (t+1)-th and (t+k)-th largest of a (flat), k = max(1, floor(rho n)),
-    t = min(floor(gamma n), n - k)."""
-    n = a.numel()
+def band_sizes(n, rho, gamma):
+    """(t, k): k = max(1, floor(rho n)) kept after the t = min(floor(gamma n), n - k) largest."""
     k = max(1, floor(rho * n))
-    t = max(0, min(floor(gamma * n), n - k))
+    return max(0, min(floor(gamma * n), n - k)), k
+
+
+def ref_band_thresholds(a, rho, gamma):
+    """(hi, lo): the (t+1)-th and (t+k)-th largest of a (flat): --keep-ties keeps lo <= |d| <= hi."""
+    t, k = band_sizes(a.numel(), rho, gamma)
     desc = a.flatten().sort(descending=True).values
     return desc[t], desc[t + k - 1]
 
 
 def ref_band(d, hi, lo):
     return d * ((d.abs() <= hi) & (d.abs() >= lo))
+
+
+def ref_band_exact(d, rho, gamma):
+    """d on the entries ranked t+1 .. t+k by a stable sort on (-|d|, index)."""
+    return d * top_mask(d.abs(), *reversed(band_sizes(d.numel(), rho, gamma)))
 
 
 def ref_sign_step(b, es, w, lam, consensus="sum", aggregate="mean"):
@@ -44,10 +53,15 @@ def ref_sign_step(b, es, w, lam, consensus="sum", aggregate="mean"):
     return b + lam * m
 
 
-def ref_breadcrumbs(b, xs, w, rho, gamma, lam=1.0, normalize=False, ties=False, thr=None, **ties_kw):
+def ref_breadcrumbs(b, xs, w, rho, gamma, lam=1.0, normalize=False, ties=False, thr=None, keep_ties=False,
+                    **ties_kw):
+    """thr: per expert (hi, lo) with keep_ties, else a mask of the kept entries; default: this tensor's."""
     ds = [x - b for x in xs]
-    thr = thr or [ref_band_thresholds(d.abs(), r, g) for d, r, g in zip(ds, rho, gamma)]
-    es = [wi * ref_band(d, *t) for d, wi, t in zip(ds, w, thr)]
+    if keep_ties:
+        thr = thr or [ref_band_thresholds(d.abs(), r, g) for d, r, g in zip(ds, rho, gamma)]
+        es = [wi * ref_band(d, *t) for d, wi, t in zip(ds, w, thr)]
+    else:
+        es = [wi * (d * m if thr else ref_band_exact(d, r, g)) for d, wi, r, g, m in zip(ds, w, rho, gamma, thr or ds)]
     if ties:
         return ref_sign_step(b, es, w, lam, **ties_kw)
     tau = sum(es)
@@ -107,22 +121,28 @@ D = torch.tensor([5.0, -4.0, 3.0, 3.0, -2.0, 1.0, 1.0, 0.5, 0.25, 0.125])   # n 
 Z = torch.zeros(10)
 
 
-@pytest.mark.parametrize("rho,gamma,ranks,kept", [
-    (0.2, 0.1, [2, 3], [0, -4, 3, 3, 0, 0, 0, 0, 0, 0]),              # k=2, t=1; both 3s tie at lo
-    (0.3, 0.05, [1, 3], [5, -4, 3, 3, 0, 0, 0, 0, 0, 0]),             # gamma n < 1: no outlier dropped
-    (0.9, 0.2, [2, 10], [0, -4, 3, 3, -2, 1, 1, 0.5, 0.25, 0.125]),   # t = min(2, n - k) = 1
-    (0.05, 0.1, [2, 2], [0, -4, 0, 0, 0, 0, 0, 0, 0, 0]),             # rho n < 1: k = 1
-    (1.0, 0.3, [], D.tolist()),                                         # rho = 1: t shrinks to 0
+@pytest.mark.parametrize("rho,gamma,sets,kept,kept_ties", [
+    (0.2, 0.1, (1, 3), [0, -4, 3, 0, 0, 0, 0, 0, 0, 0],               # k=2, t=1; the 3s tie at the edge
+     [0, -4, 3, 3, 0, 0, 0, 0, 0, 0]),
+    (0.3, 0.05, (0, 3), [5, -4, 3, 0, 0, 0, 0, 0, 0, 0],              # gamma n < 1: no outlier dropped
+     [5, -4, 3, 3, 0, 0, 0, 0, 0, 0]),
+    (0.9, 0.2, (1, 10), [0, -4, 3, 3, -2, 1, 1, 0.5, 0.25, 0.125], None),   # t = min(2, n - k) = 1
+    (0.05, 0.1, (1, 2), [0, -4, 0, 0, 0, 0, 0, 0, 0, 0], None),           # rho n < 1: k = 1
+    (1.0, 0.3, None, D.tolist(), None),                                   # rho = 1: t shrinks to 0
 ])
-def test_breadcrumbs_by_hand(rho, gamma, ranks, kept):
-    assert mbmerge.methods.get("breadcrumbs").ranks(density=[rho], gamma=[gamma], n=10) == [ranks]
+def test_breadcrumbs_by_hand(rho, gamma, sets, kept, kept_ties):
+    want = [[Rank(sets[0], drop=True), Rank(sets[1])]] if sets else [[]]
+    assert mbmerge.methods.get("breadcrumbs").ranks.fn(density=[rho], gamma=[gamma], n=10) == want
     assert mbmerge.methods.breadcrumbs(Z, [D], density=rho, gamma=gamma).tolist() == kept
+    assert mbmerge.methods.breadcrumbs(Z, [D], density=rho, gamma=gamma, keep_ties=True).tolist() == (kept_ties or kept)
 
 
-def test_breadcrumbs_keeps_an_outlier_tied_at_the_upper_threshold():
+def test_breadcrumbs_splits_a_tie_at_the_outlier_edge_by_position():
     d = torch.tensor([5.0, -5.0, 3.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.125])
-    # k=2, t=1: hi = 2nd largest = 5 (both 5s kept), lo = 3rd largest = 3
-    assert mbmerge.methods.breadcrumbs(Z, [d], density=0.2, gamma=0.1).tolist() == [5, -5, 3] + [0] * 7
+    # k=2, t=1: the first 5 is the outlier, -5 and 3 are kept; --keep-ties keeps both 5s (hi = 5)
+    assert mbmerge.methods.breadcrumbs(Z, [d], density=0.2, gamma=0.1).tolist() == [0, -5, 3] + [0] * 7
+    kept_ties = mbmerge.methods.breadcrumbs(Z, [d], density=0.2, gamma=0.1, keep_ties=True)
+    assert kept_ties.tolist() == [5, -5, 3] + [0] * 7
 
 
 def test_breadcrumbs_ties_by_hand():
@@ -149,15 +169,19 @@ def test_breadcrumbs_bad_gamma():
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (64, 33), (3, 5, 17)])
 @pytest.mark.parametrize("discrete", [False, True])
-def test_breadcrumbs_matches_reference(shape, discrete):
+@pytest.mark.parametrize("keep_ties", [False, True])
+def test_breadcrumbs_matches_reference(shape, discrete, keep_ties):
     b, xs = _random(shape, 3, discrete=discrete)
     w, rho, gamma = [0.7, 0.2, 1.1], [0.2, 0.5, 0.9], [0.01, 0.05, 0.2]
-    out = mbmerge.methods.breadcrumbs(b, xs, weights=w, density=rho, gamma=gamma, scale=0.8, normalize=True)
-    assert torch.equal(out, ref_breadcrumbs(b, xs, w, rho, gamma, 0.8, normalize=True))   # same order of ops
+    out = mbmerge.methods.breadcrumbs(b, xs, weights=w, density=rho, gamma=gamma, scale=0.8, normalize=True,
+                                      keep_ties=keep_ties)
+    ref = ref_breadcrumbs(b, xs, w, rho, gamma, 0.8, normalize=True, keep_ties=keep_ties)
+    assert torch.equal(out, ref)                                      # same order of ops
     for consensus, aggregate in [("sum", "mean"), ("count", "sum")]:
         out = mbmerge.methods.breadcrumbs_ties(b, xs, weights=w, density=rho, gamma=gamma, scale=0.8,
-                                               consensus=consensus, aggregate=aggregate)
-        ref = ref_breadcrumbs(b, xs, w, rho, gamma, 0.8, ties=True, consensus=consensus, aggregate=aggregate)
+                                               consensus=consensus, aggregate=aggregate, keep_ties=keep_ties)
+        ref = ref_breadcrumbs(b, xs, w, rho, gamma, 0.8, ties=True, keep_ties=keep_ties, consensus=consensus,
+                              aggregate=aggregate)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)  # float32 summation order only
 
 
@@ -279,24 +303,27 @@ def test_chunked_merge_equals_whole_merge_and_library(wide_family, tmp_path, met
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_breadcrumbs_model_scope_thresholds_are_kthvalues_over_all_deltas(family, tmp_path, monkeypatch):
-    seen = []
-    thresholds = mbmerge.methods.thresholds
-    monkeypatch.setattr(mbmerge.methods, "thresholds", lambda *a: seen.append(thresholds(*a)) or seen[-1])
+@pytest.mark.parametrize("keep_ties", [False, True])
+def test_breadcrumbs_model_scope_ranks_every_delta_of_an_expert(family, tmp_path, keep_ties):
+    """Exact: one stable sort of all an expert's |d| in the engine's visiting order; --keep-ties: the
+    kthvalues over them, every tie kept."""
     p, t = family["paths"], family["tensors"]
     rho, gamma = [0.3, 0.2, 0.5], [0.01, 0.05, 0.0]
     got = read_model(mbmerge.merge("breadcrumbs", base=str(p["base"]), experts=[str(p[e]) for e in EXPERTS],
                                    out=tmp_path / "o", progress=False, density=rho, gamma=gamma,
-                                   sparsify_scope="model"))
-    names = list(t["base"])
-    want = []
+                                   sparsify_scope="model", keep_ties=keep_ties))
+    names = visit_order(p["base"])
+    want = {n: [] for n in names}
     for e, r, g in zip(EXPERTS, rho, gamma):
-        a = torch.cat([(t[e][n] - t["base"][n]).flatten() for n in names]).abs()    # the expert's whole model
-        n = a.numel()
-        k = max(1, floor(r * n))
-        top = min(floor(g * n), n - k)
-        want.append([a.kthvalue(n - top).values.item(), a.kthvalue(n - top - k + 1).values.item()])
-    assert seen == [want]                                             # one model-wide pass, exact values
+        ds = [(t[e][n] - t["base"][n]).flatten() for n in names]
+        a = torch.cat(ds).abs()                                        # the expert's whole model
+        if keep_ties:
+            hi, lo = ref_band_thresholds(a, r, g)
+            parts = ((a <= hi) & (a >= lo)).split([d.numel() for d in ds])
+        else:
+            parts = top_mask(a, *reversed(band_sizes(a.numel(), r, g))).split([d.numel() for d in ds])
+        for n, m in zip(names, parts):
+            want[n].append(m.view(t["base"][n].shape))
     for n in names:
-        ref = ref_breadcrumbs(t["base"][n], [t[e][n] for e in EXPERTS], [1.0] * 3, rho, gamma, thr=want)
+        ref = ref_breadcrumbs(t["base"][n], [t[e][n] for e in EXPERTS], [1.0] * 3, rho, gamma, thr=want[n])
         assert torch.equal(got[n], ref.bfloat16()), n

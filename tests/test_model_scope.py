@@ -1,9 +1,11 @@
 """Model-wide ("global") magnitude ranks, the mask methods (consensus, dataless Localize-and-Stitch)
 and --protocol mergebench, against plain references written here: each expert's deltas over every
-merged tensor concatenated in memory, kthvalue on the concatenation, explicit masks.
+merged tensor concatenated in memory in the engine's visiting order (file order of the base), a
+stable sort on the concatenation (or, with keep_ties, kthvalue), explicit masks.
 
-Tie rule (as per tensor): every element whose |d_i| equals the k-th largest is kept, so at least k
-elements are kept, more when the threshold value repeats (common on bf16 models)."""
+Tie rule (as per tensor): exactly k entries, ties at the k-th largest broken by visiting order; with
+keep_ties every entry equal to the k-th largest is kept (more than k when the value repeats, as on
+bf16 models)."""
 import re
 from math import floor
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import mbmerge
-from conftest import read_model
+from conftest import read_model, top_mask, visit_order
 from test_methods import ref_ties
 
 EMBEDDINGS = re.compile(r"embed_tokens|lm_head")
@@ -24,10 +26,29 @@ def kth_largest(ds, rho):
     return flat.kthvalue(flat.numel() - k + 1).values
 
 
+def global_masks(ds: list, rho: float, keep_ties: bool = False) -> list:
+    """Per tensor, the entries of the k largest |d| over the concatenation of ds (in visiting order),
+    k = max(1, floor(rho n)); keep_ties: every |d| >= the k-th largest."""
+    a = torch.cat([d.flatten() for d in ds]).abs()
+    k = max(1, floor(rho * a.numel()))
+    flat = a >= kth_largest(ds, rho) if keep_ties else top_mask(a, k)
+    return [m.view(d.shape) for m, d in zip(flat.split([d.numel() for d in ds]), ds)]
+
+
 def inputs(family, experts, keep=None):
+    """base, experts' tensors, and the merged tensors' names in the engine's visiting order."""
     t = family["tensors"]
-    names = [n for n in t["base"] if not (keep and keep.search(n))]
+    names = [n for n in visit_order(family["paths"]["base"]) if not (keep and keep.search(n))]
     return t["base"], [t[e] for e in experts], names
+
+
+def masked_experts(base, xs, names, rho, keep_ties=False) -> list[dict]:
+    """Each expert's tensors with the deltas outside its model-wide mask set to 0."""
+    out = []
+    for x, r in zip(xs, rho):
+        masks = global_masks([x[n] - base[n] for n in names], r, keep_ties)
+        out.append({n: base[n] + (x[n] - base[n]) * m for n, m in zip(names, masks)})
+    return out
 
 
 def ref_consensus(b, xs, w, lam_tall, k, lam=1.0):
@@ -37,9 +58,9 @@ def ref_consensus(b, xs, w, lam_tall, k, lam=1.0):
     return b + lam * tau * (votes >= k)
 
 
-def ref_stitch(b, xs, thr):
+def ref_stitch(b, xs, masks):
     ds = [x - b for x in xs]
-    masks = [(d.abs() >= t).float() for d, t in zip(ds, thr)]
+    masks = [m.float() for m in masks]
     return b + sum(m * d for m, d in zip(masks, ds)) / torch.clamp(sum(masks), min=1)
 
 
@@ -54,48 +75,51 @@ def assert_close_bf16(got, want, name):
 
 
 @pytest.mark.parametrize("budget", ["2GB", "100KB"])     # 100KB: 4096-element chunks
-def test_model_wide_ties_equals_kthvalue_over_the_concatenation(family, tmp_path, budget):
+@pytest.mark.parametrize("keep_ties", [False, True])
+def test_model_wide_ties_ranks_the_concatenation(family, tmp_path, budget, keep_ties):
     base, xs, names = inputs(family, ["math", "code"])
     rho = [0.3, 0.1]
-    thr = [kth_largest([x[n] - base[n] for n in names], r) for x, r in zip(xs, rho)]
-    kept = [sum(int(((x[n] - base[n]).abs() >= t).sum()) for n in names) for x, t in zip(xs, thr)]
+    masks = [global_masks([x[n] - base[n] for n in names], r, keep_ties) for x, r in zip(xs, rho)]
     total = sum(base[n].numel() for n in names)
-    assert kept[0] > floor(0.3 * total)          # bf16 deltas repeat: the threshold value is tied
+    kept = sum(int(m.sum()) for m in masks[0])
+    assert kept > floor(0.3 * total) if keep_ties else kept == floor(0.3 * total)   # bf16 deltas tie
     got = merge(family, tmp_path, "m", "ties", ["math", "code"], density=rho, sparsify_scope="model",
-                memory_budget=budget)
+                memory_budget=budget, keep_ties=keep_ties)
+    masked = masked_experts(base, xs, names, rho, keep_ties)
     for n in names:
-        e = [x[n] - base[n] for x in xs]
         # ref_ties trims per tensor; a per-tensor density of 1 with explicit global masks is the same thing
-        masked = [base[n] + d * (d.abs() >= t) for d, t in zip(e, thr)]
-        assert_close_bf16(got[n], ref_ties(base[n], masked, [1.0, 1.0], [1.0, 1.0]), n)
+        assert_close_bf16(got[n], ref_ties(base[n], [x[n] for x in masked], [1.0, 1.0], [1.0, 1.0]), n)
 
 
 def test_model_wide_scope_excludes_kept_tensors_from_the_ranking(family, tmp_path):
     base, xs, names = inputs(family, ["math", "code"], keep=EMBEDDINGS)
-    thr = [kth_largest([x[n] - base[n] for n in names], 0.2) for x in xs]
+    masked = masked_experts(base, xs, names, [0.2, 0.2])
     got = merge(family, tmp_path, "m", "ties", ["math", "code"], density=0.2, sparsify_scope="model",
                 keep_base="embed_tokens|lm_head")
     for n in base:
         if EMBEDDINGS.search(n):
             assert torch.equal(got[n].float(), base[n])
         else:
-            masked = [base[n] + (x[n] - base[n]) * ((x[n] - base[n]).abs() >= t) for x, t in zip(xs, thr)]
-            assert_close_bf16(got[n], ref_ties(base[n], masked, [1.0, 1.0], [1.0, 1.0]), n)
+            assert_close_bf16(got[n], ref_ties(base[n], [x[n] for x in masked], [1.0, 1.0], [1.0, 1.0]), n)
 
 
 def test_thresholds_stream_exactly_for_any_chunking():
     g = torch.Generator().manual_seed(0)
     b = [torch.randn(n, generator=g) for n in (5000, 123, 40_000)]
     xs = [[t + torch.randn(t.shape, generator=g).round(decimals=2) for t in b] for _ in range(2)]  # many ties
-    want = [kth_largest([x - bt for x, bt in zip(xe, b)], 0.17) for xe in xs]
     method, params = mbmerge.methods.get("ties"), {"density": [0.17, 0.17]}
+    want = []
+    for xe in xs:                                  # the k-th largest and how many of its ties are kept
+        ds = [x - bt for x, bt in zip(xe, b)]
+        t, a = kth_largest(ds, 0.17), torch.cat([d.flatten() for d in ds]).abs()
+        want.append([(float(t), floor(0.17 * a.numel()) - int((a > t).sum()))])
     for step in (4096, 997, 1 << 20):
         def chunks():
             for j, bt in enumerate(b):
                 for a in range(0, bt.numel(), step):
                     yield bt[a:a + step], [xe[j][a:a + step] for xe in xs], a
         got = mbmerge.methods.thresholds(method, params, chunks, sum(t.numel() for t in b))
-        assert got == [[float(t)] for t in want]
+        assert [[tuple(bound) for bound in row] for row in got.bounds] == want
 
 
 def test_consensus_by_hand():
@@ -140,10 +164,10 @@ def test_localize_stitch_averages_overlaps():
 def test_dataless_localize_stitch_is_model_wide_and_keeps_embeddings(family, tmp_path):
     experts = ["math", "code", "ifeval"]
     base, xs, names = inputs(family, experts, keep=EMBEDDINGS)
-    thr = [kth_largest([x[n] - base[n] for n in names], 0.1) for x in xs]
+    masks = [dict(zip(names, global_masks([x[n] - base[n] for n in names], 0.1))) for x in xs]
     got = merge(family, tmp_path, "m", "localize_stitch", experts, memory_budget="100KB")
     for n in base:
-        want = base[n] if EMBEDDINGS.search(n) else ref_stitch(base[n], [x[n] for x in xs], thr)
+        want = base[n] if EMBEDDINGS.search(n) else ref_stitch(base[n], [x[n] for x in xs], [m[n] for m in masks])
         assert_close_bf16(got[n], want, n)
 
 
@@ -158,24 +182,25 @@ def test_consensus_engine_matches_reference(family, tmp_path):
 def test_protocol_mergebench(family, tmp_path):
     experts = ["math", "code"]
     base, xs, names = inputs(family, experts, keep=EMBEDDINGS)
-    thr = [kth_largest([x[n] - base[n] for n in names], 0.2) for x in xs]
+    masked = masked_experts(base, xs, names, [0.2, 0.2], keep_ties=True)    # MergeBench: kthvalue, then >=
     got = merge(family, tmp_path, "m", "ties", experts, density=0.2, scale=0.6, protocol="mergebench")
     for n in base:
         if EMBEDDINGS.search(n):
             assert torch.equal(got[n].float(), base[n])
             continue
-        masked = [base[n] + (x[n] - base[n]) * ((x[n] - base[n]).abs() >= t) for x, t in zip(xs, thr)]
-        want = ref_ties(base[n], masked, [1.0, 1.0], [1.0, 1.0], lam=0.6, aggregate="sum")
+        want = ref_ties(base[n], [x[n] for x in masked], [1.0, 1.0], [1.0, 1.0], lam=0.6, aggregate="sum")
         assert_close_bf16(got[n], want, n)
     card = (tmp_path / "m" / "mbmerge.json").read_text()
     assert '"sparsify_scope": "model"' in card and '"aggregate": "sum"' in card and "--protocol mergebench" in card
+    assert '"keep_ties": true' in card
 
 
 def test_protocol_lets_explicit_parameters_win(family, tmp_path):
     spec = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a", "b"), out=tmp_path / "o", protocol="mergebench",
                                          params={"aggregate": "mean"})
     assert spec.resolved["aggregate"] == "mean" and spec.resolved["sparsify_scope"] == "model"
-    assert spec.keep_base and mbmerge.engine.spec.MergeSpec(method="ties", experts=("a",), out=tmp_path / "o").keep_base is None
+    plain = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a",), out=tmp_path / "o")
+    assert spec.keep_base and plain.keep_base is None
 
 
 @pytest.mark.parametrize("method,params", [("ties", dict(density=0.3, sparsify_scope="model")),
@@ -183,7 +208,8 @@ def test_protocol_lets_explicit_parameters_win(family, tmp_path):
 def test_state_dicts_merge_in_memory_like_the_engine(family, tmp_path, method, params):
     t = family["tensors"]
     experts = ["math", "code", "ifeval"]
-    bf16 = lambda sd: {n: v.to(torch.bfloat16) for n, v in sd.items()}  # noqa: E731
+    order = visit_order(family["paths"]["base"])     # model-wide ties are broken in the state dict's order
+    bf16 = lambda sd: {n: sd[n].to(torch.bfloat16) for n in order}  # noqa: E731
     got = mbmerge.methods.merge_state_dicts(method, bf16(t["base"]), [bf16(t[e]) for e in experts], **params)
     want = merge(family, tmp_path, "m", method, experts, **params)
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from mbmerge.eval.zoo import batch_of, finetune_data
 from mbmerge.stats.mask import train_mask
+from conftest import top_mask
 
 SEQS = finetune_data(["math"], 32)
 
@@ -40,9 +41,9 @@ def run(zoo, bs=8, **kw):
 def topk_masks(b, x, names, sparsity=0.1):
     d = {n: x[n].float() - b[n].float() for n in names}
     flat = torch.cat([v.abs().flatten() for v in d.values()])
-    k = max(1, floor(sparsity * flat.numel()))
-    t = flat.sort(descending=True).values[k - 1]
-    return {n: (v.abs() >= t).to(torch.uint8) for n, v in d.items()}
+    k = max(1, floor(sparsity * flat.numel()))          # exactly k: ties broken in the order of `names`
+    kept = top_mask(flat, k).split([v.numel() for v in d.values()])
+    return {n: m.view(v.shape).to(torch.uint8) for (n, v), m in zip(d.items(), kept)}
 
 
 def task_loss(folder, b, x, masks):
