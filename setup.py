@@ -7,9 +7,14 @@ tune/, ... (tests/test_packaging.py builds the wheel and checks that none is lef
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "build", "build.*"])
+# The fused CPU merges (kernels/cpu_merge.c), loaded with ctypes (kernels/cpu.py). Optional: without a
+# C compiler the install goes on and merges use the torch methods. Flags as kernels/cpu.py FLAGS.
+CPU_KERNELS = Extension("mbmerge.kernels._cpu_merge", ["kernels/cpu_merge.c"], optional=True, libraries=["m"],
+                        extra_compile_args=["-O3", "-mavx2", "-mf16c", "-fno-fast-math", "-ffp-contract=off",
+                                            "-std=gnu11"])
 VERSION = re.search(r'^VERSION = "(.+)"$', Path("common/__init__.py").read_text(), re.M).group(1)
 
 setup(
@@ -36,5 +41,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
     },
+    ext_modules=[CPU_KERNELS],
+    package_data={"mbmerge.kernels": ["cpu_merge.c"]},
     entry_points={"console_scripts": ["mbmerge=mbmerge.bin.cli:main"]},
 )

@@ -1,48 +1,78 @@
-"""The `mbmerge` command. `mbmerge --method ...` (no subcommand) is `mbmerge merge --method ...`."""
+"""The `mbmerge` command. `mbmerge --method ...` (no subcommand) is `mbmerge merge --method ...`.
+
+The other commands are imported when they run, and the method table imports no torch, so --help,
+`mbmerge methods` and the errors a user can make on the command line answer in a fraction of a
+second; torch comes in when a merge starts."""
 import contextlib
 import difflib
 import errno
+import importlib
 import sys
 
 import click
 
 from .. import methods
 from ..common.errors import MbmergeError
-from ..engine.recipe import load_recipe
-from ..kernels import BACKENDS as kernel_backends
-from ..stats.prepare import ZOO_SIZES, merge as merge_models
-from .bench import bench
-from .bench_kernels import bench_kernels
-from .method_docs import list_methods
+from ..common.names import KERNEL_BACKENDS, ZOO_SIZES
 from .options import listed as _listed, method_param_options
-from .stats import data_kwargs, data_options, stats
-from .tune import tune
-from .demo import demo
-from .evaluate import evaluate
-from .verify import verify
-from .zoo import zoo
+from .stats import data_kwargs, data_options
+
+# command: (module of bin/, its click command, the one-line help --help lists without importing it)
+COMMANDS = {
+    "bench": ("bench", "bench", "Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a "
+              "MergeBench base."),
+    "bench-kernels": ("bench_kernels", "bench_kernels", "Effective bandwidth of the merge step alone (fused "
+                      "kernels: Triton on a GPU, compiled C on the CPU)."),
+    "demo": ("demo", "demo", "Merge the mini zoo's experts with every method, evaluate, and report."),
+    "eval": ("evaluate", "evaluate", "Evaluate MODEL_DIR: per-domain scores, normalised performance vs the "
+             "experts, forgetting vs the base."),
+    "methods": ("method_docs", "list_methods", "List the merge methods and their parameters."),
+    "stats": ("stats", "stats", "Collect one expert's statistics on its data (one model in memory at a time)."),
+    "tune": ("tune", "tune", "Score candidate merges on validation data and write the best."),
+    "verify": ("verify", "verify", "Check DIR, a merged output: valid headers, sha256 as in mbmerge.json, "
+               "finite tensors."),
+    "zoo": ("zoo", "zoo", "Train the mini zoo on CPU: a base, one expert per MergeBench domain and a "
+            "multi-task model."),
+}
 
 
 class DefaultMerge(click.Group):
     """A group whose default subcommand is `merge`: arguments starting with an option are merge's.
     A first word that is neither a command nor an option is a mistyped command (merge takes no
-    positional arguments), not a merge missing its --out."""
+    positional arguments), not a merge missing its --out. Commands other than merge are imported
+    when they run (COMMANDS)."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx, name: str):
+        if name in COMMANDS and name not in self.commands:
+            module, attribute, _ = COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(f".{module}", __package__), attribute), name)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, COMMANDS[name][2] if name in COMMANDS else self.commands[name].get_short_help_str(80))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("--help", "-h", "--version"):
             if not args[0].startswith("-"):
-                raise click.UsageError(self._no_command(args[0]), ctx)
+                raise click.UsageError(self._no_command(args[0], ctx), ctx)
             args = ["merge", *args]
         return super().parse_args(ctx, args)
 
-    def _no_command(self, word: str) -> str:
+    def _no_command(self, word: str, ctx) -> str:
         """The error for a first word that names no command: the nearest command, else them all."""
         if word.endswith((".yml", ".yaml")):
             return f"no command '{word}'; for a mergekit recipe, pass --config {word}"
-        close = difflib.get_close_matches(word, list(self.commands), n=1)
+        names = self.list_commands(ctx)
+        close = difflib.get_close_matches(word, names, n=1)
         if close:
             return f"no command '{word}'; did you mean '{close[0]}'?"
-        return f"no command '{word}' (commands: {', '.join(sorted(self.commands))}; default: merge --method ...)"
+        return f"no command '{word}' (commands: {', '.join(names)}; default: merge --method ...)"
 
 
 @click.group(cls=DefaultMerge, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,7 +102,7 @@ def cli():
               help="Continue an interrupted merge of the same recipe and inputs into OUT.")
 @click.option("--device", default="auto", show_default=True,
               help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
-@click.option("--kernels", type=click.Choice(kernel_backends), envvar="MBMERGE_KERNELS",
+@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), envvar="MBMERGE_KERNELS",
               help="Kernel backend: auto (Triton on CUDA, else torch), torch or triton [default: $MBMERGE_KERNELS, "
                    "else auto].")
 @click.option("--compile/--no-compile", "compiled", default=None,
@@ -98,6 +128,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
                                        ("protocol", protocol), ("dtype", dtype), *given.items()] if v is not None]
         if clash:
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
+        from ..engine.recipe import load_recipe
         recipe = load_recipe(config)
         method, base, dtype, experts, given = (recipe["method"], recipe["base"], recipe["dtype"],
                                                recipe["experts"], recipe["params"])
@@ -106,6 +137,8 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
         experts = _listed(experts) or []
+    _check(method, experts, given, protocol, out, overwrite)
+    from ..stats.prepare import merge as merge_models   # torch, from here on
     with _resumable():
         path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                             memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
@@ -116,6 +149,17 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
                                                      stats_dtype), **given)
     if not quiet:
         click.echo(f"merged model written to {path}")
+
+
+def _check(method: str, experts: list, given: dict, protocol: str | None, out, overwrite: bool) -> None:
+    """The errors a user can make in the command itself, before torch is imported: the method, its
+    parameters and expert count, and where the output goes (the engine checks them again)."""
+    from ..engine.output import check_location
+    row = methods.get(method)
+    methods.check_experts(row, len(experts))
+    chosen = {k: v for k, v in methods.protocol_defaults(row, protocol).items() if k != "keep_base"}
+    methods.resolve_params(row, len(experts), {**chosen, **given})
+    check_location(out, overwrite)
 
 
 class Interrupted(Exception):
@@ -146,15 +190,6 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-cli.add_command(bench)
-cli.add_command(bench_kernels)
-cli.add_command(list_methods)
-cli.add_command(verify)
-cli.add_command(evaluate)
-cli.add_command(zoo)
-cli.add_command(demo)
-cli.add_command(stats)
-cli.add_command(tune)
 
 
 def main():

@@ -7,7 +7,6 @@ import click
 
 from .. import methods
 from .options import param_options
-from ..stats.prepare import default_family
 from ..common.names import DOMAIN_ALIASES, is_domain
 from ..engine.resolve import resolve
 
@@ -63,6 +62,7 @@ def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, *
         value = ALL_PARAMS[name].coerce(value, kind)
         params[name] = value[0] if isinstance(value, list) else value   # one expert: one value
     if is_domain(ref) and base is None:
+        from ..stats.prepare import default_family
         zoo = default_family()
         model, base, data = zoo / DOMAIN_ALIASES[ref.lower()], str(zoo / "base"), data or DOMAIN_ALIASES[ref.lower()]
     else:

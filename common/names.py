@@ -30,3 +30,6 @@ def mergebench_repo(base_ref: str, domain: str) -> str:
     """
     name = base_ref.split("@")[0].rstrip("/").split("/")[-1]
     return f"MergeBench/{name}_{DOMAIN_ALIASES[domain.lower()]}"
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")   # --kernels: see mbmerge.kernels
+ZOO_SIZES = ("full", "micro")                   # the mini zoo (the built-in family): mbmerge.eval.zoo

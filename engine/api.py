@@ -15,7 +15,7 @@ from .index import INDEX_FILE, TensorIndex, check_agreement
 from .journal import JOURNAL, Journal, fingerprint, input_identity
 from .output import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder, publish,
                      remove_empty)
-from .plan import CPU_CHUNK, GPU_CHUNK, make_plan
+from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
 from .resolve import Source, resolve
 from .spec import VERSION, MergeSpec, spec_from
@@ -62,7 +62,7 @@ def run(spec: MergeSpec) -> Path:
     _warn_repeated(folders)
     created = missing_parents(spec.out)
     try:
-        with output_lock(spec.out):
+        with output_lock(spec.out), kernels.using(spec.kernels, spec.compile):
             return _run_locked(spec, base, experts, started)
     except BaseException:
         remove_empty(created)
@@ -99,7 +99,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base, span=method.span,
-                     preferred=GPU_CHUNK if spec.device.type == "cuda" else CPU_CHUNK)
+                     preferred=_chunk_size(method, spec.device))
     stat_indexes = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], plan)
                     if method.data_statistic else [])
     identity = input_identity([ix for ix in [base_index, *indexes, *stat_indexes] if ix is not None])
@@ -112,22 +112,21 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     elif spec.progress:
         print(f"mbmerge: resuming the interrupted merge into {spec.out}: {len(resumed[0])} of {len(plan.tensors)} "
               f"tensors are written and check out, merging the rest", file=sys.stderr)
-    done, model_thr, ties = resumed or (set(), None, {})
+    done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     maps = []
     try:
         base_map = MappedModel(base_index) if base_index else None
         expert_maps = [MappedModel(ix) for ix in indexes]
         stat_maps = [MappedModel(ix) for ix in stat_indexes]
         maps = [m for m in [base_map, *expert_maps, *stat_maps] if m is not None]
-        writer, journal = ShardWriter(tmp, plan, fresh=resumed is None), Journal(tmp, fp, fresh=resumed is None)
+        writer, journal = ShardWriter(tmp, plan, prefixes), Journal(tmp, fp, fresh=resumed is None)
         try:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
             merger = Merger(plan=plan, method=method, params=spec.resolved, base=base_map, experts=expert_maps,
                             roles=[s.role for s in experts], writer=writer, allow_nonfinite=spec.allow_nonfinite,
                             device=spec.device, stat_inputs=stat_maps, overrides=spec.resolved_overrides)
-            with kernels.using(spec.kernels, spec.compile):
-                merger.run(spec.progress, journal, done, model_thr, ties)
+            merger.run(spec.progress, journal, done, model_thr, ties)
         finally:
             writer.close()
             journal.close()
@@ -139,8 +138,9 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
-        written = [s.name for s in plan.shards] + [INDEX_FILE] * plan.sharded + copied
-        record.update(resumed_tensors=len(done), inputs=identity, sha256=sha256_files(tmp, written))
+        digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
+        record.update(resumed_tensors=len(done), inputs=identity,
+                      sha256={**digests, **sha256_files(tmp, [INDEX_FILE] * plan.sharded + copied)})
         write_card(tmp, record)
         publish(tmp, spec.out, spec.overwrite)
     except KeyboardInterrupt:
@@ -152,6 +152,14 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         for m in maps:
             m.close()
     return spec.out
+
+
+def _chunk_size(method, device) -> int:
+    """Elements per chunk: a GPU's, the compiled CPU loops' (they hold no float32 copies), or the
+    torch methods' (whose float32 temporaries fit in the cache)."""
+    if device.type == "cuda":
+        return GPU_CHUNK
+    return COMPILED_CHUNK if method.fused is not None and kernels.compiled(device) else CPU_CHUNK
 
 
 def _stats_folders(spec: MergeSpec) -> list[Path]:

@@ -58,10 +58,10 @@ class Uploader:
             self.next = 0
 
     def load(self, view: torch.Tensor, float32: bool = True) -> torch.Tensor:
-        """A copy of `view` (a mapped CPU tensor) on the device, as float32 or in its stored dtype;
-        once this returns, the mapped pages are no longer needed."""
+        """`view` (a mapped CPU tensor) on the device, as float32 or in its stored dtype: a copy, but
+        for the stored dtype on the CPU, which is the view itself (its pages stay mapped)."""
         if self.device.type == "cpu":
-            return view.to(torch.float32, copy=True) if float32 else view.clone()
+            return view.to(torch.float32, copy=True) if float32 else view
         with torch.cuda.stream(self.stream):
             stored = torch.empty(view.shape, dtype=view.dtype, device=self.device)
         raw, dst = view.view(torch.uint8), stored.view(torch.uint8)

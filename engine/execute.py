@@ -22,6 +22,11 @@ from .write import ShardWriter
 CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read once for all passes
 
 
+def _sums_finite(b, xs) -> torch.Tensor:
+    """Per input, whether its chunk's sum is finite (a NaN, an Inf or an overflow makes it not)."""
+    return torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
+
+
 def _nonfinite(m: MappedModel, entry, chunks) -> bool:
     """Whether the tensor holds a NaN or Inf: the exact test, rereading it from the file."""
     return any(not torch.isfinite(m.chunk(entry, a, z).float()).all() for a, z in chunks)
@@ -65,7 +70,7 @@ class Merger:
             model_thr = self._model_thresholds(progress)
             if journal:
                 journal.thresholds(model_thr.to_json())
-        on_done = (lambda t, left: journal.tensor_done(t.name, self.writer.sha256(t), left)) if journal \
+        on_done = (lambda t, left: journal.tensor_done(t.name, self.writer.prefix_sha256(t), left)) if journal \
             else (lambda t, left: None)
         # a writer thread pays on a GPU, where the CPU waits on the device; on 2 CPU cores it gained
         # nothing (ties on 240M params: 7.1-7.8 s either way)
@@ -103,46 +108,49 @@ class Merger:
         merged = [t for t in self.plan.tensors if t.merge]
         with tqdm(total=2 * self.input_bytes(merged), unit="B", unit_scale=True, disable=not progress, leave=False,
                   desc="model-wide thresholds") as bar:
-            def chunks():
+            compiled = self.method.fused is not None and kernels.compiled(self.device)
+
+            def chunks():   # the compiled CPU loops read the mapped bytes; they check the values when merging
                 for t in merged:
-                    for b, xs, a in self._read(t):
+                    for b, xs, a in self._read(t, stored=compiled, check=not compiled):
                         yield b, xs, a
                         bar.update(t.ref.torch_dtype.itemsize * len(self.inputs) * xs[0].numel())
             return methods.thresholds(self.method, self.params, chunks, sum(t.ref.numel for t in merged))
 
     def _copy(self, t: TensorPlan, done: Callable[[int], None]) -> None:
-        out_dtype = DTYPES[t.out_dtype]
+        out_dtype = DTYPES[t.out_dtype].torch
         for a, z in t.chunks:
             x = self.ref.chunk(t.ref, a, z)
             self.output.write(t, a, x.to(out_dtype, copy=True))
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
 
-    def _read(self, t: TensorPlan, stored: bool = False):
+    def _read(self, t: TensorPlan, stored: bool = False, check: bool = True):
         """(b, xs, offset) chunks of tensor t on the device, float32 (or, with `stored`, in the
-        dtype they are stored in, for a fused kernel to read as they are). The first full read checks
-        the values once it holds the last chunk, before yielding it (one device sync per tensor):
-        before anything is journaled, before a reduction pass ends, and before a whole-tensor
-        method (one chunk) sees them."""
-        check = t.name not in self.checked
+        dtype they are stored in, for a fused kernel to read as they are: on the CPU the mapped bytes
+        themselves). Unless a kernel checks them (not `check`), the first full read checks the values
+        once it holds the last chunk, before yielding it (one device sync per tensor): before anything
+        is journaled, before a reduction pass ends, and before a whole-tensor method (one chunk) sees
+        them. Each chunk's pages are released once the consumer asks for the next."""
+        check = check and t.name not in self.checked
         if check:  # per input, so far: one flag updated in place (a list of per-chunk sums fragments the heap)
             finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)
         for i, (a, z) in enumerate(t.chunks):
             b = self._chunk(self.base, t, a, z, stored) if self.base is not None else None
             xs = [self._chunk(m, t, a, z, stored) for m in self.experts]
             if check:
-                finite &= torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
+                finite &= _sums_finite(b, xs)
                 if i == len(t.chunks) - 1:
                     self._check_finite(t, finite.tolist())
             yield b, xs, a
-        self.checked.add(t.name)
+            for m in self.inputs:
+                m.release(m.index.tensors[t.name], a, z)
+        if check:
+            self.checked.add(t.name)
 
     def _chunk(self, m: MappedModel, t: TensorPlan, a: int, z: int, stored: bool) -> torch.Tensor:
-        """Elements [a, z) of tensor t on the device; the mapped pages are released at once."""
-        entry = m.index.tensors[t.name]
-        x = self.uploader.load(m.chunk(entry, a, z), float32=not stored)
-        m.release(entry, a, z)
-        return x
+        """Elements [a, z) of tensor t on the device (_read releases the mapped pages)."""
+        return self.uploader.load(m.chunk(m.index.tensors[t.name], a, z), float32=not stored)
 
     def _check_finite(self, t: TensorPlan, finite_sums: list[bool]) -> None:
         """A sum that is not finite (NaN, Inf, or an overflow) sends its input to the exact test."""
@@ -152,10 +160,13 @@ class Merger:
                                 f"(pass --allow-nonfinite to merge it anyway)")
 
     def _merge(self, t: TensorPlan, done: Callable[[int], None], model_thr) -> None:
-        name, shape, out_dtype = t.name, t.ref.shape, DTYPES[t.out_dtype]
-        # read once, by a fused kernel: the chunks stay in their stored dtype (half the bytes for bf16)
-        stored = self.method.fused is not None and kernels.use_triton(self.device) and not self._has_stats(model_thr)
-        chunks = lambda: self._read(t, stored)  # noqa: E731
+        name, shape, out_dtype = t.name, t.ref.shape, DTYPES[t.out_dtype].torch
+        # the compiled CPU loops read the mapped bytes as they are, for every pass, and count non-finite
+        # values while merging; a GPU kernel reads a tensor read once in its stored dtype (half the bytes)
+        compiled = self.method.fused is not None and kernels.compiled(self.device)
+        stored = compiled or (self.method.fused is not None and kernels.use_triton(self.device)
+                              and not self._has_stats(model_thr))
+        chunks = lambda: self._read(t, stored, check=not compiled)  # noqa: E731
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(chunks())  # small tensor: the reduction passes and apply share one read
             chunks = lambda: iter(cached)  # noqa: E731
@@ -166,17 +177,26 @@ class Merger:
             reduced = methods.reductions(self.method, params, chunks, name, shape, model_thr, stat=whole_stat)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         finite = torch.ones((), dtype=torch.bool, device=self.device)    # one flag: one device sync per tensor
+        inputs_finite = torch.ones(len(self.inputs), dtype=torch.bool)   # what the kernel counted, or torch
         for b, xs, a in chunks():
             stat = [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs] if self.stat_inputs \
                 and not whole else None
             with self._method_errors(t):
-                out = methods.apply_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype=out_dtype,
-                                          stat=stat).to(out_dtype)     # a no-op after a fused kernel
-            if not self.allow_nonfinite:
+                out, bad = methods.merge_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype, stat)
+                out = out.to(out_dtype)                                  # a no-op after a fused kernel
+            if bad is not None:
+                finite &= bad[0] == 0
+                inputs_finite &= torch.tensor([n == 0 for n in (bad[1:] if b is not None else bad[2:])])
+            elif compiled:                    # the kernel declined the chunk: torch checks it
+                finite &= torch.isfinite(out).all()
+                inputs_finite &= _sums_finite(b, xs)
+            elif not self.allow_nonfinite:
                 finite &= torch.isfinite(out).all()
             self.output.write(t, a, out)
             done(per_elem * out.numel())
-        if not finite:   # before the tensor is journaled: nothing of it counts as done, nothing is published
+        if compiled and not self.allow_nonfinite:
+            self._check_finite(t, inputs_finite.tolist())
+        if not finite and not self.allow_nonfinite:   # before the tensor is journaled: nothing of it counts
             raise NonFinite(f"method {self.method.name}: merged tensor {name} holds NaN or Inf values (from the "
                             f"parameters, or an overflow of {t.out_dtype}); nothing was written (pass "
                             f"--allow-nonfinite to write it anyway)")

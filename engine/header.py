@@ -12,8 +12,7 @@ import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-
-import torch
+from typing import NamedTuple
 
 from ..common.errors import BadHeader, BadOffsets
 
@@ -21,12 +20,23 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 MAX_DIM = 2 ** 63  # torch sizes are int64
 ALIGN = 8  # the header is padded with spaces so the buffer starts 8-byte aligned
 
+class Dtype(NamedTuple):
+    itemsize: int
+    torch_name: str
+
+    @property
+    def torch(self):
+        """The torch dtype (torch is imported here, not with the module: reading headers needs none)."""
+        import torch
+        return getattr(torch, self.torch_name)
+
+
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": Dtype(8, "float64"), "F32": Dtype(4, "float32"), "F16": Dtype(2, "float16"), "BF16": Dtype(2, "bfloat16"),
+    "I64": Dtype(8, "int64"), "I32": Dtype(4, "int32"), "I16": Dtype(2, "int16"), "I8": Dtype(1, "int8"),
+    "U8": Dtype(1, "uint8"), "BOOL": Dtype(1, "bool"),
+    "F8_E4M3": Dtype(1, "float8_e4m3fn"), "F8_E5M2": Dtype(1, "float8_e5m2"),
+    "U16": Dtype(2, "uint16"), "U32": Dtype(4, "uint32"), "U64": Dtype(8, "uint64"),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")   # merged; other dtypes are copied
 
@@ -46,8 +56,8 @@ class TensorEntry:
         return self.nbytes // DTYPES[self.dtype].itemsize  # = prod(shape), validated; O(1) for any shape
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self):
+        return DTYPES[self.dtype].torch
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:

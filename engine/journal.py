@@ -3,9 +3,11 @@
 The journal's first line is the merge's fingerprint: the recipe (method, resolved parameters,
 dtype, kept tensors), the output plan (tensor names, shards, offsets, dtypes) and each input
 file's identity (size, mtime, sha256 of its header). Then the model-wide thresholds once computed,
-and one line per completed tensor with the sha256 of its output bytes, appended after the bytes are
-written (with model-wide ranks, also how many tied entries each threshold may still keep after it). A rerun with the same fingerprint re-checks each journaled tensor's bytes and
-merges only the rest; a different fingerprint, a torn line or a mismatching checksum is not
+and one line per completed tensor, appended after its bytes are written: the sha256 of its shard
+from the start through it (tensors are written in file order), and with model-wide ranks how many
+tied entries each threshold may still keep after it. A rerun with the same fingerprint re-reads
+each shard and keeps the journaled tensors whose prefix digests match, up to the first that does
+not, and merges the rest; a different fingerprint, a torn line or a mismatching digest is not
 trusted. Knows nothing of methods; the bytes are checked, never assumed.
 """
 import hashlib
@@ -14,7 +16,6 @@ from pathlib import Path
 
 from .index import TensorIndex
 from .plan import Plan
-from .verify import file_sha256
 
 JOURNAL = "mbmerge-journal.jsonl"
 
@@ -62,9 +63,10 @@ class Journal:
         self._f.close()
 
     @staticmethod
-    def resume(folder: Path, fingerprint: str, plan: Plan) -> tuple[set[str], list | None, dict] | None:
+    def resume(folder: Path, fingerprint: str, plan: Plan) -> tuple | None:
         """(tensors whose bytes match the journal, model-wide thresholds or None, {tensor: ties left
-        after it}) of an interrupted merge with this fingerprint; None when there is nothing to resume."""
+        after it}, {shard: (sha256 of its verified prefix, where it ends)}) of an interrupted merge
+        with this fingerprint; None when there is nothing to resume."""
         path = folder / JOURNAL
         try:
             lines = path.read_text().splitlines()
@@ -77,22 +79,39 @@ class Journal:
             return None
         if not records or records[0].get("fingerprint") != fingerprint or not _shards_intact(folder, plan):
             return None
-        by_name = {t.name: t for t in plan.tensors}
-        done, thr, ties = set(), None, {}
-        for r in records[1:]:
-            if "thresholds" in r:
-                thr = r["thresholds"]
-            elif r.get("tensor") in by_name and _bytes_sha256(folder, by_name[r["tensor"]]) == r.get("sha256"):
-                done.add(r["tensor"])
-                ties[r["tensor"]] = r.get("ties")
+        thr = next((r["thresholds"] for r in records[1:] if "thresholds" in r), None)
+        journaled = {r["tensor"]: r for r in records[1:] if isinstance(r.get("tensor"), str)}
+        done, ties, prefixes = set(), {}, {}
+        for shard in plan.shards:
+            digest, end = _verified_prefix(folder, shard, [t for t in plan.tensors if t.shard == shard.name],
+                                           journaled, done)
+            prefixes[shard.name] = (digest, end)
+        ties = {name: journaled[name].get("ties") for name in done}
         if thr is not None and any(ties[n] is None for n in done):
             return None   # model-wide ranks whose running tie counts were not journaled: start over
-        return done, thr, ties
+        return done, thr, ties, prefixes
 
 
-def _bytes_sha256(folder: Path, t) -> str:
-    """sha256 of tensor t's bytes as they are in its output shard."""
-    return file_sha256(folder / t.shard, t.out_offset, t.out_nbytes)
+def _verified_prefix(folder: Path, shard, tensors: list, journaled: dict, done: set):
+    """Hash the shard from its start, tensor by tensor in file order, while the journal has the tensor
+    and its prefix digest matches; add those to `done`. (the hash so far, where it ends)."""
+    digest, end = hashlib.sha256(shard.header), len(shard.header)
+    with open(folder / shard.name, "rb") as f:
+        for t in tensors:
+            record = journaled.get(t.name)
+            if record is None or t.out_offset != end:
+                break
+            after = digest.copy()
+            f.seek(t.out_offset)
+            left = t.out_nbytes
+            while left and (block := f.read(min(left, 1 << 24))):
+                after.update(block)
+                left -= len(block)
+            if left or after.hexdigest() != record.get("sha256"):
+                break
+            digest, end = after, end + t.out_nbytes
+            done.add(t.name)
+    return digest, end
 
 
 def _shards_intact(folder: Path, plan: Plan) -> bool:

@@ -14,6 +14,8 @@ from .index import SINGLE_FILE, TensorIndex
 UNSUPPORTED = ("F8_E4M3", "F8_E5M2")
 CPU_CHUNK = 1 << 17  # elements; keeps a method's float32 temporaries in cache. TIES apply, 2 experts,
                      # 2 cores, per 229M elements: 1.5 s at 2^17, 1.6 s at 2^18, 4.8 s at 2^20, 1.9 s at 2^16
+COMPILED_CHUNK = 1 << 21  # the compiled CPU loops read mapped bytes, hold no float32 copies, and pay ~1 ms of
+                          # Python per chunk: large chunks (TA on 240M params: 2^17 -> 2^21, 6.8 s -> ...)
 GPU_CHUNK = 1 << 22  # a GPU wants few, large launches; 4M elements x 4 inputs is 64 MB of bf16 per chunk
 
 

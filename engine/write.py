@@ -13,37 +13,58 @@ import torch
 
 from .index import INDEX_FILE
 from .plan import Plan, TensorPlan
+from .verify import file_sha256
 
 
 class ShardWriter:
-    """Output shards, preallocated (fresh) or reopened (resume); chunks are written in place with
-    pwrite, in order within each tensor, and hashed on the way for the journal."""
+    """Output shards, preallocated (fresh) or reopened where an interrupted merge stopped; chunks are
+    written in place with pwrite. Tensors come in plan order, which is file order, so each shard's
+    sha256 is taken on the way, in one pass: the journal records its prefix after each tensor, and
+    mbmerge.json the whole file's (a shard not written in order is read back instead)."""
 
-    def __init__(self, folder: Path, plan: Plan, fresh: bool = True):
-        self._fds, self._hashes = {}, {}
+    def __init__(self, folder: Path, plan: Plan, resumed: dict | None = None):
+        """resumed: {shard: (sha256 of its verified prefix, where the prefix ends)} (Journal.resume)."""
+        self.folder, self._fds, self._state = folder, {}, {}
+        self._size = {shard.name: shard.size for shard in plan.shards}
         for shard in plan.shards:
-            if not fresh:
+            if resumed is not None:
                 self._fds[shard.name] = os.open(folder / shard.name, os.O_WRONLY)
+                digest, end = resumed[shard.name]
+                self._state[shard.name] = [digest.copy(), end]
                 continue
             fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.name] = fd
             _reserve(fd, shard.size, folder / shard.name)
             os.pwrite(fd, shard.header, 0)
+            self._state[shard.name] = [hashlib.sha256(shard.header), len(shard.header)]
 
     def write(self, t: TensorPlan, start: int, values: torch.Tensor) -> None:
         """Write `values` (t's output dtype, contiguous) as elements [start, ...) of tensor t."""
         if values.numel() == 0:
             return
         data = memoryview(values.view(torch.uint8).numpy())
-        self._hashes.setdefault(t.name, hashlib.sha256()).update(data)
         pos = t.out_offset + start * values.element_size()
+        state = self._state[t.shard]
+        if state is not None and state[1] == pos:
+            state[0].update(data)
+            state[1] += len(data)
+        else:
+            self._state[t.shard] = None       # out of file order: digested by reading it back
         while data:
             n = os.pwrite(self._fds[t.shard], data, pos)
             data, pos = data[n:], pos + n
 
-    def sha256(self, t: TensorPlan) -> str:
-        """The digest of the bytes written for tensor t (all of them, in order)."""
-        return self._hashes.pop(t.name, hashlib.sha256()).hexdigest()
+    def prefix_sha256(self, t: TensorPlan) -> str | None:
+        """sha256 of t's shard from its start through tensor t (None if not written in order)."""
+        state = self._state[t.shard]
+        return state[0].copy().hexdigest() if state is not None else None
+
+    def sha256(self, shard: str) -> str:
+        """The whole shard's sha256: taken while writing it in order, else read back."""
+        state = self._state[shard]
+        if state is not None and state[1] == self._size[shard]:
+            return state[0].hexdigest()
+        return file_sha256(self.folder / shard)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -1,16 +1,17 @@
-"""The heavy steps of the merge methods, each with a torch reference and, where it pays, a
-Triton kernel of the same semantics.
+"""The heavy steps of the merge methods, each with a torch reference and, where it pays, a fused
+kernel of the same semantics: Triton on the GPU, a compiled C loop on the CPU (kernels/cpu.py).
 
 Which runs is a choice made by the caller, not found in the environment at import: a merge runs
 inside `using(backend, compile)` (engine: MergeSpec.kernels and .compile, the command line's
---kernels). backend 'auto' sends CUDA tensors to Triton when it is importable and everything else
-to the torch references; 'torch' and 'triton' force one (with TRITON_INTERPRET=1 the Triton
-kernels run on CPU tensors, which is how the tests compare the two). Outside `using`, the
-defaults are MBMERGE_KERNELS (else auto) and MBMERGE_COMPILE (else on), read at each call.
+--kernels and --compile). backend 'auto' sends CUDA tensors to Triton when it is importable and CPU
+tensors to the compiled C loops (when compiling is allowed and a C compiler works), the rest to the
+torch references; 'torch' and 'triton' force one (with TRITON_INTERPRET=1 the Triton kernels run on
+CPU tensors, which is how the tests compare them). Outside `using`, the defaults are MBMERGE_KERNELS
+(else auto) and MBMERGE_COMPILE (else on), read at each call.
 
-The fused merges `delta_merge`, `masked_stitch` and `tall_merge` (kernels/merge_triton.py) are
-Triton only: methods/fused.py calls them when `use_triton(device)`; they are loaded on first use
-(importing triton costs 0.24 s of start-up). Nothing here queries a device at import.
+The fused merges return (the chunk, its non-finite counts or None), or None where no kernel covers
+the tensors (then the torch method runs). Triton is imported on first use (0.24 s of start-up);
+nothing here queries a device at import.
 """
 import contextlib
 import contextvars
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..common.errors import BadParameter
-from . import dare
-from .select import kth_largest_abs, kth_largest_abs_ranked  # noqa: F401  (histograms: bincount or Triton)
+from ..common.names import KERNEL_BACKENDS
+from . import cpu, dare
+from .select import kth_largest_abs, kth_largest_abs_ranked  # noqa: F401  (histograms: bincount, Triton or C)
 
-BACKENDS = ("auto", "torch", "triton")
-_TRITON_ONLY = ("delta_merge", "masked_stitch", "tall_merge", "MAX_ELECT_EXPERTS")
+BACKENDS = KERNEL_BACKENDS
+MAX_ELECT_EXPERTS = 32   # the fused kernels keep each expert's keep flag in a bit of one int32
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,45 @@ def use_triton(device) -> bool:
     return backend == "triton" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def compiled(device) -> bool:
+    """Whether tensors on `device` go to the compiled C loops: the CPU, backend auto, compiling allowed,
+    and a C compiler that works (kernels/cpu.py)."""
+    c = chosen()
+    return torch.device(device).type == "cpu" and c.backend == "auto" and c.compile and cpu.library() is not None
+
+
+def fused(device) -> bool:
+    """Whether a fused kernel (Triton or compiled C) merges tensors on `device`."""
+    return use_triton(device) or compiled(device)
+
+
+def delta_merge(b, xs, **kw):
+    """The task-arithmetic family in one pass (merge_triton.delta_merge): (flat chunk, non-finite
+    counts [output, base, experts] or None), or None where no kernel covers the tensors."""
+    if use_triton(xs[0].device):
+        return _triton().delta_merge(b, xs, **kw), None
+    return cpu.delta_merge(b, xs, **kw) if cpu.covers(b, *xs) and len(xs) <= MAX_ELECT_EXPERTS else None
+
+
+def masked_stitch(b, xs, **kw):
+    """merge_triton.masked_stitch: (flat chunk, None); None off the Triton backend."""
+    return (_triton().masked_stitch(b, xs, **kw), None) if use_triton(xs[0].device) else None
+
+
+def tall_merge(b, xs, **kw):
+    """merge_triton.tall_merge: (flat chunk, None); None off the Triton backend."""
+    return (_triton().tall_merge(b, xs, **kw), None) if use_triton(xs[0].device) else None
+
+
+def tie_counts(b, xs):
+    """Ranking.cuts' count and locate on a chunk whose inputs the compiled C loops read, else None."""
+    return cpu.tie_counts(b, xs) if compiled(xs[0].device) and cpu.covers(b, *xs) else None
+
+
+def _triton():
+    return importlib.import_module(".merge_triton", __name__)
+
+
 def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
     """float32 uniforms of tl.rand(seed, start + arange(n)), from either backend."""
     device = torch.device(device)
@@ -88,9 +129,3 @@ def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
         return dare.uniform_cpu(seed, start, n, compile=chosen().compile)
     return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))
 
-
-def __getattr__(name: str):
-    # kernels.delta_merge etc.: merge_triton (and triton) imported on first use
-    if name in _TRITON_ONLY:
-        return getattr(importlib.import_module(".merge_triton", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,16 +41,11 @@ def _histogram_kernel(v_ptr,      # *f32 [n]
         tl.atomic_add(hist + (bits >> 16), 1, mask=mask)
 
 
-def zeros(bins: int, device) -> torch.Tensor:
-    """An empty histogram for `accumulate_`: REPLICAS rows of `bins` int64 counts; sum(0) reads it."""
-    return torch.zeros(REPLICAS, bins, dtype=torch.int64, device=device)
-
-
 def accumulate_(hist: torch.Tensor, v: torch.Tensor, top: int | None) -> None:
     """hist += the histogram of v's keys: hi keys (top None), else the lo keys of bin `top`.
 
     Args:
-        hist: from zeros(bins, v.device), bins = 2^15 (hi) or 2^16 + 2 (lo).
+        hist: [REPLICAS, bins] int64 on v's device, bins = 2^15 (hi) or 2^16 + 2 (lo).
         v: a contiguous float32 tensor.
     """
     if v.dtype != torch.float32 or not v.is_contiguous():

@@ -47,27 +47,36 @@ def pick(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _histograms(chunks, tops: list[int | None]) -> list[torch.Tensor]:
-    """Per series, the int64 histogram, on the data's device, of its hi keys (top None) or of
-    its lo keys in bin `top`, over every chunk: Triton's atomics or torch.bincount."""
+    """Per series, the int64 histogram, on the data's device, of its hi keys (top None) or of its lo
+    keys in bin `top`, over every chunk of (b, xs), series i being |xs[i] - b| in float32 (b None:
+    |xs[i]|): the compiled CPU loop, Triton's atomics, or torch.bincount, each into [rows, bins]
+    partial histograms summed at the end."""
     bins = [HI_BINS if top is None else LO_BINS + 2 for top in tops]
-    total = []
-    for vs in chunks():
-        if not total:
-            add, zeros = _backend(vs[0].device)
-            total = [zeros(n, v.device) for n, v in zip(bins, vs)]
-        for h, v, top in zip(total, vs, tops):
-            add(h, v, top)
+    total, add = [], None
+    for b, xs in chunks():
+        if add is None:
+            add, rows = _backend(b, xs)
+            total = [torch.zeros(rows, n, dtype=torch.int64, device=xs[0].device) for n in bins]
+        add(total, b, xs, tops)
     return [h.sum(0) for h in total] if total else [torch.zeros(n, dtype=torch.int64) for n in bins]
 
 
-def _backend(device: torch.device):
-    """(accumulate_(hist, v, top), zeros(bins, device)): hist_triton's for the Triton backend (its
-    [replicas, bins] histograms), else torch.bincount into one [1, bins] row."""
-    from . import use_triton      # the package's dispatch; it imports this module first
-    if use_triton(device):
-        from .hist_triton import accumulate_, zeros
-        return accumulate_, zeros
-    return _bincount_, lambda bins, device: torch.zeros(1, bins, dtype=torch.int64, device=device)
+def _backend(b, xs):
+    """(add(hists, b, xs, tops), rows per histogram) for the kernel choice and these tensors."""
+    from . import compiled, cpu, use_triton      # the package's dispatch; it imports this module first
+    if compiled(xs[0].device) and cpu.covers(b, *xs):
+        return cpu.histograms, cpu.threads()
+    if use_triton(xs[0].device):
+        from .hist_triton import REPLICAS, accumulate_
+        return _per_series(accumulate_), REPLICAS
+    return _per_series(_bincount_), 1
+
+
+def _per_series(accumulate_):
+    def add(hists, b, xs, tops):
+        for h, x, top in zip(hists, xs, tops):
+            accumulate_(h, (x.float() - b.float() if b is not None else x.float()).contiguous(), top)
+    return add
 
 
 def _bincount_(hist: torch.Tensor, v: torch.Tensor, top: int | None) -> None:
@@ -94,26 +103,28 @@ def kth_largest_abs(chunks: Callable[[], Iterable[list[torch.Tensor]]],
         >>> kth_largest_abs(lambda: [[torch.tensor([3., -1., 2.])]], [[1, 2]])
         [[3.0, 2.0]]
     """
-    return [[kth.value for kth in series] for series in kth_largest_abs_ranked(chunks, ks)]
+    ranked = kth_largest_abs_ranked(lambda: ((None, vs) for vs in chunks()), ks)
+    return [[kth.value for kth in series] for series in ranked]
 
 
-def kth_largest_abs_ranked(chunks: Callable[[], Iterable[list[torch.Tensor]]],
-                           ks: list[list[int]]) -> list[list[Kth]]:
-    """kth_largest_abs with each value's place among its ties (Kth), for rules that keep exactly k.
+def kth_largest_abs_ranked(chunks: Callable[[], Iterable[tuple]], ks: list[list[int]]) -> list[list[Kth]]:
+    """kth_largest_abs of series |xs[i] - b| (float32) over chunks() of (b, xs), in any stored dtype (b
+    None: |xs[i]|), with each value's place among its ties (Kth), for rules that keep exactly k.
 
     Example:
-        >>> kth_largest_abs_ranked(lambda: [[torch.tensor([3., -2., 2., 2.])]], [[2]])
+        >>> kth_largest_abs_ranked(lambda: [(None, [torch.tensor([3., -2., 2., 2.])])], [[2]])
         [[Kth(value=2.0, rank=1, equal=3)]]
     """
     wanted = [i for i, k in enumerate(ks) if k]
     if not wanted:                       # nothing to rank: no pass over the data
         return [[] for _ in ks]
-    hi = _histograms(lambda: ([vs[i] for i in wanted] for vs in chunks()), [None] * len(wanted))
+    hi = _histograms(lambda: ((b, [xs[i] for i in wanted]) for b, xs in chunks()), [None] * len(wanted))
     picks = {(i, k): pick(h, k) for i, h in zip(wanted, hi) for k in ks[i]}
     # the low pass needs one histogram per (series, top bin); a k-th largest that is Inf/NaN
     # (inputs only get here with --allow-nonfinite) gives +inf
     bins = sorted({(i, top) for (i, _), (top, _) in picks.items() if top < INF_BIN})
-    lo = _histograms(lambda: ([vs[i] for i, _ in bins] for vs in chunks()), [top for _, top in bins]) if bins else []
+    lo = _histograms(lambda: ((b, [xs[i] for i, _ in bins]) for b, xs in chunks()),
+                     [top for _, top in bins]) if bins else []
     lo = dict(zip(bins, lo))
     out = {}
     for (i, k), (top, rank) in picks.items():

@@ -9,15 +9,21 @@
 
 The maths lives in one module per family (averages, ties_merging, model_breadcrumbs, dare_drop,
 della_magprune, max_magnitude, interpolation, svd, masks, data_aware) over the shared pieces in
-_blocks.py; fused.py maps the element-wise ones onto the fused kernels.
+_blocks.py; fused.py maps the element-wise ones onto the fused kernels; ranking.py holds the exact
+magnitude ranks. The contract and the table import no torch (the command line reads them for its
+options and help); the rest is imported on first use.
 """
-from ._blocks import CHUNK_ALIGN, row_length  # noqa: F401  (how the engine cuts chunks)
-from .contract import DataStatistic, Method, Param  # noqa: F401
-from .dispatch import (apply_chunk, check_experts, collection_params, model_scope, protocol_defaults,  # noqa: F401
-                       reductions, resolve_params, thresholds)
-from .library import (breadcrumbs, breadcrumbs_ties, consensus, dare_linear, dare_ties, della,  # noqa: F401
-                      della_linear, fisher, iso_c, iso_cts, linear, localize_stitch, localize_stitch_trained,
-                      magmax, merge_state_dicts, merge_tensors, model_stock, regmean, slerp, task_arithmetic,
-                      ties, tsv)
-from .ranking import Ranking  # noqa: F401
-from .registry import EMBEDDINGS, PROTOCOLS, REGISTRY, get  # noqa: F401
+import importlib
+
+from .contract import CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, resolve_params, row_length  # noqa
+from .registry import EMBEDDINGS, PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
+
+_LAZY = {**dict.fromkeys(["apply_chunk", "merge_chunk", "model_scope", "reductions", "thresholds"], ".dispatch"),
+         **dict.fromkeys(["merge_tensors", "merge_state_dicts", *REGISTRY], ".library"),
+         "Ranking": ".ranking"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,9 +12,8 @@ from math import floor
 import torch
 from torch.nn.functional import threshold
 
+from .contract import CHUNK_ALIGN, row_length  # noqa: F401  (granule_sums' size; row-span methods' chunks)
 from .ranking import Cut
-
-CHUNK_ALIGN = 4096  # float sums are taken per aligned granule of this many elements (see granule_sums)
 
 
 def top_k(rho: float, n: int) -> int:
@@ -82,11 +81,6 @@ def disjoint_merge(es: list[torch.Tensor], w: list[float], s: torch.Tensor, aggr
         return m
     # with positive weights den is 0 or >= min(w), and m is 0 where den is 0
     return m.div_(den.clamp_(min=min(w)) if min(w) > 0 else den.add_(den == 0))
-
-
-def row_length(shape: tuple) -> int:
-    """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
-    return max(1, shape[-1] if len(shape) > 1 else math.prod(shape))
 
 
 def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:

@@ -13,19 +13,26 @@ in chunks (float32, flat; `offset` is the element index of a chunk's first eleme
                                        (inputs in their stored dtype), or None where it does not cover
                                        the parameters: then apply runs
 
-Each function is a Step: the function and the names of the keyword arguments it takes, stated in the
-row (a test holds them to the functions' signatures). Names are the method's parameters, the outputs
+Each function is a Step: where the function lives ("module:function" in this package, imported on
+first call, so the table itself imports no torch) and the names of the keyword arguments it takes,
+stated in the row (a test holds them to the functions' signatures). Names are the method's parameters, the outputs
 of ranks (`thr`) and reduce, and the context: `offset`, `key` (the tensor's name, which seeds random
 masks), `shape` (the tensor's), and `stat` (per expert, its data statistic of this chunk; of the whole
 tensor for a reduce whose DataStatistic is `whole`).
 """
+import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..common.errors import BadParameter
 
 CONTEXT = ("offset", "key", "shape", "stat", "thr")
+CHUNK_ALIGN = 4096  # chunks start at multiples of it (or of a row): float sums are taken per granule of it
+
+
+def row_length(shape: tuple) -> int:
+    """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
+    return max(1, shape[-1] if len(shape) > 1 else math.prod(shape))
 
 
 class _Required:
@@ -77,17 +84,23 @@ class Param:
 
 @dataclass(frozen=True)
 class Step:
-    """One of a method's functions and the keyword arguments it takes, by name."""
-    fn: Callable
+    """One of a method's functions ("module:function" of this package) and the keyword arguments it
+    takes, by name."""
+    target: str
     takes: tuple[str, ...]
+
+    @property
+    def fn(self):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
     def __call__(self, *args, **available):
         return self.fn(*args, **{k: available[k] for k in self.takes})
 
 
-def step(fn: Callable, takes: str = "") -> Step:
-    """Step(fn, 'weights scale thr') -> fn takes weights=, scale=, thr=."""
-    return Step(fn, tuple(takes.split()))
+def step(target: str, takes: str = "") -> Step:
+    """step("ties_merging:apply", "weights scale thr"): apply takes weights=, scale=, thr=."""
+    return Step(target, tuple(takes.split()))
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ class Method:
     apply: Step
     reduce: Step | None = None
     ranks: Step | None = None
-    fused: Callable | None = None        # takes apply.takes and out_dtype (methods/fused.py)
+    fused: str | None = None             # "fused:<adapter>": takes apply.takes and out_dtype (methods/fused.py)
     span: str = "element"                # what one chunk must hold whole: element | row | tensor
     needs_base: bool = True
     min_experts: int = 1
@@ -124,3 +137,33 @@ class Method:
     grid: dict | None = None             # `mbmerge tune`'s default grid (MergeBench's)
     demo: dict = field(default_factory=dict)   # `mbmerge demo`'s parameters (MergeBench's example settings)
     bench: dict | None = None            # `mbmerge bench`'s case (parameters); None: not a bench case
+
+
+def check_experts(method: Method, n: int) -> None:
+    """BadParameter unless the method merges n experts."""
+    lo, hi = method.min_experts, method.max_experts
+    if n < lo or (hi and n > hi):
+        want = f"{lo}" if lo == hi else f"at least {lo}" if not hi else f"{lo} to {hi}"
+        raise BadParameter(f"method {method.name} merges {want} expert(s) (with the base); {n} given")
+
+
+def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
+    """Defaults filled in, values coerced and checked, per-expert values broadcast to n_experts."""
+    known = {p.name: p for p in method.params}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise BadParameter(f"method {method.name} has no parameter {unknown[0]!r} "
+                           f"(it takes: {', '.join(known)})")
+    params = {}
+    for p in method.params:
+        v = p.coerce(given[p.name], method.name) if p.name in given else p.coerce(p.default, method.name)
+        if p.per_expert:
+            if len(v) == 1:
+                v = v * n_experts
+            if len(v) != n_experts:
+                raise BadParameter(f"{method.name}: {p.name} has {len(v)} values for {n_experts} experts")
+        params[p.name] = v
+    if params.get("normalize") and sum(params["weights"]) == 0:
+        raise BadParameter(f"{method.name}: weights {','.join(map(str, params['weights']))} sum to 0 and normalize "
+                           f"divides by their sum (pass other --weights, or --no-normalize)")
+    return params

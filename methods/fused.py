@@ -1,9 +1,10 @@
-"""The fused Triton paths of the element-wise methods: one adapter per method maps its parameters
-and statistics to one kernels.* call (kernels/merge_triton.py) that reads each input once, in its
-stored dtype, and writes the merged chunk once, in out_dtype. The torch methods stay the
-references and the CPU path; `dispatch.apply_chunk` calls an adapter when `kernels.use_triton(device)`;
-an adapter takes the torch method's arguments (the registry row's apply.takes) and out_dtype.
-An adapter returns None where its kernel does not cover the parameters: the torch method runs.
+"""The fused paths of the element-wise methods: one adapter per method maps its parameters and
+statistics to one kernels.* call (Triton on the GPU, compiled C on the CPU) that reads each input
+once, in its stored dtype, and writes the merged chunk once, in out_dtype. The torch methods stay
+the references; `dispatch.merge_chunk` calls an adapter when `kernels.fused(device)`; an adapter
+takes the torch method's arguments (the registry row's apply.takes) and out_dtype, and returns what
+the kernel does: (chunk, non-finite counts or None), or None where it does not cover the parameters
+or the tensors (then the torch method runs).
 """
 from .. import kernels
 from ..kernels.dare import expert_seed

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from ..common.errors import BadParameter
-from .dispatch import apply_chunk, check_experts, model_scope, reductions, resolve_params, thresholds
+from .contract import check_experts, resolve_params
+from .dispatch import apply_chunk, model_scope, reductions, thresholds
 from .registry import REGISTRY, get
 
 

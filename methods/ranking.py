@@ -44,7 +44,7 @@ class Cut(NamedTuple):
 
 
 def bounds(ranks: list[list[Rank]], chunks: Callable, n: int, keep_ties: bool) -> list[list[Bound]]:
-    """Each expert's Bounds of its ranks over n elements streamed as chunks() of per-expert |d| (or d)."""
+    """Each expert's Bounds of its ranks over n elements of |x_i - b| streamed as chunks() of (b, xs)."""
     def wanted(r: Rank) -> int:   # the set's last value is the r-th largest; a dropped set's edge, the (r+1)-th
         return min(r.r + r.drop, n)
     ks = [[wanted(r) for r in rs if wanted(r) > 0] for rs in ranks]

@@ -1,9 +1,8 @@
 """The method table: one row per method (methods/contract.py says what a row holds), its
 parameters, and the benchmark protocols. Adding a method touches its own module and one row here.
+It imports no torch: the command line reads it to build its options and help.
 """
 from ..common.errors import BadParameter
-from . import averages, dare_drop, data_aware, della_magprune, fused, interpolation, masks, max_magnitude
-from . import model_breadcrumbs, svd, ties_merging
 from .contract import REQUIRED, DataStatistic, Method, Param, step
 
 WEIGHTS = Param("weights", 1.0, "per-expert weight w_i", per_expert=True)
@@ -69,111 +68,111 @@ _BENCH_TRIM = {"weights": 1.0, "density": 0.2}
 REGISTRY = {m.name: m for m in [
     Method(name="linear", summary="weighted average of the experts (model soup)",
            paper="https://arxiv.org/abs/2203.05482", params=(WEIGHTS, _normalize(True)),
-           apply=step(averages.apply_linear, "weights normalize"), fused=fused.linear, needs_base=False,
+           apply=step("averages:apply_linear", "weights normalize"), fused="fused:linear", needs_base=False,
            mergekit={"weight": REQUIRED, "normalize": True}, bench={"weights": 1.0}),
     Method(name="task_arithmetic", summary="b + lam * sum_i w_i d_i", paper="https://arxiv.org/abs/2212.04089",
            params=(WEIGHTS, SCALE, _normalize(False)),
-           apply=step(averages.apply_task_arithmetic, "weights scale normalize"), fused=fused.task_arithmetic,
+           apply=step("averages:apply_task_arithmetic", "weights scale normalize"), fused="fused:task_arithmetic",
            mergekit={**_GTA, "normalize": False, "rescale": False},
            grid={"scale": [0.2, 0.4, 0.6, 0.8, 1.0]}, demo={"scale": 0.4}, bench={"weights": 1.0}),
     Method(name="ties", summary="trim to top-rho magnitudes, elect sign, disjoint merge",
            paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step(ties_merging.apply, "weights scale consensus aggregate thr"),
-           ranks=step(ties_merging.ranks, "density n"), fused=fused.ties, trim="magnitude", elect="sign",
+           apply=step("ties_merging:apply", "weights scale consensus aggregate thr"),
+           ranks=step("ties_merging:ranks", "density n"), fused="fused:ties", trim="magnitude", elect="sign",
            mergekit={**_GTA, "normalize": True, "rescale": False},
            grid={"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]}, demo=_DEMO_TRIM, bench=_BENCH_TRIM),
     Method(name="dare_linear", summary="random drop with rescale, then task arithmetic",
            paper="https://arxiv.org/abs/2311.03099",
            params=(WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
-           apply=step(dare_drop.apply_linear, "weights scale normalize density seed key offset gain"),
-           reduce=step(dare_drop.rescale_gains, "density rescale seed key"), fused=fused.dare_linear,
+           apply=step("dare_drop:apply_linear", "weights scale normalize density seed key offset gain"),
+           reduce=step("dare_drop:rescale_gains", "density rescale seed key"), fused="fused:dare_linear",
            trim="random", mergekit={**_GTA, "normalize": False, "rescale": True}, grid=_DROP_GRID, demo=_DEMO_DROP,
            bench=_BENCH_TRIM),
     Method(name="dare_ties", summary="random drop with rescale, then TIES sign election",
            paper="https://arxiv.org/abs/2311.03099",
            params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
-           apply=step(dare_drop.apply_ties, "weights scale consensus aggregate density seed key offset gain"),
-           reduce=step(dare_drop.rescale_gains, "density rescale seed key"), fused=fused.dare_ties,
+           apply=step("dare_drop:apply_ties", "weights scale consensus aggregate density seed key offset gain"),
+           reduce=step("dare_drop:rescale_gains", "density rescale seed key"), fused="fused:dare_ties",
            trim="random", elect="sign", mergekit={**_GTA, "normalize": False, "rescale": True},
            grid=_DROP_GRID, demo=_DEMO_DROP, bench=_BENCH_TRIM),
     # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
     Method(name="breadcrumbs", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task "
            "arithmetic", paper="https://arxiv.org/abs/2312.06795",
            params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE, KEEP_TIES),
-           apply=step(model_breadcrumbs.apply_linear, "weights scale normalize thr"),
-           ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs, trim="magnitude",
+           apply=step("model_breadcrumbs:apply_linear", "weights scale normalize thr"),
+           ranks=step("model_breadcrumbs:ranks", "density gamma n"), fused="fused:breadcrumbs", trim="magnitude",
            mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False}, demo=_DEMO_TRIM),
     Method(name="breadcrumbs_ties", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then "
            "TIES sign election", paper="https://arxiv.org/abs/2312.06795",
            params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step(model_breadcrumbs.apply_ties, "weights scale consensus aggregate thr"),
-           ranks=step(model_breadcrumbs.ranks, "density gamma n"), fused=fused.breadcrumbs_ties,
+           apply=step("model_breadcrumbs:apply_ties", "weights scale consensus aggregate thr"),
+           ranks=step("model_breadcrumbs:ranks", "density gamma n"), fused="fused:breadcrumbs_ties",
            trim="magnitude", elect="sign", mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
            demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "gamma": 0.01}),
     Method(name="della", summary="random drop, keep probability rising with |d| rank in the row; then TIES "
            "sign election", paper="https://arxiv.org/abs/2406.11617",
            params=(WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
-           apply=step(della_magprune.apply_ties, "weights scale consensus aggregate density epsilon rescale seed "
+           apply=step("della_magprune:apply_ties", "weights scale consensus aggregate density epsilon rescale seed "
                                                  "key offset shape gain"),
-           reduce=step(della_magprune.rescale_gains, "density epsilon rescale seed key shape"), span="row",
+           reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
            trim="random", elect="sign", mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
            demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "epsilon": 0.1}),
     Method(name="della_linear", summary="random drop, keep probability rising with |d| rank in the row; then "
            "task arithmetic", paper="https://arxiv.org/abs/2406.11617",
            params=(WEIGHTS, DENSITY, EPSILON, SCALE, _normalize(False), RESCALE, SEED),
-           apply=step(della_magprune.apply_linear, "weights scale normalize density epsilon rescale seed key "
+           apply=step("della_magprune:apply_linear", "weights scale normalize density epsilon rescale seed key "
                                                    "offset shape gain"),
-           reduce=step(della_magprune.rescale_gains, "density epsilon rescale seed key shape"), span="row",
+           reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
            trim="random", mergekit={**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True}, demo=_DEMO_TRIM,
            bench={**_BENCH_TRIM, "epsilon": 0.1}),
     Method(name="magmax", summary="per element the delta of largest magnitude: b + lam * d_argmax",
            paper="https://arxiv.org/abs/2407.06322", params=(SCALE,),
-           apply=step(max_magnitude.apply, "scale"), bench={}),
+           apply=step("max_magnitude:apply", "scale"), bench={}),
     # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
     Method(name="model_stock", summary="t * mean_i x_i + (1 - t) b, t from the mean pairwise cosine of the deltas",
            paper="https://arxiv.org/abs/2403.19522", params=(FILTER_WISE,),
-           apply=step(interpolation.apply_model_stock, "filter_wise cos shape"),
-           reduce=step(interpolation.model_stock_cosine, "filter_wise shape"), span="row", min_experts=2,
+           apply=step("interpolation:apply_model_stock", "filter_wise cos shape"),
+           reduce=step("interpolation:model_stock_cosine", "filter_wise shape"), span="row", min_experts=2,
            mergekit={"filter_wise": False}, bench={}),
     Method(name="slerp", summary="spherical interpolation from the base (t=0) to one expert (t=1), whole tensors",
            paper="https://dl.acm.org/doi/10.1145/325165.325242", params=(SLERP_T,),
-           apply=step(interpolation.apply_slerp, "coef"), reduce=step(interpolation.slerp_coefficients, "t"),
+           apply=step("interpolation:apply_slerp", "coef"), reduce=step("interpolation:slerp_coefficients", "t"),
            min_experts=1, max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 0.5}),
     Method(name="tsv", summary="task singular vectors: top r/T triplets per task, orthogonalised",
-           paper="https://arxiv.org/abs/2412.00081", params=(SCALE,), apply=step(svd.apply_tsv, "scale shape"),
+           paper="https://arxiv.org/abs/2412.00081", params=(SCALE,), apply=step("svd:apply_tsv", "scale shape"),
            span="tensor", keep_base=EMBEDDINGS, bench={}),
     Method(name="iso_c", summary="SVD of the summed deltas with a flat (isotropic) spectrum",
-           paper="https://arxiv.org/abs/2502.04959", params=(SCALE,), apply=step(svd.apply_iso_c, "scale shape"),
+           paper="https://arxiv.org/abs/2502.04959", params=(SCALE,), apply=step("svd:apply_iso_c", "scale shape"),
            span="tensor", keep_base=EMBEDDINGS, bench={}),
     Method(name="iso_cts", summary="Iso-C on a common subspace plus per-task orthogonal subspaces",
            paper="https://arxiv.org/abs/2502.04959", params=(SCALE, COMMON_FRACTION),
-           apply=step(svd.apply_iso_cts, "scale common_fraction shape"), span="tensor", keep_base=EMBEDDINGS),
+           apply=step("svd:apply_iso_cts", "scale common_fraction shape"), span="tensor", keep_base=EMBEDDINGS),
     # -- masks
     Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
            paper="https://arxiv.org/abs/2405.07813",
            params=(WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step(masks.consensus, "weights scale k tall_lambda mtl consensus aggregate thr"),
-           ranks=step(masks.consensus_ranks, "mtl density n"), fused=fused.consensus, trim="mask",
+           apply=step("masks:consensus", "weights scale k tall_lambda mtl consensus aggregate thr"),
+           ranks=step("masks:consensus_ranks", "mtl density n"), fused="fused:consensus", trim="mask",
            grid={"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]}, demo={"scale": 0.4}, bench={}),
     Method(name="localize_stitch", summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged",
            paper="https://arxiv.org/abs/2408.13656", params=(SPARSITY, _scope("model"), KEEP_TIES),
-           apply=step(masks.localize_stitch, "thr"), ranks=step(masks.localize_ranks, "sparsity n"),
-           fused=fused.localize_stitch, trim="magnitude", keep_base=EMBEDDINGS,
+           apply=step("masks:localize_stitch", "thr"), ranks=step("masks:localize_ranks", "sparsity n"),
+           fused="fused:localize_stitch", trim="magnitude", keep_base=EMBEDDINGS,
            grid={"sparsity": [0.1, 0.2, 0.3, 0.4]}, bench={}),
     # -- data-aware: statistics of each expert on its own data (mbmerge stats)
     Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
            "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
-           apply=step(data_aware.fisher, "weights stat"), needs_base=False, keep_base=EMBEDDINGS,
+           apply=step("data_aware:fisher", "weights stat"), needs_base=False, keep_base=EMBEDDINGS,
            data_statistic=DataStatistic("fisher", False, True, ("samples", "fisher"))),
     Method(name="regmean", summary="per linear layer the weights minimising the experts' output gaps on their "
            "data (Grams)", paper="https://arxiv.org/abs/2212.09849", params=(REDUCTION, SAMPLES),
-           apply=step(data_aware.regmean, "proj"), reduce=step(data_aware.regmean_projections, "stat reduction"),
+           apply=step("data_aware:regmean", "proj"), reduce=step("data_aware:regmean_projections", "stat reduction"),
            span="row", needs_base=False, keep_base=EMBEDDINGS,
            data_statistic=DataStatistic("gram", True, False, ("samples",))),
     Method(name="localize_stitch_trained", summary="Localize-and-Stitch with masks trained on each expert's data, "
            "overlaps averaged", paper="https://arxiv.org/abs/2408.13656",
            params=(SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES),
-           apply=step(data_aware.localize_stitch_trained, "stat"), keep_base=EMBEDDINGS,
+           apply=step("data_aware:localize_stitch_trained", "stat"), keep_base=EMBEDDINGS,
            data_statistic=DataStatistic("mask", False, True, ("sparsity", "sigmoid_bias", "lr", "epochs", "l1",
                                                               "samples")),
            # MergeBench's lr 1e8 acts on a sum of raw gradients over ~500 steps of a 2B model; one step of 1e8
@@ -194,3 +193,19 @@ def get(name: str) -> Method:
     if name not in REGISTRY:
         raise BadParameter(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def collection_params(kind: str) -> dict[str, Param]:
+    """The parameters of collecting data statistics of KIND (fisher, gram, mask), by name."""
+    return {p.name: p for m in REGISTRY.values() if m.data_statistic and m.data_statistic.kind == kind
+            for p in m.params if p.name in m.data_statistic.collect}
+
+
+def protocol_defaults(method: Method, protocol: str | None) -> dict:
+    """The protocol's parameter choices that apply to `method` (and its keep_base, if any)."""
+    if protocol is None:
+        return {}
+    if protocol not in PROTOCOLS:
+        raise BadParameter(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    names = {p.name for p in method.params} | {"keep_base"}
+    return {k: v for k, v in PROTOCOLS[protocol].items() if k in names}

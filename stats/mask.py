@@ -59,7 +59,8 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
     numel = sum(params[n].numel() for n in names)
     # localize_stitch's dataless mask: exactly the top k |d| of the model, ties in the order of `names`
     k = min(numel, max(1, floor(sparsity * numel)))
-    ranking = Ranking(bounds([[Rank(k)]], lambda: ([delta(n).flatten()] for n in names), numel, keep_ties=False))
+    ranking = Ranking(bounds([[Rank(k)]], lambda: ((None, [delta(n).flatten()]) for n in names), numel,
+                             keep_ties=False))
 
     def init(n):
         a = delta(n).abs()

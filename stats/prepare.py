@@ -10,10 +10,8 @@ from pathlib import Path
 
 from .. import methods
 from ..common.errors import BadParameter
-from ..common.names import domain_names
+from ..common.names import ZOO_SIZES, domain_names
 from ..engine import MergeSpec, run, sources, spec_from
-
-ZOO_SIZES = ("full", "micro")
 
 
 def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) -> Path:

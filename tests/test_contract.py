@@ -3,6 +3,8 @@ functions take, the fused adapters take apply's arguments and out_dtype, every m
 function that shadows no module, and method parameters never collide with MergeSpec's fields."""
 import importlib
 import inspect
+import subprocess
+import sys
 import types
 from dataclasses import fields
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import mbmerge
 from mbmerge.engine.spec import MergeSpec
 from mbmerge.methods import REGISTRY
-from mbmerge.methods.contract import CONTEXT
+from mbmerge.methods.contract import CONTEXT, step
 
 ROWS = sorted(REGISTRY)
 
@@ -37,7 +39,7 @@ def test_each_step_takes_what_its_function_takes(name):
 @pytest.mark.parametrize("name", [n for n in ROWS if REGISTRY[n].fused])
 def test_fused_adapters_take_apply_arguments_and_out_dtype(name):
     m = REGISTRY[name]
-    assert keyword_only(m.fused) == set(m.apply.takes) | {"out_dtype"}
+    assert keyword_only(step(m.fused).fn) == set(m.apply.takes) | {"out_dtype"}
 
 
 def test_every_method_is_a_library_function_and_every_module_a_module():
@@ -49,6 +51,12 @@ def test_every_method_is_a_library_function_and_every_module_a_module():
         if path.stem != "__init__":
             module = importlib.import_module(f"mbmerge.methods.{path.stem}")
             assert isinstance(module, types.ModuleType) and path.stem not in REGISTRY
+
+
+def test_the_table_and_the_command_line_import_no_torch():
+    code = ("import sys; import mbmerge.bin.cli, mbmerge.methods.registry; "
+            "sys.exit(any(m.split('.')[0] in ('torch', 'transformers', 'lm_eval') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_method_parameters_are_not_merge_spec_fields():

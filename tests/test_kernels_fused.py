@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mbmerge import kernels, methods
-from mbmerge.kernels import hist_triton
+from mbmerge.kernels import hist_triton, merge_triton
 from mbmerge.kernels.dare import expert_seed, uniform_ref
 from mbmerge.kernels.select import HI_BINS, LO_BINS, _hi_keys, _lo_keys, kth_largest_abs
 from mbmerge.methods import ties_merging as TIES   # the module (mbmerge.methods.ties is the function)
@@ -136,7 +136,7 @@ def test_sign_election_beyond_the_kernels_expert_limit_uses_the_torch_method(tri
     got, want = merged_both_ways("ties", b, xs, {"density": 1.0}, torch.float32)
     assert not calls and torch.equal(got, want)
     with pytest.raises(ValueError, match="at most"):
-        kernels.delta_merge(b, xs, weights=[1.0] * T, scale=1.0, elect="sum")
+        merge_triton.delta_merge(b, xs, weights=[1.0] * T, scale=1.0, elect="sum")
 
 
 def test_band_keeps_every_entry_tied_at_a_threshold(triton_backend):
@@ -148,12 +148,12 @@ def test_band_keeps_every_entry_tied_at_a_threshold(triton_backend):
     for d, (hi, lo) in zip(xs, thr):
         assert int(((d.abs() == hi) | (d.abs() == lo)).sum()) > 100
     w = [1.0, 0.5]
-    got = kernels.delta_merge(b, xs, weights=w, scale=1.0, trim="band", hi=[t[0] for t in thr], lo=[t[1] for t in thr])
+    got = merge_triton.delta_merge(b, xs, weights=w, scale=1.0, trim="band", hi=[t[0] for t in thr], lo=[t[1] for t in thr])
     kept = [d * ((d.abs() >= lo) & (d.abs() <= hi)) for d, (hi, lo) in zip(xs, thr)]
     assert torch.equal(got, kept[0] * w[0] + kept[1] * w[1])
     ties = TIES.apply(b, xs, weights=w, scale=1.0, consensus="sum", aggregate="mean",
                       thr=[[Cut(t[1], 3001)] for t in thr])
-    assert torch.equal(kernels.delta_merge(b, xs, weights=w, scale=1.0, trim="band", lo=[t[1] for t in thr],
+    assert torch.equal(merge_triton.delta_merge(b, xs, weights=w, scale=1.0, trim="band", lo=[t[1] for t in thr],
                                            elect="sum"), ties)
 
 
@@ -162,7 +162,7 @@ def test_band_keeps_every_entry_tied_at_a_threshold(triton_backend):
 def test_dare_masks_are_the_references_bit_for_bit(triton_backend, offset, p):
     # no base, x_i = 1, g_i = 1, w = [1, 2]: the output is keep_0 + 2 keep_1
     n, seeds, density = 2500, [expert_seed(3, "layer.w", i) for i in range(2)], [p, 0.5]
-    got = kernels.delta_merge(None, [torch.ones(n)] * 2, weights=[1.0, 2.0], scale=1.0, trim="random",
+    got = merge_triton.delta_merge(None, [torch.ones(n)] * 2, weights=[1.0, 2.0], scale=1.0, trim="random",
                               density=density, seeds=seeds, offset=offset)
     keep = [(uniform_ref(s, torch.arange(offset, offset + n)) < q).float() for s, q in zip(seeds, density)]
     assert torch.equal(got, keep[0] + 2 * keep[1]) and (p < 1 or bool(keep[0].all()))
@@ -171,7 +171,7 @@ def test_dare_masks_are_the_references_bit_for_bit(triton_backend, offset, p):
 def test_mixed_expert_dtypes_are_widened(triton_backend):
     b, xs = inputs(1000, 3, torch.float32)
     mixed = [xs[0], xs[1].bfloat16(), xs[2].half()]
-    got = kernels.delta_merge(b, mixed, weights=[1.0] * 3, scale=1.0, elect="count", aggregate="sum")
+    got = merge_triton.delta_merge(b, mixed, weights=[1.0] * 3, scale=1.0, elect="count", aggregate="sum")
     want = TIES.apply(b, [x.float() for x in mixed], weights=[1.0] * 3, scale=1.0, consensus="count",
                       aggregate="sum", thr=[[], [], []])
     assert torch.equal(got, want)
@@ -183,7 +183,7 @@ def test_output_cast_rounds_to_nearest_even_bit_for_bit(triton_backend, out_dtyp
     # no base, w = scale = 1: the float32 result is x itself, so the output is the cast alone
     halfway = torch.tensor([0x3F808000, 0x3F818000, 0x3F80A000, -0x40BF6000, 0x7F7FFFFF], dtype=torch.int32)
     x = torch.cat([torch.randn(3000) * 100, halfway.view(torch.float32), special_values(8, 0), torch.tensor([1e-4])])
-    got = kernels.delta_merge(None, [x], weights=[1.0], scale=1.0, out_dtype=out_dtype)
+    got = merge_triton.delta_merge(None, [x], weights=[1.0], scale=1.0, out_dtype=out_dtype)
     want = x.to(out_dtype)
     nan = want.isnan()                                  # NaN payloads are not compared
     assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
@@ -192,10 +192,10 @@ def test_output_cast_rounds_to_nearest_even_bit_for_bit(triton_backend, out_dtyp
 def test_launchers_check_their_inputs(triton_backend):
     b, xs = inputs(100, 2, torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.masked_stitch(b, [xs[0], torch.randn(200)[::2]], lo=[0.0, 0.0])
+        merge_triton.masked_stitch(b, [xs[0], torch.randn(200)[::2]], lo=[0.0, 0.0])
     with pytest.raises(ValueError, match="100 elements"):
-        kernels.tall_merge(b[:50], xs, weights=[1.0, 1.0], tall_lambda=[0.2, 0.2], k=1, scale=1.0)
-    assert kernels.delta_merge(b[:0], [x[:0] for x in xs], weights=[1.0, 1.0], scale=1.0).shape == (0,)
+        merge_triton.tall_merge(b[:50], xs, weights=[1.0, 1.0], tall_lambda=[0.2, 0.2], k=1, scale=1.0)
+    assert merge_triton.delta_merge(b[:0], [x[:0] for x in xs], weights=[1.0, 1.0], scale=1.0).shape == (0,)
 
 
 def special_values(n: int, seed: int) -> torch.Tensor:
@@ -209,11 +209,11 @@ def special_values(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1, 4095, 10_001])
 def test_histograms_equal_bincount(triton_backend, n):
     v = special_values(n, n)
-    h = hist_triton.zeros(HI_BINS, v.device)
+    h = torch.zeros(hist_triton.REPLICAS, HI_BINS, dtype=torch.int64)
     hist_triton.accumulate_(h, v, None)
     assert torch.equal(h.sum(0), torch.bincount(_hi_keys(v), minlength=HI_BINS))
     for top in {0, int(_hi_keys(v)[-1]), 0x7F7F}:
-        h = hist_triton.zeros(LO_BINS + 2, v.device)
+        h = torch.zeros(hist_triton.REPLICAS, LO_BINS + 2, dtype=torch.int64)
         hist_triton.accumulate_(h, v, top)
         hist_triton.accumulate_(h, v, top)       # accumulates in place
         assert torch.equal(h.sum(0), 2 * torch.bincount(_lo_keys(v, top), minlength=LO_BINS + 2))

@@ -1,0 +1,173 @@
+"""The fused CPU merges of cpu_merge.c: compiled when the package is installed (setup.py builds it as
+an optional extension, for AVX2 and F16C), loaded with ctypes, and run by a few threads that share
+each call's elements.
+
+Why plain C through ctypes (measured on this project's 2-core machines; the closing note of issue 17
+has the figures): a new process loads the library in 0.2 ms and no process ever compiles, against
+2.5-3.9 s per kernel for torch.compile with a warm cache, 2.4 s for an AOTInductor package (importing
+inductor, then loading), 58 s for a first torch.utils.cpp_extension build (torch's headers). The C
+file mirrors the Triton kernels operation by operation, so the bytes are the torch methods'.
+
+Threads: each call hands its elements out PIECE at a time from an atomic cursor to `threads()` pool
+threads that block (never spin) between calls; a thread on a busy core takes fewer pieces, so a busy
+machine slows a merge by the share of the cores it takes, not by an idle-spinning team. A chunk too
+small to split runs on the calling thread alone.
+"""
+import ctypes
+import functools
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import torch
+
+PIECE = 1 << 15          # elements a thread takes at a time: 64 KiB of bf16 per input
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+TRIMS, ELECTS = {"none": 0, "band": 1, "random": 2}, {"none": 0, "sum": 1, "count": 2}
+ALL_TIES = 1 << 62
+i64p, f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+
+
+class MergeArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("offset", ctypes.c_int64), ("piece", ctypes.c_int64),
+                ("T", ctypes.c_int32), ("trim", ctypes.c_int32), ("elect", ctypes.c_int32), ("mean", ctypes.c_int32),
+                ("b", ctypes.c_void_p), ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
+                ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("w", f32p), ("lo", f32p), ("hi", f32p), ("p", f32p),
+                ("g", f32p), ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
+                ("div", ctypes.c_float), ("scale", ctypes.c_float), ("den0", ctypes.c_float),
+                ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int32), ("bad", i64p)]
+
+
+class HistArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("piece", ctypes.c_int64), ("T", ctypes.c_int32), ("b", ctypes.c_void_p),
+                ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
+                ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("top", ctypes.POINTER(ctypes.c_int32)),
+                ("hist", ctypes.POINTER(ctypes.c_void_p))]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels; None, with one notice line, where they were not built (no C compiler at
+    install) or the CPU lacks AVX2 or F16C."""
+    built = [p for suffix in EXTENSION_SUFFIXES for p in Path(__file__).parent.glob(f"_cpu_merge{suffix}")]
+    if not built:
+        return _unavailable("the compiled CPU kernels were not built when mbmerge was installed (no C compiler?)")
+    if not {"avx2", "f16c"} <= _cpu_flags():
+        return _unavailable("this CPU lacks AVX2 or F16C for the compiled CPU kernels")
+    try:
+        lib = ctypes.CDLL(str(built[0]))
+    except OSError as e:
+        return _unavailable(f"the compiled CPU kernels did not load ({' '.join(str(e).split())[:200]})")
+    lib.delta_merge.argtypes = [ctypes.POINTER(MergeArgs), i64p]
+    lib.delta_merge.restype = None
+    lib.histogram.argtypes = [ctypes.POINTER(HistArgs), i64p]
+    lib.histogram.restype = None
+    lib.ties.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.ties.restype = ctypes.c_int64
+    return lib
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), so an instruction the CPU lacks is never run."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def _unavailable(why: str) -> None:
+    print(f"mbmerge: {why}; merging with the slower torch path", file=sys.stderr)
+    return None
+
+
+def threads() -> int:
+    """Worker threads: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads(), thread_name_prefix="mbmerge-cpu")
+
+
+def _run(fn, args: list, n: int) -> list:
+    """fn(args[r], cursor) on as many threads r as share n elements in pieces; each thread's result."""
+    cursor = ctypes.c_int64(0)
+    k = min(len(args), -(-n // PIECE))
+    if k <= 1:
+        return [fn(ctypes.byref(args[0]), ctypes.byref(cursor))]
+    futures = [_pool().submit(fn, ctypes.byref(a), ctypes.byref(cursor)) for a in args[:k]]
+    return [f.result() for f in futures]
+
+
+def covers(*tensors) -> bool:
+    """Whether the kernels take these tensors: CPU, contiguous, float32/bf16/fp16, and a compiler."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous())
+               for t in tensors) and library() is not None
+
+
+def _array(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, lo_pos=None, hi_pos=None,
+                density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean",
+                out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
+    """merge_triton.delta_merge on CPU tensors: (the flat merged chunk in out_dtype, how many values
+    are not finite in [the output, the base, each expert])."""
+    T, n = len(xs), xs[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    if n == 0:
+        return out, [0] * (T + 2)
+    w = [float(v) for v in weights]
+    held = [x.contiguous() for x in xs]           # alive until the call returns
+    args = MergeArgs(
+        n=n, offset=offset, piece=PIECE, T=T, trim=TRIMS[trim], elect=ELECTS[elect], mean=int(aggregate == "mean"),
+        b=b.data_ptr() if b is not None else None, b_dt=DTYPES[b.dtype] if b is not None else 0,
+        xs=_array(ctypes.c_void_p, [x.data_ptr() for x in held]),
+        x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in held]),
+        w=_array(ctypes.c_float, w), lo=_array(ctypes.c_float, _or(lo, 0.0, T)),
+        hi=_array(ctypes.c_float, _or(hi, float("inf"), T)), p=_array(ctypes.c_float, _or(density, 1.0, T)),
+        g=_array(ctypes.c_float, _or(gain, 1.0, T)), lo_pos=_array(ctypes.c_int64, _or(lo_pos, ALL_TIES, T, int)),
+        hi_pos=_array(ctypes.c_int64, _or(hi_pos, 0, T, int)), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
+        div=float(div), scale=float(scale), den0=min(w) if min(w) > 0 else 1.0,
+        out=out.data_ptr(), out_dt=DTYPES[out_dtype])
+    bad = torch.zeros(threads(), T + 2, dtype=torch.int64)      # a row per thread: no shared counter
+    per_thread = []
+    for row in bad:
+        a = MergeArgs.from_buffer_copy(args)
+        a.bad = ctypes.cast(row.data_ptr(), i64p)
+        per_thread.append(a)
+    _run(library().delta_merge, per_thread, n)
+    return out, bad.sum(0).tolist()
+
+
+def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None:
+    """Add each series' keys of |x_i - b| (float32) to hists[i], one row per thread: [threads, 2^15]
+    for top None (the top 16 bits), [threads, 2^16 + 2] for the low 16 bits of bin `top`'s members
+    (select.py's layout: the first and last bins, below and above the top bin, stay 0)."""
+    T, n = len(xs), xs[0].numel()
+    rows = [[h[r].data_ptr() + 8 * (top is not None) for h, top in zip(hists, tops)] for r in range(threads())]
+    args = [HistArgs(n=n, piece=PIECE, T=T, b=b.data_ptr() if b is not None else None,
+                     b_dt=DTYPES[b.dtype] if b is not None else 0,
+                     xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
+                     x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]),
+                     top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
+                     hist=_array(ctypes.c_void_p, row)) for row in rows]
+    _run(library().histogram, args, n)
+
+
+def tie_counts(b, xs):
+    """Ranking.cuts' count and locate on a chunk's stored inputs: |x_i - b| in float32, as ranked."""
+    def call(i: int, t: float, k: int) -> int:
+        return library().ties(b.data_ptr() if b is not None else None, DTYPES[b.dtype] if b is not None else 0,
+                              xs[i].data_ptr(), DTYPES[xs[i].dtype], t, 0, xs[i].numel(), k)
+    return (lambda i, t: call(i, t, 0)), call
+
+
+def _or(values, default, T, kind=float):
+    return [default if v is None else kind(v) for v in (values if values is not None else [None] * T)]

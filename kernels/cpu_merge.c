@@ -1,0 +1,438 @@
+/* The fused CPU merges: the Triton kernels of merge_triton.py (and the radix histograms of
+ * select.py, the Philox of dare.py) as C loops on AVX2 vectors of 8 floats, compiled once per
+ * machine by kernels/cpu.py and called through ctypes. Each call reads its inputs once, in their
+ * stored dtype, and writes its output once; threads share a call's elements through an atomic
+ * cursor (`next`), PIECE at a time, so a thread on a busy core simply takes fewer pieces.
+ *
+ * Every float operation is the torch reference's, in its order (merge_triton.py documents the
+ * correspondence line by line): IEEE single precision per lane, no FMA, so the results are
+ * bit-identical to the torch methods on float32, and the bf16/fp16 casts round to nearest even as
+ * torch's do. A block of at most BLOCK elements is converted to float32 arrays first (padded to
+ * whole vectors), computed on, and converted back.
+ */
+#if !defined(__AVX2__) || !defined(__F16C__)
+#error "the fused CPU merges need AVX2 and F16C (x86-64 since 2013); mbmerge uses its torch path instead"
+#endif
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 512                    /* elements: the float32 arrays of a block stay in L1 */
+#define V 8                          /* floats per AVX2 vector */
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { TRIM_NONE = 0, TRIM_BAND = 1, TRIM_RANDOM = 2 };
+enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2 };
+
+typedef struct {
+    int64_t n;                       /* elements in the chunk */
+    int64_t offset;                  /* element index of the chunk's first element in its tensor (Philox) */
+    int64_t piece;                   /* elements a thread takes at a time */
+    int32_t T, trim, elect, mean;
+    const void *b; int32_t b_dt;     /* the base, or NULL */
+    const void *const *xs;           /* [T] the experts' chunks */
+    const int32_t *x_dt;             /* [T] their dtypes */
+    const float *w, *lo, *hi, *p, *g; /* [T] weight, band edges, keep rate, rescale gain */
+    const int64_t *lo_pos, *hi_pos;  /* [T] band: chunk positions before which ties are in the set */
+    const uint64_t *seeds;           /* [T] Philox keys */
+    float div, scale, den0;
+    void *out; int32_t out_dt;
+    int64_t *bad;                    /* [2 + T] this thread's blocks with non-finite values: output, base, experts */
+} merge_args;
+
+/* ---- conversions: stored dtype <-> float32 arrays, whole vectors, then a scalar tail ---- */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {     /* round to nearest even; NaN as torch's 0x7FC0 */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+static void load_block(float *dst, const void *src, int dt, int64_t start, int64_t n) {
+    int64_t j = 0;
+    if (dt == F32) {
+        memcpy(dst, (const float *)src + start, n * sizeof(float));
+        j = n;
+    } else if (dt == BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (; j + V <= n; j += V) {
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + j)));
+            _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+        for (; j < n; j++) dst[j] = bf16_to_f32(s[j]);
+    } else {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (; j + V <= n; j += V) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+        for (; j < n; j++) dst[j] = _cvtsh_ss(s[j]);
+    }
+    for (int64_t k = n; k < (n + V - 1) / V * V; k++) dst[k] = 0.0f;   /* whole vectors */
+}
+
+static void store_block(void *dst, int dt, int64_t start, const float *y, int64_t n) {
+    int64_t j = 0;
+    if (dt == F32) {
+        memcpy((float *)dst + start, y, n * sizeof(float));
+        return;
+    }
+    uint16_t *d = (uint16_t *)dst + start;
+    if (dt == BF16) {
+        const __m256i half = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), nan = _mm256_set1_epi32(0x7FC0);
+        for (; j + V <= n; j += V) {
+            __m256 f = _mm256_loadu_ps(y + j);
+            __m256i bits = _mm256_castps_si256(f);
+            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, half),
+                                                           _mm256_and_si256(_mm256_srli_epi32(bits, 16), one)), 16);
+            r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+            _mm_storeu_si128((__m128i *)(d + j), _mm256_castsi256_si128(packed));
+        }
+        for (; j < n; j++) d[j] = f32_to_bf16(y[j]);
+    } else {
+        for (; j + V <= n; j += V)
+            _mm_storeu_si128((__m128i *)(d + j), _mm256_cvtps_ph(_mm256_loadu_ps(y + j), _MM_FROUND_TO_NEAREST_INT));
+        for (; j < n; j++) d[j] = _cvtss_sh(y[j], _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+/* ---- vector helpers ---- */
+
+static inline __m256 vabs(__m256 x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+
+static inline __m256 vcopysign(__m256 mag, __m256 x) {   /* torch.copysign, signed zeros and NaN included */
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    return _mm256_or_ps(_mm256_andnot_ps(sign, mag), _mm256_and_ps(sign, x));
+}
+
+static inline __m256i not_finite(__m256 x) {             /* exponent all ones: Inf or NaN */
+    const __m256i exp = _mm256_set1_epi32(0x7F800000);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x), exp), exp);
+}
+
+static inline int any(__m256i m) { return !_mm256_testz_si256(m, m); }
+
+/* uniforms of Triton's tl.rand(seed, offset + k), k = 0..7 (kernels/dare.py uniform_ref): Philox-4x32-10
+ * of (offset low, offset high, 0, 0); 32x32 -> 64-bit products of the even and odd lanes separately */
+static inline void mulhilo(__m256i a, uint32_t m, __m256i *hi, __m256i *lo) {
+    const __m256i mv = _mm256_set1_epi32((int)m);
+    __m256i even = _mm256_mul_epu32(a, mv);                       /* lanes 0, 2, 4, 6 -> 64 bits */
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mv); /* lanes 1, 3, 5, 7 */
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+static inline __m256 philox8(uint64_t seed, uint64_t offset) {
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)offset), lanes);
+    /* the high word of offset + k carries when the low word wraps */
+    __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32((int)(uint32_t)offset), _mm256_set1_epi32((int)0x80000000u)),
+                                         _mm256_xor_si256(c0, _mm256_set1_epi32((int)0x80000000u)));
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(offset >> 32)), wrapped);
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    for (int r = 0; r < 10; r++) {
+        __m256i hb, lb, ha, la;
+        mulhilo(c2, 0xCD9E8D57u, &hb, &lb);
+        mulhilo(c0, 0xD2511F53u, &ha, &la);
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), _mm256_set1_epi32((int)k0));
+        c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), _mm256_set1_epi32((int)k1));
+        c1 = lb;
+        c3 = la;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));   /* x < 0 ? -x - 1 : x */
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+/* ---- the merge of one block ---- */
+
+typedef struct { const void *p; int dt; } src_t;   /* a stored array, read 8 floats at a time */
+
+#define ALWAYS static inline __attribute__((always_inline))
+
+/* 8 floats of a stored array at k; dt is a constant in the specialised loops below (MIXED: s.dt) */
+#define MIXED 3
+ALWAYS __m256 vload(src_t s, int64_t k, const int dt) {
+    int t = dt == MIXED ? s.dt : dt;
+    if (t == F32) return _mm256_loadu_ps((const float *)s.p + k);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)s.p + k));
+    if (t == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* y as dt at k; whether a stored value is not finite (the cast may overflow a finite y) */
+static inline __m256i vstore(void *dst, int dt, int64_t k, __m256 y) {
+    if (dt == F32) {
+        _mm256_storeu_ps((float *)dst + k, y);
+        return not_finite(y);
+    }
+    __m256i r;
+    if (dt == BF16) {
+        __m256i bits = _mm256_castps_si256(y);
+        r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)),
+                                               _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1))), 16);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + k),
+                         _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8)));
+        return not_finite(_mm256_castsi256_ps(_mm256_slli_epi32(r, 16)));
+    }
+    __m128i h = _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128((__m128i *)((uint16_t *)dst + k), h);
+    return not_finite(_mm256_cvtph_ps(h));
+}
+
+/* a band edge: [|d| > t or (|d| = t and position < pos)] for the 8 elements at chunk position at */
+ALWAYS __m256 in_cut(__m256 v, float t, int64_t pos, int64_t at) {
+    int64_t lim = pos - at;                  /* compared as offsets within the vector: int32 */
+    __m256i before = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lim < 0 ? 0 : lim > V ? V : lim)),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 tv = _mm256_set1_ps(t);
+    return _mm256_or_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ),
+                        _mm256_and_ps(_mm256_cmp_ps(v, tv, _CMP_EQ_OQ), _mm256_castsi256_ps(before)));
+}
+
+/* expert i's kept mask (merge_triton._keep) for the 8 elements at chunk position at */
+ALWAYS __m256 keep8(const merge_args *a, int i, __m256 d, int64_t at, const int trim) {
+    const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    if (trim == TRIM_BAND) {
+        __m256 v = vabs(d);
+        __m256 kept = a->lo[i] > 0 ? in_cut(v, a->lo[i], a->lo_pos[i], at) : all;
+        __m256 dropped = a->hi[i] != INFINITY ? in_cut(v, a->hi[i], a->hi_pos[i], at) : _mm256_setzero_ps();
+        return _mm256_andnot_ps(dropped, kept);
+    }
+    if (trim == TRIM_RANDOM && a->p[i] < 1)
+        return _mm256_cmp_ps(philox8(a->seeds[i], (uint64_t)(a->offset + at)), _mm256_set1_ps(a->p[i]), _CMP_LT_OQ);
+    return all;
+}
+
+/* e_i = w_i * kept_i (merge_triton._term) */
+ALWAYS __m256 term8(const merge_args *a, int i, __m256 d, __m256 keep, const int trim) {
+    __m256 w = _mm256_set1_ps(a->w[i]);
+    if (trim == TRIM_BAND) return _mm256_mul_ps(vcopysign(_mm256_and_ps(keep, vabs(d)), d), w);
+    if (trim == TRIM_RANDOM)
+        return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(d, _mm256_and_ps(keep, _mm256_set1_ps(1.0f))),
+                                           _mm256_set1_ps(a->g[i])), w);
+    return _mm256_mul_ps(d, w);
+}
+
+ALWAYS __m256 delta8(src_t x, const src_t *b, int64_t k, __m256i *bad, const int dt, const int has_b) {
+    __m256 d = vload(x, k, dt);
+    *bad = _mm256_or_si256(*bad, not_finite(d));
+    return has_b ? _mm256_sub_ps(d, vload(*b, k, dt)) : d;
+}
+
+/* n elements (whole vectors) read at k0 of the sources, written at k0 of out; pos: the chunk position
+ * of the first (band cuts, Philox counters). dt, trim, elect, has_b: constants of a specialised copy. */
+ALWAYS void merge_vectors(const merge_args *a, const src_t *b, const src_t *xs, void *out, int out_dt,
+                          int64_t k0, int64_t pos, int64_t n, const int dt, const int trim, const int elect,
+                          const int has_b) {
+    float total[BLOCK] __attribute__((aligned(32)));
+    uint32_t keeps[BLOCK] __attribute__((aligned(32)));  /* keep_i in bit i: the second pass does not redo Philox */
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < a->T; i++) {
+        __m256i bad = _mm256_setzero_si256();
+        const __m256i bit = _mm256_set1_epi32((int)(1u << i));
+        for (int64_t j = 0; j < n; j += V) {
+            __m256 d = delta8(xs[i], b, k0 + j, &bad, dt, has_b);
+            __m256 keep = keep8(a, i, d, pos + j, trim);
+            __m256 e = term8(a, i, d, keep, trim);
+            if (elect == ELECT_COUNT)                                      /* torch.sign: 0 for 0 and NaN */
+                e = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), one),
+                                  _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_LT_OQ), one));
+            __m256 t = i == 0 ? _mm256_set1_ps(-0.0f) : _mm256_load_ps(total + j);   /* -0.0: the exact identity */
+            _mm256_store_ps(total + j, _mm256_add_ps(t, e));
+            if (elect != ELECT_NONE) {
+                __m256i kb = _mm256_and_si256(_mm256_castps_si256(keep), bit);
+                _mm256_store_si256((__m256i *)(keeps + j),
+                                   i == 0 ? kb : _mm256_or_si256(_mm256_load_si256((const __m256i *)(keeps + j)), kb));
+            }
+        }
+        a->bad[2 + i] += any(bad);
+    }
+    float mag[BLOCK] __attribute__((aligned(32))), den[BLOCK] __attribute__((aligned(32)));
+    if (elect != ELECT_NONE) {                                              /* _blocks.elect and disjoint_merge */
+        __m256i ignored = _mm256_setzero_si256();
+        for (int i = 0; i < a->T; i++) {
+            const __m256i bit = _mm256_set1_epi32((int)(1u << i));
+            const __m256 w = _mm256_set1_ps(a->w[i]);
+            for (int64_t j = 0; j < n; j += V) {
+                __m256 d = delta8(xs[i], b, k0 + j, &ignored, dt, has_b);
+                __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                    _mm256_and_si256(_mm256_load_si256((const __m256i *)(keeps + j)), bit), bit));
+                __m256 s = vcopysign(one, _mm256_load_ps(total + j));                  /* the elected sign */
+                __m256 v = _mm256_mul_ps(term8(a, i, d, keep, trim), s);
+                v = _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), v);            /* v < 0 ? 0 : v */
+                __m256 m0 = i == 0 ? zero : _mm256_load_ps(mag + j), d0 = i == 0 ? zero : _mm256_load_ps(den + j);
+                _mm256_store_ps(mag + j, _mm256_add_ps(m0, v));
+                _mm256_store_ps(den + j, _mm256_add_ps(d0, _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), w)));
+            }
+        }
+    }
+    __m256i bad_b = _mm256_setzero_si256(), bad_out = _mm256_setzero_si256();
+    const __m256 scale = _mm256_set1_ps(a->scale), den0 = _mm256_set1_ps(a->den0), div = _mm256_set1_ps(a->div);
+    for (int64_t j = 0; j < n; j += V) {
+        __m256 m;
+        if (elect == ELECT_NONE) {
+            m = _mm256_div_ps(_mm256_load_ps(total + j), div);
+        } else {
+            m = _mm256_mul_ps(_mm256_load_ps(mag + j), vcopysign(one, _mm256_load_ps(total + j)));
+            if (a->mean) {
+                __m256 dv = _mm256_load_ps(den + j);
+                m = _mm256_div_ps(m, _mm256_blendv_ps(dv, den0, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ)));
+            }
+        }
+        __m256 y = _mm256_mul_ps(m, scale);
+        if (has_b) {
+            __m256 bv = vload(*b, k0 + j, dt);
+            bad_b = _mm256_or_si256(bad_b, not_finite(bv));
+            y = _mm256_add_ps(bv, y);
+        }
+        bad_out = _mm256_or_si256(bad_out, vstore(out, out_dt, k0 + j, y));
+    }
+    a->bad[0] += any(bad_out);
+    a->bad[1] += any(bad_b);
+}
+
+/* the copies of merge_vectors for every (dtype, trim, election, base): no branch in their loops */
+#define WITH_B(dt, trim, elect) \
+    (has_b ? merge_vectors(a, b, xs, out, out_dt, k0, pos, n, dt, trim, elect, 1) \
+           : merge_vectors(a, b, xs, out, out_dt, k0, pos, n, dt, trim, elect, 0))
+#define WITH_ELECT(dt, trim) \
+    (elect == ELECT_NONE ? WITH_B(dt, trim, ELECT_NONE) : elect == ELECT_SUM ? WITH_B(dt, trim, ELECT_SUM) \
+                                                       : WITH_B(dt, trim, ELECT_COUNT))
+#define WITH_TRIM(dt) \
+    (trim == TRIM_NONE ? WITH_ELECT(dt, TRIM_NONE) : trim == TRIM_BAND ? WITH_ELECT(dt, TRIM_BAND) \
+                                                    : WITH_ELECT(dt, TRIM_RANDOM))
+
+static void merge_run(const merge_args *a, const src_t *b, const src_t *xs, void *out, int out_dt, int64_t k0,
+                      int64_t pos, int64_t n) {
+    int trim = a->trim, elect = a->elect, has_b = b != NULL, dt = xs[0].dt;
+    for (int i = 0; i < a->T; i++) dt = xs[i].dt == dt ? dt : MIXED;
+    if (has_b && b->dt != dt) dt = MIXED;
+    dt == F32 ? WITH_TRIM(F32) : dt == BF16 ? WITH_TRIM(BF16) : dt == F16 ? WITH_TRIM(F16) : WITH_TRIM(MIXED);
+}
+
+static void merge_block(const merge_args *a, int64_t start, int64_t n) {
+    src_t b = {a->b, a->b_dt}, xs[32];
+    for (int i = 0; i < a->T; i++) xs[i] = (src_t){a->xs[i], a->x_dt[i]};
+    int64_t full = n / V * V;
+    if (full) merge_run(a, a->b ? &b : NULL, xs, a->out, a->out_dt, start, start, full);
+    if (full == n) return;
+    /* the last few elements: through padded float32 copies, the same vector code */
+    float bt[V] __attribute__((aligned(32))), xt[32][V] __attribute__((aligned(32))), yt[V] __attribute__((aligned(32)));
+    src_t tb = {bt, F32}, txs[32];
+    if (a->b) load_block(bt, a->b, a->b_dt, start + full, n - full);
+    for (int i = 0; i < a->T; i++) {
+        load_block(xt[i], a->xs[i], a->x_dt[i], start + full, n - full);
+        txs[i] = (src_t){xt[i], F32};
+    }
+    merge_run(a, a->b ? &tb : NULL, txs, yt, F32, 0, start + full, V);
+    store_block(a->out, a->out_dt, start + full, yt, n - full);
+    float stored[V] __attribute__((aligned(32)));                  /* as stored: the cast may overflow */
+    load_block(stored, a->out, a->out_dt, start + full, n - full);
+    a->bad[0] += any(not_finite(_mm256_load_ps(stored)));
+}
+
+/* Merge pieces of the chunk until none is left, counting blocks with non-finite values into a->bad. */
+void delta_merge(const merge_args *a, int64_t *next) {
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= a->n) return;
+        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
+        for (int64_t s = first; s < stop; s += BLOCK)
+            merge_block(a, s, stop - s < BLOCK ? stop - s : BLOCK);
+    }
+}
+
+/* ---- the radix-select histograms of |x_i - b| (select.py), and the ties of a Cut ---- */
+
+typedef struct {
+    int64_t n, piece;
+    int32_t T;
+    const void *b; int32_t b_dt;
+    const void *const *xs;
+    const int32_t *x_dt;
+    const int32_t *top;              /* [T] -1: the hi pass (top 16 bits); else the lo pass of that top bin */
+    int64_t *const *hist;            /* [T] this thread's histogram of each series: 2^15 (hi) or 2^16 (lo) */
+} hist_args;
+
+/* |x - b| as float32 bits, in place of x (the padding past n is never counted) */
+static void abs_deltas(float *x, const float *b, int64_t n) {
+    for (int64_t j = 0; j < n; j += V) {
+        __m256 d = _mm256_load_ps(x + j);
+        if (b) d = _mm256_sub_ps(d, _mm256_load_ps(b + j));
+        _mm256_store_ps(x + j, vabs(d));
+    }
+}
+
+/* Counts go to SUB interleaved copies of each bin (element j to copy j % SUB): deltas crowd into a few
+ * bins, and one counter bumped over and over waits on its own last store. */
+#define SUB 4
+
+void histogram(const hist_args *a, int64_t *next) {
+    float b[BLOCK] __attribute__((aligned(32))), x[BLOCK] __attribute__((aligned(32)));
+    size_t bins = 0;
+    for (int i = 0; i < a->T; i++) bins += a->top[i] < 0 ? 1u << 15 : 1u << 16;
+    uint32_t *counts = calloc(bins * SUB, sizeof(uint32_t));   /* this call's: under 2^32 per bin */
+    if (!counts) return;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= a->n) break;
+        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
+        for (int64_t s = first; s < stop; s += BLOCK) {
+            int64_t n = stop - s < BLOCK ? stop - s : BLOCK;
+            if (a->b) load_block(b, a->b, a->b_dt, s, n);
+            uint32_t *h = counts;
+            for (int i = 0; i < a->T; i++) {
+                load_block(x, a->xs[i], a->x_dt[i], s, n);
+                abs_deltas(x, a->b ? b : NULL, n);
+                const uint32_t *bits = (const uint32_t *)x;
+                int32_t top = a->top[i];
+                if (top < 0) {
+                    for (int64_t j = 0; j < n; j++) h[(bits[j] >> 16) * SUB + (j & (SUB - 1))]++;
+                    h += (1u << 15) * SUB;
+                } else {
+                    for (int64_t j = 0; j < n; j++)
+                        if ((int32_t)(bits[j] >> 16) == top) h[(bits[j] & 0xFFFFu) * SUB + (j & (SUB - 1))]++;
+                    h += (1u << 16) * SUB;
+                }
+            }
+        }
+    }
+    const uint32_t *h = counts;
+    for (int i = 0; i < a->T; i++) {
+        size_t n = a->top[i] < 0 ? 1u << 15 : 1u << 16;
+        for (size_t k = 0; k < n; k++, h += SUB)
+            a->hist[i][k] += (int64_t)h[0] + h[1] + h[2] + h[3];
+    }
+    free(counts);
+}
+
+/* Entries of series i with |x_i - b| == t in [start, stop): their count, or, with k > 0, the
+ * position just after the k-th of them (-1 if there are fewer). */
+int64_t ties(const void *b, int32_t b_dt, const void *x, int32_t x_dt, float t, int64_t start, int64_t stop,
+             int64_t k) {
+    float bb[BLOCK] __attribute__((aligned(32))), xx[BLOCK] __attribute__((aligned(32)));
+    int64_t count = 0;
+    for (int64_t s = start; s < stop; s += BLOCK) {
+        int64_t n = stop - s < BLOCK ? stop - s : BLOCK;
+        load_block(xx, x, x_dt, s, n);
+        if (b) load_block(bb, b, b_dt, s, n);
+        abs_deltas(xx, b ? bb : NULL, n);
+        for (int64_t j = 0; j < n; j++) {
+            count += xx[j] == t;
+            if (k > 0 && count == k) return s + j + 1;
+        }
+    }
+    return k > 0 ? -1 : count;
+}
