@@ -125,13 +125,14 @@ class Merger:
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
 
-    def _read(self, t: TensorPlan, stored: bool = False, check: bool = True):
+    def _read(self, t: TensorPlan, stored: bool = False, check: bool = True, release: bool = True):
         """(b, xs, offset) chunks of tensor t on the device, float32 (or, with `stored`, in the
         dtype they are stored in, for a fused kernel to read as they are: on the CPU the mapped bytes
         themselves). Unless a kernel checks them (not `check`), the first full read checks the values
         once it holds the last chunk, before yielding it (one device sync per tensor): before anything
         is journaled, before a reduction pass ends, and before a whole-tensor method (one chunk) sees
-        them. Each chunk's pages are released once the consumer asks for the next."""
+        them. Each chunk's pages are released once the consumer asks for the next (unless not `release`:
+        a later pass reads them again)."""
         check = check and t.name not in self.checked
         if check:  # per input, so far: one flag updated in place (a list of per-chunk sums fragments the heap)
             finite = torch.ones(len(self.inputs), dtype=torch.bool, device=self.device)
@@ -143,7 +144,7 @@ class Merger:
                 if i == len(t.chunks) - 1:
                     self._check_finite(t, finite.tolist())
             yield b, xs, a
-            for m in self.inputs:
+            for m in self.inputs if release else ():
                 m.release(m.index.tensors[t.name], a, z)
         if check:
             self.checked.add(t.name)
@@ -166,10 +167,14 @@ class Merger:
         compiled = self.method.fused is not None and kernels.compiled(self.device)
         stored = compiled or (self.method.fused is not None and kernels.use_triton(self.device)
                               and not self._has_stats(model_thr))
-        chunks = lambda: self._read(t, stored, check=not compiled)  # noqa: E731
+        chunks = final = lambda: self._read(t, stored, check=not compiled)  # noqa: E731
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(chunks())  # small tensor: the reduction passes and apply share one read
-            chunks = lambda: iter(cached)  # noqa: E731
+            chunks = final = lambda: iter(cached)  # noqa: E731
+        elif compiled and t.ref.nbytes * len(self.inputs) <= self.cache_bytes:
+            # small tensor on the mapped bytes: its pages stay mapped until the last pass (a page
+            # fault costs as much as the pass's arithmetic)
+            chunks = lambda: self._read(t, stored, check=False, release=False)  # noqa: E731
         whole = self.method.data_statistic is not None and self.method.data_statistic.whole
         params = next((p for pattern, p in self.overrides if pattern.search(name)), self.params)
         whole_stat = [self._stat(m, t, whole=True) for m in self.stat_inputs] if whole else None
@@ -178,7 +183,7 @@ class Merger:
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         finite = torch.ones((), dtype=torch.bool, device=self.device)    # one flag: one device sync per tensor
         inputs_finite = torch.ones(len(self.inputs), dtype=torch.bool)   # what the kernel counted, or torch
-        for b, xs, a in chunks():
+        for b, xs, a in final():
             stat = [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs] if self.stat_inputs \
                 and not whole else None
             with self._method_errors(t):

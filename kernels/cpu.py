@@ -147,18 +147,18 @@ def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None
 
 
 def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None:
-    """Add each series' keys of |x_i - b| (float32) to hists[i], one row per thread: [threads, 2^15]
-    for top None (the top 16 bits), [threads, 2^16 + 2] for the low 16 bits of bin `top`'s members
-    (select.py's layout: the first and last bins, below and above the top bin, stay 0)."""
+    """Add each series' keys of |x_i - b| (float32) to hists[i] (one row, shared by the threads): [1, 2^15]
+    for top None (the top 16 bits), [1, 2^16 + 2] for the low 16 bits of bin `top`'s members (select.py's
+    layout: the first and last bins, below and above the top bin, stay 0)."""
     T, n = len(xs), xs[0].numel()
-    rows = [[h[r].data_ptr() + 8 * (top is not None) for h, top in zip(hists, tops)] for r in range(threads())]
-    args = [HistArgs(n=n, piece=PIECE, T=T, b=b.data_ptr() if b is not None else None,
-                     b_dt=DTYPES[b.dtype] if b is not None else 0,
-                     xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
-                     x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]),
-                     top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
-                     hist=_array(ctypes.c_void_p, row)) for row in rows]
-    _run(library().histogram, args, n)
+    row = [h.data_ptr() + 8 * (top is not None) for h, top in zip(hists, tops)]
+    args = HistArgs(n=n, piece=PIECE, T=T, b=b.data_ptr() if b is not None else None,
+                    b_dt=DTYPES[b.dtype] if b is not None else 0,
+                    xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
+                    x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]),
+                    top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
+                    hist=_array(ctypes.c_void_p, row))
+    _run(library().histogram, [args] * threads(), n)
 
 
 def tie_counts(b, xs):
