@@ -8,6 +8,7 @@ GB/s, that process's peak RSS (wait4 ru_maxrss) and the peak GPU memory mbmerge 
 mbmerge.json. The I/O floor, reading every input once from the page cache and writing one output-sized
 file, is the time no merge can beat on this machine. Prints a table and writes JSON and a PNG of input GB/s per method (bench_plot.py).
 """
+import contextlib
 import json
 import os
 import shlex
@@ -113,6 +114,18 @@ def io_floor(files, out_bytes, tmp: Path) -> float:
 LAUNCHER = ("import os, subprocess, sys, time; t = time.perf_counter(); "
             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); _, status, ru = os.wait4(p.pid, 0); "
             "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))")
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning on the CPU while the block runs."""
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in spinning:
+            p.kill()
+            p.wait()
 
 
 def timed_run(cmd, files, out: Path) -> tuple[float, float]:
@@ -268,11 +281,13 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
               help="Compare with mergekit, or not [default: compare when mergekit is found].")
 @click.option("--mergekit", envvar="MBMERGE_MERGEKIT",
               help="mergekit-yaml to compare with [default: $MBMERGE_MERGEKIT, else mergekit-yaml on PATH].")
+@click.option("--busy", default=0, show_default=True, type=click.IntRange(0),
+              help="Processes busy-looping on the CPU through every run: a merge timed beside other work.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Fixture folder [default: $MBMERGE_CACHE/bench].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="PNG of input GB/s per method [default: beside the JSON].")
-def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, mergekit, cache, json_path,
+def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, mergekit, busy, cache, json_path,
           plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
@@ -288,14 +303,16 @@ def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, 
     host = machine(mergekit)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
-        rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp) for m in methods]
+        with busy_processes(busy):
+            rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp) for m in methods]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    host["load_avg_1m_end"] = os.getloadavg()[0]
+    host["load_avg_1m_end"], host["busy_processes"] = os.getloadavg()[0], busy
     params, where = n_params(cfg), f"{host['cpus']} CPUs" + (f", {host['gpu']}" if host["gpu"] else "")
     mk_note += f" ({host['mergekit_version']})" if host["mergekit_version"] else ""
+    load = f"load {host['load_avg_1m']:.1f}" + (f", {busy} busy processes" if busy else "")
     click.echo(f"fixture {fx.name}: {count(params)} params bf16, {n_experts} experts; best wall of {repeat}, "
-               f"max RSS; {where}, load {host['load_avg_1m']:.1f}; device {device}; mergekit: {mk_note}\n\n"
+               f"max RSS; {where}, {load}; device {device}; mergekit: {mk_note}\n\n"
                f"{table(rows)}")
     json_path = json_path or cache / f"{fx.name}.json"
     plot_path = plot_path or json_path.with_suffix(".png")

@@ -3,8 +3,12 @@ convert to float32, hand it to the method, cast, and write it in place. Statisti
 the method has any, re-read the chunks first. Knows nothing of the methods' maths or of file
 formats: inputs are MappedModels, the output a ShardWriter.
 """
+import collections
 import contextlib
+import contextvars
+import functools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -25,6 +29,13 @@ CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read on
 def _sums_finite(b, xs) -> torch.Tensor:
     """Per input, whether its chunk's sum is finite (a NaN, an Inf or an overflow makes it not)."""
     return torch.isfinite(torch.stack([x.sum() for x in ([b] if b is not None else []) + xs]))
+
+
+@functools.cache
+def _chunk_pool() -> ThreadPoolExecutor:
+    """Threads that each merge whole chunks with the torch methods, one intra-op thread each."""
+    return ThreadPoolExecutor(kernels.cpu.threads(), thread_name_prefix="mbmerge-chunk",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _nonfinite(m: MappedModel, entry, chunks) -> bool:
@@ -165,8 +176,9 @@ class Merger:
         # the compiled CPU loops read the mapped bytes as they are, for every pass, and count non-finite
         # values while merging; a GPU kernel reads a tensor read once in its stored dtype (half the bytes)
         compiled = self.method.fused is not None and kernels.compiled(self.device)
-        stored = compiled or (self.method.fused is not None and kernels.use_triton(self.device)
-                              and not self._has_stats(model_thr))
+        parallel = self._chunks_in_parallel()    # the methods widen the stored chunks in the threads
+        stored = compiled or parallel or (self.method.fused is not None and kernels.use_triton(self.device)
+                                          and not self._has_stats(model_thr))
         chunks = final = lambda: self._read(t, stored, check=not compiled)  # noqa: E731
         if self._has_stats(model_thr) and t.ref.numel * 4 * len(self.inputs) <= self.cache_bytes:
             cached = list(chunks())  # small tensor: the reduction passes and apply share one read
@@ -183,28 +195,82 @@ class Merger:
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         finite = torch.ones((), dtype=torch.bool, device=self.device)    # one flag: one device sync per tensor
         inputs_finite = torch.ones(len(self.inputs), dtype=torch.bool)   # what the kernel counted, or torch
-        for b, xs, a in final():
-            stat = [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs] if self.stat_inputs \
-                and not whole else None
+
+        def merged(b, xs, a, stat, reduced):
             with self._method_errors(t):
                 out, bad = methods.merge_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype, stat)
                 out = out.to(out_dtype)                                  # a no-op after a fused kernel
-            if bad is not None:
-                finite &= bad[0] == 0
-                inputs_finite &= torch.tensor([n == 0 for n in (bad[1:] if b is not None else bad[2:])])
-            elif compiled:                    # the kernel declined the chunk: torch checks it
-                finite &= torch.isfinite(out).all()
-                inputs_finite &= _sums_finite(b, xs)
-            elif not self.allow_nonfinite:
-                finite &= torch.isfinite(out).all()
-            self.output.write(t, a, out)
-            done(per_elem * out.numel())
+            # the checks of what no kernel counted, here: in the worker threads when they merge
+            ok = (bad[0] == 0) if bad is not None else torch.isfinite(out).all() if compiled or \
+                not self.allow_nonfinite else True
+            return out, bad, ok
+
+        with self._eager_workers(parallel) as submit:
+            for (b, xs, a), (out, bad, ok) in submit(merged, ((b, xs, a, self._stats_chunk(t, a, xs, whole),
+                                                                methods.chunk_cuts(self.method, reduced, b, xs))
+                                                               for b, xs, a in final())):
+                finite &= ok
+                if bad is not None:
+                    inputs_finite &= torch.tensor([n == 0 for n in (bad[1:] if b is not None else bad[2:])])
+                elif compiled:                    # the kernel declined the chunk: torch checks the inputs
+                    inputs_finite &= _sums_finite(b, xs)
+                self.output.write(t, a, out)
+                done(per_elem * out.numel())
         if compiled and not self.allow_nonfinite:
             self._check_finite(t, inputs_finite.tolist())
         if not finite and not self.allow_nonfinite:   # before the tensor is journaled: nothing of it counts
             raise NonFinite(f"method {self.method.name}: merged tensor {name} holds NaN or Inf values (from the "
                             f"parameters, or an overflow of {t.out_dtype}); nothing was written (pass "
                             f"--allow-nonfinite to write it anyway)")
+
+    def _stats_chunk(self, t: TensorPlan, a: int, xs, whole: bool) -> list | None:
+        """Each expert's statistic of a chunk (a DataStatistic that is not `whole`), else None."""
+        if not self.stat_inputs or whole:
+            return None
+        return [self._stat(m, t, a, a + xs[0].numel()) for m in self.stat_inputs]
+
+    def _chunks_in_parallel(self) -> bool:
+        """Whether the torch methods merge a tensor's chunks several at a time, on one intra-op thread
+        each (_eager_workers): on the CPU, without fused kernels, an element-wise method (a row-span
+        method may multiply matrices, and BLAS may sum in another order on another number of threads:
+        its bytes would depend on the chunking). A tensor of one chunk too, for the same reason."""
+        fused = self.method.fused is not None and kernels.fused(self.device)
+        return not fused and self.device.type == "cpu" and self.method.span == "element"
+
+    @contextlib.contextmanager
+    def _eager_workers(self, parallel: bool):
+        """submit(fn, items): ((b, xs, a), fn(*item)) for items in order. With `parallel`, the torch
+        methods on the CPU run each chunk on one intra-op thread, `cpu.threads()` chunks at a time: an
+        eager op on a chunk split over an OpenMP team waits for its slowest thread, so one busy core
+        made every op wait for it (magmax on 240M params: 4.9 s idle, 27.9 s beside one busy process);
+        whole chunks handed to whichever thread is free slow down by the share of the cores taken.
+        Otherwise in turn, on the caller's thread."""
+        def in_turn(fn, items):
+            for item in items:
+                yield item[:3], fn(*item)
+
+        if not parallel:
+            yield in_turn
+            return
+
+        def ahead(fn, items):
+            pending = collections.deque()
+            for item in items:
+                # the caller's context: kernels.using() holds for the workers too
+                pending.append((item[:3], _chunk_pool().submit(contextvars.copy_context().run, fn, *item)))
+                if len(pending) > kernels.cpu.threads():
+                    key, future = pending.popleft()
+                    yield key, future.result()
+            while pending:
+                key, future = pending.popleft()
+                yield key, future.result()
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)     # this thread's own eager work (reading checks, cuts) on one thread too
+        try:
+            yield ahead
+        finally:
+            torch.set_num_threads(threads)
 
     @contextlib.contextmanager
     def _method_errors(self, t: TensorPlan):

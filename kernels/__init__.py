@@ -110,6 +110,12 @@ def tall_merge(b, xs, **kw):
     return (_triton().tall_merge(b, xs, **kw), None) if use_triton(xs[0].device) else None
 
 
+def keep_rates(b, x, m: int, lo: float, step: float):
+    """DELLA's keep rates lo + step * (ascending rank of |x - b| in its row of m) / (m - 1) by the compiled
+    C loops (cpu.keep_rates), else None."""
+    return cpu.keep_rates(b, x, m, lo, step) if compiled(x.device) and cpu.covers(b, x) else None
+
+
 def tie_counts(b, xs):
     """Ranking.cuts' count and locate on a chunk whose inputs the compiled C loops read, else None."""
     return cpu.tie_counts(b, xs) if compiled(xs[0].device) and cpu.covers(b, *xs) else None
@@ -125,7 +131,7 @@ def uniform(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
     if use_triton(device):
         from .dare_triton import uniform_triton
         return uniform_triton(seed, start, n, device)
-    if device.type == "cpu":
-        return dare.uniform_cpu(seed, start, n, compile=chosen().compile)
+    if compiled(device):
+        return cpu.uniforms(seed, start, n)
     return dare.uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64, device=device))
 

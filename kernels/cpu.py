@@ -35,9 +35,20 @@ class MergeArgs(ctypes.Structure):
                 ("T", ctypes.c_int32), ("trim", ctypes.c_int32), ("elect", ctypes.c_int32), ("mean", ctypes.c_int32),
                 ("b", ctypes.c_void_p), ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
                 ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("w", f32p), ("lo", f32p), ("hi", f32p), ("p", f32p),
-                ("g", f32p), ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
+                ("g", f32p), ("pj", ctypes.POINTER(ctypes.c_void_p)), ("inverse", ctypes.c_int32), ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
                 ("div", ctypes.c_float), ("scale", ctypes.c_float), ("den0", ctypes.c_float),
                 ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int32), ("bad", i64p)]
+
+
+class UniformArgs(ctypes.Structure):
+    _fields_ = [("seed", ctypes.c_uint64), ("start", ctypes.c_int64), ("n", ctypes.c_int64), ("piece", ctypes.c_int64),
+                ("out", f32p)]
+
+
+class RateArgs(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int64), ("m", ctypes.c_int64), ("piece", ctypes.c_int64), ("b", ctypes.c_void_p),
+                ("b_dt", ctypes.c_int32), ("x", ctypes.c_void_p), ("x_dt", ctypes.c_int32), ("lo", ctypes.c_float),
+                ("step", ctypes.c_float), ("out", f32p)]
 
 
 class HistArgs(ctypes.Structure):
@@ -67,6 +78,10 @@ def library() -> ctypes.CDLL | None:
     lib.ties.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.ties.restype = ctypes.c_int64
+    lib.uniforms.argtypes = [ctypes.POINTER(UniformArgs), i64p]
+    lib.uniforms.restype = None
+    lib.keep_rates.argtypes = [ctypes.POINTER(RateArgs), i64p]
+    lib.keep_rates.restype = ctypes.c_int64
     return lib
 
 
@@ -115,10 +130,12 @@ def _array(ctype, values):
 
 
 def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, lo_pos=None, hi_pos=None,
-                density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean",
-                out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
+                density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean", rates=None,
+                inverse=False, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
     """merge_triton.delta_merge on CPU tensors: (the flat merged chunk in out_dtype, how many values
-    are not finite in [the output, the base, each expert])."""
+    are not finite in [the output, the base, each expert]). With trim 'random', rates: per expert, the
+    keep rate of each element from keep_rates (or None: `density`), each kept e_i divided by its rate if
+    `inverse` (DELLA)."""
     T, n = len(xs), xs[0].numel()
     out = torch.empty(n, dtype=out_dtype)
     if n == 0:
@@ -133,7 +150,8 @@ def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None
         w=_array(ctypes.c_float, w), lo=_array(ctypes.c_float, _or(lo, 0.0, T)),
         hi=_array(ctypes.c_float, _or(hi, float("inf"), T)), p=_array(ctypes.c_float, _or(density, 1.0, T)),
         g=_array(ctypes.c_float, _or(gain, 1.0, T)), lo_pos=_array(ctypes.c_int64, _or(lo_pos, ALL_TIES, T, int)),
-        hi_pos=_array(ctypes.c_int64, _or(hi_pos, 0, T, int)), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
+        hi_pos=_array(ctypes.c_int64, _or(hi_pos, 0, T, int)), inverse=int(inverse),
+        pj=_array(ctypes.c_void_p, [r.data_ptr() if r is not None else None for r in rates or [None] * T]), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
         div=float(div), scale=float(scale), den0=min(w) if min(w) > 0 else 1.0,
         out=out.data_ptr(), out_dt=DTYPES[out_dtype])
     bad = torch.zeros(threads(), T + 2, dtype=torch.int64)      # a row per thread: no shared counter
@@ -159,6 +177,30 @@ def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None
                     top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
                     hist=_array(ctypes.c_void_p, row))
     _run(library().histogram, [args] * threads(), n)
+
+
+def uniforms(seed: int, start: int, n: int) -> torch.Tensor:
+    """dare.uniform_ref(seed, arange(start, start + n)), bit for bit: Philox in AVX2 on the threads."""
+    out = torch.empty(n, dtype=torch.float32)
+    args = UniformArgs(seed=seed, start=start, n=n, piece=PIECE, out=ctypes.cast(out.data_ptr(), f32p))
+    if n:
+        _run(library().uniforms, [args] * threads(), n)
+    return out
+
+
+def keep_rates(b, x, m: int, lo: float, step: float) -> torch.Tensor:
+    """della_magprune's p(j) = lo + step * r(j) over rows of m, r the stable ascending rank of |x - b| in
+    its row / (m - 1), as float32, bit for bit; 8 rates of 1 lie past the end (delta_merge reads whole
+    vectors, and merges a chunk's last few elements as a vector padded with zeros)."""
+    n = x.numel()
+    out = torch.empty(n + 8, dtype=torch.float32)
+    out[n:] = 1.0
+    args = RateArgs(rows=n // m, m=m, piece=max(1, PIECE // m), b=b.data_ptr() if b is not None else None,
+                    b_dt=DTYPES[b.dtype] if b is not None else 0, x=x.data_ptr(), x_dt=DTYPES[x.dtype], lo=lo,
+                    step=step, out=ctypes.cast(out.data_ptr(), f32p))
+    if sum(_run(library().keep_rates, [args] * threads(), n)) != n // m:
+        raise MemoryError(f"no memory for the ranks of rows of {m} elements")
+    return out[:n]
 
 
 def tie_counts(b, xs):

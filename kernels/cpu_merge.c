@@ -35,6 +35,8 @@ typedef struct {
     const void *const *xs;           /* [T] the experts' chunks */
     const int32_t *x_dt;             /* [T] their dtypes */
     const float *w, *lo, *hi, *p, *g; /* [T] weight, band edges, keep rate, rescale gain */
+    const float *const *pj;          /* [T] per-element keep rates at chunk positions (DELLA), or NULL each */
+    int32_t inverse;                 /* e_i / p_i(j) where per-element rates are given (DELLA's 'inverse') */
     const int64_t *lo_pos, *hi_pos;  /* [T] band: chunk positions before which ties are in the set */
     const uint64_t *seeds;           /* [T] Philox keys */
     float div, scale, den0;
@@ -210,18 +212,23 @@ ALWAYS __m256 keep8(const merge_args *a, int i, __m256 d, int64_t at, const int 
         __m256 dropped = a->hi[i] != INFINITY ? in_cut(v, a->hi[i], a->hi_pos[i], at) : _mm256_setzero_ps();
         return _mm256_andnot_ps(dropped, kept);
     }
+    if (trim == TRIM_RANDOM && a->pj[i])       /* DELLA: the rate of each element (its array is padded) */
+        return _mm256_cmp_ps(philox8(a->seeds[i], (uint64_t)(a->offset + at)), _mm256_loadu_ps(a->pj[i] + at),
+                             _CMP_LT_OQ);
     if (trim == TRIM_RANDOM && a->p[i] < 1)
         return _mm256_cmp_ps(philox8(a->seeds[i], (uint64_t)(a->offset + at)), _mm256_set1_ps(a->p[i]), _CMP_LT_OQ);
     return all;
 }
 
-/* e_i = w_i * kept_i (merge_triton._term) */
-ALWAYS __m256 term8(const merge_args *a, int i, __m256 d, __m256 keep, const int trim) {
+/* e_i = w_i * kept_i (merge_triton._term; DELLA's inverse rescale divides by the element's rate) */
+ALWAYS __m256 term8(const merge_args *a, int i, __m256 d, __m256 keep, int64_t at, const int trim) {
     __m256 w = _mm256_set1_ps(a->w[i]);
     if (trim == TRIM_BAND) return _mm256_mul_ps(vcopysign(_mm256_and_ps(keep, vabs(d)), d), w);
-    if (trim == TRIM_RANDOM)
-        return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(d, _mm256_and_ps(keep, _mm256_set1_ps(1.0f))),
-                                           _mm256_set1_ps(a->g[i])), w);
+    if (trim == TRIM_RANDOM) {
+        __m256 e = _mm256_mul_ps(d, _mm256_and_ps(keep, _mm256_set1_ps(1.0f)));
+        if (a->pj[i] && a->inverse) e = _mm256_div_ps(e, _mm256_loadu_ps(a->pj[i] + at));
+        return _mm256_mul_ps(_mm256_mul_ps(e, _mm256_set1_ps(a->g[i])), w);
+    }
     return _mm256_mul_ps(d, w);
 }
 
@@ -245,7 +252,7 @@ ALWAYS void merge_vectors(const merge_args *a, const src_t *b, const src_t *xs, 
         for (int64_t j = 0; j < n; j += V) {
             __m256 d = delta8(xs[i], b, k0 + j, &bad, dt, has_b);
             __m256 keep = keep8(a, i, d, pos + j, trim);
-            __m256 e = term8(a, i, d, keep, trim);
+            __m256 e = term8(a, i, d, keep, pos + j, trim);
             if (elect == ELECT_COUNT)                                      /* torch.sign: 0 for 0 and NaN */
                 e = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), one),
                                   _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_LT_OQ), one));
@@ -270,7 +277,7 @@ ALWAYS void merge_vectors(const merge_args *a, const src_t *b, const src_t *xs, 
                 __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(
                     _mm256_and_si256(_mm256_load_si256((const __m256i *)(keeps + j)), bit), bit));
                 __m256 s = vcopysign(one, _mm256_load_ps(total + j));                  /* the elected sign */
-                __m256 v = _mm256_mul_ps(term8(a, i, d, keep, trim), s);
+                __m256 v = _mm256_mul_ps(term8(a, i, d, keep, pos + j, trim), s);
                 v = _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), v);            /* v < 0 ? 0 : v */
                 __m256 m0 = i == 0 ? zero : _mm256_load_ps(mag + j), d0 = i == 0 ? zero : _mm256_load_ps(den + j);
                 _mm256_store_ps(mag + j, _mm256_add_ps(m0, v));
@@ -503,4 +510,111 @@ int64_t ties(const void *b, int32_t b_dt, const void *x, int32_t x_dt, float t, 
         if (count < 0) return full - count;
     }
     return k > 0 ? -1 : count;
+}
+
+/* ---- DARE's uniforms alone (kernels/dare.py uniform_ref), for the methods the fused merge does not cover ---- */
+
+typedef struct {
+    uint64_t seed;
+    int64_t start, n, piece;
+    float *out;
+} uniform_args;
+
+void uniforms(const uniform_args *a, int64_t *next) {
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= a->n) return;
+        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n, j = first;
+        for (; j + V <= stop; j += V) _mm256_storeu_ps(a->out + j, philox8(a->seed, (uint64_t)(a->start + j)));
+        if (j < stop) {
+            float last[V] __attribute__((aligned(32)));
+            _mm256_store_ps(last, philox8(a->seed, (uint64_t)(a->start + j)));
+            memcpy(a->out + j, last, (size_t)(stop - j) * sizeof(float));
+        }
+    }
+}
+
+/* ---- DELLA's keep rates: p(j) = lo + step * r(j), r(j) = the ascending rank of |x_j - b_j| in its row of m
+ * (ties by position) / (m - 1), 1/2 if m = 1 (della_magprune._rank01), by a stable LSD radix sort per row ---- */
+
+typedef struct {
+    int64_t rows, m, piece;          /* piece: rows a thread takes at a time */
+    const void *b; int32_t b_dt;     /* the base, or NULL (x is then the delta) */
+    const void *x; int32_t x_dt;
+    float lo, step;
+    float *out;
+} rate_args;
+
+static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *keys, uint32_t *idx,
+                     uint32_t *keys2, uint32_t *idx2, float *xs, float *bs) {
+    const int64_t m = a->m, first = row * m;
+    uint32_t any = 0, all = ~0u;                                /* the bits that vary set the digits */
+    for (int64_t s = 0; s < m; s += BLOCK) {                  /* keys: |x - b| as float32 bits */
+        int64_t n = m - s < BLOCK ? m - s : BLOCK;
+        load_block(xs, a->x, a->x_dt, first + s, n);
+        if (a->b) load_block(bs, a->b, a->b_dt, first + s, n);
+        for (int64_t j = 0; j < n; j++) {
+            float d = fabsf(a->b ? xs[j] - bs[j] : xs[j]);
+            uint32_t k;
+            memcpy(&k, &d, 4);
+            k = d != d ? 0x7FC00000u : k;                       /* NaNs rank last, equal among themselves */
+            keys[s + j] = k;
+            idx[s + j] = (uint32_t)(s + j);
+            any |= k;
+            all &= k;
+        }
+    }
+    uint32_t varying = any ^ all;
+    if (!varying) {                                             /* all equal: ranks by position */
+        for (int64_t k = 0; k < m; k++) a->out[first + k] = rate[k];
+        return;
+    }
+    /* 8-bit digits from the lowest varying bit to the highest: bf16 deltas vary in about 14 bits, two
+     * passes; every digit's histogram in one pass, even and odd elements apart (a run of equal digits
+     * bumps one counter over and over, each increment waiting on the last) */
+    const int low = __builtin_ctz(varying), passes = (31 - __builtin_clz(varying) - low) / 8 + 1;
+    uint32_t count[4][2][256];
+    memset(count, 0, sizeof(uint32_t) * 2 * 256 * passes);
+    for (int64_t j = 0; j < m; j++)
+        for (int p = 0; p < passes; p++) count[p][j & 1][(keys[j] >> (low + 8 * p)) & 0xFF]++;
+    for (int p = 0; p < passes; p++) {
+        const int shift = low + 8 * p;
+        uint32_t *c = count[p][0], at = 0;
+        for (int d = 0; d < 256; d++) {
+            uint32_t n = c[d] + count[p][1][d];
+            c[d] = at;
+            at += n;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t to = c[(keys[j] >> shift) & 0xFF]++;
+            keys2[to] = keys[j];
+            idx2[to] = idx[j];
+        }
+        uint32_t *t = keys; keys = keys2; keys2 = t;
+        t = idx; idx = idx2; idx2 = t;
+    }
+    for (int64_t k = 0; k < m; k++) a->out[first + idx[k]] = rate[k];
+}
+
+/* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
+ * whose scratch could not be allocated takes none). */
+int64_t keep_rates(const rate_args *a, int64_t *next) {
+    size_t m = (size_t)a->m;
+    uint32_t *scratch = malloc(5 * m * sizeof(uint32_t));
+    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
+    int64_t done = 0;
+    if (!scratch) return 0;
+    float *rate = (float *)(scratch + 4 * m);                   /* the rate of the k-th smallest */
+    const float below = (float)(m - 1);
+    for (size_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * a->step + a->lo;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= a->rows) break;
+        int64_t stop = first + a->piece < a->rows ? first + a->piece : a->rows;
+        for (int64_t row = first; row < stop; row++)
+            rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, xs, bs);
+        done += stop - first;
+    }
+    free(scratch);
+    return done;
 }

@@ -6,16 +6,11 @@ low-memory dropout). `uniform_ref` reproduces Philox-4x32-10 and Triton's int-to
 conversion in int64 torch arithmetic; `dare_triton._uniform_kernel` is the Triton original.
 An int64 offset's low and high 32 bits are Philox's first two counter words, as in Triton 3.x.
 
-On the CPU, eager Philox costs about 39 ns per element (5.1 ms per 2^17-element chunk, 2 cores):
-a DARE merge of 595M parameters spent most of its 83 s there. Once a process has drawn
-COMPILE_AFTER uniforms eagerly, `uniform_cpu` compiles the same function with torch.compile
-(inductor fuses the ~120 integer ops into one loop: 2.6 ns per element; compiling costs 2-5 s,
-so small merges never pay it) and runs it over fixed BLOCK-element blocks with the key as
-tensors, so one compiled graph serves every seed and length. Without a working compiler it stays
-eager; compile=False (--no-compile) keeps it eager.
+On the CPU, eager Philox costs about 39 ns per element (5.1 ms per 2^17-element chunk, 2 cores);
+the compiled C loops (kernels/cpu.py: `uniforms`, and inside the fused DARE merges) draw the same
+bits in about 1.3 ns per element, so the eager function is the reference and the fallback.
 """
 import hashlib
-import sys
 
 import torch
 
@@ -39,11 +34,8 @@ def uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     of the unsigned product (torch has no uint64 shifts); the tests check the result bit for
     bit against Triton's tl.rand. In-place ops: allocations dominate this integer-only chain.
     """
-    return _philox(seed & M32, (seed >> 32) & M32, offsets.to(torch.int64))
-
-
-def _philox(k0, k1, offsets: torch.Tensor) -> torch.Tensor:
-    """uniform_ref with the key's two words given (ints, or 0-d int64 tensors when compiled)."""
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    offsets = offsets.to(torch.int64)
     c0, c1 = offsets & M32, offsets >> 32
     c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)             # updated in place below
     for _ in range(N_ROUNDS):
@@ -55,40 +47,3 @@ def _philox(k0, k1, offsets: torch.Tensor) -> torch.Tensor:
     x = c0.to(torch.int32)                                           # bitcast: c0 < 2^32
     x ^= x >> 31                                                     # x < 0 ? -x - 1 : x
     return x.to(torch.float32).mul_(TO_UNIFORM)
-
-
-COMPILE_AFTER = 1 << 26     # uniforms drawn eagerly first: ~2.6 s, the order of a compile
-BLOCK = 1 << 16             # elements per compiled call (a fixed shape: one graph)
-_drawn, _compiled = 0, None   # _compiled: None not tried, False failed or disabled, else the function
-
-
-def uniform_cpu(seed: int, start: int, n: int, compile: bool = True) -> torch.Tensor:
-    """uniform_ref(seed, arange(start, start + n)) on the CPU, compiled (if `compile`) once the
-    process has drawn many (module docstring); bit-identical either way."""
-    global _drawn
-    fast = _fast() if compile and _drawn >= COMPILE_AFTER else None
-    _drawn += n
-    if not fast or n < BLOCK // 4:
-        return uniform_ref(seed, torch.arange(start, start + n, dtype=torch.int64))
-    k0, k1 = torch.tensor(seed & M32), torch.tensor((seed >> 32) & M32)
-    out = torch.empty(n, dtype=torch.float32)
-    for a in range(0, n, BLOCK):   # the last block is computed whole and cut
-        z = min(a + BLOCK, n)
-        out[a:z] = fast(k0, k1, torch.arange(start + a, start + a + BLOCK, dtype=torch.int64))[:z - a]
-    return out
-
-
-def _fast():
-    """The compiled _philox, compiled and checked on first use; False if that is impossible."""
-    global _compiled
-    if _compiled is None:
-        _compiled = False
-        try:
-            fn = torch.compile(_philox, dynamic=False)
-            probe = torch.arange((1 << 32) - 5, (1 << 32) - 5 + BLOCK, dtype=torch.int64)
-            if torch.equal(fn(torch.tensor(7), torch.tensor(9), probe), _philox(7, 9, probe)):
-                _compiled = fn
-        except Exception as e:  # no C++ compiler, an inductor failure: eager is exact too, only slower
-            print(f"mbmerge: torch.compile unavailable ({type(e).__name__}); DARE masks stay eager",
-                  file=sys.stderr)
-    return _compiled

@@ -18,7 +18,8 @@ import importlib
 from .contract import CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, resolve_params, row_length  # noqa
 from .registry import EMBEDDINGS, PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
 
-_LAZY = {**dict.fromkeys(["apply_chunk", "merge_chunk", "model_scope", "reductions", "thresholds"], ".dispatch"),
+_LAZY = {**dict.fromkeys(["apply_chunk", "chunk_cuts", "merge_chunk", "model_scope", "reductions", "thresholds"],
+                         ".dispatch"),
          **dict.fromkeys(["merge_tensors", "merge_state_dicts", *REGISTRY], ".library"),
          "Ranking": ".ranking"}
 

@@ -38,12 +38,21 @@ def _rank01(a: torch.Tensor, m: int) -> torch.Tensor:
     return rank.view(-1).to(torch.float32).div_(m - 1)
 
 
+def keep_rates(d: torch.Tensor, rho: float, eps: float, m: int, b: torch.Tensor | None = None) -> torch.Tensor:
+    """p(j) of d (or of d = x - b, given b and x as d), compiled where the kernels run."""
+    p = kernels.keep_rates(b, d, m, rho - eps, 2 * eps)
+    if p is None:
+        a = (d.float() - b.float()).abs_() if b is not None else d.abs()
+        p = _rank01(a, m).mul_(2 * eps).add_(rho - eps)
+    return p
+
+
 def _kept(d: torch.Tensor, i: int, rho: float, eps: float, m: int, seed: int, key: str, offset: int,
           inverse: bool) -> torch.Tensor:
     """keep_i * d_i, divided by p_i(j) if inverse; d holds whole rows."""
     if rho >= 1:
         return d
-    p = _rank01(d.abs(), m).mul_(2 * eps).add_(rho - eps)
+    p = keep_rates(d, rho, eps, m)
     u = kernels.uniform(expert_seed(seed, key, i), offset, d.numel(), d.device)
     e = (p - u).sign_().relu_().mul_(d)                                      # [u < p] * d, as float arithmetic
     return e.div_(p) if inverse else e

@@ -58,15 +58,22 @@ def apply_chunk(method: Method, params: dict, reduced: dict, b, xs, offset: int,
     return merge_chunk(method, params, reduced, b, xs, offset, key, shape, out_dtype, stat)[0]
 
 
+def chunk_cuts(method: Method, reduced: dict, b, xs) -> dict:
+    """reduced with a Ranking replaced by this chunk's Cuts: called for the chunks in visiting order (by
+    merge_chunk, or by a caller that merges chunks out of order after)."""
+    if not isinstance(reduced.get("thr"), Ranking):
+        return reduced
+    fused = method.fused is not None and kernels.fused(xs[0].device)
+    counts = (kernels.tie_counts(b, xs) if fused else None) or tie_counts(lambda i: _magnitude(b, xs[i]))
+    return dict(reduced, thr=reduced["thr"].cuts(xs[0].numel(), *counts))
+
+
 def merge_chunk(method: Method, params: dict, reduced: dict, b, xs, offset: int, key: str, shape: tuple,
                 out_dtype: torch.dtype = torch.float32, stat: list | None = None):
     """apply_chunk, and the fused kernel's counts of non-finite values [output, base, experts] when it
     counted them while merging (the compiled CPU loops do), else None."""
-    available = dict(params, **reduced, offset=offset, key=key, shape=shape)
+    available = dict(params, **chunk_cuts(method, reduced, b, xs), offset=offset, key=key, shape=shape)
     fused = method.fused is not None and kernels.fused(xs[0].device)
-    if isinstance(available.get("thr"), Ranking):   # this chunk's Cuts, in visiting order
-        counts = (kernels.tie_counts(b, xs) if fused else None) or tie_counts(lambda i: _magnitude(b, xs[i]))
-        available["thr"] = available["thr"].cuts(xs[0].numel(), *counts)
     if fused:
         adapter = step(method.fused).fn
         done = adapter(b, xs, out_dtype=out_dtype, **{k: available[k] for k in method.apply.takes})

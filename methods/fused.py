@@ -8,6 +8,7 @@ or the tensors (then the torch method runs).
 """
 from .. import kernels
 from ..kernels.dare import expert_seed
+from ._blocks import row_length
 from .ranking import Cut
 
 
@@ -34,6 +35,16 @@ def _random(xs, density, seed, key, offset, gain) -> dict:
     """DARE's keep masks: seeds per expert, as methods.dare._kept."""
     return {"trim": "random", "density": density, "gain": gain, "offset": offset,
             "seeds": [expert_seed(seed, key, i) for i in range(len(xs))]}
+
+
+def _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> dict | None:
+    """DELLA's drop with the keep rate of each element (della_magprune.keep_rates): the compiled C loops only."""
+    if not kernels.compiled(xs[0].device) or not kernels.cpu.covers(b, *xs):
+        return None
+    m = row_length(shape)
+    rates = [kernels.keep_rates(b, x, m, rho - eps, 2 * eps) if rho < 1 else None
+             for x, rho, eps in zip(xs, density, epsilon)]
+    return {**_random(xs, [1.0] * len(xs), seed, key, offset, gain), "rates": rates, "inverse": rescale == "inverse"}
 
 
 def linear(b, xs, *, weights, normalize, out_dtype):
@@ -78,3 +89,17 @@ def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, consensus, aggregat
     if mtl != "ta":
         return None
     return kernels.tall_merge(b, xs, weights=weights, tall_lambda=tall_lambda, k=k, scale=scale, out_dtype=out_dtype)
+
+
+def della_linear(b, xs, *, weights, scale, normalize, density, epsilon, rescale, seed, key, offset, shape, gain,
+                 out_dtype):
+    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain)
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize), **drop,
+                               out_dtype=out_dtype) if drop else None
+
+
+def della(b, xs, *, weights, scale, consensus, aggregate, density, epsilon, rescale, seed, key, offset, shape, gain,
+          out_dtype):
+    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) if _elects(xs) else None
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale, **drop, elect=consensus, aggregate=aggregate,
+                               out_dtype=out_dtype) if drop else None

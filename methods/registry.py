@@ -115,7 +115,8 @@ REGISTRY = {m.name: m for m in [
            apply=step("della_magprune:apply_ties", "weights scale consensus aggregate density epsilon rescale seed "
                                                  "key offset shape gain"),
            reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
-           trim="random", elect="sign", mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
+           fused="fused:della", trim="random", elect="sign",
+           mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
            demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "epsilon": 0.1}),
     Method(name="della_linear", summary="random drop, keep probability rising with |d| rank in the row; then "
            "task arithmetic", paper="https://arxiv.org/abs/2406.11617",
@@ -123,7 +124,8 @@ REGISTRY = {m.name: m for m in [
            apply=step("della_magprune:apply_linear", "weights scale normalize density epsilon rescale seed key "
                                                    "offset shape gain"),
            reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
-           trim="random", mergekit={**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True}, demo=_DEMO_TRIM,
+           fused="fused:della_linear", trim="random",
+           mergekit={**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True}, demo=_DEMO_TRIM,
            bench={**_BENCH_TRIM, "epsilon": 0.1}),
     Method(name="magmax", summary="per element the delta of largest magnitude: b + lam * d_argmax",
            paper="https://arxiv.org/abs/2407.06322", params=(SCALE,),

@@ -81,16 +81,18 @@ FUSED = [(n, {}) for n in NAMES if mbmerge.methods.get(n).fused is not None] + [
 @pytest.mark.parametrize("method,params", FUSED)
 def test_the_engine_on_fused_kernels_writes_the_torch_methods_bytes(wide_family, tmp_path, monkeypatch, method, params):
     """The whole streamed merge (4096-element chunks, so DARE's offsets and per-tensor thresholds
-    are exercised) through the fused Triton kernels, interpreted, against the torch methods. Methods
-    that read a tensor once (task_arithmetic, linear, model-wide ranks) hand the kernels bf16 chunks."""
+    are exercised) through the fused Triton kernels, interpreted, and through the compiled CPU loops
+    (backend auto on the CPU), against the torch methods. Methods that read a tensor once
+    (task_arithmetic, linear, model-wide ranks) hand the Triton kernels bf16 chunks; the compiled loops
+    always read the stored bytes."""
     p = wide_family["paths"]
     runs = {}
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton", "auto"):
         out = mbmerge.merge(method, base=str(p["base"]), experts=[str(p[f"e{i}"]) for i in range(3)],
                             out=tmp_path / impl, progress=False, memory_budget="100KB", device="cpu", kernels=impl,
                             **params)
         runs[impl] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
-    assert runs["torch"] == runs["triton"]
+    assert runs["torch"] == runs["triton"] == runs["auto"]
 
 
 def test_every_parameter_has_a_command_line_option():

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections import namedtuple
 from math import prod
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,15 +81,30 @@ def test_family_loads_in_transformers_and_experts_differ(cfg, tmp_path):
     assert all(torch.equal(t, read(again / "math")[n]) for n, t in math.items())  # deterministic
 
 
+def spinning() -> list[str]:
+    """Processes running bench's busy loop."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"while True: pass" in cmdline.read_bytes():
+                found.append(cmdline.parent.name)
+        except OSError:
+            pass
+    return found
+
+
 def test_bench_writes_json_and_png(run_main, tmp_path):
     code, out, err = run_main("bench", "--hidden", "64", "--layers", "2", "--vocab", "128", "--methods", "ties",
-                              "--cache", tmp_path, "--vs", "mergekit", "--mergekit", tmp_path / "no-mergekit")
+                              "--cache", tmp_path, "--vs", "mergekit", "--mergekit", tmp_path / "no-mergekit",
+                              "--busy", "1")
     assert code == 0, err
+    assert "1 busy processes" in out and not spinning(), "the busy process outlived the bench"
     assert "NOT FOUND" in err and "NOT FOUND" in out
     report = json.loads((tmp_path / "custom-h64-l2-v128-e2.json").read_text())
     assert {"fixture", "model", "layers", "params", "experts", "device", "machine", "rows"} <= set(report)
     assert report["params"] == n_params(model_config("custom", 2, hidden=64, vocab=128))
     assert {"cpus", "gpu", "torch", "mergekit_version"} <= set(report["machine"])
+    assert report["machine"]["busy_processes"] == 1
     (row,) = report["rows"]
     assert {"method", "input_GB", "mbmerge_s", "mbmerge_in_GBps", "mbmerge_rss_GB", "floor_s", "floor_in_GBps",
             "x_floor"} <= set(row) and "mergekit_s" not in row

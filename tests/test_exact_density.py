@@ -88,7 +88,7 @@ CASES = {"ties": {}, "breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma
          "localize_stitch": {}, "consensus": {"mtl": "ties"}}
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "auto"])    # auto on the CPU: the compiled loops
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 @pytest.mark.parametrize("method", list(CASES))
 def test_exactly_k_by_a_stable_sort_for_any_chunking_and_backend(tied, tmp_path, method, scope, impl):

@@ -18,7 +18,7 @@ TIES_SUM = dict(aggregate="sum", consensus="sum", scale=1.0)
 
 def _want(t, name, experts, p, s):
     return merge_tensors("ties", t["base"][name].bfloat16(), [t[e][name].bfloat16() for e in experts], key=name,
-                         density=p, weights=s, **TIES_SUM)
+                         density=p, weights=s, keep_ties=True, **TIES_SUM)
 
 
 @pytest.mark.parametrize("mix", [Mix((0, 1), (0.3, 0.5), (0.8, 0.6)),

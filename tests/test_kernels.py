@@ -125,15 +125,11 @@ def test_dare_masks_differ_across_tensors_experts_and_seeds():
     assert torch.equal(a, out(key="a", seed=0))
 
 
-def test_compiled_cpu_uniforms_equal_the_reference_bit_for_bit(monkeypatch):
-    """After COMPILE_AFTER uniforms the CPU path compiles Philox (torch.compile): same bits, for any
-    seed, start (here across 2^32, the counter's second word) and length (blocks cut at the end)."""
-    from mbmerge.kernels import dare
-    monkeypatch.setattr(dare, "COMPILE_AFTER", 0)
-    monkeypatch.setattr(dare, "_compiled", None)
-    monkeypatch.setattr(dare, "_drawn", 0)
-    for seed, start, n in [(expert_seed(3, "a.weight", 1), (1 << 32) - 70_000, 2 * dare.BLOCK + 5),
-                           ((1 << 62) + 12345, 17, dare.BLOCK // 2)]:
-        got = dare.uniform_cpu(seed, start, n)
+def test_compiled_cpu_uniforms_equal_the_reference_bit_for_bit():
+    """The C loops' Philox draws the reference's bits for any seed, start (here across 2^32, the
+    counter's second word) and length (pieces and vectors cut at the end), on one thread or several."""
+    from mbmerge.kernels import cpu
+    for seed, start, n in [(expert_seed(3, "a.weight", 1), (1 << 32) - 70_000, 2 * cpu.PIECE + 5),
+                           ((1 << 62) + 12345, 17, 13), (5, 0, 0)]:
+        got = mbmerge.kernels.uniform(seed, start, n)
         assert torch.equal(got.view(torch.int32), uniform_ref(seed, torch.arange(start, start + n)).view(torch.int32))
-    assert dare._compiled, "torch.compile did not work here: the CPU path is eager (and slow) for DARE"

@@ -1,0 +1,217 @@
+"""The compiled CPU loops (kernels/cpu_merge.c through kernels/cpu.py) against plain torch: every fused
+method's merge bit for bit with its torch method, on one thread and several, at odd sizes and offsets;
+the radix histograms against torch.bincount; tie counts and positions, DELLA's keep rates and the
+Philox uniforms against references written here; the non-finite counts; the fallback when the
+library is missing. (Whole merges, compiled against torch, byte for byte: test_all_methods.py and
+test_exact_density.py.)"""
+import pytest
+import torch
+
+from mbmerge import kernels, methods
+from mbmerge.kernels import cpu
+from mbmerge.kernels.dare import uniform_ref
+from mbmerge.kernels.select import HI_BINS, INF_BIN, LO_BINS
+from mbmerge.methods.ranking import Rank, Ranking, bounds
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the compiled CPU kernels are not built here")
+
+FUSED = [n for n, m in methods.REGISTRY.items() if m.fused is not None and n not in ("localize_stitch", "consensus")]
+BIG = 3 * cpu.PIECE + 13          # several pieces: the threads share the chunk
+CASES = [  # (experts, rows, row length, input dtype, output dtype)
+    (1, 1, 1, torch.float32, torch.float32),
+    (2, 7, 143, torch.bfloat16, torch.bfloat16),    # 1001 elements: a vector's tail
+    (3, 5, 1000, torch.float16, torch.float32),
+    (3, 3, 1000, torch.float32, torch.bfloat16),
+    (5, 4, 700, torch.bfloat16, torch.float16),
+    (2, 1, BIG, torch.bfloat16, torch.bfloat16),
+    (3, 97, 1013, torch.bfloat16, torch.float32),   # 98,261 elements in rows
+]
+OFFSET = 2**32 - 3000   # the chunk's place in its tensor: Philox counters cross into the second word
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request, monkeypatch):
+    monkeypatch.setattr(cpu, "threads", lambda: request.param)
+    return request.param
+
+
+def bf16_deltas(n: int, T: int, dtype, seed: int = 0):
+    """b and T experts: deltas of a few rounding steps (|d| ties massively) plus sparse larger ones."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=g) * 0.05
+    xs = []
+    for _ in range(T):
+        d = torch.randint(-3, 4, (n,), generator=g) * b.abs() * 2 ** -7
+        d += (torch.rand(n, generator=g) < 0.05) * torch.randn(n, generator=g) * 2e-2
+        xs.append(b + d)
+    return b.to(dtype), [x.to(dtype) for x in xs]
+
+
+def params_for(name: str, T: int, case: int) -> dict:
+    """A zero weight in even cases, both elections and aggregations, every rescale, rho = 1 for one expert."""
+    w = [1.0, 0.0, 0.5, 2.0, 0.7][:T] if case % 2 == 0 else [0.6 + 0.1 * i for i in range(T)]
+    given = dict(weights=w, scale=[1.0, 0.7, 1.3][case % 3], consensus=["sum", "count"][case % 2],
+                 aggregate=["mean", "sum"][case // 2 % 2], normalize=case % 2 == 0,
+                 rescale=["inverse", "l1", "none"][case % 3], seed=case, gamma=0.05, epsilon=0.1,
+                 density=[0.3, 1.0, 0.5, 0.9, 0.2][:T])
+    names = {p.name for p in methods.get(name).params}
+    return {k: v for k, v in given.items() if k in names}
+
+
+def merged(name, b, xs, params, shape, out_dtype, impl):
+    """One chunk through dispatch (reductions, then merge_chunk) with the kernel choice impl: the
+    compiled loops on the stored dtypes, or the torch method on float32 copies, cast to out_dtype."""
+    method = methods.get(name)
+    p = methods.resolve_params(method, len(xs), params)
+    bf, xf = b.float(), [x.float() for x in xs]
+    with kernels.using(impl):
+        reduced = methods.reductions(method, p, lambda: [(bf, xf, OFFSET)], "layer.w", shape)
+        if impl == "torch":
+            b, xs = bf, xf
+        out, bad = methods.merge_chunk(method, p, reduced, b, xs, OFFSET, "layer.w", shape, out_dtype)
+    return out.to(out_dtype), bad
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("name", FUSED)
+def test_compiled_merge_is_the_torch_methods_bit_for_bit(threads, name, case):
+    T, rows, m, dtype, out_dtype = CASES[case]
+    b, xs = bf16_deltas(rows * m, T, dtype, seed=case)
+    params, shape = params_for(name, T, case), (rows, m)
+    got, bad = merged(name, b, xs, params, shape, out_dtype, "auto")
+    want, _ = merged(name, b, xs, params, shape, out_dtype, "torch")
+    assert bad == [0] * (T + 2), "the compiled loops did not run, or counted finite values"
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_a_chunk_split_across_threads_gives_the_same_bytes():
+    b, xs = bf16_deltas(BIG, 3, torch.bfloat16, seed=9)
+    runs = []
+    for n in (1, 2, 5):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu, "threads", lambda n=n: n)
+            runs.append(merged("dare_ties", b, xs, params_for("dare_ties", 3, 1), (BIG,), torch.bfloat16, "auto")[0])
+    assert all(torch.equal(r.view(torch.int16), runs[0].view(torch.int16)) for r in runs[1:])
+
+
+def special_values(n: int, seed: int) -> torch.Tensor:
+    """Deltas plus zeros of both signs, subnormals, Inf and NaN."""
+    v = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 1e-3
+    specials = torch.tensor([0.0, -0.0, 1e-40, -3e-41, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    v[:min(n, 8)] = specials[:min(n, 8)]
+    return v
+
+
+def keys(v: torch.Tensor, top: int | None) -> torch.Tensor:
+    """The radix keys, plainly: the top 16 bits of |v|'s float32 bits, or the low 16 bits of the members
+    of bin `top`, shifted by one (select.py's [below, 65536 keys, above] layout)."""
+    bits = v.float().abs().view(torch.int32).to(torch.int64)
+    if top is None:
+        return bits >> 16
+    hi = bits >> 16
+    return torch.where(hi < top, 0, torch.where(hi > top, LO_BINS + 1, (bits & 0xFFFF) + 1))
+
+
+@pytest.mark.parametrize("n", [1, 7, 4095, BIG])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16), (None, torch.bfloat16)])
+def test_histograms_equal_bincount(threads, n, dtypes):
+    bd, xd = dtypes
+    x = special_values(n, n).to(xd)
+    b = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-3).to(bd) if bd else None
+    v = x.float() - b.float() if b is not None else x.float()
+    top_bins = [None, 0, int(keys(v, None)[v.isfinite()][-1]), 0x7F7F]    # the engine ranks finite bins alone
+    hists = [torch.zeros(1, HI_BINS if t is None else LO_BINS + 2, dtype=torch.int64) for t in top_bins]
+    cpu.histograms(hists, b, [x] * len(top_bins), top_bins)
+    cpu.histograms(hists, b, [x] * len(top_bins), top_bins)             # adds to what is there
+    nan = INF_BIN + 1         # NaNs rank above Inf whatever their payload (torch and F16C widen fp16 NaNs apart)
+    for h, top in zip(hists, top_bins):
+        want = torch.bincount(keys(v, top), minlength=h.shape[1])
+        if top is not None:
+            want[0] = want[-1] = 0                       # only the bin's members are counted
+        else:
+            want[nan], got = want[nan:].sum(), h[0].clone()
+            want[nan + 1:], got[nan], got[nan + 1:] = 0, got[nan:].sum(), 0
+            h = got[None]
+        assert torch.equal(h[0], 2 * want), top
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_tie_counts_and_positions(with_base):
+    g = torch.Generator().manual_seed(2)
+    for n in (0, 1, 9, 100, 1001):
+        b = (torch.randint(-3, 4, (n,), generator=g) * 0.5).bfloat16() if with_base else None
+        x = (torch.randint(-3, 4, (n,), generator=g) * 0.5).half()
+        mag = (x.float() - b.float()).abs() if with_base else x.float().abs()
+        count, locate = cpu.tie_counts(b, [x])
+        for t in (0.0, 1.0, 2.5):
+            where = [j for j in range(n) if float(mag[j]) == t]
+            assert count(0, t) == len(where)
+            assert [locate(0, t, k) for k in range(1, len(where) + 2)] == [j + 1 for j in where] + [-1]
+
+
+def test_ranks_cut_tied_entries_in_visiting_order_on_the_compiled_path():
+    """A Ranking fed by the compiled counts keeps exactly k, the first ties by flat index."""
+    b, xs = bf16_deltas(BIG, 1, torch.bfloat16, seed=4)
+    mag = (xs[0].float() - b.float()).abs()
+    k = BIG // 5
+    chunks = lambda: iter([(b[a:a + 10_000], [xs[0][a:a + 10_000]]) for a in range(0, BIG, 10_000)])  # noqa: E731
+    ranking = Ranking(bounds([[Rank(k)]], chunks, BIG, keep_ties=False))
+    kept = []
+    for cb, cx in chunks():
+        cut = ranking.cuts(cx[0].numel(), *cpu.tie_counts(cb, cx))[0][0]
+        kept.append(cut.mask((cx[0].float() - cb.float()).abs()))
+    order = sorted(range(BIG), key=lambda j: (-float(mag[j]), j))[:k]     # a stable sort by (-|d|, index)
+    want = torch.zeros(BIG, dtype=torch.bool)
+    want[order] = True
+    assert torch.equal(torch.cat(kept), want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 300])
+def test_keep_rates_rank_each_row_stably(threads, m):
+    rows, lo, step = 40, 0.05, 0.3
+    g = torch.Generator().manual_seed(m)
+    b = torch.randn(rows * m, generator=g).bfloat16()
+    x = (b.float() + torch.randint(-2, 3, (rows * m,), generator=g) * 0.01).bfloat16()
+    x[3] = float("nan")
+    got = cpu.keep_rates(b, x, m, lo, step)
+    a = (x.float() - b.float()).abs().view(rows, m).tolist()
+    ranks = []
+    for row in a:   # ascending |d|, ties by position, NaN last
+        order = sorted(range(m), key=lambda j: (row[j] != row[j], row[j] if row[j] == row[j] else 0.0, j))
+        rank = [0] * m
+        for r, j in enumerate(order):
+            rank[j] = r
+        ranks += rank
+    r = torch.full((rows * m,), 0.5) if m == 1 else torch.tensor(ranks, dtype=torch.float32) / (m - 1)
+    assert torch.equal(got.view(torch.int32), (r * step + lo).view(torch.int32))
+
+
+def test_uniforms_are_philox_bit_for_bit(threads):
+    for seed, start, n in [(12345, 2**32 - 70_000, BIG), (2**62 + 1, 5, 13), (7, 0, 0)]:
+        got = cpu.uniforms(seed, start, n)
+        assert torch.equal(got.view(torch.int32), uniform_ref(seed, torch.arange(start, start + n)).view(torch.int32))
+
+
+def test_non_finite_values_are_counted_where_they_are():
+    n = 5000
+    b, xs = bf16_deltas(n, 3, torch.bfloat16)
+    b[17] = float("nan")
+    xs[2][4000] = float("inf")
+    out, bad = cpu.delta_merge(b, xs, weights=[1.0] * 3, scale=1.0)
+    assert bad[1] > 0 and bad[2] == bad[3] == 0 and bad[4] > 0 and bad[0] > 0     # [out, base, e0, e1, e2]
+    assert out[17].isnan() and out[4000].isinf() and out[:16].isfinite().all()
+    big = torch.full((100,), 3e38)                        # finite float32, Inf once cast to bf16 or summed
+    _, bad = cpu.delta_merge(None, [big, big], weights=[1.0, 1.0], scale=1.0, out_dtype=torch.bfloat16)
+    assert bad[0] > 0 and bad[1:] == [0, 0, 0]
+
+
+def test_without_the_library_mbmerge_says_so_once_and_merges_with_torch(monkeypatch, capsys):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2"})
+    assert cpu.library.__wrapped__() is None
+    assert "lacks AVX2 or F16C" in capsys.readouterr().err
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    b, xs = bf16_deltas(1000, 2, torch.bfloat16)
+    assert not kernels.compiled("cpu") and kernels.delta_merge(b, xs, weights=[1.0, 1.0], scale=1.0) is None
+    got, bad = merged("ties", b, xs, params_for("ties", 2, 0), (1000,), torch.bfloat16, "auto")
+    want, _ = merged("ties", b, xs, params_for("ties", 2, 0), (1000,), torch.bfloat16, "torch")
+    assert bad is None and torch.equal(got.view(torch.int16), want.view(torch.int16))
