@@ -12,8 +12,8 @@ import sys
 import click
 
 from .. import methods
-from ..common.errors import MbmergeError
-from ..common.names import KERNEL_BACKENDS, ZOO_SIZES
+from ..common.errors import BadParameter, MbmergeError
+from ..common.names import KERNEL_BACKENDS, ZOO_SIZES, domain_names
 from .options import listed as _listed, method_param_options
 from .stats import data_kwargs, data_options
 
@@ -137,7 +137,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
         experts = _listed(experts) or []
-    _check(method, experts, given, protocol, out, overwrite)
+    _check(method, experts, base, given, protocol, out, overwrite)
     from ..stats.prepare import merge as merge_models   # torch, from here on
     with _resumable():
         path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
@@ -151,15 +151,24 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         click.echo(f"merged model written to {path}")
 
 
-def _check(method: str, experts: list, given: dict, protocol: str | None, out, overwrite: bool) -> None:
+def _check(method: str, experts: list, base: str | None, given: dict, protocol: str | None, out,
+           overwrite: bool) -> None:
     """The errors a user can make in the command itself, before torch is imported: the method, its
-    parameters and expert count, and where the output goes (the engine checks them again)."""
+    parameters and expert count, where the output goes, and model references that name nothing (the
+    engine checks them again)."""
     from ..engine.output import check_location
+    from ..engine.resolve import hub_repo
     row = methods.get(method)
     methods.check_experts(row, len(experts))
     chosen = {k: v for k, v in methods.protocol_defaults(row, protocol).items() if k != "keep_base"}
     methods.resolve_params(row, len(experts), {**chosen, **given})
     check_location(out, overwrite)
+    if base is None and domain_names(experts) is not None:
+        return                                      # the built-in family's models
+    if base is None and row.needs_base:
+        raise BadParameter(f"method {method} needs a base model (--base)")
+    for ref, role in [(base, "base")] * (base is not None) + [(e, f"expert {e}") for e in experts]:
+        hub_repo(ref, role, base)
 
 
 class Interrupted(Exception):

@@ -33,17 +33,24 @@ def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
         role: "base" or "expert NAME", used in messages.
         base_ref: the base's reference, needed to resolve a domain short name.
     """
+    repo = hub_repo(ref, role, base_ref)
+    return Source(ref, Path(ref), None, role) if repo is None else _download(repo, role, ref)
+
+
+def hub_repo(ref: str, role: str, base_ref: str | None = None) -> str | None:
+    """The hub repository `ref` names, or None for an existing folder; the reference's error (no such
+    folder, a domain without a base, not a reference at all) before anything is downloaded."""
     if os.path.exists(ref):
-        return Source(ref, Path(ref), None, role)
+        return None
     if os.path.isabs(ref) or ref.startswith((".", "~")) or ref.partition("@")[0].count("/") > 1:
         raise BadModel(f"{_who(role, ref)}: no such folder")
     if is_domain(ref):
         if base_ref is None:
             raise UnknownExpert(f"{_who(role, ref)} is a MergeBench domain; pass --base to say which "
                                 f"family (e.g. --base google/gemma-2-2b)")
-        return _download(mergebench_repo(base_ref, ref), role, ref)
+        return mergebench_repo(base_ref, ref)
     if HUB_ID.match(ref):
-        return _download(ref, role, ref)
+        return ref
     raise UnknownExpert(f"{_who(role, ref)} is not a folder, a hub id (owner/name) or a MergeBench domain "
                         f"({', '.join(sorted(DOMAIN_ALIASES))})")
 

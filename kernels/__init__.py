@@ -116,6 +116,17 @@ def keep_rates(b, x, m: int, lo: float, step: float):
     return cpu.keep_rates(b, x, m, lo, step) if compiled(x.device) and cpu.covers(b, x) else None
 
 
+def l1_sums(b, xs, **kw):
+    """mergekit's L1 rescale sums of a chunk by the compiled C loops (cpu.l1_sums), else None."""
+    return cpu.l1_sums(b, xs, **kw) if compiled(xs[0].device) and cpu.covers(b, *xs) else None
+
+
+def fold_sums(v, granule: int):
+    """_blocks.granule_sums of a float32 tensor by the compiled C loops (cpu.fold_sums), else None."""
+    ok = compiled(v.device) and v.dtype == torch.float32 and v.is_contiguous() and cpu.covers(v)
+    return cpu.fold_sums(v, granule) if ok else None
+
+
 def tie_counts(b, xs):
     """Ranking.cuts' count and locate on a chunk whose inputs the compiled C loops read, else None."""
     return cpu.tie_counts(b, xs) if compiled(xs[0].device) and cpu.covers(b, *xs) else None

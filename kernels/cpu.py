@@ -27,7 +27,7 @@ PIECE = 1 << 15          # elements a thread takes at a time: 64 KiB of bf16 per
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TRIMS, ELECTS = {"none": 0, "band": 1, "random": 2}, {"none": 0, "sum": 1, "count": 2}
 ALL_TIES = 1 << 62
-i64p, f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+i64p, f32p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double)
 
 
 class MergeArgs(ctypes.Structure):
@@ -35,9 +35,11 @@ class MergeArgs(ctypes.Structure):
                 ("T", ctypes.c_int32), ("trim", ctypes.c_int32), ("elect", ctypes.c_int32), ("mean", ctypes.c_int32),
                 ("b", ctypes.c_void_p), ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
                 ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("w", f32p), ("lo", f32p), ("hi", f32p), ("p", f32p),
-                ("g", f32p), ("pj", ctypes.POINTER(ctypes.c_void_p)), ("inverse", ctypes.c_int32), ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
+                ("g", f32p), ("pj", ctypes.POINTER(ctypes.c_void_p)), ("inverse", ctypes.c_int32),
+                ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
                 ("div", ctypes.c_float), ("scale", ctypes.c_float), ("den0", ctypes.c_float),
-                ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int32), ("bad", i64p)]
+                ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int32), ("bad", i64p),
+                ("granule", ctypes.c_int64), ("sums", f64p)]
 
 
 class UniformArgs(ctypes.Structure):
@@ -49,6 +51,11 @@ class RateArgs(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64), ("m", ctypes.c_int64), ("piece", ctypes.c_int64), ("b", ctypes.c_void_p),
                 ("b_dt", ctypes.c_int32), ("x", ctypes.c_void_p), ("x_dt", ctypes.c_int32), ("lo", ctypes.c_float),
                 ("step", ctypes.c_float), ("out", f32p)]
+
+
+class FoldArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("granule", ctypes.c_int64), ("piece", ctypes.c_int64), ("v", f32p),
+                ("out", f64p)]
 
 
 class HistArgs(ctypes.Structure):
@@ -82,6 +89,10 @@ def library() -> ctypes.CDLL | None:
     lib.uniforms.restype = None
     lib.keep_rates.argtypes = [ctypes.POINTER(RateArgs), i64p]
     lib.keep_rates.restype = ctypes.c_int64
+    lib.l1_sums.argtypes = [ctypes.POINTER(MergeArgs), i64p]
+    lib.l1_sums.restype = ctypes.c_int64
+    lib.fold_sums.argtypes = [ctypes.POINTER(FoldArgs), i64p]
+    lib.fold_sums.restype = ctypes.c_int64
     return lib
 
 
@@ -129,6 +140,17 @@ def _array(ctype, values):
     return (ctype * len(values))(*values)
 
 
+def _sources(b, xs) -> dict:
+    """The base and the experts' chunks as the C structs take them (the tensors must outlive the call)."""
+    return dict(b=b.data_ptr() if b is not None else None, b_dt=DTYPES[b.dtype] if b is not None else 0,
+                xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
+                x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]))
+
+
+def _rates(rates, T):
+    return _array(ctypes.c_void_p, [r.data_ptr() if r is not None else None for r in rates or [None] * T])
+
+
 def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, lo_pos=None, hi_pos=None,
                 density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean", rates=None,
                 inverse=False, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
@@ -144,14 +166,11 @@ def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None
     held = [x.contiguous() for x in xs]           # alive until the call returns
     args = MergeArgs(
         n=n, offset=offset, piece=PIECE, T=T, trim=TRIMS[trim], elect=ELECTS[elect], mean=int(aggregate == "mean"),
-        b=b.data_ptr() if b is not None else None, b_dt=DTYPES[b.dtype] if b is not None else 0,
-        xs=_array(ctypes.c_void_p, [x.data_ptr() for x in held]),
-        x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in held]),
-        w=_array(ctypes.c_float, w), lo=_array(ctypes.c_float, _or(lo, 0.0, T)),
+        **_sources(b, held), w=_array(ctypes.c_float, w), lo=_array(ctypes.c_float, _or(lo, 0.0, T)),
         hi=_array(ctypes.c_float, _or(hi, float("inf"), T)), p=_array(ctypes.c_float, _or(density, 1.0, T)),
         g=_array(ctypes.c_float, _or(gain, 1.0, T)), lo_pos=_array(ctypes.c_int64, _or(lo_pos, ALL_TIES, T, int)),
         hi_pos=_array(ctypes.c_int64, _or(hi_pos, 0, T, int)), inverse=int(inverse),
-        pj=_array(ctypes.c_void_p, [r.data_ptr() if r is not None else None for r in rates or [None] * T]), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
+        pj=_rates(rates, T), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
         div=float(div), scale=float(scale), den0=min(w) if min(w) > 0 else 1.0,
         out=out.data_ptr(), out_dt=DTYPES[out_dtype])
     bad = torch.zeros(threads(), T + 2, dtype=torch.int64)      # a row per thread: no shared counter
@@ -170,13 +189,44 @@ def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None
     layout: the first and last bins, below and above the top bin, stay 0)."""
     T, n = len(xs), xs[0].numel()
     row = [h.data_ptr() + 8 * (top is not None) for h, top in zip(hists, tops)]
-    args = HistArgs(n=n, piece=PIECE, T=T, b=b.data_ptr() if b is not None else None,
-                    b_dt=DTYPES[b.dtype] if b is not None else 0,
-                    xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
-                    x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]),
+    args = HistArgs(n=n, piece=PIECE, T=T, **_sources(b, xs),
                     top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
                     hist=_array(ctypes.c_void_p, row))
     _run(library().histogram, [args] * threads(), n)
+
+
+def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list[float] | None = None,
+            rates=None) -> torch.Tensor:
+    """[2, T, granules] float64: per granule of the chunk, the sums of |d_i| and of |keep_i d_i| (DARE's
+    mask at `density`, or DELLA's at each element's rate from keep_rates), as _blocks.granule_sums sums."""
+    T, n = len(xs), xs[0].numel()
+    granules = -(-n // granule)
+    sums = torch.zeros(2, T, granules, dtype=torch.float64)
+    held = [x.contiguous() for x in xs]
+    args = MergeArgs(n=n, offset=offset, piece=max(1, PIECE // granule), T=T, trim=TRIMS["random"],
+                     **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(rates, T),
+                     seeds=_array(ctypes.c_uint64, list(seeds)), granule=granule,
+                     sums=ctypes.cast(sums.data_ptr(), f64p))
+    if n:
+        _checked(_run(library().l1_sums, [args] * threads(), granules * granule), granules, granule)
+    return sums
+
+
+def _checked(done: list[int], granules: int, granule: int) -> None:
+    if sum(done) != granules:
+        raise MemoryError(f"no memory for sums over granules of {granule} elements")
+
+
+def fold_sums(v: torch.Tensor, granule: int) -> torch.Tensor:
+    """_blocks.granule_sums of a contiguous float32 tensor, bit for bit."""
+    n = v.numel()
+    granules = -(-n // granule)
+    out = torch.zeros(granules, dtype=torch.float64)
+    args = FoldArgs(n=n, granule=granule, piece=max(1, PIECE // granule), v=ctypes.cast(v.data_ptr(), f32p),
+                    out=ctypes.cast(out.data_ptr(), f64p))
+    if n:
+        _checked(_run(library().fold_sums, [args] * threads(), granules * granule), granules, granule)
+    return out
 
 
 def uniforms(seed: int, start: int, n: int) -> torch.Tensor:

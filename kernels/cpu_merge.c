@@ -42,6 +42,8 @@ typedef struct {
     float div, scale, den0;
     void *out; int32_t out_dt;
     int64_t *bad;                    /* [2 + T] this thread's blocks with non-finite values: output, base, experts */
+    int64_t granule;                 /* l1_sums: elements summed together (chunks start at multiples of it) */
+    double *sums;                    /* l1_sums: [2][T][granules] */
 } merge_args;
 
 /* ---- conversions: stored dtype <-> float32 arrays, whole vectors, then a scalar tail ---- */
@@ -359,6 +361,98 @@ void delta_merge(const merge_args *a, int64_t *next) {
         for (int64_t s = first; s < stop; s += BLOCK)
             merge_block(a, s, stop - s < BLOCK ? stop - s : BLOCK);
     }
+}
+
+/* ---- mergekit's L1 rescale (dare_drop and della_magprune rescale_gains): per granule of the chunk, the
+ * float64 sums of |d_i| and of |keep_i d_i|, each folded as _blocks.granule_sums folds (zero-padded to a
+ * power of two, the upper half added to the lower until one value is left): the torch path's bits ---- */
+
+static double fold(double *v, int64_t width) {
+    for (int64_t h = width / 2; h >= 1; h /= 2)
+        for (int64_t j = 0; j < h; j++) v[j] += v[j + h];
+    return v[0];
+}
+
+typedef struct {
+    int64_t n, granule, piece;       /* piece: granules a thread takes at a time */
+    const float *v;
+    double *out;                     /* [granules] */
+} fold_args;
+
+/* _blocks.granule_sums of float32 values: each granule widened to float64 and folded; the granules
+ * this thread summed (none where its scratch could not be allocated) */
+int64_t fold_sums(const fold_args *a, int64_t *next) {
+    const int64_t granules = (a->n + a->granule - 1) / a->granule;
+    int64_t width = 1, done = 0;
+    while (width < a->granule) width *= 2;
+    double *v = malloc((size_t)width * sizeof(double));
+    if (!v) return 0;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= granules) break;
+        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
+        for (int64_t g = first; g < stop; g++) {
+            int64_t start = g * a->granule, len = a->n - start < a->granule ? a->n - start : a->granule;
+            for (int64_t j = 0; j < len; j++) v[j] = (double)a->v[start + j];
+            for (int64_t j = len; j < width; j++) v[j] = 0.0;
+            a->out[g] = fold(v, width);
+        }
+        done += stop - first;
+    }
+    free(v);
+    return done;
+}
+
+ALWAYS void store_pd(double *dst, __m256 v) {
+    _mm256_storeu_pd(dst, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(dst + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+/* granule g, for each expert: full and kept hold `width` doubles (and at least a whole vector) */
+static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *full, double *kept, float *xs,
+                       float *bs) {
+    const int64_t G = a->granule, start = g * G, len = a->n - start < G ? a->n - start : G;
+    const int64_t granules = (a->n + G - 1) / G, room = width > V ? width : V;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < a->T; i++) {
+        memset(full, 0, (size_t)room * sizeof(double));
+        memset(kept, 0, (size_t)room * sizeof(double));
+        for (int64_t s = 0; s < len; s += BLOCK) {
+            int64_t n = len - s < BLOCK ? len - s : BLOCK;
+            load_block(xs, a->xs[i], a->x_dt[i], start + s, n);      /* zeros past n: |d| = 0 there */
+            if (a->b) load_block(bs, a->b, a->b_dt, start + s, n);
+            for (int64_t j = 0; j < n; j += V) {
+                __m256 d = _mm256_load_ps(xs + j);
+                if (a->b) d = _mm256_sub_ps(d, _mm256_load_ps(bs + j));
+                __m256 keep = keep8(a, i, d, start + s + j, TRIM_RANDOM);
+                store_pd(full + s + j, vabs(d));
+                store_pd(kept + s + j, vabs(_mm256_mul_ps(d, _mm256_and_ps(keep, one))));  /* [u < p] * d */
+            }
+        }
+        a->sums[i * granules + g] = fold(full, width);
+        a->sums[(a->T + i) * granules + g] = fold(kept, width);
+    }
+}
+
+/* Sum granules (a->piece at a time) until none is left; the granules this thread summed (the caller
+ * checks they add up: a thread whose scratch could not be allocated takes none). */
+int64_t l1_sums(const merge_args *a, int64_t *next) {
+    const int64_t granules = (a->n + a->granule - 1) / a->granule;
+    int64_t width = 1, done = 0;
+    while (width < a->granule) width *= 2;
+    double *scratch = aligned_alloc(32, 2 * (size_t)(width > V ? width : V) * sizeof(double));
+    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
+    if (!scratch) return 0;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= granules) break;
+        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
+        for (int64_t g = first; g < stop; g++)
+            l1_granule(a, g, width, scratch, scratch + (width > V ? width : V), xs, bs);
+        done += stop - first;
+    }
+    free(scratch);
+    return done;
 }
 
 /* ---- the radix-select histograms of |x_i - b| (select.py), and the ties of a Cut ---- */

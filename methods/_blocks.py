@@ -12,6 +12,7 @@ from math import floor
 import torch
 from torch.nn.functional import threshold
 
+from .. import kernels
 from .contract import CHUNK_ALIGN, row_length  # noqa: F401  (granule_sums' size; row-span methods' chunks)
 from .ranking import Cut
 
@@ -24,6 +25,11 @@ def top_k(rho: float, n: int) -> int:
 def deltas(b: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """d_i = x_i - b."""
     return [x - b for x in xs]
+
+
+def float_deltas(b: torch.Tensor | None, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d_i = x_i - b in float32, from chunks in any stored dtype (x_i itself without a base)."""
+    return [x.float() - b.float() if b is not None else x.float() for x in xs]
 
 
 def float_below(t: float) -> float:
@@ -88,12 +94,24 @@ def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:
 
     Chunks start at multiples of CHUNK_ALIGN (or, for row-span methods, of the row length, with
     size = row_length), so concatenating these per chunk and summing gives the same bits for any
-    chunking.
+    chunking. Each granule is summed in a fixed order, which the compiled C loops repeat bit for
+    bit (torch's own sum order is its business): zero-padded to a power of two, then the upper half
+    added to the lower until one value is left.
     """
-    v = v.double()
-    full = v.numel() // size * size
-    sums = v[:full].view(-1, size).sum(1)                         # [granules]
-    return torch.cat([sums, v[full:].sum().view(1)]) if full < v.numel() else sums
+    compiled = kernels.fold_sums(v, size)
+    if compiled is not None:
+        return compiled
+    granules, width, full = -(-v.numel() // size), 1 << (size - 1).bit_length(), v.numel() // size
+    if width == size and full == granules:
+        folded = v.double().view(granules, width)
+    else:
+        folded = v.new_zeros(granules, width, dtype=torch.float64)
+        folded[:full, :size] = v[:full * size].view(full, size)
+        folded[full:, :v.numel() - full * size] = v[full * size:]
+    while width > 1:
+        width //= 2
+        folded = folded[:, :width] + folded[:, width:]
+    return folded[:, 0]
 
 
 def float_above(t: float) -> float:
@@ -125,13 +143,25 @@ class Total:
         self.parts: list[float] = []
 
     def add(self, v: torch.Tensor, size: int = CHUNK_ALIGN) -> None:
-        self.parts.extend(granule_sums(v, size).tolist())
+        self.add_sums(granule_sums(v, size))
+
+    def add_sums(self, sums: torch.Tensor) -> None:
+        """Granule sums taken elsewhere (the compiled C loops)."""
+        self.parts.extend(sums.tolist())
 
     def value(self) -> float:
         return math.fsum(self.parts)
 
 
-def l1_gain(full: Total, kept: Total) -> float:
-    """||d||_1 / ||kept d||_1 (1 if a norm < 1e-7): mergekit's rescale of randomly dropped deltas."""
-    nf, nk = full.value(), kept.value()
-    return nf / nk if nf >= 1e-7 and nk >= 1e-7 else 1.0
+def l1_gains(chunks, sums, experts: int) -> list[float]:
+    """||d_i||_1 / ||kept_i d_i||_1 per expert (1 if a norm < 1e-7): mergekit's rescale of randomly
+    dropped deltas, over a tensor streamed in chunks; sums(b, xs, offset) -> [2, experts, granules]:
+    a chunk's granule sums of |d_i| and of |kept_i d_i|."""
+    full, kept = [Total() for _ in range(experts)], [Total() for _ in range(experts)]
+    for b, xs, offset in chunks():
+        s = sums(b, xs, offset)
+        for i in range(experts):
+            full[i].add_sums(s[0][i])
+            kept[i].add_sums(s[1][i])
+    norms = [(f.value(), k.value()) for f, k in zip(full, kept)]
+    return [f / k if f >= 1e-7 and k >= 1e-7 else 1.0 for f, k in norms]

@@ -13,7 +13,8 @@ import torch
 
 from .. import kernels
 from ..kernels.dare import expert_seed
-from ._blocks import Total, deltas, disjoint_merge, elect, l1_gain, weighted_sum
+from ._blocks import deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, weighted_sum
+from .contract import CHUNK_ALIGN
 
 
 def _kept(d: torch.Tensor, i: int, p: float, seed: int, key: str, offset: int) -> torch.Tensor:
@@ -27,12 +28,16 @@ def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key:
     """g_i, the per-expert rescale factor (needs a pass over the tensor only for 'l1')."""
     if rescale != "l1":
         return {"gain": [1 / p if rescale == "inverse" else 1.0 for p in density]}
-    full, kept = [Total() for _ in density], [Total() for _ in density]
-    for b, xs, offset in chunks():
-        for i, (d, p) in enumerate(zip(deltas(b, xs), density)):
-            full[i].add(d.abs())
-            kept[i].add(_kept(d, i, p, seed, key, offset).abs())
-    return {"gain": [l1_gain(f, k) for f, k in zip(full, kept)]}
+    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+
+    def sums(b, xs, offset):
+        compiled = kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=CHUNK_ALIGN, density=density)
+        if compiled is not None:
+            return compiled
+        ds = float_deltas(b, xs)
+        return [[granule_sums(d.abs()) for d in ds],
+                [granule_sums(_kept(d, i, p, seed, key, offset).abs()) for i, (d, p) in enumerate(zip(ds, density))]]
+    return {"gain": l1_gains(chunks, sums, len(density))}
 
 
 def _dropped(b, xs, density, seed, key, offset, gain) -> list[torch.Tensor]:

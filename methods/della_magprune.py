@@ -19,7 +19,7 @@ import torch
 from .. import kernels
 from ..common.errors import BadParameter
 from ..kernels.dare import expert_seed
-from ._blocks import Total, deltas, disjoint_merge, elect, l1_gain, row_length, weighted_sum
+from ._blocks import deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, row_length, weighted_sum
 
 
 def _check(density: list[float], epsilon: list[float]) -> None:
@@ -47,6 +47,15 @@ def keep_rates(d: torch.Tensor, rho: float, eps: float, m: int, b: torch.Tensor 
     return p
 
 
+def compiled_rates(b, xs, density: list[float], epsilon: list[float], m: int) -> list | None:
+    """Each expert's p(j) on a chunk's stored inputs by the compiled C loops (None where rho = 1: kept
+    whole), or None off them."""
+    if not kernels.compiled(xs[0].device) or not kernels.cpu.covers(b, *xs):
+        return None
+    return [kernels.keep_rates(b, x, m, rho - eps, 2 * eps) if rho < 1 else None
+            for x, rho, eps in zip(xs, density, epsilon)]
+
+
 def _kept(d: torch.Tensor, i: int, rho: float, eps: float, m: int, seed: int, key: str, offset: int,
           inverse: bool) -> torch.Tensor:
     """keep_i * d_i, divided by p_i(j) if inverse; d holds whole rows."""
@@ -65,12 +74,17 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     if rescale != "l1":
         return {"gain": [1.0] * len(density)}
     m = row_length(shape)
-    full, kept = [Total() for _ in density], [Total() for _ in density]
-    for b, xs, offset in chunks():
-        for i, (d, rho, eps) in enumerate(zip(deltas(b, xs), density, epsilon)):
-            full[i].add(d.abs(), m)
-            kept[i].add(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m)
-    return {"gain": [l1_gain(f, k) for f, k in zip(full, kept)]}
+    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+
+    def sums(b, xs, offset):
+        rates = compiled_rates(b, xs, density, epsilon, m)
+        if rates is not None:
+            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, rates=rates)
+        ds = float_deltas(b, xs)
+        return [[granule_sums(d.abs(), m) for d in ds],
+                [granule_sums(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m)
+                 for i, (d, rho, eps) in enumerate(zip(ds, density, epsilon))]]
+    return {"gain": l1_gains(chunks, sums, len(density))}
 
 
 def _dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> list[torch.Tensor]:

@@ -29,14 +29,18 @@ def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> Rankin
 def reductions(method: Method, params: dict, chunks: Callable, key: str, shape: tuple,
                thr: list | None = None, stat: list | None = None) -> dict:
     """What apply needs of one tensor: thresholds (given, when model-wide, or found here) and the
-    method's reductions; chunks() yields (b, xs, offset) float32 chunks; stat: per expert, its whole
-    data statistic of this tensor (None where it has none), for a DataStatistic that is `whole`."""
+    method's reductions; chunks() yields (b, xs, offset) chunks (float32, or as stored for the
+    compiled loops); stat: per expert, its whole data statistic of this tensor (None where it has
+    none), for a DataStatistic that is `whole`."""
     out = {}
     if method.ranks is not None:
         out["thr"] = thr if thr is not None else thresholds(method, params, chunks, math.prod(shape))
-    if method.reduce is not None:   # on float32 chunks, whatever dtype the ranks read
-        as_float = lambda: ((_float(b), [x.float() for x in xs], a) for b, xs, a in chunks())  # noqa: E731
-        out.update(method.reduce(as_float, key=key, shape=shape, stat=stat, **params))
+    if method.reduce is not None:
+        # a fused method's reductions (DARE's and DELLA's L1 sums) read the chunks as the kernels do, in
+        # their stored dtype, and widen them themselves for torch; the others get float32 chunks
+        given = chunks if method.fused is not None else \
+            lambda: ((_float(b), [x.float() for x in xs], a) for b, xs, a in chunks())  # noqa: E731
+        out.update(method.reduce(given, key=key, shape=shape, stat=stat, **params))
     return out
 
 

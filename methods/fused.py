@@ -9,6 +9,7 @@ or the tensors (then the torch method runs).
 from .. import kernels
 from ..kernels.dare import expert_seed
 from ._blocks import row_length
+from .della_magprune import compiled_rates
 from .ranking import Cut
 
 
@@ -39,11 +40,9 @@ def _random(xs, density, seed, key, offset, gain) -> dict:
 
 def _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> dict | None:
     """DELLA's drop with the keep rate of each element (della_magprune.keep_rates): the compiled C loops only."""
-    if not kernels.compiled(xs[0].device) or not kernels.cpu.covers(b, *xs):
+    rates = compiled_rates(b, xs, density, epsilon, row_length(shape))
+    if rates is None:
         return None
-    m = row_length(shape)
-    rates = [kernels.keep_rates(b, x, m, rho - eps, 2 * eps) if rho < 1 else None
-             for x, rho, eps in zip(xs, density, epsilon)]
     return {**_random(xs, [1.0] * len(xs), seed, key, offset, gain), "rates": rates, "inverse": rescale == "inverse"}
 
 

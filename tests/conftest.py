@@ -190,19 +190,22 @@ def micro_zoo(tmp_path_factory):
 def run_main(monkeypatch, capsys):
     """Run `mbmerge ARGS...` in-process through main() (its error handling is under test too);
     returns (exit code, stdout, stderr)."""
+    return lambda *args: run_cli(monkeypatch, capsys, *args)
+
+
+def run_cli(monkeypatch, capture, *args):
+    """`mbmerge ARGS...` through main(), output read from a capture fixture (capsys, or capfd for
+    subprocesses' output too): (exit code, stdout, stderr)."""
     import sys
     from mbmerge.bin.cli import main
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return run
+    monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capture.readouterr()
+    return code, captured.out, captured.err
 
 
 # --- independent references for exact magnitude ranks ------------------------------------------

@@ -59,6 +59,20 @@ def test_the_table_and_the_command_line_import_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["--method", "nope", "--experts", "a", "--out", "o"],
+                                  ["--method", "ties", "--experts", "a,b", "--density", "2", "--out", "o"],
+                                  ["--method", "ties", "--base", "/no/base", "--experts", "/no/e", "--out", "o"],
+                                  ["--method", "ties", "--base", "/", "--experts", "no such thing!", "--out", "o"],
+                                  ["--method", "ties", "--experts", "/no/e", "--out", "o"]])
+def test_help_the_table_and_the_errors_of_a_command_import_no_torch(argv, tmp_path):
+    code = ("import sys; from mbmerge.bin.cli import main; sys.argv = ['mbmerge'] + sys.argv[1:]\n"
+            "code = 0\ntry: main()\nexcept SystemExit as e: code = e.code or 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'lm_eval'}), code)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.splitlines()[-1] == ("[] 0" if argv in (["--help"], ["methods"]) else "[] 2"), done.stdout
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
 def test_method_parameters_are_not_merge_spec_fields():
     spec = {f.name for f in fields(MergeSpec)}
     assert not spec & {p.name for m in REGISTRY.values() for p in m.params}

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+from conftest import run_cli
 
 NOISE = ("fatal: not a git repository", "Overwriting default num_fewshot", "\r")
 
@@ -12,15 +13,7 @@ NOISE = ("fatal: not a git repository", "Overwriting default num_fewshot", "\r")
 def run_in_process(monkeypatch, capfd, *args):
     """`mbmerge ARGS...` through main(), capturing file descriptors 1 and 2 (subprocesses such as
     lm-eval's `git` included): (exit code, stdout, stderr)."""
-    from mbmerge.bin.cli import main
-    monkeypatch.setattr(sys, "argv", ["mbmerge", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capfd, *args)
 
 
 # --- 4. lm-eval's noise stays out of our output unless asked for --------------------------------

@@ -11,6 +11,7 @@ from mbmerge import kernels, methods
 from mbmerge.kernels import cpu
 from mbmerge.kernels.dare import uniform_ref
 from mbmerge.kernels.select import HI_BINS, INF_BIN, LO_BINS
+from mbmerge.methods._blocks import granule_sums
 from mbmerge.methods.ranking import Rank, Ranking, bounds
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the compiled CPU kernels are not built here")
@@ -184,6 +185,42 @@ def test_keep_rates_rank_each_row_stably(threads, m):
         ranks += rank
     r = torch.full((rows * m,), 0.5) if m == 1 else torch.tensor(ranks, dtype=torch.float32) / (m - 1)
     assert torch.equal(got.view(torch.int32), (r * step + lo).view(torch.int32))
+
+
+def folded(v: list[float]) -> float:
+    """A granule's sum as _blocks.granule_sums defines it, plainly: zero-padded to a power of two, then
+    the upper half added to the lower, in float64 (Python floats)."""
+    width = 1 << (len(v) - 1).bit_length()
+    v = v + [0.0] * (width - len(v))
+    while len(v) > 1:
+        v = [a + b for a, b in zip(v[:len(v) // 2], v[len(v) // 2:])]
+    return v[0]
+
+
+@pytest.mark.parametrize("granule,n", [(4096, 2 * 4096 + 77), (300, 900), (5, 23), (1, 3)])
+def test_l1_sums_are_folded_sums_of_the_deltas_and_the_kept_deltas(threads, granule, n):
+    b, xs = bf16_deltas(n, 2, torch.bfloat16, seed=n)
+    rates = cpu.keep_rates(b, xs[1], n, 0.2, 0.4)          # expert 1 as DELLA (one row), expert 0 as DARE
+    got = cpu.l1_sums(b, xs, offset=OFFSET, seeds=[11, 12], granule=granule, density=[0.3, 1.0],
+                      rates=[None, rates])
+    for i, x in enumerate(xs):
+        d = x.float() - b.float()
+        u = uniform_ref([11, 12][i], torch.arange(OFFSET, OFFSET + n))
+        kept = torch.where(u < (0.3 if i == 0 else rates[:n]), d, 0.0)
+        for g in range(-(-n // granule)):
+            part = slice(g * granule, (g + 1) * granule)
+            assert got[0, i, g].item() == folded(d[part].abs().double().tolist())
+            assert got[1, i, g].item() == folded(kept[part].abs().double().tolist())
+    assert torch.equal(got[0, 0], granule_sums((xs[0].float() - b.float()).abs(), granule))
+
+
+@pytest.mark.parametrize("granule,n", [(4096, 3 * 4096 + 5), (1000, 2000), (3, 7)])
+def test_granule_sums_compiled_and_in_torch_are_the_plain_fold(threads, granule, n):
+    v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 10.0 ** torch.randint(-8, 3, (n,))
+    want = torch.tensor([folded(v[g:g + granule].double().tolist()) for g in range(0, n, granule)], dtype=torch.float64)
+    assert torch.equal(cpu.fold_sums(v, granule), want)
+    with kernels.using("torch"):
+        assert torch.equal(granule_sums(v, granule), want)
 
 
 def test_uniforms_are_philox_bit_for_bit(threads):
