@@ -87,6 +87,12 @@ def compiled(device) -> bool:
     return torch.device(device).type == "cpu" and c.backend == "auto" and c.compile and cpu.library() is not None
 
 
+def compiled_for(b, *xs) -> bool:
+    """Whether the compiled C loops take these chunks (the base b may be None): compiled(device) and
+    cpu.covers."""
+    return compiled(xs[0].device) and cpu.covers(b, *xs)
+
+
 def fused(device) -> bool:
     """Whether a fused kernel (Triton or compiled C) merges tensors on `device`."""
     return use_triton(device) or compiled(device)
@@ -113,23 +119,22 @@ def tall_merge(b, xs, **kw):
 def keep_rates(b, x, m: int, lo: float, step: float):
     """DELLA's keep rates lo + step * (ascending rank of |x - b| in its row of m) / (m - 1) by the compiled
     C loops (cpu.keep_rates), else None."""
-    return cpu.keep_rates(b, x, m, lo, step) if compiled(x.device) and cpu.covers(b, x) else None
+    return cpu.keep_rates(b, x, m, lo, step) if compiled_for(b, x) else None
 
 
 def l1_sums(b, xs, **kw):
     """mergekit's L1 rescale sums of a chunk by the compiled C loops (cpu.l1_sums), else None."""
-    return cpu.l1_sums(b, xs, **kw) if compiled(xs[0].device) and cpu.covers(b, *xs) else None
+    return cpu.l1_sums(b, xs, **kw) if compiled_for(b, *xs) else None
 
 
 def fold_sums(v, granule: int):
     """_blocks.granule_sums of a float32 tensor by the compiled C loops (cpu.fold_sums), else None."""
-    ok = compiled(v.device) and v.dtype == torch.float32 and v.is_contiguous() and cpu.covers(v)
-    return cpu.fold_sums(v, granule) if ok else None
+    return cpu.fold_sums(v, granule) if v.dtype == torch.float32 and compiled_for(None, v) else None
 
 
 def tie_counts(b, xs):
     """Ranking.cuts' count and locate on a chunk whose inputs the compiled C loops read, else None."""
-    return cpu.tie_counts(b, xs) if compiled(xs[0].device) and cpu.covers(b, *xs) else None
+    return cpu.tie_counts(b, xs) if compiled_for(b, *xs) else None
 
 
 def _triton():

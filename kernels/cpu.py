@@ -140,10 +140,14 @@ def _array(ctype, values):
     return (ctype * len(values))(*values)
 
 
+def _base(b) -> dict:
+    """The base chunk (or None) as the C functions take it: its address and dtype code."""
+    return dict(b=b.data_ptr() if b is not None else None, b_dt=DTYPES[b.dtype] if b is not None else 0)
+
+
 def _sources(b, xs) -> dict:
     """The base and the experts' chunks as the C structs take them (the tensors must outlive the call)."""
-    return dict(b=b.data_ptr() if b is not None else None, b_dt=DTYPES[b.dtype] if b is not None else 0,
-                xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
+    return dict(**_base(b), xs=_array(ctypes.c_void_p, [x.data_ptr() for x in xs]),
                 x_dt=_array(ctypes.c_int32, [DTYPES[x.dtype] for x in xs]))
 
 
@@ -207,14 +211,15 @@ def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list
                      **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(rates, T),
                      seeds=_array(ctypes.c_uint64, list(seeds)), granule=granule,
                      sums=ctypes.cast(sums.data_ptr(), f64p))
-    if n:
-        _checked(_run(library().l1_sums, [args] * threads(), granules * granule), granules, granule)
+    _run_groups(library().l1_sums, args, granules, granule, "sums over granules")
     return sums
 
 
-def _checked(done: list[int], granules: int, granule: int) -> None:
-    if sum(done) != granules:
-        raise MemoryError(f"no memory for sums over granules of {granule} elements")
+def _run_groups(fn, args, groups: int, size: int, what: str) -> None:
+    """fn over `groups` groups of `size` elements (args.piece groups at a time); MemoryError unless the
+    threads report every group done (a thread whose scratch could not be allocated takes none)."""
+    if groups and sum(_run(fn, [args] * threads(), groups * size)) != groups:
+        raise MemoryError(f"no memory for {what} of {size} elements")
 
 
 def fold_sums(v: torch.Tensor, granule: int) -> torch.Tensor:
@@ -224,8 +229,7 @@ def fold_sums(v: torch.Tensor, granule: int) -> torch.Tensor:
     out = torch.zeros(granules, dtype=torch.float64)
     args = FoldArgs(n=n, granule=granule, piece=max(1, PIECE // granule), v=ctypes.cast(v.data_ptr(), f32p),
                     out=ctypes.cast(out.data_ptr(), f64p))
-    if n:
-        _checked(_run(library().fold_sums, [args] * threads(), granules * granule), granules, granule)
+    _run_groups(library().fold_sums, args, granules, granule, "sums over granules")
     return out
 
 
@@ -245,19 +249,16 @@ def keep_rates(b, x, m: int, lo: float, step: float) -> torch.Tensor:
     n = x.numel()
     out = torch.empty(n + 8, dtype=torch.float32)
     out[n:] = 1.0
-    args = RateArgs(rows=n // m, m=m, piece=max(1, PIECE // m), b=b.data_ptr() if b is not None else None,
-                    b_dt=DTYPES[b.dtype] if b is not None else 0, x=x.data_ptr(), x_dt=DTYPES[x.dtype], lo=lo,
-                    step=step, out=ctypes.cast(out.data_ptr(), f32p))
-    if sum(_run(library().keep_rates, [args] * threads(), n)) != n // m:
-        raise MemoryError(f"no memory for the ranks of rows of {m} elements")
+    args = RateArgs(rows=n // m, m=m, piece=max(1, PIECE // m), **_base(b), x=x.data_ptr(), x_dt=DTYPES[x.dtype],
+                    lo=lo, step=step, out=ctypes.cast(out.data_ptr(), f32p))
+    _run_groups(library().keep_rates, args, n // m, m, "the ranks of rows")
     return out[:n]
 
 
 def tie_counts(b, xs):
     """Ranking.cuts' count and locate on a chunk's stored inputs: |x_i - b| in float32, as ranked."""
     def call(i: int, t: float, k: int) -> int:
-        return library().ties(b.data_ptr() if b is not None else None, DTYPES[b.dtype] if b is not None else 0,
-                              xs[i].data_ptr(), DTYPES[xs[i].dtype], t, 0, xs[i].numel(), k)
+        return library().ties(*_base(b).values(), xs[i].data_ptr(), DTYPES[xs[i].dtype], t, 0, xs[i].numel(), k)
     return (lambda i, t: call(i, t, 0)), call
 
 

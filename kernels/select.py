@@ -58,13 +58,15 @@ def _histograms(chunks, tops: list[int | None]) -> list[torch.Tensor]:
             add, rows = _backend(b, xs)
             total = [torch.zeros(rows, n, dtype=torch.int64, device=xs[0].device) for n in bins]
         add(total, b, xs, tops)
-    return [h.sum(0) if h.shape[0] > 1 else h[0] for h in total] if total else [torch.zeros(n, dtype=torch.int64) for n in bins]
+    if not total:
+        return [torch.zeros(n, dtype=torch.int64) for n in bins]
+    return [h.sum(0) if h.shape[0] > 1 else h[0] for h in total]
 
 
 def _backend(b, xs):
     """(add(hists, b, xs, tops), rows per histogram) for the kernel choice and these tensors."""
-    from . import compiled, cpu, use_triton      # the package's dispatch; it imports this module first
-    if compiled(xs[0].device) and cpu.covers(b, *xs):
+    from . import compiled_for, cpu, use_triton  # the package's dispatch; it imports this module first
+    if compiled_for(b, *xs):
         return cpu.histograms, 1
     if use_triton(xs[0].device):
         from .hist_triton import REPLICAS, accumulate_

@@ -50,7 +50,7 @@ def keep_rates(d: torch.Tensor, rho: float, eps: float, m: int, b: torch.Tensor 
 def compiled_rates(b, xs, density: list[float], epsilon: list[float], m: int) -> list | None:
     """Each expert's p(j) on a chunk's stored inputs by the compiled C loops (None where rho = 1: kept
     whole), or None off them."""
-    if not kernels.compiled(xs[0].device) or not kernels.cpu.covers(b, *xs):
+    if not kernels.compiled_for(b, *xs):
         return None
     return [kernels.keep_rates(b, x, m, rho - eps, 2 * eps) if rho < 1 else None
             for x, rho, eps in zip(xs, density, epsilon)]
