@@ -84,7 +84,8 @@ class Uploader:
 class Output:
     """Writes merged chunks and journals finished tensors, in order. `write(t, a, values)` takes
     values on any device; with `threaded`, a writer thread does the file writes (and hashing) while
-    the caller computes; device values come back through pinned buffers first."""
+    the caller computes; device values come back through pinned buffers first. Without `threaded`
+    the caller writes (tests use it to compare the two)."""
 
     def __init__(self, write: Callable, tensor_done: Callable, threaded: bool, device: torch.device):
         self._write, self._tensor_done = write, tensor_done
@@ -94,7 +95,8 @@ class Output:
             for _ in range(SLOTS):
                 self.free.put(torch.empty(SLOT_BYTES, dtype=torch.uint8, pin_memory=True))
         if threaded:
-            self.jobs = queue.Queue(maxsize=2 * SLOTS)   # bounds the host memory of queued CPU chunks
+            # bounds the host memory of queued CPU chunks: on the CPU one written while the next waits
+            self.jobs = queue.Queue(maxsize=2 * SLOTS if device.type == "cuda" else 2)
             self.thread = threading.Thread(target=self._drain, name="mbmerge-writer", daemon=True)
             self.thread.start()
 

@@ -132,6 +132,16 @@ def fold_sums(v, granule: int):
     return cpu.fold_sums(v, granule) if v.dtype == torch.float32 and compiled_for(None, v) else None
 
 
+def product_sums(b, xs, pairs, granule: int):
+    """The granule sums of d_i * d_j for each pair (cpu.product_sums) by the compiled C loops, else None."""
+    return cpu.product_sums(b, xs, pairs, granule) if compiled_for(b, *xs) else None
+
+
+def mix(b, xs, **kw):
+    """model_stock's interpolation (cpu.mix) by the compiled C loops: (flat chunk, non-finite counts), else None."""
+    return cpu.mix(b, xs, **kw) if compiled_for(b, *xs) else None
+
+
 def tie_counts(b, xs):
     """Ranking.cuts' count and locate on a chunk whose inputs the compiled C loops read, else None."""
     return cpu.tie_counts(b, xs) if compiled_for(b, *xs) else None

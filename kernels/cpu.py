@@ -39,7 +39,8 @@ class MergeArgs(ctypes.Structure):
                 ("lo_pos", i64p), ("hi_pos", i64p), ("seeds", ctypes.POINTER(ctypes.c_uint64)),
                 ("div", ctypes.c_float), ("scale", ctypes.c_float), ("den0", ctypes.c_float),
                 ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int32), ("bad", i64p),
-                ("granule", ctypes.c_int64), ("sums", f64p)]
+                ("granule", ctypes.c_int64), ("sums", f64p), ("keep_out", ctypes.POINTER(ctypes.c_void_p)),
+                ("keep_in", ctypes.POINTER(ctypes.c_void_p))]
 
 
 class UniformArgs(ctypes.Structure):
@@ -56,6 +57,20 @@ class RateArgs(ctypes.Structure):
 class FoldArgs(ctypes.Structure):
     _fields_ = [("n", ctypes.c_int64), ("granule", ctypes.c_int64), ("piece", ctypes.c_int64), ("v", f32p),
                 ("out", f64p)]
+
+
+class ProductArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("granule", ctypes.c_int64), ("piece", ctypes.c_int64), ("T", ctypes.c_int32),
+                ("b", ctypes.c_void_p), ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
+                ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("P", ctypes.c_int32),
+                ("pi", ctypes.POINTER(ctypes.c_int32)), ("pj", ctypes.POINTER(ctypes.c_int32)), ("sums", f64p)]
+
+
+class MixArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("row", ctypes.c_int64), ("piece", ctypes.c_int64), ("T", ctypes.c_int32),
+                ("b", ctypes.c_void_p), ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
+                ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("t", f32p), ("u", f32p), ("out", ctypes.c_void_p),
+                ("out_dt", ctypes.c_int32), ("bad", i64p)]
 
 
 class HistArgs(ctypes.Structure):
@@ -93,6 +108,10 @@ def library() -> ctypes.CDLL | None:
     lib.l1_sums.restype = ctypes.c_int64
     lib.fold_sums.argtypes = [ctypes.POINTER(FoldArgs), i64p]
     lib.fold_sums.restype = ctypes.c_int64
+    lib.product_sums.argtypes = [ctypes.POINTER(ProductArgs), i64p]
+    lib.product_sums.restype = ctypes.c_int64
+    lib.mix.argtypes = [ctypes.POINTER(MixArgs), i64p]
+    lib.mix.restype = None
     return lib
 
 
@@ -157,11 +176,12 @@ def _rates(rates, T):
 
 def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None, lo_pos=None, hi_pos=None,
                 density=None, seeds=None, gain=None, offset=0, elect="none", aggregate="mean", rates=None,
-                inverse=False, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
+                inverse=False, kept=None, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
     """merge_triton.delta_merge on CPU tensors: (the flat merged chunk in out_dtype, how many values
     are not finite in [the output, the base, each expert]). With trim 'random', rates: per expert, the
     keep rate of each element from keep_rates (or None: `density`), each kept e_i divided by its rate if
-    `inverse` (DELLA)."""
+    `inverse` (DELLA); kept: the keep bits l1_sums drew for this chunk, read instead of drawing again
+    (the rates then serve only `inverse`)."""
     T, n = len(xs), xs[0].numel()
     out = torch.empty(n, dtype=out_dtype)
     if n == 0:
@@ -176,15 +196,47 @@ def delta_merge(b, xs, *, weights, scale, div=1.0, trim="none", lo=None, hi=None
         hi_pos=_array(ctypes.c_int64, _or(hi_pos, 0, T, int)), inverse=int(inverse),
         pj=_rates(rates, T), seeds=_array(ctypes.c_uint64, list(seeds or [0] * T)),
         div=float(div), scale=float(scale), den0=min(w) if min(w) > 0 else 1.0,
-        out=out.data_ptr(), out_dt=DTYPES[out_dtype])
-    bad = torch.zeros(threads(), T + 2, dtype=torch.int64)      # a row per thread: no shared counter
+        out=out.data_ptr(), out_dt=DTYPES[out_dtype], keep_in=_keep_bits(kept, n))
+    return out, _counted(library().delta_merge, args, n, T)
+
+
+def _counted(fn, args, n: int, T: int) -> list[int]:
+    """_run(fn) over n elements with args.bad a row of its own per thread (no shared counter): how many
+    blocks held non-finite values in [the output, the base, each expert]."""
+    bad = torch.zeros(threads(), T + 2, dtype=torch.int64)
     per_thread = []
     for row in bad:
-        a = MergeArgs.from_buffer_copy(args)
+        a = type(args).from_buffer_copy(args)
         a.bad = ctypes.cast(row.data_ptr(), i64p)
         per_thread.append(a)
-    _run(library().delta_merge, per_thread, n)
-    return out, bad.sum(0).tolist()
+    _run(fn, per_thread, n)
+    return bad.sum(0).tolist()
+
+
+def mix(b, xs, *, t: torch.Tensor, u: torch.Tensor, row: int, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
+    """interpolation.apply_model_stock's out = t * (sum_i x_i / T) + u * b, bit for bit, with float32 (t, u)
+    per `row` elements of the chunk: (the flat chunk in out_dtype, non-finite counts as delta_merge's)."""
+    T, n = len(xs), xs[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    if n == 0:
+        return out, [0] * (T + 2)
+    t, u = t.float().contiguous(), u.float().contiguous()     # alive until the call returns
+    args = MixArgs(n=n, row=row, piece=PIECE, T=T, **_sources(b, xs), t=ctypes.cast(t.data_ptr(), f32p),
+                   u=ctypes.cast(u.data_ptr(), f32p), out=out.data_ptr(), out_dt=DTYPES[out_dtype])
+    return out, _counted(library().mix, args, n, T)
+
+
+def product_sums(b, xs, pairs: list[tuple[int, int]], granule: int) -> torch.Tensor:
+    """[pairs, granules] float64: _blocks.granule_sums(d_i * d_j, granule) bit for bit for each pair (i, j),
+    d_i = x_i - b in float32 (x_i itself where b is None)."""
+    n = xs[0].numel()
+    granules = -(-n // granule)
+    sums = torch.zeros(len(pairs), granules, dtype=torch.float64)
+    args = ProductArgs(n=n, granule=granule, piece=max(1, PIECE // granule), T=len(xs), **_sources(b, xs),
+                       P=len(pairs), pi=_array(ctypes.c_int32, [i for i, _ in pairs]),
+                       pj=_array(ctypes.c_int32, [j for _, j in pairs]), sums=ctypes.cast(sums.data_ptr(), f64p))
+    _run_groups(library().product_sums, args, granules, granule, "products over granules")
+    return sums
 
 
 def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None:
@@ -199,10 +251,21 @@ def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None
     _run(library().histogram, [args] * threads(), n)
 
 
+def _keep_bits(kept: torch.Tensor | None, n: int):
+    """[T, ceil(n / 8)] uint8 keep bits (each row contiguous) as the C structs take them: a pointer per
+    expert, or NULL."""
+    if kept is None:
+        return None
+    assert kept.dtype == torch.uint8 and kept.stride(1) == 1 and kept.shape[1] == -(-n // 8), "keep bits of another chunk"
+    return _array(ctypes.c_void_p, [row.data_ptr() for row in kept])
+
+
 def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list[float] | None = None,
-            rates=None) -> torch.Tensor:
+            rates=None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """[2, T, granules] float64: per granule of the chunk, the sums of |d_i| and of |keep_i d_i| (DARE's
-    mask at `density`, or DELLA's at each element's rate from keep_rates), as _blocks.granule_sums sums."""
+    mask at `density`, or DELLA's at each element's rate from keep_rates), as _blocks.granule_sums sums;
+    and, given `kept` ([T, ceil(n / 8)] uint8, granule a multiple of 8), the keep bits drawn (bit k of
+    byte j: element 8j + k) for delta_merge to read instead of drawing them again."""
     T, n = len(xs), xs[0].numel()
     granules = -(-n // granule)
     sums = torch.zeros(2, T, granules, dtype=torch.float64)
@@ -210,7 +273,8 @@ def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list
     args = MergeArgs(n=n, offset=offset, piece=max(1, PIECE // granule), T=T, trim=TRIMS["random"],
                      **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(rates, T),
                      seeds=_array(ctypes.c_uint64, list(seeds)), granule=granule,
-                     sums=ctypes.cast(sums.data_ptr(), f64p))
+                     sums=ctypes.cast(sums.data_ptr(), f64p), keep_out=_keep_bits(kept, n))
+    assert kept is None or granule % 8 == 0, "keep bits are written a byte per 8 elements"
     _run_groups(library().l1_sums, args, granules, granule, "sums over granules")
     return sums
 

@@ -44,6 +44,8 @@ typedef struct {
     int64_t *bad;                    /* [2 + T] this thread's blocks with non-finite values: output, base, experts */
     int64_t granule;                 /* l1_sums: elements summed together (chunks start at multiples of it) */
     double *sums;                    /* l1_sums: [2][T][granules] */
+    uint8_t *const *keep_out;        /* l1_sums: [T] the keep bits it drew (bit k of byte j: chunk position 8j + k), or NULL */
+    const uint8_t *const *keep_in;   /* delta_merge: [T] those bits, read instead of drawn again, or NULL */
 } merge_args;
 
 /* ---- conversions: stored dtype <-> float32 arrays, whole vectors, then a scalar tail ---- */
@@ -213,6 +215,11 @@ ALWAYS __m256 keep8(const merge_args *a, int i, __m256 d, int64_t at, const int 
         __m256 kept = a->lo[i] > 0 ? in_cut(v, a->lo[i], a->lo_pos[i], at) : all;
         __m256 dropped = a->hi[i] != INFINITY ? in_cut(v, a->hi[i], a->hi_pos[i], at) : _mm256_setzero_ps();
         return _mm256_andnot_ps(dropped, kept);
+    }
+    if (trim == TRIM_RANDOM && a->keep_in && a->keep_in[i]) {   /* the L1 pass's draws (at is a multiple of 8) */
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256i byte = _mm256_set1_epi32(a->keep_in[i][at >> 3]);
+        return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit));
     }
     if (trim == TRIM_RANDOM && a->pj[i])       /* DELLA: the rate of each element (its array is padded) */
         return _mm256_cmp_ps(philox8(a->seeds[i], (uint64_t)(a->offset + at)), _mm256_loadu_ps(a->pj[i] + at),
@@ -425,6 +432,7 @@ static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *fu
                 __m256 d = _mm256_load_ps(xs + j);
                 if (a->b) d = _mm256_sub_ps(d, _mm256_load_ps(bs + j));
                 __m256 keep = keep8(a, i, d, start + s + j, TRIM_RANDOM);
+                if (a->keep_out && a->keep_out[i]) a->keep_out[i][(start + s + j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
                 store_pd(full + s + j, vabs(d));
                 store_pd(kept + s + j, vabs(_mm256_mul_ps(d, _mm256_and_ps(keep, one))));  /* [u < p] * d */
             }
@@ -711,4 +719,126 @@ int64_t keep_rates(const rate_args *a, int64_t *next) {
     }
     free(scratch);
     return done;
+}
+
+/* ---- model_stock and slerp: the products behind their cosines, and model_stock's interpolation ---- */
+
+typedef struct {
+    int64_t n, granule, piece;       /* piece: granules a thread takes at a time */
+    int32_t T;
+    const void *b; int32_t b_dt;     /* subtracted from every input (model_stock's deltas), or NULL (slerp) */
+    const void *const *xs;
+    const int32_t *x_dt;
+    int32_t P;
+    const int32_t *pi, *pj;          /* [P] the pairs (i, j) */
+    double *sums;                    /* [P][granules] */
+} product_args;
+
+/* granule g: per pair, the products d_i d_j in float32, widened and folded (fold_sums' order) */
+static void product_granule(const product_args *a, int64_t g, int64_t width, int64_t room, double *scratch,
+                            float *ds, float *bs) {
+    const int64_t G = a->granule, start = g * G, len = a->n - start < G ? a->n - start : G;
+    const int64_t granules = (a->n + G - 1) / G, written = (len + V - 1) / V * V;
+    for (int k = 0; k < a->P; k++)
+        memset(scratch + k * room + written, 0, (size_t)(room - written) * sizeof(double));
+    for (int64_t s = 0; s < len; s += BLOCK) {
+        int64_t n = len - s < BLOCK ? len - s : BLOCK;
+        if (a->b) load_block(bs, a->b, a->b_dt, start + s, n);
+        for (int i = 0; i < a->T; i++) {                            /* zeros past n: products 0 there */
+            float *d = ds + (int64_t)i * BLOCK;
+            load_block(d, a->xs[i], a->x_dt[i], start + s, n);
+            if (a->b)
+                for (int64_t j = 0; j < n; j += V)
+                    _mm256_store_ps(d + j, _mm256_sub_ps(_mm256_load_ps(d + j), _mm256_load_ps(bs + j)));
+        }
+        for (int k = 0; k < a->P; k++) {
+            const float *di = ds + (int64_t)a->pi[k] * BLOCK, *dj = ds + (int64_t)a->pj[k] * BLOCK;
+            for (int64_t j = 0; j < n; j += V)
+                store_pd(scratch + k * room + s + j, _mm256_mul_ps(_mm256_load_ps(di + j), _mm256_load_ps(dj + j)));
+        }
+    }
+    for (int k = 0; k < a->P; k++) a->sums[k * granules + g] = fold(scratch + k * room, width);
+}
+
+/* Sum granules until none is left; the granules this thread summed (none without scratch). */
+int64_t product_sums(const product_args *a, int64_t *next) {
+    const int64_t granules = (a->n + a->granule - 1) / a->granule;
+    int64_t width = 1, done = 0;
+    while (width < a->granule) width *= 2;
+    const int64_t room = width > V ? width : V;
+    double *scratch = aligned_alloc(32, (size_t)(a->P * room) * sizeof(double));
+    float *ds = aligned_alloc(32, (size_t)a->T * BLOCK * sizeof(float));
+    float bs[BLOCK] __attribute__((aligned(32)));
+    if (!scratch || !ds) {
+        free(scratch);
+        free(ds);
+        return 0;
+    }
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= granules) break;
+        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
+        for (int64_t g = first; g < stop; g++) product_granule(a, g, width, room, scratch, ds, bs);
+        done += stop - first;
+    }
+    free(scratch);
+    free(ds);
+    return done;
+}
+
+typedef struct {
+    int64_t n, row, piece;           /* row: elements that share one (t, u); pieces are whole rows or blocks of one */
+    int32_t T;
+    const void *b; int32_t b_dt;
+    const void *const *xs;
+    const int32_t *x_dt;
+    const float *t, *u;              /* [rows of the chunk] */
+    void *out; int32_t out_dt;
+    int64_t *bad;                    /* [2 + T] as merge_args.bad */
+} mix_args;
+
+/* out = t * ((0 + x_1 + ... + x_T) / T) + u * b for n elements of one row (interpolation.apply_model_stock) */
+static void mix_block(const mix_args *a, int64_t start, int64_t n, float t, float u, float *xs, float *bs) {
+    const __m256 tv = _mm256_set1_ps(t), uv = _mm256_set1_ps(u), count = _mm256_set1_ps((float)a->T);
+    float y[BLOCK] __attribute__((aligned(32)));
+    __m256i bad_b = _mm256_setzero_si256();
+    for (int64_t j = 0; j < n; j += V) _mm256_store_ps(y + j, _mm256_setzero_ps());
+    for (int i = 0; i < a->T; i++) {
+        __m256i bad = _mm256_setzero_si256();
+        load_block(xs, a->xs[i], a->x_dt[i], start, n);
+        for (int64_t j = 0; j < n; j += V) {
+            __m256 x = _mm256_load_ps(xs + j);
+            bad = _mm256_or_si256(bad, not_finite(x));
+            _mm256_store_ps(y + j, _mm256_add_ps(_mm256_load_ps(y + j), x));
+        }
+        a->bad[2 + i] += any(bad);
+    }
+    load_block(bs, a->b, a->b_dt, start, n);
+    for (int64_t j = 0; j < n; j += V) {
+        __m256 b = _mm256_load_ps(bs + j);
+        bad_b = _mm256_or_si256(bad_b, not_finite(b));
+        __m256 mean = _mm256_div_ps(_mm256_load_ps(y + j), count);
+        _mm256_store_ps(y + j, _mm256_add_ps(_mm256_mul_ps(tv, mean), _mm256_mul_ps(uv, b)));
+    }
+    a->bad[1] += any(bad_b);
+    store_block(a->out, a->out_dt, start, y, n);
+    load_block(y, a->out, a->out_dt, start, n);                     /* as stored: the cast may overflow */
+    __m256i bad_out = _mm256_setzero_si256();
+    for (int64_t j = 0; j < n; j += V) bad_out = _mm256_or_si256(bad_out, not_finite(_mm256_load_ps(y + j)));
+    a->bad[0] += any(bad_out);
+}
+
+void mix(const mix_args *a, int64_t *next) {
+    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
+        if (first >= a->n) return;
+        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
+        for (int64_t s = first; s < stop;) {                        /* blocks never straddle two rows */
+            int64_t row = s / a->row, end = (row + 1) * a->row < stop ? (row + 1) * a->row : stop;
+            int64_t n = end - s < BLOCK ? end - s : BLOCK;
+            mix_block(a, s, n, a->t[row], a->u[row], xs, bs);
+            s += n;
+        }
+    }
 }

@@ -114,6 +114,16 @@ def granule_sums(v: torch.Tensor, size: int = CHUNK_ALIGN) -> torch.Tensor:
     return folded[:, 0]
 
 
+def product_sums(b, xs: list[torch.Tensor], pairs: list[tuple[int, int]], size: int = CHUNK_ALIGN) -> list:
+    """granule_sums(d_i * d_j, size) for each pair (i, j), d_i = x_i - b in float32 (x_i itself without a
+    base), from chunks in any stored dtype: the compiled C loops' bits where they take the chunks."""
+    compiled = kernels.product_sums(b, xs, pairs, size)
+    if compiled is not None:
+        return list(compiled)
+    ds = float_deltas(b, xs)
+    return [granule_sums(ds[i] * ds[j], size) for i, j in pairs]
+
+
 def float_above(t: float) -> float:
     """The smallest float32 above t (>= 0, finite): |d| < float_above(t) is |d| <= t."""
     (bits,) = struct.unpack("<i", struct.pack("<f", t))
@@ -151,6 +161,30 @@ class Total:
 
     def value(self) -> float:
         return math.fsum(self.parts)
+
+
+class KeepBits:
+    """The keep bits an L1 pass draws on the compiled C loops, by chunk offset, for the merge pass to
+    read instead of drawing them again (DARE's Philox; DELLA's row ranks too): a bit per element and
+    expert, in one buffer for the tensor (chunk-sized buffers kept while others churn fragment the heap:
+    +200 MB RSS), where it fits `limit` bytes."""
+
+    def __init__(self, shape: tuple, experts: int, granule: int, limit: int = 32 << 20):
+        self.chunks: dict[int, torch.Tensor] = {}
+        self.size = (experts, -(-math.prod(shape) // 8))
+        self.fits = experts * self.size[1] <= limit and granule % 8 == 0   # the C loops write a byte per 8
+        self.bits = None
+
+    def new(self, b, xs, offset: int) -> torch.Tensor | None:
+        """This chunk's [experts, ceil(n / 8)] part of the buffer, for the C loops to fill, or None (no
+        room, or the compiled loops do not take the chunk)."""
+        first, size = offset // 8, -(-xs[0].numel() // 8)
+        if not self.fits or first + size > self.size[1] or not kernels.compiled_for(b, *xs):
+            return None
+        if self.bits is None:
+            self.bits = torch.empty(self.size, dtype=torch.uint8)
+        self.chunks[offset] = self.bits[:, first:first + size]
+        return self.chunks[offset]
 
 
 def l1_gains(chunks, sums, experts: int) -> list[float]:

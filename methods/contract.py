@@ -124,7 +124,8 @@ class Method:
     apply: Step
     reduce: Step | None = None
     ranks: Step | None = None
-    fused: str | None = None             # "fused:<adapter>": takes apply.takes and out_dtype (methods/fused.py)
+    fused: str | None = None             # "fused:<adapter>": takes apply.takes and out_dtype (methods/fused.py),
+                                         # and for trim 'random' the keep bits an L1 pass drew (`kept`)
     span: str = "element"                # what one chunk must hold whole: element | row | tensor
     needs_base: bool = True
     min_experts: int = 1

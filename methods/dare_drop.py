@@ -13,7 +13,7 @@ import torch
 
 from .. import kernels
 from ..kernels.dare import expert_seed
-from ._blocks import deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, weighted_sum
+from ._blocks import KeepBits, deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, weighted_sum
 from .contract import CHUNK_ALIGN
 
 
@@ -24,20 +24,21 @@ def _kept(d: torch.Tensor, i: int, p: float, seed: int, key: str, offset: int) -
     return u.neg_().add_(p).sign_().relu_().mul_(d)      # [u < p] * d, as float arithmetic
 
 
-def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key: str) -> dict:
+def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key: str, shape: tuple) -> dict:
     """g_i, the per-expert rescale factor (needs a pass over the tensor only for 'l1')."""
     if rescale != "l1":
         return {"gain": [1 / p if rescale == "inverse" else 1.0 for p in density]}
-    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+    seeds, kept = [expert_seed(seed, key, i) for i in range(len(density))], KeepBits(shape, len(density), CHUNK_ALIGN)
 
     def sums(b, xs, offset):
-        compiled = kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=CHUNK_ALIGN, density=density)
+        compiled = kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=CHUNK_ALIGN, density=density,
+                                   kept=kept.new(b, xs, offset))
         if compiled is not None:
             return compiled
         ds = float_deltas(b, xs)
         return [[granule_sums(d.abs()) for d in ds],
                 [granule_sums(_kept(d, i, p, seed, key, offset).abs()) for i, (d, p) in enumerate(zip(ds, density))]]
-    return {"gain": l1_gains(chunks, sums, len(density))}
+    return {"gain": l1_gains(chunks, sums, len(density)), "kept": kept.chunks}
 
 
 def _dropped(b, xs, density, seed, key, offset, gain) -> list[torch.Tensor]:

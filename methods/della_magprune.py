@@ -19,7 +19,8 @@ import torch
 from .. import kernels
 from ..common.errors import BadParameter
 from ..kernels.dare import expert_seed
-from ._blocks import deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, row_length, weighted_sum
+from ._blocks import (KeepBits, deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, row_length,
+                      weighted_sum)
 
 
 def _check(density: list[float], epsilon: list[float]) -> None:
@@ -74,17 +75,18 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     if rescale != "l1":
         return {"gain": [1.0] * len(density)}
     m = row_length(shape)
-    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+    seeds, kept = [expert_seed(seed, key, i) for i in range(len(density))], KeepBits(shape, len(density), m)
 
     def sums(b, xs, offset):
         rates = compiled_rates(b, xs, density, epsilon, m)
         if rates is not None:
-            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, rates=rates)
+            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, rates=rates,
+                                   kept=kept.new(b, xs, offset))
         ds = float_deltas(b, xs)
         return [[granule_sums(d.abs(), m) for d in ds],
                 [granule_sums(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m)
                  for i, (d, rho, eps) in enumerate(zip(ds, density, epsilon))]]
-    return {"gain": l1_gains(chunks, sums, len(density))}
+    return {"gain": l1_gains(chunks, sums, len(density)), "kept": kept.chunks}
 
 
 def _dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> list[torch.Tensor]:

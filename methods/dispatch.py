@@ -80,7 +80,10 @@ def merge_chunk(method: Method, params: dict, reduced: dict, b, xs, offset: int,
     fused = method.fused is not None and kernels.fused(xs[0].device)
     if fused:
         adapter = step(method.fused).fn
-        done = adapter(b, xs, out_dtype=out_dtype, **{k: available[k] for k in method.apply.takes})
+        # the keep bits an L1 pass drew for this chunk (DARE, DELLA), for the adapter alone: the torch
+        # methods draw their own
+        drawn = {"kept": reduced["kept"].get(offset)} if reduced.get("kept") else {}
+        done = adapter(b, xs, out_dtype=out_dtype, **{k: available[k] for k in method.apply.takes}, **drawn)
         if done is not None:
             return done[0].view(xs[0].shape), done[1]
     b, xs = _float(b), [x.float() for x in xs]     # no copy when float32

@@ -1,8 +1,9 @@
-"""The fused paths of the element-wise methods: one adapter per method maps its parameters and
-statistics to one kernels.* call (Triton on the GPU, compiled C on the CPU) that reads each input
-once, in its stored dtype, and writes the merged chunk once, in out_dtype. The torch methods stay
-the references; `dispatch.merge_chunk` calls an adapter when `kernels.fused(device)`; an adapter
-takes the torch method's arguments (the registry row's apply.takes) and out_dtype, and returns what
+"""The fused paths of the element-wise methods (and of model_stock's and slerp's interpolations): one
+adapter per method maps its parameters and statistics to one kernels.* call (Triton on the GPU,
+compiled C on the CPU) that reads each input once, in its stored dtype, and writes the merged chunk
+once, in out_dtype. The torch methods stay the references; `dispatch.merge_chunk` calls an adapter
+when `kernels.fused(device)`; an adapter takes the torch method's arguments (the registry row's
+apply.takes), out_dtype and, for DARE and DELLA, the keep bits their L1 pass drew, and returns what
 the kernel does: (chunk, non-finite counts or None), or None where it does not cover the parameters
 or the tensors (then the torch method runs).
 """
@@ -10,6 +11,7 @@ from .. import kernels
 from ..kernels.dare import expert_seed
 from ._blocks import row_length
 from .della_magprune import compiled_rates
+from .interpolation import model_stock_t
 from .ranking import Cut
 
 
@@ -32,18 +34,23 @@ def _elects(xs) -> bool:
     return len(xs) <= kernels.MAX_ELECT_EXPERTS
 
 
-def _random(xs, density, seed, key, offset, gain) -> dict:
-    """DARE's keep masks: seeds per expert, as methods.dare._kept."""
-    return {"trim": "random", "density": density, "gain": gain, "offset": offset,
+def _random(xs, density, seed, key, offset, gain, kept) -> dict:
+    """DARE's keep masks: seeds per expert, as methods.dare._kept, or the bits the L1 pass drew (`kept`)."""
+    drawn = {"kept": kept} if kept is not None else {}          # the compiled loops' alone
+    return {"trim": "random", "density": density, "gain": gain, "offset": offset, **drawn,
             "seeds": [expert_seed(seed, key, i) for i in range(len(xs))]}
 
 
-def _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> dict | None:
-    """DELLA's drop with the keep rate of each element (della_magprune.keep_rates): the compiled C loops only."""
+def _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain, kept) -> dict | None:
+    """DELLA's drop with the keep rate of each element (della_magprune.keep_rates), or the bits the L1 pass
+    drew (`kept`, then no rate is needed): the compiled C loops only."""
+    if kept is not None and kernels.compiled_for(b, *xs):
+        return _random(xs, [1.0] * len(xs), seed, key, offset, gain, kept)
     rates = compiled_rates(b, xs, density, epsilon, row_length(shape))
     if rates is None:
         return None
-    return {**_random(xs, [1.0] * len(xs), seed, key, offset, gain), "rates": rates, "inverse": rescale == "inverse"}
+    return {**_random(xs, [1.0] * len(xs), seed, key, offset, gain, None), "rates": rates,
+            "inverse": rescale == "inverse"}
 
 
 def linear(b, xs, *, weights, normalize, out_dtype):
@@ -69,14 +76,16 @@ def breadcrumbs_ties(b, xs, *, weights, scale, consensus, aggregate, thr, out_dt
                                aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
 
 
-def dare_linear(b, xs, *, weights, scale, normalize, density, seed, key, offset, gain, out_dtype):
+def dare_linear(b, xs, *, weights, scale, normalize, density, seed, key, offset, gain, out_dtype, kept=None):
     return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize),
-                               **_random(xs, density, seed, key, offset, gain), out_dtype=out_dtype)
+                               **_random(xs, density, seed, key, offset, gain, kept), out_dtype=out_dtype)
 
 
-def dare_ties(b, xs, *, weights, scale, consensus, aggregate, density, seed, key, offset, gain, out_dtype):
-    return kernels.delta_merge(b, xs, weights=weights, scale=scale, **_random(xs, density, seed, key, offset, gain),
-                               elect=consensus, aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
+def dare_ties(b, xs, *, weights, scale, consensus, aggregate, density, seed, key, offset, gain, out_dtype,
+              kept=None):
+    return kernels.delta_merge(b, xs, weights=weights, scale=scale,
+                               **_random(xs, density, seed, key, offset, gain, kept), elect=consensus,
+                               aggregate=aggregate, out_dtype=out_dtype) if _elects(xs) else None
 
 
 def localize_stitch(b, xs, *, thr, out_dtype):
@@ -91,14 +100,32 @@ def consensus(b, xs, *, weights, scale, k, tall_lambda, mtl, consensus, aggregat
 
 
 def della_linear(b, xs, *, weights, scale, normalize, density, epsilon, rescale, seed, key, offset, shape, gain,
-                 out_dtype):
-    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain)
+                 out_dtype, kept=None):
+    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain, kept)
     return kernels.delta_merge(b, xs, weights=weights, scale=scale, div=_div(weights, normalize), **drop,
                                out_dtype=out_dtype) if drop else None
 
 
 def della(b, xs, *, weights, scale, consensus, aggregate, density, epsilon, rescale, seed, key, offset, shape, gain,
-          out_dtype):
-    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) if _elects(xs) else None
+          out_dtype, kept=None):
+    drop = _magprune(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain, kept) if _elects(xs) else None
     return kernels.delta_merge(b, xs, weights=weights, scale=scale, **drop, elect=consensus, aggregate=aggregate,
                                out_dtype=out_dtype) if drop else None
+
+
+def model_stock(b, xs, *, filter_wise, cos, shape, out_dtype):
+    """The compiled C loops only (t per row, or one for the tensor)."""
+    if not kernels.compiled_for(b, *xs):
+        return None
+    t = model_stock_t(b, xs, filter_wise=filter_wise, cos=cos, shape=shape)
+    return kernels.mix(b, xs, t=t, u=1 - t, row=row_length(shape) if filter_wise else xs[0].numel(),
+                       out_dtype=out_dtype)
+
+
+def slerp(b, xs, *, coef, out_dtype):
+    """c_b b + c_x x: linear's weighted sum of [b, x]; the base's and the expert's counts are its experts'."""
+    done = kernels.delta_merge(None, [b, xs[0]], weights=list(coef), scale=1.0, out_dtype=out_dtype)
+    if done is None or done[1] is None:
+        return done
+    out, bad = done
+    return out, [bad[0], *bad[2:]]

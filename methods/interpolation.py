@@ -19,17 +19,16 @@ import math
 
 import torch
 
-from ._blocks import Total, deltas, granule_sums, row_length
+from ._blocks import Total, product_sums, row_length
 
 
-def _products(ds: list[torch.Tensor], size: int) -> dict:
-    """{(i, j): float64 sums of d_i d_j per `size`-element granule}, i <= j."""
-    n = len(ds)
-    return {(i, j): granule_sums(ds[i] * ds[j], size) for i in range(n) for j in range(i, n)}
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(i, n)]
 
 
 def _mean_cos(g: dict, n: int) -> torch.Tensor:
-    """c = mean_{i<j} clamp(g_ij / max(|d_i||d_j|, 1e-6), -1, 1), from g = _products (per row or totals)."""
+    """c = mean_{i<j} clamp(g_ij / max(|d_i||d_j|, 1e-6), -1, 1), from g = {(i, j): sums of d_i d_j}
+    (per row, or whole-tensor totals)."""
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     cos = [(g[i, j] / (g[i, i].sqrt() * g[j, j].sqrt()).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
     return sum(cos) / len(pairs)
@@ -41,21 +40,26 @@ def model_stock_cosine(chunks, *, filter_wise: bool, shape: tuple) -> dict:
         return {"cos": None}
     totals, n = {}, 0
     for b, xs, _ in chunks():
-        ds, n = deltas(b, xs), len(xs)
-        for i in range(n):
-            for j in range(i, n):
-                totals.setdefault((i, j), Total()).add(ds[i] * ds[j], row_length(shape))
+        n = len(xs)
+        for ij, sums in zip(_pairs(n), product_sums(b, xs, _pairs(n), row_length(shape))):
+            totals.setdefault(ij, Total()).add_sums(sums)
     if not totals:                    # an empty tensor: apply is not called
         return {"cos": None}
     return {"cos": _mean_cos({ij: torch.tensor(t.value(), dtype=torch.float64) for ij, t in totals.items()}, n)}
 
 
+def model_stock_t(b, xs: list[torch.Tensor], *, filter_wise: bool, cos, shape: tuple) -> torch.Tensor:
+    """t = N c / (1 + (N-1) c) in float32: one per row of the chunk (filter_wise), else [1]."""
+    n = len(xs)
+    if filter_wise:
+        cos = _mean_cos(dict(zip(_pairs(n), product_sums(b, xs, _pairs(n), row_length(shape)))), n)   # [rows]
+    den = 1 + (n - 1) * cos
+    return torch.where(den.abs() < 1e-6, 0.0, n * cos / den).float().view(-1)
+
+
 def apply_model_stock(b: torch.Tensor, xs: list[torch.Tensor], *, filter_wise: bool, cos, shape: tuple):
     n, row = len(xs), row_length(shape)
-    if filter_wise:
-        cos = _mean_cos(_products(deltas(b, xs), row), n)                 # [rows]
-    den = 1 + (n - 1) * cos
-    t = torch.where(den.abs() < 1e-6, 0.0, n * cos / den).float().view(-1, 1)  # [rows or 1, 1]
+    t = model_stock_t(b, xs, filter_wise=filter_wise, cos=cos, shape=shape).view(-1, 1)   # [rows or 1, 1]
     mean = sum(xs) / n
     return (t * mean.view(-1, row) + (1 - t) * b.view(-1, row)).view(-1)   # [rows, row] -> flat
 
@@ -64,9 +68,8 @@ def slerp_coefficients(chunks, *, t: float) -> dict:
     """The coefficients (c_b, c_x) of out = c_b b + c_x x, from |b|^2, |x|^2 and b . x."""
     bb, xx, bx = Total(), Total(), Total()
     for b, (x,), _ in chunks():
-        bb.add(b * b)
-        xx.add(x * x)
-        bx.add(b * x)
+        for total, sums in zip((bb, xx, bx), product_sums(None, [b, x], [(0, 0), (1, 1), (0, 1)])):
+            total.add_sums(sums)
     nb, nx = math.sqrt(bb.value()), math.sqrt(xx.value())
     c = bx.value() / ((nb if nb > 1e-8 else 1.0) * (nx if nx > 1e-8 else 1.0))
     c = min(1.0, max(-1.0, c))

@@ -78,10 +78,10 @@ def test_threaded_output_writes_the_same_bytes(wide_family, tmp_path, monkeypatc
     def merge(name):
         return mbmerge.merge(method, base=str(p["base"]), experts=[str(p["e0"]), str(p["e1"])],
                              out=tmp_path / name, progress=False, memory_budget="100KB", device="cpu")
-    sync = read_model(merge("sync"))
+    threaded = read_model(merge("threaded"))       # the default
     real = Output.__init__
-    monkeypatch.setattr(Output, "__init__", lambda self, w, d, threaded, device: real(self, w, d, True, device))
-    threaded = read_model(merge("threaded"))
+    monkeypatch.setattr(Output, "__init__", lambda self, w, d, threaded, device: real(self, w, d, False, device))
+    sync = read_model(merge("sync"))
     assert sync.keys() == threaded.keys()
     assert all(torch.equal(sync[k], threaded[k]) for k in sync)
     card = json.loads((tmp_path / "threaded" / "mbmerge.json").read_text())

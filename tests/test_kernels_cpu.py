@@ -49,12 +49,13 @@ def bf16_deltas(n: int, T: int, dtype, seed: int = 0):
 
 
 def params_for(name: str, T: int, case: int) -> dict:
-    """A zero weight in even cases, both elections and aggregations, every rescale, rho = 1 for one expert."""
+    """A zero weight in even cases, both elections and aggregations, every rescale, rho = 1 for one expert,
+    model_stock per row in odd cases."""
     w = [1.0, 0.0, 0.5, 2.0, 0.7][:T] if case % 2 == 0 else [0.6 + 0.1 * i for i in range(T)]
     given = dict(weights=w, scale=[1.0, 0.7, 1.3][case % 3], consensus=["sum", "count"][case % 2],
                  aggregate=["mean", "sum"][case // 2 % 2], normalize=case % 2 == 0,
                  rescale=["inverse", "l1", "none"][case % 3], seed=case, gamma=0.05, epsilon=0.1,
-                 density=[0.3, 1.0, 0.5, 0.9, 0.2][:T])
+                 density=[0.3, 1.0, 0.5, 0.9, 0.2][:T], filter_wise=case % 2 == 1)
     names = {p.name for p in methods.get(name).params}
     return {k: v for k, v in given.items() if k in names}
 
@@ -77,12 +78,40 @@ def merged(name, b, xs, params, shape, out_dtype, impl):
 @pytest.mark.parametrize("name", FUSED)
 def test_compiled_merge_is_the_torch_methods_bit_for_bit(threads, name, case):
     T, rows, m, dtype, out_dtype = CASES[case]
+    method = methods.get(name)
+    T = min(max(T, method.min_experts), method.max_experts or T + method.min_experts)   # slerp takes 1 expert
     b, xs = bf16_deltas(rows * m, T, dtype, seed=case)
     params, shape = params_for(name, T, case), (rows, m)
     got, bad = merged(name, b, xs, params, shape, out_dtype, "auto")
     want, _ = merged(name, b, xs, params, shape, out_dtype, "torch")
     assert bad == [0] * (T + 2), "the compiled loops did not run, or counted finite values"
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_the_l1_pass_hands_its_keep_bits_to_the_merge(threads, name):
+    """Under the L1 rescale the merge reads the bits the norm pass drew: the same bytes as the torch
+    method, which draws them again, over a tensor of three chunks (the last one short)."""
+    rows, m = 9, 1000
+    b, xs = bf16_deltas(rows * m, 2, torch.bfloat16, seed=5)
+    method, shape = methods.get(name), (rows, m)
+    p = methods.resolve_params(method, 2, {**params_for(name, 2, 1), "rescale": "l1"})
+    cuts = [(0, 4000), (4000, 8000), (8000, 9000)]
+    out = {}
+    for impl in ("auto", "torch"):
+        with kernels.using(impl):
+            pick = (lambda t: t) if impl == "auto" else (lambda t: t.float())
+            chunks = lambda: [(pick(b[a:z]), [pick(x[a:z]) for x in xs], a) for a, z in cuts]  # noqa: E731
+            reduced = methods.reductions(method, p, chunks, "layer.w", shape)
+            assert (sorted(reduced["kept"]) == [0, 4000, 8000]) == (impl == "auto")
+            out[impl] = torch.cat([methods.merge_chunk(method, p, reduced, cb, cxs, a, "layer.w", shape,
+                                                       torch.bfloat16)[0].to(torch.bfloat16)
+                                   for cb, cxs, a in chunks()])
+    assert torch.equal(out["auto"].view(torch.int16), out["torch"].view(torch.int16))
+    reduced = methods.reductions(method, p, lambda: [(b, xs, 0)], "layer.w", shape)   # one chunk, then all kept:
+    reduced["kept"][0].fill_(255)
+    everything = methods.merge_chunk(method, p, reduced, b, xs, 0, "layer.w", shape, torch.bfloat16)[0]
+    assert not torch.equal(everything, out["auto"])        # the merge read the bits, not its own draws
 
 
 def test_a_chunk_split_across_threads_gives_the_same_bytes():
@@ -214,6 +243,20 @@ def test_l1_sums_are_folded_sums_of_the_deltas_and_the_kept_deltas(threads, gran
     assert torch.equal(got[0, 0], granule_sums((xs[0].float() - b.float()).abs(), granule))
 
 
+@pytest.mark.parametrize("granule,n", [(4096, 2 * 4096 + 77), (1013, 3 * 1013), (5, 23)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_product_sums_are_folded_sums_of_the_products(threads, granule, n, with_base):
+    b, xs = bf16_deltas(n, 3, torch.bfloat16, seed=n)
+    b = b if with_base else None
+    pairs = [(0, 0), (0, 2), (1, 2), (2, 2)]
+    got = cpu.product_sums(b, xs, pairs, granule)
+    ds = [x.float() - b.float() if b is not None else x.float() for x in xs]
+    for k, (i, j) in enumerate(pairs):
+        for g in range(-(-n // granule)):
+            part = slice(g * granule, (g + 1) * granule)
+            assert got[k, g].item() == folded((ds[i][part] * ds[j][part]).double().tolist())
+
+
 @pytest.mark.parametrize("granule,n", [(4096, 3 * 4096 + 5), (1000, 2000), (3, 7)])
 def test_granule_sums_compiled_and_in_torch_are_the_plain_fold(threads, granule, n):
     v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 10.0 ** torch.randint(-8, 3, (n,))
@@ -236,6 +279,9 @@ def test_non_finite_values_are_counted_where_they_are():
     xs[2][4000] = float("inf")
     out, bad = cpu.delta_merge(b, xs, weights=[1.0] * 3, scale=1.0)
     assert bad[1] > 0 and bad[2] == bad[3] == 0 and bad[4] > 0 and bad[0] > 0     # [out, base, e0, e1, e2]
+    assert out[17].isnan() and out[4000].isinf() and out[:16].isfinite().all()
+    out, bad = cpu.mix(b, xs, t=torch.tensor([0.4]), u=torch.tensor([0.6]), row=n)     # model_stock
+    assert bad[1] > 0 and bad[2] == bad[3] == 0 and bad[4] > 0 and bad[0] > 0
     assert out[17].isnan() and out[4000].isinf() and out[:16].isfinite().all()
     big = torch.full((100,), 3e38)                        # finite float32, Inf once cast to bf16 or summed
     _, bad = cpu.delta_merge(None, [big, big], weights=[1.0, 1.0], scale=1.0, out_dtype=torch.bfloat16)
