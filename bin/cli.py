@@ -96,6 +96,10 @@ def cli():
               "('' merges all; default: the method's).")
 @click.option("--dtype", help="Output dtype of float tensors (default: as stored).")
 @click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory (with a GPU: device memory).")
+@click.option("--out-shard-size", help="Bytes of tensors per output shard, as mergekit reads it (5B: 5e9 bytes; "
+              "also 500MB, 2GiB) [default: the base's sharding].")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the base's tokenizer files into the output.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -118,8 +122,8 @@ def cli():
               help="For tensors matching REGEX (the first --override that does), these parameter values, "
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, allow_nonfinite,
-          overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
+def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
+          copy_tokenizer, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
           data_seed, stats_batch_size, stats_dtype, overrides, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
@@ -138,10 +142,14 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
         experts = _listed(experts) or []
     _check(method, experts, base, given, protocol, out, overwrite)
+    if out_shard_size is not None:
+        from ..engine.plan import parse_shard_size
+        parse_shard_size(out_shard_size)                # a bad size: one line, before torch
     from ..stats.prepare import merge as merge_models   # torch, from here on
     with _resumable():
         path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
-                            memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+                            memory_budget=memory_budget, out_shard_size=out_shard_size,
+                            copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
                             progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
                             compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs),
                             data=_listed(data), overrides=[_override(*o) for o in overrides],

@@ -98,7 +98,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
                     "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base, span=method.span,
+                     keep_base=spec.keep_base, span=method.span, shard_size=spec.out_shard_size,
                      preferred=_chunk_size(method, spec.device))
     stat_indexes = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], plan)
                     if method.data_statistic else [])
@@ -134,7 +134,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
             raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
-        copied = side_files.copy(ref_index.folder, tmp, spec.dtype)
+        copied = side_files.copy(ref_index.folder, tmp, spec.dtype, tokenizer=spec.copy_tokenizer)
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
@@ -176,7 +176,8 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
     return {
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
-        "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base,
+        "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base, "out_shard_size": spec.out_shard_size,
+        "copy_tokenizer": spec.copy_tokenizer, "shards": len(plan.shards),
         **({"overrides": spec.recipe()["overrides"]} if spec.overrides else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),

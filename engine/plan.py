@@ -60,6 +60,18 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
+def parse_shard_size(text: str | int) -> int:
+    """Bytes per output shard as mergekit's --out-shard-size reads them ('5B': 5e9, k/m/b thousands,
+    millions, billions) or as transformers' max_shard_size does ('500MB' decimal, '2GiB' binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(k|m|b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise BadParameter(f"--out-shard-size {text!r} is not a positive size like 5B (mergekit: 5 billion bytes), "
+                           f"500MB or 2GiB")
+    unit = {None: 1, "k": 10**3, "m": 10**6, "b": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+            "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[m.group(2)]
+    return max(1, int(float(m.group(1)) * unit))
+
+
 def _per_element(n_inputs: int) -> int:
     return 8 * n_inputs + 8 * (n_inputs - 1) + 20
 
@@ -94,29 +106,52 @@ def _chunks(e: TensorEntry, step: int, span: str, budget: int, n_inputs: int) ->
 
 
 def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | None = None,
-              keep_base: str | None = None, preferred: int = CPU_CHUNK, span: str = "element") -> Plan:
-    """Plan the merge of every tensor of `ref` (whose folder fixes names, shapes and sharding);
-    `span` is what one chunk of a merged tensor must hold whole (see Method.span)."""
+              keep_base: str | None = None, preferred: int = CPU_CHUNK, span: str = "element",
+              shard_size: int | None = None) -> Plan:
+    """Plan the merge of every tensor of `ref` (whose folder fixes names and shapes, and the sharding
+    unless `shard_size` bytes per output shard is given); `span` is what one chunk of a merged tensor
+    must hold whole (see Method.span)."""
     step = chunk_elems(budget, n_inputs, preferred)
     keep = re.compile(keep_base) if keep_base else None
-    by_shard = {s: [] for s in ref.shards}
-    for e in sorted(ref.tensors.values(), key=lambda e: (ref.shards.index(e.file.name), e.offset)):
-        by_shard[e.file.name].append(e)
+    entries = sorted(ref.tensors.values(), key=lambda e: (ref.shards.index(e.file.name), e.offset))   # read order
+    kinds = {e.name: _kind(e, out_dtype, keep) for e in entries}   # (dtype, merge)
+    if shard_size is None:
+        by_shard = {s: [] for s in ref.shards}
+        for e in entries:
+            by_shard[e.file.name].append(e)
+        if not (ref.sharded or len(ref.shards) > 1):
+            by_shard = {SINGLE_FILE: by_shard[ref.shards[0]]}
+    else:
+        by_shard = _reshard(entries, [e.numel * DTYPES[kinds[e.name][0]].itemsize for e in entries], shard_size)
     shards, tensors = [], []
-    for shard, entries in by_shard.items():
-        name = shard if ref.sharded or len(ref.shards) > 1 else SINGLE_FILE
-        kinds = [_kind(e, out_dtype, keep) for e in entries]        # [(dtype, merge)]
-        header, offsets = encode_header([(e.name, d, e.shape) for e, (d, _) in zip(entries, kinds)],
-                                        {"format": "pt"})
+    for name, entries in by_shard.items():
+        header, offsets = encode_header([(e.name, kinds[e.name][0], e.shape) for e in entries], {"format": "pt"})
         size = len(header)
-        for e, (dtype, merge), off in zip(entries, kinds, offsets):
+        for e, off in zip(entries, offsets):
+            dtype, merge = kinds[e.name]
             chunks = _chunks(e, step, span if merge else "element", budget, n_inputs)
             tensors.append(TensorPlan(name=e.name, ref=e, out_dtype=dtype, merge=merge, chunks=chunks, shard=name,
                                       out_offset=len(header) + off))
             size += tensors[-1].out_nbytes
         shards.append(ShardPlan(name, header, size))
-    return Plan(tensors=tuple(tensors), shards=tuple(shards), sharded=ref.sharded or len(ref.shards) > 1,
-                chunk_elems=step, budget=budget)
+    sharded = len(shards) > 1 or (shard_size is None and ref.sharded)   # an index, as the reference has one
+    return Plan(tensors=tuple(tensors), shards=tuple(shards), sharded=sharded, chunk_elems=step, budget=budget)
+
+
+def _reshard(entries: list[TensorEntry], sizes: list[int], limit: int) -> dict[str, list[TensorEntry]]:
+    """Output shards of at most `limit` bytes of tensor data, in read order, as mergekit fills them: a tensor
+    that would overflow a non-empty shard starts the next (one larger than `limit` is a shard alone);
+    named model.safetensors, or model-0000i-of-0000N.safetensors as transformers names them."""
+    groups, total = [[]], 0
+    for e, size in zip(entries, sizes):
+        if groups[-1] and total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(e)
+        total += size
+    if len(groups) == 1:
+        return {SINGLE_FILE: groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
 
 
 def _kind(e: TensorEntry, out_dtype: str | None, keep) -> tuple[str, bool]:

@@ -52,10 +52,19 @@ def check(folder: Path, role: str) -> None:
         raise BadModel(f"{role}: {found[0]}{more}; fix or remove it before merging")
 
 
-def copy(src: Path, folder: Path, out_dtype: str | None) -> list[str]:
-    """Copy the side files of `src` into `folder`, config's dtype set to out_dtype; their names."""
+def is_tokenizer_file(name: str) -> bool:
+    """A file of a tokenizer (transformers' and sentencepiece's names), its special tokens or chat template."""
+    return (name.startswith(("tokenizer", "chat_template", "vocab.", "spiece.", "sentencepiece"))
+            or name in ("special_tokens_map.json", "added_tokens.json", "merges.txt"))
+
+
+def copy(src: Path, folder: Path, out_dtype: str | None, tokenizer: bool = True) -> list[str]:
+    """Copy the side files of `src` into `folder` (without the tokenizer's unless `tokenizer`), config's
+    dtype set to out_dtype; their names."""
     names = []
     for f in side_files(src):
+        if not tokenizer and is_tokenizer_file(f.name):
+            continue
         shutil.copyfile(f, folder / f.name)
         names.append(f.name)
     config = folder / "config.json"

@@ -8,7 +8,7 @@ import torch
 from .. import kernels, methods
 from .device import resolve_device
 from ..common.errors import BadParameter
-from .plan import dtype_name, parse_size
+from .plan import dtype_name, parse_shard_size, parse_size
 
 from ..common import VERSION  # noqa: F401  (the recipe records it)
 
@@ -36,6 +36,9 @@ class MergeSpec:
                                         # None: the method's default, "": none
     dtype: str | None = None            # output dtype of float tensors (default: as stored)
     memory_budget: int | str = "2GB"
+    out_shard_size: int | str | None = None  # bytes of tensors per output shard (mergekit's --out-shard-size:
+                                        # "5B" is 5e9); None: the reference model's sharding
+    copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
     allow_nonfinite: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -63,6 +66,8 @@ class MergeSpec:
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "memory_budget", parse_size(self.memory_budget))
+        if self.out_shard_size is not None:
+            set_(self, "out_shard_size", parse_shard_size(self.out_shard_size))
         set_(self, "device", resolve_device(str(self.device)))
         chosen = kernels.chosen()   # what the caller runs under (kernels.using), else the environment's
         set_(self, "kernels", kernels.backend_name(self.kernels or chosen.backend))
@@ -98,7 +103,7 @@ class MergeSpec:
         """What fixes the output bytes (an interrupted merge resumes only if this is unchanged)."""
         return {"mbmerge_version": VERSION, "method": self.method, "params": self.resolved, "base": self.base,
                 "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
-                "allow_nonfinite": self.allow_nonfinite,
+                "allow_nonfinite": self.allow_nonfinite, "out_shard_size": self.out_shard_size,
                 **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
 
     def command(self) -> str:
@@ -114,6 +119,8 @@ class MergeSpec:
             parts += ["--keep-base", f"'{self.keep_base}'"]
         if self.dtype:
             parts += ["--dtype", self.dtype]
+        parts += ["--out-shard-size", str(self.out_shard_size)] if self.out_shard_size else []
+        parts += [] if self.copy_tokenizer else ["--no-copy-tokenizer"]
         for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []
         for pattern, values in self.overrides:
