@@ -134,9 +134,10 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
         from ..engine.recipe import load_recipe
         recipe = load_recipe(config)
-        method, base, dtype, experts, given = (recipe["method"], recipe["base"], recipe["dtype"],
-                                               recipe["experts"], recipe["params"])
+        method, base, dtype, experts, given, layered = (recipe["method"], recipe["base"], recipe["dtype"],
+                                                        recipe["experts"], recipe["params"], recipe["layered"])
     else:
+        layered = None
         for name, value in [("--method", method), ("--experts", experts)]:
             if value is None:
                 raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
@@ -152,7 +153,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
                             copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
                             progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
                             compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs),
-                            data=_listed(data), overrides=[_override(*o) for o in overrides],
+                            data=_listed(data), overrides=[_override(*o) for o in overrides], layered=layered,
                             data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
                                                      stats_dtype), **given)
     if not quiet:

@@ -2,6 +2,7 @@
 workloads (the mini zoo) and collects no data statistics: those come as folders."""
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .output import (check_apart, check_location, discard, missing_parents, outp
                      remove_empty)
 from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, make_plan
 from .read import MappedModel
+from .recipe import tensor_overrides
 from .resolve import Source, resolve
 from .spec import VERSION, MergeSpec, spec_from
 from .stats_folders import open_statistics, read_card
@@ -100,6 +102,9 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base, span=method.span, shard_size=spec.out_shard_size,
                      preferred=_chunk_size(method, spec.device))
+    if spec.layered:          # the recipe's gradients and filters, per tensor, after the user's own overrides
+        spec = replace(spec, layered=None, overrides=spec.overrides + tuple(
+            tensor_overrides(spec.method, spec.layered, [t.name for t in plan.tensors if t.merge])))
     stat_indexes = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], plan)
                     if method.data_statistic else [])
     identity = input_identity([ix for ix in [base_index, *indexes, *stat_indexes] if ix is not None])

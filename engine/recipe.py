@@ -15,12 +15,20 @@ explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1
   int8_mask                  -> ignored: a memory saving in mergekit, with the same result
   out_dtype, else dtype      -> dtype: the output dtype (mbmerge always computes in float32)
   tokenizer_source: base     -> accepted: the base's tokenizer is copied
+  a list of values           -> a gradient over the layers: layer i of L at t = i / (L - 1) (1 for one
+                                layer), tensors outside the layers at t = 0, interpolated between the
+                                two nearest points (booleans: picked), as mergekit reads it
+  [{filter: s, value: v}]    -> per tensor, the first condition whose filter is absent, '*' or part of
+                                its name (v may be a gradient); load_recipe's "layered" carries them,
+                                and tensor_overrides makes them the engine's per-tensor overrides
 
 Each refusal names the key: slices, modules, tokenizer, chat_template, other tokenizer sources,
-LoRA references, per-layer gradients and filters, parameters unknown to mergekit's method,
-values mbmerge's method cannot honour, and unknown keys. Knows nothing of tensors or files
-besides the recipe.
+LoRA references, parameters unknown to mergekit's method, values mbmerge's method cannot honour
+(checked at every point of a gradient and under every filter), and unknown keys. Knows nothing of
+tensors or files besides the recipe.
 """
+import re
+
 import yaml
 
 from .. import methods
@@ -29,6 +37,7 @@ from ..common.errors import BadParameter
 from .plan import dtype_name
 
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
+LAYER = re.compile(r"\.layers\.(\d+)\.")   # a decoder layer's tensors, as transformers names them
 BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise"}
 KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 WHY = {"slices": "mbmerge merges whole models; list them under 'models'",
@@ -41,10 +50,13 @@ def load_recipe(path) -> dict:
 
     Returns:
         {"method": str, "base": str | None, "experts": [str, ...], "dtype": str | None,
-         "params": {mbmerge parameter: value, per-expert ones as lists in expert order}}.
+         "params": {mbmerge parameter: value, per-expert ones as lists in expert order; outside the
+                    layers, where the recipe has gradients or filters},
+         "layered": the recipe's gradients and filters for merge(layered=...), or None}.
     Example:
         >>> r = load_recipe("ties.yml")
-        >>> mbmerge.merge(r["method"], base=r["base"], experts=r["experts"], dtype=r["dtype"], out="m/", **r["params"])
+        >>> mbmerge.merge(r["method"], base=r["base"], experts=r["experts"], dtype=r["dtype"], out="m/",
+        ...               layered=r["layered"], **r["params"])
     """
     try:
         cfg = _read(path)
@@ -56,8 +68,11 @@ def load_recipe(path) -> dict:
         method = methods.REGISTRY[name]
         spec = method.mergekit
         base, models = _inputs(cfg, method, spec)
-        params = _params(models, _values("parameters", cfg.get("parameters"), spec, set(spec)), method, spec)
-        methods.resolve_params(method, len(models), params)     # mbmerge's own checks, e.g. density in (0, 1]
+        glob = _values("parameters", cfg.get("parameters"), spec, set(spec))
+        params = _params(*_at(models, glob, "", 0.0), method, spec)      # what a tensor outside the layers takes
+        layered = [v for d in [glob, *[m[2] for m in models]] for v in d.values() if isinstance(v, list)]
+        for part, t in _points(layered):         # mbmerge's own checks, e.g. density in (0, 1], at every point
+            methods.resolve_params(method, len(models), _params(*_at(models, glob, part, t), method, spec))
         dtype_key = "out_dtype" if cfg.get("out_dtype") is not None else "dtype"   # mergekit's rule
         dtype = None if cfg.get(dtype_key) is None else str(cfg[dtype_key])
         try:
@@ -66,7 +81,67 @@ def load_recipe(path) -> dict:
             _fail(dtype_key, f"= {dtype!r}: choose bfloat16, float16, float32 or float64")
     except BadParameter as e:
         raise BadParameter(f"{path}: {e}") from None
-    return {"method": name, "base": base, "experts": [m[1] for m in models], "dtype": dtype, "params": params}
+    settings = {"models": [m[2] for m in models], "parameters": glob} if layered else None
+    return {"method": name, "base": base, "experts": [m[1] for m in models], "dtype": dtype, "params": params,
+            "layered": settings}
+
+
+def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[tuple[str, dict]]:
+    """A recipe's per-layer gradients and filters (load_recipe's "layered") as the engine's per-tensor
+    overrides: each tensor's mergekit values at its place t (layer i of L: i / (L - 1), 1 for one layer;
+    outside the layers: 0, as mergekit plans embeddings and the head) and under its name (a filter
+    applies where it is a substring of the name), translated as load_recipe does, tensors that take the
+    same values under one pattern of their exact names."""
+    method = methods.REGISTRY[method_name]
+    layer = [int(m.group(1)) if (m := LAYER.search(n)) else None for n in names]
+    count = max([i for i in layer if i is not None], default=0) + 1
+    groups = {}
+    for name, i in zip(names, layer):
+        t = 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0)
+        models = [(f"models[{k}]", "", values) for k, values in enumerate(layered["models"])]
+        params = _params(*_at(models, layered["parameters"], name, t), method, method.mergekit)
+        groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(name)
+    return [("^(?:" + "|".join(re.escape(n) for n in group) + ")$", params) for params, group in groups.values()]
+
+
+def _points(layered: list) -> list[tuple[str, float]]:
+    """(a name, t) for every point a gradient or filter can take: each filter matched alone, at every
+    gradient point (values between two points lie between theirs)."""
+    names, lengths = {""}, {1}
+    for v in layered:
+        for c in v if all(isinstance(c, dict) for c in v) else [{"value": v}]:
+            names.add(c.get("filter") or "")
+            lengths.add(len(c["value"]) if isinstance(c["value"], list) else 1)
+    ts = sorted({k / (n - 1) if n > 1 else 0.0 for n in lengths for k in range(n)})
+    return [(name, t) for name in sorted(names) for t in ts]
+
+
+def _at(models: list, glob: dict, name: str, t: float) -> tuple[list, dict]:
+    """The models' and the global parameters as each tensor `name` at place t takes them (absent where a
+    filter list has no condition for it)."""
+    def values(d):
+        out = {k: _evaluate(v, name, t) for k, v in d.items()}
+        return {k: v for k, v in out.items() if v is not None}
+    return [(key, ref, values(d)) for key, ref, d in models], values(glob)
+
+
+def _evaluate(setting, name: str, t: float):
+    """mergekit's reading of a setting: a value; a list of values, interpolated at t between neighbours
+    (numbers) or picked at int(t (n - 1)) (booleans); a list of {filter, value}: the first whose filter
+    is absent, '*' or in the name."""
+    if not isinstance(setting, list):
+        return setting
+    if setting and all(isinstance(c, dict) for c in setting):
+        for c in setting:
+            if c.get("filter") in (None, "*") or c["filter"] in name:
+                return _evaluate(c["value"], name, t)
+        return None
+    if any(isinstance(v, bool) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    at = t * (len(setting) - 1)
+    i = int(at)
+    j = min(len(setting) - 1, i + 1)
+    return (1 - (at - i)) * setting[i] + (at - i) * setting[j]
 
 
 def _fail(key, why):
@@ -141,18 +216,36 @@ def _values(key, given, spec: dict, allowed: set) -> dict:
             _fail(where, f"is not a parameter of this mergekit method (it takes: {', '.join(spec)})")
         if name not in allowed:
             _fail(where, "is a global parameter in mergekit (which ignores it here); move it to 'parameters'")
-        if isinstance(v, (list, dict)):
-            _fail(where, "is a gradient or filter: per-layer gradients and filters are not supported yet")
-        if name in BOOLS and str(v).lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            out[name] = str(v).lower() in ("true", "1", "yes", "on")
-            continue
-        try:
-            if name in BOOLS or isinstance(v, bool):
-                raise ValueError
-            out[name] = float(v)                   # numbers and numeric strings such as "1e-3"
-        except (TypeError, ValueError):
-            _fail(where, f"= {v!r} is not a {'boolean' if name in BOOLS else 'number'}")
+        out[name] = _setting(where, name, v)
     return out
+
+
+def _setting(where: str, name: str, v, conditions: bool = True):
+    """A value, a gradient (a list of values) or a list of {filter, value} conditions (a single one as a
+    mapping), typed; BadParameter naming the key for anything else."""
+    if isinstance(v, dict):
+        v = [v]
+    if isinstance(v, list) and v and all(isinstance(c, dict) for c in v) and conditions:
+        for k, c in enumerate(v):
+            if set(c) - {"filter", "value"} or "value" not in c or not isinstance(c.get("filter", ""), (str, type(None))):
+                _fail(f"{where}[{k}]", "must be {filter: NAME PART, value: VALUE or [gradient]} (filter optional)")
+        return [{**c, "value": _setting(f"{where}[{k}].value", name, c["value"], False)} for k, c in enumerate(v)]
+    if isinstance(v, list):
+        if not v or any(isinstance(e, (list, dict)) for e in v):
+            _fail(where, "must be a value, a gradient (a list of values) or a list of {filter, value}")
+        return [_scalar(f"{where}[{k}]", name, e) for k, e in enumerate(v)]
+    return _scalar(where, name, v)
+
+
+def _scalar(where: str, name: str, v):
+    if name in BOOLS and str(v).lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        return str(v).lower() in ("true", "1", "yes", "on")
+    try:
+        if name in BOOLS or isinstance(v, bool):
+            raise ValueError
+        return float(v)                            # numbers and numeric strings such as "1e-3"
+    except (TypeError, ValueError):
+        _fail(where, f"= {v!r} is not a {'boolean' if name in BOOLS else 'number'}")
 
 
 def _params(models: list, glob: dict, method, spec: dict) -> dict:

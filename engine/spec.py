@@ -48,6 +48,8 @@ class MergeSpec:
     stats_folders: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
     data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from (by
     data_options: dict = field(default_factory=dict)  # mbmerge.stats; the engine needs the folders)
+    layered: dict | None = None         # a mergekit recipe's per-layer gradients and filters (recipe.load_recipe),
+                                        # made overrides once the tensors are known (recipe.tensor_overrides)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
                                         # values replace `params` for that tensor (e.g. per layer)
     kernels: str | None = None          # auto | torch | triton (default: kernels.chosen(): the caller's

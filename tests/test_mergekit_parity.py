@@ -16,6 +16,7 @@ generator reproduces.
 """
 import itertools
 import os
+import re
 import shutil
 import subprocess
 
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import mbmerge
-from conftest import read_model, top_mask
+from conftest import LLAMA, expert_tensors, llama_shapes, read_model, top_mask, write_model
 from mbmerge.engine.recipe import load_recipe
 
 MERGEKIT = os.environ.get("MBMERGE_MERGEKIT") or shutil.which("mergekit-yaml")
@@ -44,6 +45,17 @@ EXACT = {
     "model_stock-filter_wise": ("model_stock", ["math", "code"], None, {"filter_wise": True}),
     "model_stock-3": ("model_stock", ["math", "code", "ifeval"], None, {}),
 }
+# per-layer gradients and filters, on five layers (points between a gradient's): a t gradient for attention,
+# another for the MLP, one value elsewhere; per-model weight gradients, one under a filter
+GRADIENTS = {
+    "slerp-gradient-filters": ("slerp", ["math"], None, {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]},
+                                                             {"filter": "mlp", "value": [0.9, 0.2]},
+                                                             {"value": 0.4}]}),
+    "task_arithmetic-weight-gradients": ("task_arithmetic", ["math", "code"],
+                                         [{"weight": [1.0, 0.2, 0.7]},
+                                          {"weight": [{"filter": "mlp", "value": [0.1, 0.8]}, {"value": 0.6}]}],
+                                         {"lambda": [0.8, 1.1]}),
+}
 TRIMMED = {
     "ties": ("ties", ["math", "code"], w(0.7, 0.3, density=0.5), {}),
     "ties-3": ("ties", ["math", "code", "ifeval"], w(0.5, 0.3, 0.2, density=0.5), {}),
@@ -59,7 +71,7 @@ ONE = {"ties-1": ("ties", ["math"], w(1.0, density=0.5), {}),
 
 def run_both(family, tmp_path, case):
     """(mergekit's output, mbmerge's output, mbmerge's resolved recipe) of one case's recipe."""
-    method, experts, per_model, glob = {**EXACT, **TRIMMED, **ONE}[case]
+    method, experts, per_model, glob = {**EXACT, **TRIMMED, **ONE, **GRADIENTS}[case]
     paths = family["paths"]
     flow = lambda d: "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}"  # noqa: E731
                                      for k, v in d.items()) + "}"
@@ -75,7 +87,7 @@ def run_both(family, tmp_path, case):
     assert done.returncode == 0, done.stderr[-3000:]
     r = load_recipe(recipe)
     mb = read_model(mbmerge.merge(r["method"], base=r["base"], experts=r["experts"], dtype=r["dtype"],
-                                  out=tmp_path / "mb", progress=False, **r["params"]))
+                                  out=tmp_path / "mb", progress=False, layered=r["layered"], **r["params"]))
     mk = read_model(tmp_path / "mk")
     assert sorted(mb) == sorted(mk)
     assert all(mb[n].dtype == mk[n].dtype == torch.bfloat16 and mb[n].shape == mk[n].shape for n in mb)
@@ -103,6 +115,32 @@ def test_exact_methods(family, tmp_path, case):
     moved = sum(int((mb[n] != family["tensors"]["base"][n].bfloat16()).sum()) for n in mb)
     print(f"\n{case}: {off} of {sum(v.numel() for v in d.values())} elements differ, max {worst} ulp, "
           f"max abs diff {max_abs_diff(mk, mb):.3g}; {moved} elements differ from the base")
+    assert worst <= 1
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """The test family's shapes in five layers, so that gradients take values between their points."""
+    root, g = tmp_path_factory.mktemp("deep"), torch.Generator().manual_seed(5)
+    shapes = {}
+    for name, shape in llama_shapes():
+        layer = re.match(r"model\.layers\.0\.(.*)", name)
+        if layer:
+            shapes.update({f"model.layers.{i}.{layer.group(1)}": shape for i in range(5)})
+        elif not name.startswith("model.layers."):
+            shapes[name] = shape
+    base = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes.items()}
+    models = {"base": base, "math": expert_tensors(base, 1), "code": expert_tensors(base, 2)}
+    return {"paths": {k: write_model(root / k, v, config=dict(LLAMA, num_hidden_layers=5)) for k, v in models.items()}}
+
+
+@pytest.mark.parametrize("case", list(GRADIENTS))
+def test_gradients_and_filters(deep_family, tmp_path, case):
+    mk, mb, r = run_both(deep_family, tmp_path, case)
+    assert r["layered"] is not None
+    worst = max(int(ulps(mb[n], mk[n]).max()) for n in mb)
+    off = sum(int((ulps(mb[n], mk[n]) > 0).sum()) for n in mb)
+    print(f"\n{case}: {off} of {sum(v.numel() for v in mb.values())} elements differ, max {worst} ulp")
     assert worst <= 1
 
 
