@@ -51,6 +51,7 @@ GRADIENTS = {
     "slerp-gradient-filters": ("slerp", ["math"], None, {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]},
                                                              {"filter": "mlp", "value": [0.9, 0.2]},
                                                              {"value": 0.4}]}),
+    "ties-density-gradient": ("ties", ["math"], [{"weight": 1.0, "density": [0.3, 0.7]}], {}),
     "task_arithmetic-weight-gradients": ("task_arithmetic", ["math", "code"],
                                          [{"weight": [1.0, 0.2, 0.7]},
                                           {"weight": [{"filter": "mlp", "value": [0.1, 0.8]}, {"value": 0.6}]}],
@@ -134,7 +135,21 @@ def deep_family(tmp_path_factory):
     return {"paths": {k: write_model(root / k, v, config=dict(LLAMA, num_hidden_layers=5)) for k, v in models.items()}}
 
 
-@pytest.mark.parametrize("case", list(GRADIENTS))
+def test_a_per_layer_density_keeps_as_many_entries_as_mergekit(deep_family, tmp_path):
+    """ties, one expert of weight 1, density 0.3 in layer 0 rising to 0.7 in layer 4 (0.3 outside the
+    layers): in every tensor both tools change exactly k = floor(rho n) entries, rho at the tensor's layer."""
+    mk, mb, _ = run_both(deep_family, tmp_path, "ties-density-gradient")
+    base, expert = read_model(deep_family["paths"]["base"]), read_model(deep_family["paths"]["math"])
+    for n in mb:
+        layer = re.search(r"\.layers\.(\d+)\.", n)
+        t = int(layer.group(1)) / 4 if layer else 0.0
+        rho = (1 - t) * 0.3 + t * 0.7                                  # the gradient at the tensor's place
+        k = max(1, int(rho * base[n].numel()))
+        nonzero = int((expert[n] != base[n]).sum())
+        assert int((mk[n] != base[n]).sum()) == int((mb[n] != base[n]).sum()) == min(k, nonzero), n
+
+
+@pytest.mark.parametrize("case", [c for c in GRADIENTS if not c.startswith("ties")])
 def test_gradients_and_filters(deep_family, tmp_path, case):
     mk, mb, r = run_both(deep_family, tmp_path, case)
     assert r["layered"] is not None
