@@ -100,6 +100,8 @@ def cli():
               "also 500MB, 2GiB) [default: the base's sharding].")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy the base's tokenizer files into the output.")
+@click.option("--chat-template", help="The output's chat template: auto (the one most inputs have), an input "
+              "model as given, or a Jinja template [default: the base's].")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -123,19 +125,21 @@ def cli():
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
-          copy_tokenizer, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
+          copy_tokenizer, chat_template, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
           data_seed, stats_batch_size, stats_dtype, overrides, quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:
         clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
-                                       ("protocol", protocol), ("dtype", dtype), *given.items()] if v is not None]
+                                       ("protocol", protocol), ("dtype", dtype), ("chat-template", chat_template),
+                                       *given.items()] if v is not None]
         if clash:
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
         from ..engine.recipe import load_recipe
         recipe = load_recipe(config)
-        method, base, dtype, experts, given, layered = (recipe["method"], recipe["base"], recipe["dtype"],
-                                                        recipe["experts"], recipe["params"], recipe["layered"])
+        method, base, dtype, experts, given, layered, chat_template = (
+            recipe["method"], recipe["base"], recipe["dtype"], recipe["experts"], recipe["params"], recipe["layered"],
+            recipe["chat_template"])
     else:
         layered = None
         for name, value in [("--method", method), ("--experts", experts)]:
@@ -150,7 +154,8 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
     with _resumable():
         path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
                             memory_budget=memory_budget, out_shard_size=out_shard_size,
-                            copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+                            copy_tokenizer=copy_tokenizer, chat_template=chat_template,
+                            allow_nonfinite=allow_nonfinite, overwrite=overwrite,
                             progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
                             compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs),
                             data=_listed(data), overrides=[_override(*o) for o in overrides], layered=layered,

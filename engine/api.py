@@ -10,7 +10,7 @@ import torch
 from .. import kernels, methods
 from ..common.errors import BadParameter, InputChanged
 from ..common.names import domain_names
-from . import side_files
+from . import chat_template, side_files
 from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
 from .journal import JOURNAL, Journal, fingerprint, input_identity
@@ -96,6 +96,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
     ref_index = base_index or indexes[0]
     side_files.check(ref_index.folder, "base" if base else experts[0].role)
+    template = _chat_template(spec, base, experts, ref_index.folder)        # its errors before any work
     check_agreement(ref_index, {s.role.removeprefix("expert "): ix for s, ix in zip(experts, indexes)},
                     "base" if base else f"expert {spec.experts[0]!r}")
     n_inputs = len(experts) + (1 if base and method.needs_base else 0)
@@ -140,7 +141,10 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
         copied = side_files.copy(ref_index.folder, tmp, spec.dtype, tokenizer=spec.copy_tokenizer)
+        if template and template[0]:
+            chat_template.write(tmp, template[0])
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
+        record["chat_template"] = template[1] if template else None
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
         digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
@@ -165,6 +169,16 @@ def _chunk_size(method, device) -> int:
     if device.type == "cuda":
         return GPU_CHUNK
     return COMPILED_CHUNK if method.fused is not None and kernels.compiled(device) else CPU_CHUNK
+
+
+def _chat_template(spec: MergeSpec, base: Source | None, experts: list[Source], ref: Path) -> tuple | None:
+    """(the output's chat template or None, where it came from) where spec asks for one, else None."""
+    if spec.chat_template is None:
+        return None
+    if not spec.copy_tokenizer or not (ref / chat_template.CONFIG).is_file():
+        raise BadParameter(f"chat_template: the output would have no {chat_template.CONFIG} to carry it "
+                           f"({'--no-copy-tokenizer' if not spec.copy_tokenizer else f'{ref} has none'})")
+    return chat_template.choose(spec.chat_template, [(s.ref, s.path) for s in ([base] if base else []) + experts])
 
 
 def _stats_folders(spec: MergeSpec) -> list[Path]:

@@ -15,6 +15,7 @@ explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1
   int8_mask                  -> ignored: a memory saving in mergekit, with the same result
   out_dtype, else dtype      -> dtype: the output dtype (mbmerge always computes in float32)
   tokenizer_source: base     -> accepted: the base's tokenizer is copied
+  chat_template              -> chat_template: 'auto', a model of the recipe, or a Jinja template
   a list of values           -> a gradient over the layers: layer i of L at t = i / (L - 1) (1 for one
                                 layer), tensors outside the layers at t = 0, interpolated between the
                                 two nearest points (booleans: picked), as mergekit reads it
@@ -22,7 +23,7 @@ explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1
                                 its name (v may be a gradient); load_recipe's "layered" carries them,
                                 and tensor_overrides makes them the engine's per-tensor overrides
 
-Each refusal names the key: slices, modules, tokenizer, chat_template, other tokenizer sources,
+Each refusal names the key: slices, modules, tokenizer, other tokenizer sources,
 LoRA references, parameters unknown to mergekit's method, values mbmerge's method cannot honour
 (checked at every point of a gradient and under every filter), and unknown keys. Knows nothing of
 tensors or files besides the recipe.
@@ -39,10 +40,10 @@ from .plan import dtype_name
 PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 LAYER = re.compile(r"\.layers\.(\d+)\.")   # a decoder layer's tensors, as transformers names them
 BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise"}
-KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template"}
 WHY = {"slices": "mbmerge merges whole models; list them under 'models'",
        "modules": "mbmerge merges whole models; list them under 'models'",
-       "tokenizer": "mbmerge copies the base's tokenizer", "chat_template": "mbmerge copies the base's files"}
+       "tokenizer": "mbmerge copies the base's tokenizer"}
 
 
 def load_recipe(path) -> dict:
@@ -52,7 +53,8 @@ def load_recipe(path) -> dict:
         {"method": str, "base": str | None, "experts": [str, ...], "dtype": str | None,
          "params": {mbmerge parameter: value, per-expert ones as lists in expert order; outside the
                     layers, where the recipe has gradients or filters},
-         "layered": the recipe's gradients and filters for merge(layered=...), or None}.
+         "layered": the recipe's gradients and filters for merge(layered=...), or None,
+         "chat_template": for merge(chat_template=...), or None}.
     Example:
         >>> r = load_recipe("ties.yml")
         >>> mbmerge.merge(r["method"], base=r["base"], experts=r["experts"], dtype=r["dtype"], out="m/",
@@ -83,7 +85,7 @@ def load_recipe(path) -> dict:
         raise BadParameter(f"{path}: {e}") from None
     settings = {"models": [m[2] for m in models], "parameters": glob} if layered else None
     return {"method": name, "base": base, "experts": [m[1] for m in models], "dtype": dtype, "params": params,
-            "layered": settings}
+            "layered": settings, "chat_template": cfg.get("chat_template")}
 
 
 def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[tuple[str, dict]]:
@@ -161,6 +163,8 @@ def _read(path) -> dict:
     for key in cfg:
         if key not in KEYS:
             _fail(key, f"is not supported ({WHY.get(key, 'not a mergekit key mbmerge knows')})")
+    if cfg.get("chat_template") is not None and not isinstance(cfg["chat_template"], str):
+        _fail("chat_template", "must be 'auto', a model of the recipe or a Jinja template")
     if cfg.get("tokenizer_source") not in (None, "base"):
         _fail("tokenizer_source", f"= {cfg['tokenizer_source']!r} is not supported (only 'base': mbmerge "
                                   "copies the base's tokenizer)")

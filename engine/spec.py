@@ -1,4 +1,5 @@
 """MergeSpec: everything a merge needs to know, checked once at construction."""
+import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,8 @@ class MergeSpec:
     out_shard_size: int | str | None = None  # bytes of tensors per output shard (mergekit's --out-shard-size:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
+    chat_template: str | None = None    # the output's: auto | an input's reference | a Jinja template
+                                        # (engine/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -123,6 +126,7 @@ class MergeSpec:
             parts += ["--dtype", self.dtype]
         parts += ["--out-shard-size", str(self.out_shard_size)] if self.out_shard_size else []
         parts += [] if self.copy_tokenizer else ["--no-copy-tokenizer"]
+        parts += ["--chat-template", json.dumps(self.chat_template)] if self.chat_template else []
         for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []
         for pattern, values in self.overrides:

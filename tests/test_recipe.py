@@ -134,7 +134,7 @@ REFUSED = {
         """, "'slices' is not supported (mbmerge merges whole models"),
     "tokenizer": (two_experts("ties", "tokenizer: {{source: union}}"), "'tokenizer' is not supported"),
     "tokenizer_source": (two_experts("ties", "tokenizer_source: union"), "'tokenizer_source' = 'union'"),
-    "chat_template": (two_experts("ties", "chat_template: chatml"), "'chat_template' is not supported"),
+    "chat_template": (two_experts("ties", "chat_template: [chatml]"), "'chat_template' must be 'auto'"),
     "unknown key": (two_experts("ties", "foo: 1"), "'foo' is not supported"),
     "gradient out of range": (two_experts("ties", "parameters: {{density: [1, 0.7, 1.5]}}"),
                               "density=1.5 must be in (0, 1]"),
