@@ -22,6 +22,7 @@ from .recipe import tensor_overrides
 from .resolve import Source, resolve
 from .spec import VERSION, MergeSpec, spec_from
 from .stats_folders import open_statistics, read_card
+from .tied import reconcile
 from .verify import input_changes, sha256_files
 from .write import ShardWriter, write_card, write_index
 
@@ -94,6 +95,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     method = methods.get(spec.method)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
+    indexes, tied = reconcile(base_index or indexes[0], [(s.role, ix) for s, ix in zip(experts, indexes)])
     ref_index = base_index or indexes[0]
     side_files.check(ref_index.folder, "base" if base else experts[0].role)
     template = _chat_template(spec, base, experts, ref_index.folder)        # its errors before any work
@@ -145,6 +147,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
             chat_template.write(tmp, template[0])
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
         record["chat_template"] = template[1] if template else None
+        record["tied_heads"] = tied            # what was merged as a head, or left out, and why
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
         digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing

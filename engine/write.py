@@ -102,6 +102,8 @@ def write_card(folder: Path, record: dict) -> None:
     rows = "\n".join(f"| {s['role']} | `{s['ref']}` | {s['revision'] or 'local'} |" for s in inputs)
     params = "\n".join(f"- `{k}`: {v}" for k, v in record["params"].items())
     base_line = f"base_model: {record['base']['ref']}\n" if record["base"] and record["base"]["revision"] else ""
+    heads = "".join(f"- {note}\n" for note in record.get("tied_heads") or [])
+    heads = f"## Tied and untied heads\n\n{heads}\n" if heads else ""
     (folder / "README.md").write_text(
         f"---\n{base_line}library_name: transformers\ntags:\n- merge\n- mbmerge\n---\n\n"
         f"# Merged model\n\nMerged with mbmerge {record['mbmerge_version']} using "
@@ -109,4 +111,4 @@ def write_card(folder: Path, record: dict) -> None:
         f"## Inputs\n\n| role | model | revision |\n|---|---|---|\n{rows}\n\n"
         f"## Parameters\n\n{params}\n\n"
         f"Output dtype: {record['dtype']}. Tensors kept from the base: "
-        f"`{record['keep_base'] or 'none'}`.\n\nReproduce with:\n\n```\n{record['command']}\n```\n")
+        f"`{record['keep_base'] or 'none'}`.\n\n{heads}Reproduce with:\n\n```\n{record['command']}\n```\n")
