@@ -125,8 +125,9 @@ def cli():
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
-          copy_tokenizer, chat_template, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length,
-          data_seed, stats_batch_size, stats_dtype, overrides, quiet, **params):
+          copy_tokenizer, chat_template, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size,
+          stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size, stats_dtype, overrides,
+          quiet, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if config:

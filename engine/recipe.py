@@ -231,7 +231,7 @@ def _setting(where: str, name: str, v, conditions: bool = True):
         v = [v]
     if isinstance(v, list) and v and all(isinstance(c, dict) for c in v) and conditions:
         for k, c in enumerate(v):
-            if set(c) - {"filter", "value"} or "value" not in c or not isinstance(c.get("filter", ""), (str, type(None))):
+            if set(c) - {"filter", "value"} or "value" not in c or not isinstance(c.get("filter"), (str, type(None))):
                 _fail(f"{where}[{k}]", "must be {filter: NAME PART, value: VALUE or [gradient]} (filter optional)")
         return [{**c, "value": _setting(f"{where}[{k}].value", name, c["value"], False)} for k, c in enumerate(v)]
     if isinstance(v, list):

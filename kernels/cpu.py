@@ -213,7 +213,8 @@ def _counted(fn, args, n: int, T: int) -> list[int]:
     return bad.sum(0).tolist()
 
 
-def mix(b, xs, *, t: torch.Tensor, u: torch.Tensor, row: int, out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
+def mix(b, xs, *, t: torch.Tensor, u: torch.Tensor, row: int,
+        out_dtype=torch.float32) -> tuple[torch.Tensor, list[int]]:
     """interpolation.apply_model_stock's out = t * (sum_i x_i / T) + u * b, bit for bit, with float32 (t, u)
     per `row` elements of the chunk: (the flat chunk in out_dtype, non-finite counts as delta_merge's)."""
     T, n = len(xs), xs[0].numel()
@@ -256,7 +257,8 @@ def _keep_bits(kept: torch.Tensor | None, n: int):
     expert, or NULL."""
     if kept is None:
         return None
-    assert kept.dtype == torch.uint8 and kept.stride(1) == 1 and kept.shape[1] == -(-n // 8), "keep bits of another chunk"
+    assert kept.dtype == torch.uint8 and kept.stride(1) == 1 and kept.shape[1] == -(-n // 8), \
+        "keep bits of another chunk"
     return _array(ctypes.c_void_p, [row.data_ptr() for row in kept])
 
 
