@@ -31,11 +31,11 @@ def choose(value: str, inputs: list[tuple[str, Path]]) -> tuple[str | None, str]
     """(the template, where it came from) for `value` over the inputs [(reference, folder), ...]; None
     for 'auto' when no input has one (the reference model's stays as copied)."""
     if value == "auto":
-        found = [t for t in (template_of(folder) for _, folder in inputs) if t]
+        found = [(ref, t) for ref, folder in inputs if (t := template_of(folder))]
         if not found:
             return None, "auto: no input has a chat template"
-        chosen = Counter(found).most_common(1)[0][0]
-        return chosen, f"auto: the template of {next(ref for ref, f in inputs if template_of(f) == chosen)}"
+        chosen = Counter(t for _, t in found).most_common(1)[0][0]
+        return chosen, f"auto: the template of {next(ref for ref, t in found if t == chosen)}"
     for ref, folder in inputs:
         if value == ref:
             template = template_of(folder)

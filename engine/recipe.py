@@ -97,10 +97,9 @@ def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[
     method = methods.REGISTRY[method_name]
     layer = [int(m.group(1)) if (m := LAYER.search(n)) else None for n in names]
     count = max([i for i in layer if i is not None], default=0) + 1
-    groups = {}
+    models, groups = [(f"models[{k}]", "", values) for k, values in enumerate(layered["models"])], {}
     for name, i in zip(names, layer):
         t = 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0)
-        models = [(f"models[{k}]", "", values) for k, values in enumerate(layered["models"])]
         params = _params(*_at(models, layered["parameters"], name, t), method, method.mergekit)
         groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(name)
     return [("^(?:" + "|".join(re.escape(n) for n in group) + ")$", params) for params, group in groups.values()]

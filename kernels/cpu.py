@@ -268,6 +268,7 @@ def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list
     mask at `density`, or DELLA's at each element's rate from keep_rates), as _blocks.granule_sums sums;
     and, given `kept` ([T, ceil(n / 8)] uint8, granule a multiple of 8), the keep bits drawn (bit k of
     byte j: element 8j + k) for delta_merge to read instead of drawing them again."""
+    assert kept is None or granule % 8 == 0, "keep bits are written a byte per 8 elements"
     T, n = len(xs), xs[0].numel()
     granules = -(-n // granule)
     sums = torch.zeros(2, T, granules, dtype=torch.float64)
@@ -276,7 +277,6 @@ def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list
                      **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(rates, T),
                      seeds=_array(ctypes.c_uint64, list(seeds)), granule=granule,
                      sums=ctypes.cast(sums.data_ptr(), f64p), keep_out=_keep_bits(kept, n))
-    assert kept is None or granule % 8 == 0, "keep bits are written a byte per 8 elements"
     _run_groups(library().l1_sums, args, granules, granule, "sums over granules")
     return sums
 

@@ -40,8 +40,8 @@ def model_stock_cosine(chunks, *, filter_wise: bool, shape: tuple) -> dict:
         return {"cos": None}
     totals, n = {}, 0
     for b, xs, _ in chunks():
-        n = len(xs)
-        for ij, sums in zip(_pairs(n), product_sums(b, xs, _pairs(n), row_length(shape))):
+        n, pairs = len(xs), _pairs(len(xs))
+        for ij, sums in zip(pairs, product_sums(b, xs, pairs, row_length(shape))):
             totals.setdefault(ij, Total()).add_sums(sums)
     if not totals:                    # an empty tensor: apply is not called
         return {"cos": None}
@@ -50,9 +50,9 @@ def model_stock_cosine(chunks, *, filter_wise: bool, shape: tuple) -> dict:
 
 def model_stock_t(b, xs: list[torch.Tensor], *, filter_wise: bool, cos, shape: tuple) -> torch.Tensor:
     """t = N c / (1 + (N-1) c) in float32: one per row of the chunk (filter_wise), else [1]."""
-    n = len(xs)
+    n, pairs = len(xs), _pairs(len(xs))
     if filter_wise:
-        cos = _mean_cos(dict(zip(_pairs(n), product_sums(b, xs, _pairs(n), row_length(shape)))), n)   # [rows]
+        cos = _mean_cos(dict(zip(pairs, product_sums(b, xs, pairs, row_length(shape)))), n)   # [rows]
     den = 1 + (n - 1) * cos
     return torch.where(den.abs() < 1e-6, 0.0, n * cos / den).float().view(-1)
 

@@ -110,13 +110,18 @@ def max_abs_diff(mk, mb) -> float:
 @pytest.mark.parametrize("case", list(EXACT))
 def test_exact_methods(family, tmp_path, case):
     mk, mb, _ = run_both(family, tmp_path, case)
+    moved = sum(int((mb[n] != family["tensors"]["base"][n].bfloat16()).sum()) for n in mb)
+    assert within_one_ulp(case, mk, mb, f", max abs diff {max_abs_diff(mk, mb):.3g}; {moved} elements differ "
+                                        f"from the base")
+
+
+def within_one_ulp(case: str, mk, mb, more: str = "") -> bool:
+    """Whether every element of mbmerge's merge is within 1 bf16 ulp of mergekit's; prints how many differ."""
     d = {n: ulps(mb[n], mk[n]) for n in mb}
     worst = max(int(v.max()) for v in d.values())
     off = sum(int((v > 0).sum()) for v in d.values())
-    moved = sum(int((mb[n] != family["tensors"]["base"][n].bfloat16()).sum()) for n in mb)
-    print(f"\n{case}: {off} of {sum(v.numel() for v in d.values())} elements differ, max {worst} ulp, "
-          f"max abs diff {max_abs_diff(mk, mb):.3g}; {moved} elements differ from the base")
-    assert worst <= 1
+    print(f"\n{case}: {off} of {sum(v.numel() for v in d.values())} elements differ, max {worst} ulp{more}")
+    return worst <= 1
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +158,7 @@ def test_a_per_layer_density_keeps_as_many_entries_as_mergekit(deep_family, tmp_
 def test_gradients_and_filters(deep_family, tmp_path, case):
     mk, mb, r = run_both(deep_family, tmp_path, case)
     assert r["layered"] is not None
-    worst = max(int(ulps(mb[n], mk[n]).max()) for n in mb)
-    off = sum(int((ulps(mb[n], mk[n]) > 0).sum()) for n in mb)
-    print(f"\n{case}: {off} of {sum(v.numel() for v in mb.values())} elements differ, max {worst} ulp")
-    assert worst <= 1
+    assert within_one_ulp(case, mk, mb)
 
 
 def band(a: torch.Tensor, rho: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

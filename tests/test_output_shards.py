@@ -21,14 +21,7 @@ def read_order(folder: Path) -> list[tuple[str, int]]:
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
-    order = []
-    for f in files:
-        raw = (folder / f).read_bytes()
-        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
-        header.pop("__metadata__", None)
-        order += [(n, e["data_offsets"][1] - e["data_offsets"][0])
-                  for n, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
-    return order
+    return [entry for f in files for entry in read_order_of_file(folder / f)]
 
 
 def mergekit_groups(order: list[tuple[str, int]], limit: int) -> list[list[str]]:
@@ -75,6 +68,7 @@ def test_shards_are_filled_as_mergekit_fills_them_and_hold_the_same_tensors(fami
 
 
 def read_order_of_file(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of one safetensors file's tensors by data offset, from its raw header."""
     raw = path.read_bytes()
     header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
     header.pop("__metadata__", None)
