@@ -26,7 +26,7 @@ from .. import methods as mbmerge_methods
 from ..common.errors import MbmergeError
 from ..engine.recipe import to_mergekit
 from ..common.cache import cache_dir
-from ..eval.synthetic import MODELS, model_config, n_params, write_family
+from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
 from .bench_plot import plot
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
@@ -67,6 +67,18 @@ def fixture(cache: Path, model: str, cfg: dict, n_experts: int) -> Path:
     tmp.rename(fx)
     click.echo(f"built {fx} in {time.perf_counter() - t:.0f} s", err=True)
     return fx
+
+
+def tokens_fixture(fx: Path, experts: list[str], n: int) -> Path:
+    """The fixture with each expert adding n tokens (eval/synthetic.py), built once beside it."""
+    out = fx.with_name(f"{fx.name}-tok{n}")
+    if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        tmp = fx.with_name(f".build-{os.getpid()}")
+        with_added_tokens(fx, tmp, experts, n)
+        (tmp / "done").touch()
+        tmp.rename(out)
+    return out
 
 
 def check_disk(cache: Path, tag: str, cfg: dict, n_experts: int, built: bool) -> None:
@@ -151,27 +163,28 @@ def recipe_params(case: str) -> tuple[dict, dict] | None:
         return None
 
 
-def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str):
+def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str, union: bool = False):
     exe = Path(sys.executable).with_name("mbmerge")
     head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
     tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else [])]
     if recipe:
         return head + ["--config", str(recipe), *tail]
+    tail += ["--tokenizer-source", "union"] if union else []
     method, params = CASES[case]
     flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     return head + ["--base", str(fx / "base"), "--experts", ",".join(str(fx / e) for e in experts),
                    *tail, "--method", method, *flags]
 
 
-def write_recipe(case, fx, experts, folder: Path) -> Path:
-    """The case's mergekit recipe (dtype from the base's config.json)."""
+def write_recipe(case, fx, experts, folder: Path, union: bool = False) -> Path:
+    """The case's mergekit recipe (dtype from the base's config.json; `union`: the tokenizers' union)."""
     method, _ = CASES[case]
     per_model, glob = recipe_params(case)
     dtype = json.loads((fx / "base" / "config.json").read_text())["torch_dtype"]
     flow = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"  # noqa: E731
     lines = [f"merge_method: {method}", *([] if method == "linear" else [f"base_model: {fx / 'base'}"]), "models:",
              *[f"  - {{model: {fx / e}, parameters: {flow(per_model)}}}" for e in experts],
-             f"parameters: {flow(glob)}", f"dtype: {dtype}"]
+             f"parameters: {flow(glob)}", f"dtype: {dtype}", *["tokenizer_source: union"] * union]
     path = folder / f"{case}.yml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -186,7 +199,7 @@ def best_of(repeat, cmd, files, out):
     return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
 
 
-def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
+def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path, union: bool = False) -> dict:
     method = CASES[case][0]
     experts = experts[:mbmerge_methods.get(method).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
@@ -195,8 +208,8 @@ def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
     row = {"method": case, "input_GB": in_bytes / GB,
            "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
     row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
-    recipe = write_recipe(case, fx, experts, tmp) if recipe_params(case) else None
-    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device)
+    recipe = write_recipe(case, fx, experts, tmp, union) if recipe_params(case) else None
+    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device, union)
     row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"], card = best_of(repeat, cmd, files, tmp / "mb")
     row["mbmerge_device"] = card.get("device")
     row["mbmerge_in_GBps"] = row["input_GB"] / row["mbmerge_s"]
@@ -274,6 +287,9 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--vocab", type=click.IntRange(1), help="Vocabulary size of --model custom [default: 32000].")
 @click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)),
               help="Experts merged (math, code, ...).")
+@click.option("--added-tokens", default=0, show_default=True, type=click.IntRange(0),
+              help="Each expert adds this many special tokens (more embedding and head rows; full vocabularies); "
+                   "both tools merge the tokenizers' union.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Runs per tool; best wall kept.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Passed to mbmerge when not auto; cuda (or auto where CUDA is available) runs mergekit with --cuda.")
@@ -287,8 +303,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="PNG of input GB/s per method [default: beside the JSON].")
-def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, mergekit, busy, cache, json_path,
-          plot_path):
+def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, repeat, device, vs, mergekit, busy, cache,
+          json_path, plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES]:
@@ -299,12 +315,15 @@ def bench(methods, model, layers, hidden, vocab, n_experts, repeat, device, vs, 
     cache = cache or cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     fx = fixture(cache, model, cfg, n_experts)
+    if added_tokens:
+        fx = tokens_fixture(fx, EXPERTS[:n_experts], added_tokens)
     mergekit, mk_note = find_mergekit(vs, mergekit)
     host = machine(mergekit)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
         with busy_processes(busy):
-            rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp) for m in methods]
+            rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp, added_tokens > 0)
+                    for m in methods]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     host["load_avg_1m_end"], host["busy_processes"] = os.getloadavg()[0], busy

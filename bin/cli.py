@@ -88,6 +88,9 @@ def cli():
 @click.option("--base", "-b", help="Base model: folder or hub id. Default: the built-in family.")
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="A mergekit YAML recipe instead of "
               "--method/--base/--experts and method parameters.")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False), help="With a --config of several YAML "
+              "documents (mergekit-multi's stages): the folder of the named stages [default: OUT.stages beside "
+              "OUT; OUT itself when no document is unnamed].")
 @click.option("--protocol", type=click.Choice(sorted(methods.PROTOCOLS)),
               help="Set a benchmark's choices at once (mergebench: model-wide ranks, embeddings kept, "
                    "TIES sum, DARE 1/p).")
@@ -100,6 +103,8 @@ def cli():
               "also 500MB, 2GiB) [default: the base's sharding].")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy the base's tokenizer files into the output.")
+@click.option("--tokenizer-source", help="Merge models whose vocabularies differ: union (every model's tokens), "
+              "base, or one model's tokenizer; embedding rows follow the output's tokens (mergekit's rule).")
 @click.option("--chat-template", help="The output's chat template: auto (the one most inputs have), an input "
               "model as given, or a Jinja template [default: the base's].")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
@@ -125,58 +130,77 @@ def cli():
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
-          copy_tokenizer, chat_template, allow_nonfinite, overwrite, resume, device, kernels, compiled, zoo_size,
-          stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size, stats_dtype, overrides,
-          quiet, **params):
+          copy_tokenizer, tokenizer_source, chat_template, allow_nonfinite, overwrite, resume, device, kernels,
+          compiled, zoo_size, stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size,
+          stats_dtype, overrides, quiet, intermediate_dir, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
-    if config:
-        clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
-                                       ("protocol", protocol), ("dtype", dtype), ("chat-template", chat_template),
-                                       *given.items()] if v is not None]
-        if clash:
-            raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
-        from ..engine.recipe import load_recipe
-        recipe = load_recipe(config)
-        method, base, dtype, experts, given, layered, chat_template = (
-            recipe["method"], recipe["base"], recipe["dtype"], recipe["experts"], recipe["params"], recipe["layered"],
-            recipe["chat_template"])
-    else:
-        layered = None
-        for name, value in [("--method", method), ("--experts", experts)]:
-            if value is None:
-                raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
-        experts = _listed(experts) or []
-    _check(method, experts, base, given, protocol, out, overwrite)
     if out_shard_size is not None:
         from ..engine.plan import parse_shard_size
         parse_shard_size(out_shard_size)                # a bad size: one line, before torch
+    run = dict(keep_base=keep_base, memory_budget=memory_budget, out_shard_size=out_shard_size,
+               copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+               progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
+               compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
+               overrides=[_override(*o) for o in overrides],
+               data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, stats_dtype))
+    if config:
+        clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
+                                       ("protocol", protocol), ("dtype", dtype), ("chat-template", chat_template),
+                                       ("tokenizer-source", tokenizer_source),
+                                       *given.items()] if v is not None]
+        if clash:
+            raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
+        from ..engine.stages import is_multi_stage
+        if is_multi_stage(config):                      # several YAML documents: mergekit-multi's stages
+            return _merge_stages(config, out, intermediate_dir, run)
+        from ..engine.recipe import load_recipe
+        recipe = load_recipe(config)
+        merged, given = recipe["merge"], recipe["params"]
+    else:
+        for name, value in [("--method", method), ("--experts", experts)]:
+            if value is None:
+                raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
+        merged = dict(method=method, experts=_listed(experts) or [], base=base, dtype=dtype,
+                      chat_template=chat_template, tokenizer=tokenizer_source, **given)
+    if intermediate_dir is not None:
+        raise click.UsageError("--intermediate-dir goes with a --config of several YAML documents (stages)")
+    _check(merged["method"], merged["experts"], merged["base"], given, protocol, out, overwrite,
+           merged.get("slices"))
     from ..stats.prepare import merge as merge_models   # torch, from here on
     with _resumable():
-        path = merge_models(method, experts=experts, out=out, base=base, keep_base=keep_base, dtype=dtype,
-                            memory_budget=memory_budget, out_shard_size=out_shard_size,
-                            copy_tokenizer=copy_tokenizer, chat_template=chat_template,
-                            allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                            progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
-                            compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs),
-                            data=_listed(data), overrides=[_override(*o) for o in overrides], layered=layered,
-                            data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size,
-                                                     stats_dtype), **given)
+        path = merge_models(out=out, **merged, **run)
     if not quiet:
         click.echo(f"merged model written to {path}")
 
 
+def _merge_stages(config, out, intermediate_dir, run: dict) -> None:
+    """A --config of several YAML documents, each stage merged with this run's options (engine/stages.py).
+    Stages already merged are kept (mergekit's lazy), unless --overwrite, which redoes them all."""
+    from ..engine.stages import run_stages
+
+    def merge_models(**kwargs):
+        from ..stats.prepare import merge               # torch, once every stage is checked
+        return merge(**kwargs)
+    with _resumable():
+        path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not run["overwrite"],
+                          merge=merge_models, **run)
+    if run["progress"]:
+        click.echo(f"stages merged; output in {path}")
+
+
 def _check(method: str, experts: list, base: str | None, given: dict, protocol: str | None, out,
-           overwrite: bool) -> None:
+           overwrite: bool, slices: list | None = None) -> None:
     """The errors a user can make in the command itself, before torch is imported: the method, its
     parameters and expert count, where the output goes, and model references that name nothing (the
     engine checks them again)."""
     from ..engine.output import check_location
     from ..engine.resolve import hub_repo
     row = methods.get(method)
-    methods.check_experts(row, len(experts))
+    n = len(slices[0]) - row.needs_base if slices else len(experts)      # a slice's models besides the base
+    methods.check_experts(row, n)
     chosen = {k: v for k, v in methods.protocol_defaults(row, protocol).items() if k != "keep_base"}
-    methods.resolve_params(row, len(experts), {**chosen, **given})
+    methods.resolve_params(row, n, {**chosen, **given})
     check_location(out, overwrite)
     if base is None and domain_names(experts) is not None:
         return                                      # the built-in family's models

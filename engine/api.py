@@ -10,19 +10,21 @@ import torch
 from .. import kernels, methods
 from ..common.errors import BadParameter, InputChanged
 from ..common.names import domain_names
-from . import chat_template, side_files
+from . import chat_template, side_files, vocabulary
 from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
 from .journal import JOURNAL, Journal, fingerprint, input_identity
 from .output import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder, publish,
                      remove_empty)
-from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, make_plan
+from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, make_plan, parse_shard_size
 from .read import MappedModel
 from .recipe import tensor_overrides
 from .resolve import Source, resolve
+from .slices import layer_count, virtual_inputs
 from .spec import VERSION, MergeSpec, spec_from
 from .stats_folders import open_statistics, read_card
 from .tied import reconcile
+from .vocab_rows import VocabularyModel, reshaped, vocab_tensors
 from .verify import input_changes, sha256_files
 from .write import ShardWriter, write_card, write_index
 
@@ -95,22 +97,30 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     method = methods.get(spec.method)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
-    indexes, tied = reconcile(base_index or indexes[0], [(s.role, ix) for s, ix in zip(experts, indexes)])
-    ref_index = base_index or indexes[0]
-    side_files.check(ref_index.folder, "base" if base else experts[0].role)
-    template = _chat_template(spec, base, experts, ref_index.folder)        # its errors before any work
-    check_agreement(ref_index, {s.role.removeprefix("expert "): ix for s, ix in zip(experts, indexes)},
+    folders = [ix for ix in [base_index, *indexes] if ix is not None]      # the inputs' own (their identity)
+    side = (base_index or indexes[0]).folder           # config and tokenizer files come from here
+    side_files.check(side, "base" if base else experts[0].role)
+    refs, roles = [s.ref for s in experts], [s.role for s in experts]
+    if spec.slices:           # the inputs become one virtual model per position of the slices
+        base_index, indexes, refs = _sliced(spec, method, [base] * (base is not None) + experts, folders)
+        roles = refs
+    indexes, tied = reconcile(base_index or indexes[0], list(zip(roles, indexes)))
+    vocab = _vocabulary(spec, method, base, experts, base_index, indexes)
+    shaped = (lambda ix: reshaped(ix, vocab.rows)) if vocab else (lambda ix: ix)   # noqa: E731
+    ref_index = shaped(base_index or indexes[0])
+    template = _chat_template(spec, base, experts, side, vocab)    # its errors before any work
+    check_agreement(ref_index, {r.removeprefix("expert "): shaped(ix) for r, ix in zip(roles, indexes)},
                     "base" if base else f"expert {spec.experts[0]!r}")
-    n_inputs = len(experts) + (1 if base and method.needs_base else 0)
+    n_inputs = len(indexes) + (1 if base_index and method.needs_base else 0)
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base, span=method.span, shard_size=spec.out_shard_size,
-                     preferred=_chunk_size(method, spec.device))
+                     keep_base=spec.keep_base, span=method.span, preferred=_chunk_size(method, spec.device),
+                     shard_size=spec.out_shard_size or (parse_shard_size("5B") if spec.slices else None))
     if spec.layered:          # the recipe's gradients and filters, per tensor, after the user's own overrides
         spec = replace(spec, layered=None, overrides=spec.overrides + tuple(
             tensor_overrides(spec.method, spec.layered, [t.name for t in plan.tensors if t.merge])))
     stat_indexes = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], plan)
                     if method.data_statistic else [])
-    identity = input_identity([ix for ix in [base_index, *indexes, *stat_indexes] if ix is not None])
+    identity = input_identity(folders + stat_indexes)
     fp = fingerprint(spec.recipe(), plan, identity)
     tmp = partial_folder(spec.out)
     resumed = Journal.resume(tmp, fp, plan) if spec.resume else None
@@ -123,16 +133,23 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     maps = []
     try:
-        base_map = MappedModel(base_index) if base_index else None
-        expert_maps = [MappedModel(ix) for ix in indexes]
+        def mapped(ix: TensorIndex, ref: str) -> MappedModel:
+            return VocabularyModel(ix, ref, vocab) if vocab else MappedModel(ix)
+        base_map = mapped(base_index, base.ref) if base_index else None
+        expert_maps = [mapped(ix, ref) for ix, ref in zip(indexes, refs)]
         stat_maps = [MappedModel(ix) for ix in stat_indexes]
+        if vocab:             # rows a model lacks are made from the merge inputs' rows
+            inputs = {m.ref: m for m in ([base_map] if base_map and method.needs_base else []) + expert_maps}
+            for m in [base_map, *expert_maps]:
+                if m is not None:
+                    m.attach([inputs[ref] for ref in vocab.inputs])
         maps = [m for m in [base_map, *expert_maps, *stat_maps] if m is not None]
         writer, journal = ShardWriter(tmp, plan, prefixes), Journal(tmp, fp, fresh=resumed is None)
         try:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
             merger = Merger(plan=plan, method=method, params=spec.resolved, base=base_map, experts=expert_maps,
-                            roles=[s.role for s in experts], writer=writer, allow_nonfinite=spec.allow_nonfinite,
+                            roles=roles, writer=writer, allow_nonfinite=spec.allow_nonfinite,
                             device=spec.device, stat_inputs=stat_maps, overrides=spec.resolved_overrides)
             merger.run(spec.progress, journal, done, model_thr, ties)
         finally:
@@ -142,12 +159,18 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
             raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
         write_index(tmp, plan)
-        copied = side_files.copy(ref_index.folder, tmp, spec.dtype, tokenizer=spec.copy_tokenizer)
+        copied = side_files.copy(side, tmp, spec.dtype, tokenizer=spec.copy_tokenizer and not vocab)
+        if spec.slices:
+            side_files.set_config(tmp, "num_hidden_layers", layer_count(ref_index))
+        if vocab:             # the built tokenizer, whatever copy_tokenizer says (mergekit's rule)
+            copied += [Path(f).name for f in vocab.tokenizer.save_pretrained(str(tmp)) if Path(f).parent == tmp]
+            side_files.set_config(tmp, "vocab_size", vocab.rows)
         if template and template[0]:
             chat_template.write(tmp, template[0])
         record = _record(spec, base, experts, plan, time.perf_counter() - started)
         record["chat_template"] = template[1] if template else None
         record["tied_heads"] = tied            # what was merged as a head, or left out, and why
+        record["vocabulary"] = vocab.notes if vocab else None
         if stat_indexes:
             record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
         digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
@@ -174,11 +197,36 @@ def _chunk_size(method, device) -> int:
     return COMPILED_CHUNK if method.fused is not None and kernels.compiled(device) else CPU_CHUNK
 
 
-def _chat_template(spec: MergeSpec, base: Source | None, experts: list[Source], ref: Path) -> tuple | None:
+def _sliced(spec: MergeSpec, method, sources: list[Source], folders: list[TensorIndex]) -> tuple:
+    """(the base's virtual index or None, the experts', their names) of a recipe's slices (engine/slices.py)."""
+    if spec.tokenizer is not None:
+        raise BadParameter("a tokenizer source with slices is not supported: the embeddings and the head may come "
+                           "from different models; merge the vocabularies in a stage of their own")
+    virtual = virtual_inputs(list(spec.slices), {s.ref: ix for s, ix in zip(sources, folders)})
+    names = [f"slice input {j + 1}" for j in range(len(virtual))]
+    if method.needs_base:
+        return virtual[0], virtual[1:], names[1:]
+    return None, virtual, names
+
+
+def _vocabulary(spec: MergeSpec, method, base: Source | None, experts: list[Source], base_index,
+                indexes) -> vocabulary.Vocabulary | None:
+    """The output vocabulary where spec asks for one (spec.tokenizer), from the models' tokenizers."""
+    if spec.tokenizer is None:
+        return None
+    models = [(base, base_index)] * (base is not None) + list(zip(experts, indexes))
+    rows = [ix.tensors[names[0]].shape[0] if (names := vocab_tensors(ix)) else 0 for _, ix in models]
+    inputs = [s.ref for s, _ in models if s is not base or method.needs_base]
+    return vocabulary.build(vocabulary.parse(spec.tokenizer), [(s.ref, s.path, r) for (s, _), r in zip(models, rows)],
+                            inputs, base.ref if base else None)
+
+
+def _chat_template(spec: MergeSpec, base: Source | None, experts: list[Source], ref: Path,
+                   vocab) -> tuple | None:
     """(the output's chat template or None, where it came from) where spec asks for one, else None."""
     if spec.chat_template is None:
         return None
-    if not spec.copy_tokenizer or not (ref / chat_template.CONFIG).is_file():
+    if not vocab and (not spec.copy_tokenizer or not (ref / chat_template.CONFIG).is_file()):
         raise BadParameter(f"chat_template: the output would have no {chat_template.CONFIG} to carry it "
                            f"({'--no-copy-tokenizer' if not spec.copy_tokenizer else f'{ref} has none'})")
     return chat_template.choose(spec.chat_template, [(s.ref, s.path) for s in ([base] if base else []) + experts])
@@ -200,6 +248,8 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base, "out_shard_size": spec.out_shard_size,
         "copy_tokenizer": spec.copy_tokenizer, "shards": len(plan.shards),
+        **({"tokenizer": spec.tokenizer} if spec.tokenizer else {}),
+        **({"slices": spec.recipe()["slices"]} if spec.slices else {}),
         **({"overrides": spec.recipe()["overrides"]} if spec.overrides else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),

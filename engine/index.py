@@ -165,8 +165,9 @@ def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_lab
     problems = missing + mismatched
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        why = ("the vocabulary was resized (added tokens); merging models whose vocabularies differ is not "
-               "supported yet" if vocab and not missing else "the experts are not fine-tunes of the same model")
+        why = ("the vocabularies differ (added tokens, a resized embedding): pass --tokenizer-source union, base or "
+               "a model (a recipe's tokenizer_source) to merge them" if vocab and not missing
+               else "the experts are not fine-tunes of the same model")
         raise (MissingTensor if missing else ShapeMismatch)("; ".join(problems[:3]) + more + f": {why}")
 
 

@@ -113,7 +113,8 @@ def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | 
     must hold whole (see Method.span)."""
     step = chunk_elems(budget, n_inputs, preferred)
     keep = re.compile(keep_base) if keep_base else None
-    entries = sorted(ref.tensors.values(), key=lambda e: (ref.shards.index(e.file.name), e.offset))   # read order
+    rank = {ref.folder / s: k for k, s in enumerate(ref.shards)}
+    entries = sorted(ref.tensors.values(), key=lambda e: (rank[e.file], e.offset))   # read order
     kinds = {e.name: _kind(e, out_dtype, keep) for e in entries}   # (dtype, merge)
     if shard_size is None:
         by_shard = {s: [] for s in ref.shards}

@@ -25,11 +25,11 @@ class MappedModel:
         self.index = index
         self._maps = {}
         self._pending = None  # (shard, first byte, end byte) released but not yet advised
-        for shard in index.shards:
+        for shard in index.shards:     # keyed by path: a recipe's slices take tensors from several models
             with open(index.folder / shard, "rb") as f:
                 # ACCESS_COPY (private, copy-on-write) gives a writable buffer for torch.frombuffer
                 # without a copy; nothing is ever written, so the file is never touched.
-                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[index.folder / shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def chunk(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, as a view in its stored dtype."""
@@ -38,14 +38,14 @@ class MappedModel:
             return torch.empty(0, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns about non-owned memory
-            return torch.frombuffer(self._maps[entry.file.name], dtype=dtype, count=stop - start,
+            return torch.frombuffer(self._maps[entry.file], dtype=dtype, count=stop - start,
                                     offset=entry.offset + start * dtype.itemsize)
 
     def release(self, entry: TensorEntry, start: int, stop: int) -> None:
         """Drop the pages of elements [start, stop) from this process's resident set (batched:
         at most RELEASE_BYTES stay resident before the kernel is told)."""
         lo, hi = self._bytes(entry, start, stop)
-        shard = entry.file.name
+        shard = entry.file
         if self._pending and self._pending[0] == shard and self._pending[2] == lo:
             lo = self._pending[1]
         elif self._pending:
@@ -67,7 +67,7 @@ class MappedModel:
         lo = entry.offset // PAGE * PAGE
         n = min(entry.offset + entry.nbytes, entry.offset + max_bytes) - lo
         if n > 0:
-            self._maps[entry.file.name].madvise(mmap.MADV_WILLNEED, lo, n)
+            self._maps[entry.file].madvise(mmap.MADV_WILLNEED, lo, n)
 
     @staticmethod
     def _bytes(entry: TensorEntry, start: int, stop: int) -> tuple[int, int]:

@@ -74,3 +74,16 @@ def copy(src: Path, folder: Path, out_dtype: str | None, tokenizer: bool = True)
             cfg[key] = TORCH_DTYPE[out_dtype]
         config.write_text(json.dumps(cfg, indent=2) + "\n")
     return names
+
+
+def set_config(folder: Path, key: str, value) -> None:
+    """A key of the output's config.json (and of its text_config, where that has the key), e.g. the
+    vocab_size of a merged vocabulary or the num_hidden_layers of stacked slices."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[key] = value
+    if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
+        config["text_config"][key] = value
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

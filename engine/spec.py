@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .. import kernels, methods
+from . import vocabulary
 from .device import resolve_device
 from ..common.errors import BadParameter
 from .plan import dtype_name, parse_shard_size, parse_size
@@ -40,6 +41,8 @@ class MergeSpec:
     out_shard_size: int | str | None = None  # bytes of tensors per output shard (mergekit's --out-shard-size:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
+    tokenizer: str | dict | None = None  # the output vocabulary: union | base | a model, or mergekit's tokenizer
+                                        # block as a dict (engine/vocabulary.py); None: every model has the base's
     chat_template: str | None = None    # the output's: auto | an input's reference | a Jinja template
                                         # (engine/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False
@@ -51,6 +54,8 @@ class MergeSpec:
     stats_folders: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
     data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from (by
     data_options: dict = field(default_factory=dict)  # mbmerge.stats; the engine needs the folders)
+    slices: tuple | None = None         # a recipe's slices: per slice, its sources ((ref, first, end), ...), the
+                                        # base's first where the method uses it (engine/slices.py)
     layered: dict | None = None         # a mergekit recipe's per-layer gradients and filters (recipe.load_recipe),
                                         # made overrides once the tensors are known (recipe.tensor_overrides)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
@@ -73,6 +78,8 @@ class MergeSpec:
         set_(self, "memory_budget", parse_size(self.memory_budget))
         if self.out_shard_size is not None:
             set_(self, "out_shard_size", parse_shard_size(self.out_shard_size))
+        if self.tokenizer is not None:
+            set_(self, "tokenizer", vocabulary.parse(self.tokenizer).as_dict())
         set_(self, "device", resolve_device(str(self.device)))
         chosen = kernels.chosen()   # what the caller runs under (kernels.using), else the environment's
         set_(self, "kernels", kernels.backend_name(self.kernels or chosen.backend))
@@ -82,8 +89,13 @@ class MergeSpec:
         if self.memory_budget <= 0:
             raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)
-        n = len(self.experts)
+        if self.slices is not None:
+            set_(self, "slices", tuple(tuple(tuple(src) for src in sources) for sources in self.slices))
+        n = self.n_experts
         methods.check_experts(method, n)
+        if self.slices and method.data_statistic:
+            raise BadParameter(f"method {self.method} merges with each expert's statistics; slices mix models, "
+                               f"so it cannot take them")
         chosen = methods.protocol_defaults(method, self.protocol)
         keep_default = chosen.pop("keep_base", method.keep_base)
         set_(self, "resolved", methods.resolve_params(method, n, {**chosen, **self.params}))
@@ -104,11 +116,20 @@ class MergeSpec:
         if self.keep_base:
             _regex(self.keep_base, "--keep-base")
 
+    @property
+    def n_experts(self) -> int:
+        """The models merged into each tensor besides the base: the experts, or the positions of a slice."""
+        if self.slices is None:
+            return len(self.experts)
+        return len(self.slices[0]) - (1 if methods.get(self.method).needs_base else 0)
+
     def recipe(self) -> dict:
         """What fixes the output bytes (an interrupted merge resumes only if this is unchanged)."""
         return {"mbmerge_version": VERSION, "method": self.method, "params": self.resolved, "base": self.base,
                 "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
                 "allow_nonfinite": self.allow_nonfinite, "out_shard_size": self.out_shard_size,
+                **({"tokenizer": self.tokenizer} if self.tokenizer else {}),
+                **({"slices": [list(map(list, s)) for s in self.slices]} if self.slices else {}),
                 **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
 
     def command(self) -> str:
@@ -126,6 +147,7 @@ class MergeSpec:
             parts += ["--dtype", self.dtype]
         parts += ["--out-shard-size", str(self.out_shard_size)] if self.out_shard_size else []
         parts += [] if self.copy_tokenizer else ["--no-copy-tokenizer"]
+        parts += ["--tokenizer-source", self.tokenizer["source"]] if self.tokenizer else []   # the rest: the card
         parts += ["--chat-template", json.dumps(self.chat_template)] if self.chat_template else []
         for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []

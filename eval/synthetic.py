@@ -11,6 +11,7 @@ costs a copy and one bf16 add per element and the disk, not the random generator
 import functools
 import hashlib
 import json
+import os
 from contextlib import ExitStack
 from math import prod
 from pathlib import Path
@@ -149,12 +150,18 @@ def write_family(folder: Path, cfg: dict, experts: list[str], shard_bytes: int) 
         write_side_files(folder / m, cfg, wmap, 2 * n_params(cfg))
 
 
-def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int) -> None:
-    """config, generation config, a character-level tokenizer and the shard index of a model folder."""
+def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int, full_vocab: bool = False,
+                     added: list[str] = ()) -> None:
+    """config, generation config, a character-level tokenizer (with filler tokens up to the vocab_size if
+    `full_vocab`, then `added` special tokens) and the shard index of a model folder."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    size = cfg["vocab_size"] - len(added)
+    vocab.update({f"<filler_{i}>": i for i in range(len(vocab), size if full_vocab else 0)})
     tok = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
            "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
-           **dict.fromkeys(["truncation", "padding", "normalizer", "post_processor", "decoder"]), "added_tokens": []}
+           **dict.fromkeys(["truncation", "padding", "normalizer", "post_processor", "decoder"]),
+           "added_tokens": [{"id": size + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for k, t in enumerate(added)]}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
                "unk_token": "<unk>"}
     index = {"metadata": {"total_size": total}, "weight_map": wmap}
@@ -163,3 +170,44 @@ def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int) -> None:
                       ("generation_config", generation), ("model.safetensors.index", index)]:
         (folder / f"{name}.json").write_text(json.dumps(obj, indent=2))
 
+
+
+def with_added_tokens(family: Path, out: Path, experts: list[str], n: int) -> None:
+    """A copy of a family whose experts each add n special tokens of their own, as chat fine-tunes do:
+    their embedding and head get n more rows (the mean row plus a small offset per token), their
+    tokenizers the tokens; every tokenizer has the full vocabulary. Shards without a vocabulary tensor
+    are hard links; the others are rewritten tensor by tensor."""
+    cfg = json.loads((family / "base" / "config.json").read_text())
+    index = json.loads((family / "base" / "model.safetensors.index.json").read_text())
+    vocab_names = {"model.embed_tokens.weight", "lm_head.weight"}
+    for m in ["base", *experts]:
+        (out / m).mkdir(parents=True, exist_ok=True)
+        added = [f"<|{m}_{k}|>" for k in range(n)] if m != "base" else []
+        total = 0
+        for file in sorted(set(index["weight_map"].values())):
+            src, dst = family / m / file, out / m / file
+            names = [k for k, f in index["weight_map"].items() if f == file]
+            if not added or not vocab_names & set(names):
+                os.link(src, dst)
+            else:
+                _rewrite_with_rows(src, dst, vocab_names, n)
+            total += dst.stat().st_size
+        write_side_files(out / m, {**cfg, "vocab_size": cfg["vocab_size"] + len(added)}, index["weight_map"], total,
+                         full_vocab=True, added=added)
+
+
+def _rewrite_with_rows(src: Path, dst: Path, names: set, n: int) -> None:
+    """A shard copied with n rows appended to each of `names` (bounded memory: one tensor at a time)."""
+    from safetensors import safe_open
+    with safe_open(str(src), "pt") as f:
+        shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        out = [(k, dt, (s[0] + n, *s[1:]) if k in names else tuple(s)) for k, (s, dt) in shapes.items()]
+        prefix, _ = encode_header(out, {"format": "pt"})
+        with open(dst, "wb") as fh:
+            fh.write(prefix)
+            for k, _, _ in out:
+                t = f.get_tensor(k)
+                if k in names:
+                    offsets = 0.001 * torch.arange(1, n + 1, dtype=torch.float32)[:, None]
+                    t = torch.cat([t, (t.float().mean(0) + offsets).to(t.dtype)])
+                fh.write(t.contiguous().view(torch.uint8).numpy())

@@ -23,6 +23,7 @@ MTL = Param("mtl", "ta", "consensus: the multi-task vector tau, task arithmetic 
 SPARSITY = Param("sparsity", 0.1, "localize_stitch: fraction of each delta kept by its mask",
                  per_expert=True, fraction=True)
 FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
+PASSTHROUGH_SCALE = Param("scale", 1.0, "passthrough: the factor on the model's tensors (mergekit: scale)")
 SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
 COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
                         fraction=True)
@@ -75,6 +76,10 @@ REGISTRY = {m.name: m for m in [
            apply=step("averages:apply_task_arithmetic", "weights scale normalize"), fused="fused:task_arithmetic",
            mergekit={**_GTA, "normalize": False, "rescale": False},
            grid={"scale": [0.2, 0.4, 0.6, 0.8, 1.0]}, demo={"scale": 0.4}, bench={"weights": 1.0}),
+    Method(name="passthrough", summary="one model's tensors as they are (times scale): frankenmerges with slices",
+           paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+           params=(PASSTHROUGH_SCALE,), apply=step("averages:apply_passthrough", "scale"), needs_base=False,
+           max_experts=1, mergekit={"scale": 1.0}),
     Method(name="ties", summary="trim to top-rho magnitudes, elect sign, disjoint merge",
            paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
            apply=step("ties_merging:apply", "weights scale consensus aggregate thr"),

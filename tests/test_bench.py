@@ -139,3 +139,21 @@ def test_device_flag_and_peak_gpu_from_the_card(tmp_path):
     assert card == {"peak_gpu_bytes": 3e9} and walls == [round(wall, 3)] and 0 < rss < 1 and not out.exists()
     row = {"method": "ties", "mbmerge_s": 2.0, "mbmerge_gpu_GB": 3.0, "floor_s": 0.5, "x_floor": 4.0}
     assert "| ties | — | 2.00 | — | 4.0x | — | 3.00 |" in table([row])
+
+
+def test_added_tokens_family_and_the_bench_merging_its_union(run_main, tmp_path):
+    """Each expert of the --added-tokens fixture has its 3 special tokens and 3 more embedding and head rows
+    than the base, its other rows those of the plain fixture; the bench merges the union."""
+    from transformers import AutoTokenizer
+    code, out, err = run_main("bench", "--hidden", "64", "--layers", "2", "--vocab", "128", "--methods", "linear",
+                              "--cache", tmp_path, "--vs", "none", "--added-tokens", "3")
+    assert code == 0, err
+    fx = tmp_path / "custom-h64-l2-v128-e2-tok3"
+    base, math = read(fx / "base"), read(fx / "math")
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert math[n].shape == (131, 64) and base[n].shape == (128, 64)
+        assert torch.equal(math[n][:128], read(tmp_path / "custom-h64-l2-v128-e2" / "math")[n])
+    tok = AutoTokenizer.from_pretrained(fx / "math")
+    assert len(tok) == 131 and tok.convert_tokens_to_ids("<|math_2|>") == 130
+    assert json.loads((fx / "code" / "config.json").read_text())["vocab_size"] == 131
+    assert "| linear |" in out

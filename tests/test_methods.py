@@ -82,6 +82,14 @@ def test_task_arithmetic_and_linear_by_hand():
     assert mbmerge.methods.linear(None, xs, weights=[3.0, 1.0]).tolist() == [1.75, 2.5]
 
 
+def test_passthrough_by_hand():
+    x = torch.tensor([2.0, -3.0, 0.5])
+    assert mbmerge.methods.passthrough(None, [x]).tolist() == [2.0, -3.0, 0.5]
+    assert mbmerge.methods.passthrough(None, [x], scale=0.5).tolist() == [1.0, -1.5, 0.25]
+    with pytest.raises(mbmerge.MbmergeError, match="passthrough"):
+        mbmerge.methods.passthrough(None, [x, x])
+
+
 def test_dare_density_one_is_task_arithmetic():
     g = torch.Generator().manual_seed(0)
     b, xs = torch.randn(300, generator=g), [torch.randn(300, generator=g) for _ in range(3)]

@@ -121,19 +121,30 @@ def test_output_dtype_is_out_dtype_else_dtype(recipe, lines, dtype):
     assert load_recipe(recipe(two_experts("task_arithmetic", lines)))["dtype"] == dtype
 
 
-def test_tokenizer_source_base_is_accepted(recipe):
-    assert load_recipe(recipe(two_experts("ties", "tokenizer_source: base")))["method"] == "ties"
+@pytest.mark.parametrize("lines, tokenizer", [
+    ("tokenizer_source: base", {"source": "base", "tokens": {}, "pad_to_multiple_of": None}),
+    ("tokenizer: {{source: union, pad_to_multiple_of: 64, tokens: {{'<|im_end|>': {{source: {{kind: zero}}}}}}}}",
+     {"source": "union", "tokens": {"<|im_end|>": {"source": {"kind": "zero"}, "force": False}},
+      "pad_to_multiple_of": 64}),
+])
+def test_tokenizer_source_and_the_tokenizer_block(recipe, lines, tokenizer):
+    r = load_recipe(recipe(two_experts("ties", lines)))
+    assert r["tokenizer"] == tokenizer and r["merge"]["tokenizer"] == tokenizer
 
 
 REFUSED = {
-    "slices": ("""
+    "modules": ("""
         merge_method: slerp
         base_model: {base}
-        slices:
-          - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {math}, layer_range: [0, 2]}}]
-        """, "'slices' is not supported (mbmerge merges whole models"),
-    "tokenizer": (two_experts("ties", "tokenizer: {{source: union}}"), "'tokenizer' is not supported"),
-    "tokenizer_source": (two_experts("ties", "tokenizer_source: union"), "'tokenizer_source' = 'union'"),
+        modules: {{text: {{slices: [{{sources: [{{model: {base}, layer_range: [0, 2]}}]}}]}}}}
+        """, "'modules' is not supported (mbmerge merges one stack of layers"),
+    "tokenizer twice": (two_experts("ties", "tokenizer: {{source: union}}\ntokenizer_source: base"),
+                        "'tokenizer' and 'tokenizer_source' are both set"),
+    "tokenizer block as a word": (two_experts("ties", "tokenizer: union"), "'tokenizer' must be a mapping"),
+    "tokenizer padding": (two_experts("ties", "tokenizer: {{pad_to_multiple_of: -8}}"),
+                          "tokenizer.pad_to_multiple_of = -8 must be a positive whole number"),
+    "token source": (two_experts("ties", "tokenizer: {{tokens: {{x: {{source: {{kind: one}}}}}}}}"),
+                     "tokenizer.tokens.x.source must be a model, {{kind: zero}}"),
     "chat_template": (two_experts("ties", "chat_template: [chatml]"), "'chat_template' must be 'auto'"),
     "unknown key": (two_experts("ties", "foo: 1"), "'foo' is not supported"),
     "gradient out of range": (two_experts("ties", "parameters: {{density: [1, 0.7, 1.5]}}"),
@@ -147,6 +158,8 @@ REFUSED = {
           - model: {math}
             parameters: {{weight: [{{filter: mlp}}, {{value: 0}}]}}
         """, "'models[0].parameters.weight[0]' must be {{filter: NAME PART, value: VALUE or [gradient]}}"),
+    "empty gradient": (two_experts("ties", "parameters: {{density: []}}"),
+                       "'parameters.density' must be a value, a gradient"),
     "nested gradient": (two_experts("ties", "parameters: {{density: [[0.1, 0.2]]}}"),
                         "'parameters.density' must be a value, a gradient"),
     "gradient of words": (two_experts("ties", "parameters: {{density: [0.1, high]}}"),
@@ -211,8 +224,7 @@ def test_slerp_takes_t_and_exactly_one_model_besides_the_base(recipe):
 
 def test_ties_recipe_merges_like_explicit_parameters(family, recipe, tmp_path):
     r = load_recipe(recipe(two_experts("ties", "parameters: {{density: 0.5}}\ndtype: float32\nout_dtype: bfloat16")))
-    params = r.pop("params")
-    got = read_model(mbmerge.merge(**r, **params, out=tmp_path / "recipe", progress=False))
+    got = read_model(mbmerge.merge(**r["merge"], out=tmp_path / "recipe", progress=False))
     p = family["paths"]
     want = read_model(mbmerge.merge("ties", base=str(p["base"]), experts=[str(p["math"]), str(p["code"])],
                                     out=tmp_path / "explicit", progress=False, dtype="bfloat16",
@@ -225,7 +237,7 @@ def test_ties_recipe_merges_like_explicit_parameters(family, recipe, tmp_path):
 
 
 def test_gradients_interpolate_between_their_points_and_filters_take_the_first_match():
-    from mbmerge.engine.recipe import _evaluate
+    from mbmerge.engine.recipe_values import evaluate as _evaluate
     assert _evaluate(0.3, "any", 0.7) == 0.3
     assert _evaluate([0.0, 0.5, 1.0], "x", 0.25) == pytest.approx(0.25)          # half way to the second point
     assert _evaluate([0.0, 0.5, 1.0], "x", 0.75) == pytest.approx(0.75)
@@ -240,7 +252,8 @@ def test_gradients_interpolate_between_their_points_and_filters_take_the_first_m
 
 def test_each_tensor_takes_its_layers_place_and_its_names_filters():
     from mbmerge.engine.recipe import tensor_overrides
-    layered = {"models": [{"weight": [0.0, 1.0]}, {"weight": 1.0}],
+    layered = {"slices": [{"first": 0, "count": None, "parameters": {},
+                           "models": [{"weight": [0.0, 1.0]}, {"weight": 1.0}]}],
                "parameters": {"lambda": [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]}}
     names = ["model.embed_tokens.weight", *[f"model.layers.{i}.{part}.weight" for i in range(5)
                                             for part in ("self_attn.q_proj", "mlp.up_proj")], "lm_head.weight"]
