@@ -39,7 +39,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "peft>=0.13"],   # peft folds adapters: the LoRA tests' reference
     },
     ext_modules=[CPU_KERNELS],
     package_data={"mbmerge.kernels": ["cpu_merge.c"]},

@@ -26,6 +26,8 @@ COMMANDS = {
     "demo": ("demo", "demo", "Merge the mini zoo's experts with every method, evaluate, and report."),
     "eval": ("evaluate", "evaluate", "Evaluate MODEL_DIR: per-domain scores, normalised performance vs the "
              "experts, forgetting vs the base."),
+    "extract-lora": ("extract_lora", "extract_lora", "Extract a LoRA adapter (a PEFT folder) from a base and a "
+                     "fine-tuned model, by truncated SVD."),
     "methods": ("method_docs", "list_methods", "List the merge methods and their parameters."),
     "stats": ("stats", "stats", "Collect one expert's statistics on its data (one model in memory at a time)."),
     "tune": ("tune", "tune", "Score candidate merges on validation data and write the best."),
@@ -195,7 +197,7 @@ def _check(method: str, experts: list, base: str | None, given: dict, protocol: 
     parameters and expert count, where the output goes, and model references that name nothing (the
     engine checks them again)."""
     from ..engine.output import check_location
-    from ..engine.resolve import hub_repo
+    from ..engine.resolve import hub_repo, parts
     row = methods.get(method)
     n = len(slices[0]) - row.needs_base if slices else len(experts)      # a slice's models besides the base
     methods.check_experts(row, n)
@@ -207,7 +209,8 @@ def _check(method: str, experts: list, base: str | None, given: dict, protocol: 
     if base is None and row.needs_base:
         raise BadParameter(f"method {method} needs a base model (--base)")
     for ref, role in [(base, "base")] * (base is not None) + [(e, f"expert {e}") for e in experts]:
-        hub_repo(ref, role, base)
+        for part in parts(ref):                     # a model, or mergekit's model+adapter
+            hub_repo(part, role, base)
 
 
 class Interrupted(Exception):

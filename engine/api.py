@@ -10,7 +10,7 @@ import torch
 from .. import kernels, methods
 from ..common.errors import BadParameter, InputChanged
 from ..common.names import domain_names
-from . import chat_template, side_files, vocabulary
+from . import chat_template, lora, side_files, vocabulary
 from .execute import Merger
 from .index import INDEX_FILE, TensorIndex, check_agreement
 from .journal import JOURNAL, Journal, fingerprint, input_identity
@@ -53,7 +53,17 @@ def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
     base = resolve(spec.base, "base") if spec.base else None
     if base is None and methods.get(spec.method).needs_base:
         raise BadParameter(f"method {spec.method} needs a base model (--base)")
-    return base, [resolve(e, f"expert {e}", spec.base) for e in spec.experts]
+    return base, [_on_base(resolve(e, f"expert {e}", spec.base), base) for e in spec.experts]
+
+
+def _on_base(s: Source, base: Source | None) -> Source:
+    """An expert given as a LoRA adapter folder alone adapts the base."""
+    if s.adapter is not None or not lora.is_adapter(s.path):
+        return s
+    if base is None:
+        raise BadParameter(f"{s.role} is a LoRA adapter ({s.path}): pass --base, the model it adapts, or name "
+                           f"both as MODEL+ADAPTER")
+    return replace(base, ref=s.ref, role=s.role, adapter=s.path)
 
 
 def run(spec: MergeSpec) -> Path:
@@ -61,10 +71,11 @@ def run(spec: MergeSpec) -> Path:
     started = time.perf_counter()
     check_location(spec.out, spec.overwrite)
     base, experts = sources(spec)
-    folders = [(s.role, s.path) for s in ([base] if base else []) + experts]
+    models = ([base] if base else []) + experts
+    folders = [(s.role, f) for s in models for f in s.folders]
     folders += [(f"statistics of {s.role}", Path(f)) for s, f in zip(experts, spec.stats_folders or ())]
     check_apart(spec.out, folders + [(role, f) for role, folder in folders for f in _files(folder)])
-    _warn_repeated(folders)
+    _warn_repeated([(s.role, s.folders) for s in models])
     created = missing_parents(spec.out)
     try:
         with output_lock(spec.out), kernels.using(spec.kernels, spec.compile):
@@ -82,13 +93,14 @@ def _files(folder: Path) -> list[Path]:
         return []   # reading the folder fails later, with its own message
 
 
-def _warn_repeated(folders: list[tuple[str, Path]]) -> None:
-    """One warning line when a model is given twice (an expert twice, or the base as an expert)."""
+def _warn_repeated(models: list[tuple[str, list[Path]]]) -> None:
+    """One warning line when a model is given twice (an expert twice, or the base as an expert); a model
+    with an adapter is another model."""
     seen = {}
-    for role, folder in folders:
-        real = Path(folder).resolve()
+    for role, folders in models:
+        real = tuple(Path(f).resolve() for f in folders)
         if real in seen:
-            print(f"mbmerge: warning: {role} is the same model as {seen[real]} ({folder}); it is merged twice",
+            print(f"mbmerge: warning: {role} is the same model as {seen[real]} ({folders[-1]}); it is merged twice",
                   file=sys.stderr)
         seen.setdefault(real, role)
 
@@ -97,12 +109,22 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     method = methods.get(spec.method)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
-    folders = [ix for ix in [base_index, *indexes] if ix is not None]      # the inputs' own (their identity)
     side = (base_index or indexes[0]).folder           # config and tokenizer files come from here
+    adapters = {s.role: lora.read_adapter(s.adapter, ix, s.role)
+                for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None and s.adapter is not None}
+    folders = [ix for ix in [base_index, *indexes] if ix is not None] + [a.index for a in adapters.values()]
+    raw = {s.role: ix for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None}
+    if adapters:              # each adapted model as the merge reads it: its LoRA folded in
+        if spec.slices or spec.tokenizer:
+            raise BadParameter(f"LoRA adapters with {'slices' if spec.slices else 'a tokenizer source'} are not "
+                               f"supported yet: fold the adapters in a stage of their own first")
+        base_index = adapters[base.role].view(base_index) if base and base.role in adapters else base_index
+        indexes = [adapters[s.role].view(ix) if s.role in adapters else ix for s, ix in zip(experts, indexes)]
     side_files.check(side, "base" if base else experts[0].role)
     refs, roles = [s.ref for s in experts], [s.role for s in experts]
     if spec.slices:           # the inputs become one virtual model per position of the slices
-        base_index, indexes, refs = _sliced(spec, method, [base] * (base is not None) + experts, folders)
+        base_index, indexes, refs = _sliced(spec, method, [base] * (base is not None) + experts,
+                                            [ix for ix in [base_index, *indexes] if ix is not None])
         roles = refs
     indexes, tied = reconcile(base_index or indexes[0], list(zip(roles, indexes)))
     vocab = _vocabulary(spec, method, base, experts, base_index, indexes)
@@ -133,10 +155,12 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     maps = []
     try:
-        def mapped(ix: TensorIndex, ref: str) -> MappedModel:
+        def mapped(ix: TensorIndex, role: str, ref: str) -> MappedModel:
+            if role in adapters:
+                return lora.AdaptedModel(raw[role], adapters[role])
             return VocabularyModel(ix, ref, vocab) if vocab else MappedModel(ix)
-        base_map = mapped(base_index, base.ref) if base_index else None
-        expert_maps = [mapped(ix, ref) for ix, ref in zip(indexes, refs)]
+        base_map = mapped(base_index, "base", base.ref) if base_index else None
+        expert_maps = [mapped(ix, role, ref) for ix, role, ref in zip(indexes, roles, refs)]
         stat_maps = [MappedModel(ix) for ix in stat_indexes]
         if vocab:             # rows a model lacks are made from the merge inputs' rows
             inputs = {m.ref: m for m in ([base_map] if base_map and method.needs_base else []) + expert_maps}

@@ -224,6 +224,4 @@ def _slices(entries, method, spec: dict, base: str | None) -> list[dict]:
 def _ref(key, value) -> str:
     if not isinstance(value, str) or not value:
         fail(key, "must be a model path or hub id")
-    if "+" in value:
-        fail(key, f"= {value!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
     return value

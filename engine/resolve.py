@@ -5,7 +5,7 @@ read at call time); or a MergeBench domain short name, resolved against the base
 tensors.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..common.errors import BadModel, UnknownExpert
@@ -13,16 +13,23 @@ from ..common.names import DOMAIN_ALIASES, HUB_ID, is_domain, mergebench_repo
 
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"]
+                "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                "adapter_config.json"]
 
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved model: what the user wrote, where it lies, and its hub revision if any."""
+    """A resolved model: what the user wrote, where it lies, its hub revision if any, and the LoRA adapter
+    folded into it, if any (mergekit's `model+adapter`, or an adapter folder given for the base)."""
     ref: str
     path: Path
     revision: str | None
     role: str          # "base" or "expert <name>"
+    adapter: Path | None = None
+
+    @property
+    def folders(self) -> list[Path]:
+        return [self.path] + ([self.adapter] if self.adapter else [])
 
 
 def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
@@ -33,8 +40,15 @@ def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
         role: "base" or "expert NAME", used in messages.
         base_ref: the base's reference, needed to resolve a domain short name.
     """
+    if len(refs := parts(ref)) == 2:                   # mergekit's model+adapter
+        return replace(resolve(refs[0], role, base_ref), ref=ref, adapter=resolve(refs[1], role).path)
     repo = hub_repo(ref, role, base_ref)
     return Source(ref, Path(ref), None, role) if repo is None else _download(repo, role, ref)
+
+
+def parts(ref: str) -> list[str]:
+    """[model, adapter] of mergekit's `model+adapter` reference, else [ref]."""
+    return ref.split("+", 1) if "+" in ref and not os.path.exists(ref) else [ref]
 
 
 def hub_repo(ref: str, role: str, base_ref: str | None = None) -> str | None:

@@ -24,7 +24,7 @@ from ..common.errors import BadParameter, MbmergeError
 from ..common.names import domain_names
 from .output import check_location, written_by_mbmerge
 from .recipe import load_recipe
-from .resolve import hub_repo
+from .resolve import hub_repo, parts
 
 # where a stage's name may stand for its output: a model, a tokenizer's source, a model's chat template
 MODEL_KEYS = {"base_model", "model", "tokenizer_source", "source", "chat_template"}
@@ -217,7 +217,8 @@ def _check_models(stage: Stage, outputs: set) -> None:
     for ref, role in [(base, "base")] * (base is not None) + [(e, f"expert {e}") for e in experts]:
         if ref not in outputs:
             try:
-                hub_repo(ref, role, base)
+                for part in parts(ref):
+                    hub_repo(part, role, base)
             except MbmergeError as e:
                 raise type(e)(f"{stage.title}: {e}") from None
 

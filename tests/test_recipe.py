@@ -185,11 +185,6 @@ REFUSED = {
         """, "'models[0].parameters.normalize' is a global parameter in mergekit"),
     "not a number": (two_experts("ties", "parameters: {{density: half}}"),
                      "'parameters.density' = 'half' is not a number"),
-    "lora": ("""
-        merge_method: ties
-        base_model: {base}
-        models: [{{model: "{math}+some/lora", parameters: {{weight: 1}}}}]
-        """, "'models[0].model' = "),
     "no such option": (two_experts("ties", "parameters: {{rescale: true}}"), "'rescale' = True: mbmerge's ties has no"),
     "bad dtype": (two_experts("ties", "out_dtype: int8"), "'out_dtype' = 'int8'"),
     "out of range": (two_experts("ties", "parameters: {{density: 1.5}}"), "density=1.5 must be in (0, 1]"),
@@ -292,3 +287,13 @@ def test_the_command_line_merges_a_recipe_with_gradients_and_filters(family, rec
     assert code == 0, err
     card = (tmp_path / "m" / "mbmerge.json").read_text()
     assert "mlp" in card and "overrides" in card            # the per-tensor values it ran with, on record
+
+
+def test_a_model_plus_adapter_reference_is_an_expert(family, recipe):
+    """mergekit's MODEL+ADAPTER (test_lora merges one)."""
+    r = load_recipe(recipe("""
+        merge_method: ties
+        base_model: {base}
+        models: [{{model: "{math}+some/lora", parameters: {{weight: 1}}}}]
+        """))
+    assert r["experts"] == [f"{family['paths']['math']}+some/lora"]

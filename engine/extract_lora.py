@@ -1,0 +1,178 @@
+"""A LoRA adapter out of (base, fine-tuned model), as mergekit-extract-lora makes one: per 2-D weight,
+the delta D = W_ft - W_base cut to rank r by a truncated SVD, D ~ B A with A = sqrt(S) V^T and
+B = U sqrt(S) (or A = S V^T, B = U without distribute_scale); embeddings and the head saved whole
+(modules_to_save) unless embed_lora; 1-D weights (norms) saved whole unless skipped. One tensor at a
+time: memory is the largest tensor's delta and its SVD. Written as a PEFT folder (adapter_config.json
+with r = alpha = the largest rank, so each module's scale is 1, and adapter_model.safetensors) with
+each tensor's relative reconstruction error ||D - B A||_F / ||D||_F in mbmerge.json.
+"""
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..common.errors import BadParameter, ShapeMismatch
+from .header import encode_header
+from .index import TensorIndex
+from ..common import VERSION
+from .output import check_location, discard, output_lock, partial_folder, publish
+from .read import MappedModel
+from .tied import EMBEDDINGS, HEAD
+
+PREFIX = "base_model.model."
+VOCAB = (*EMBEDDINGS, HEAD)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    max_rank: int = 128
+    distribute_scale: bool = True
+    embed_lora: bool = False
+    modules_to_save: tuple[str, ...] = ()      # module names (or their last part) saved whole
+    include: tuple[str, ...] = ()              # regexes: only these modules are extracted
+    exclude: tuple[str, ...] = ()
+    sv_epsilon: float = 0.0                    # singular values at or below it are dropped
+    skip_undecomposable: bool = False          # 1-D weights: left out instead of saved whole
+    progress: bool = True
+
+
+@dataclass
+class _Out:
+    """The adapter file's tensors as they are computed: bytes go to a data file, the header comes last."""
+    data: object
+    entries: list = field(default_factory=list)
+
+    def add(self, name: str, t: torch.Tensor, dtype: str) -> None:
+        self.entries.append((name, dtype, tuple(t.shape)))
+        dense = torch.empty(t.shape, dtype=t.dtype).copy_(t)      # row-major strides, even for a [n, 1] slice
+        self.data.write(dense.view(torch.uint8).numpy().tobytes())
+
+
+def extract_lora(base: Path, model: Path, out: Path, options: Options = Options(), overwrite: bool = False) -> Path:
+    """Write the adapter folder `out`; returns it. BadParameter/ShapeMismatch in one line before anything
+    is written when the models do not fit together."""
+    check_location(out, overwrite)
+    b_ix, m_ix = TensorIndex.from_folder(Path(base), "base"), TensorIndex.from_folder(Path(model), "model")
+    for name, e in m_ix.tensors.items():
+        if name not in b_ix.tensors:
+            raise ShapeMismatch(f"model {model}: tensor {name} is not in base {base}")
+        if name not in VOCAB and e.shape != b_ix.tensors[name].shape:
+            raise ShapeMismatch(f"model {model}: tensor {name} {list(e.shape)} vs base {list(b_ix.tensors[name].shape)}")
+    with output_lock(out):
+        return _extract(Path(base), Path(model), Path(out), b_ix, m_ix, options, overwrite)
+
+
+def _extract(base: Path, model: Path, out: Path, b_ix, m_ix, options: Options, overwrite: bool) -> Path:
+    started, tmp = time.perf_counter(), partial_folder(out)
+    discard(tmp)
+    tmp.mkdir(parents=True)
+    bm, mm = MappedModel(b_ix), MappedModel(m_ix)
+    try:
+        errors, ranks, saved = {}, {}, set()
+        with open(tmp / "data.bin", "wb") as data:
+            sink = _Out(data)
+            for name, e in tqdm(list(m_ix.tensors.items()), desc="mbmerge extract-lora", disable=not options.progress):
+                module = name.removesuffix(".weight")
+                what = _what(name, e, b_ix.tensors[name], options)
+                if what == "skip":
+                    continue
+                if what == "whole":
+                    sink.add(PREFIX + name, mm.chunk(e, 0, e.numel).view(e.shape), e.dtype)
+                    saved.add(module.split(".")[-1])
+                    continue
+                delta = (mm.chunk(e, 0, e.numel).float() - bm.chunk(b_ix.tensors[name], 0, e.numel).float())
+                delta = delta.view(e.shape)
+                embedding = name in EMBEDDINGS
+                a, b = _factors(delta.T if embedding else delta, options)
+                a, b = a.to(e.torch_dtype), b.to(e.torch_dtype)
+                approx = (b.float() @ a.float())
+                errors[name] = _relative_error(delta.T if embedding else delta, approx)
+                ranks[module] = a.shape[0]
+                names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+                sink.add(f"{PREFIX}{module}.{names[0]}", a, e.dtype)
+                sink.add(f"{PREFIX}{module}.{names[1]}", b, e.dtype)
+                mm.release(e, 0, e.numel)
+                bm.release(b_ix.tensors[name], 0, e.numel)
+        _assemble(tmp, sink.entries)
+        _config(tmp, base, ranks, sorted(saved | set(options.modules_to_save)))
+        (tmp / "mbmerge.json").write_text(json.dumps({
+            "mbmerge_version": VERSION, "method": "extract-lora", "base": str(Path(base).resolve()), "model": str(Path(model).resolve()),
+            "options": {k: v for k, v in options.__dict__.items() if k != "progress"},
+            "ranks": ranks, "relative_error": errors, "saved_whole": sorted(saved),
+            "wall_seconds": round(time.perf_counter() - started, 3)}, indent=2) + "\n")
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+            if (Path(model) / f).is_file():
+                shutil.copyfile(Path(model) / f, tmp / f)
+        publish(tmp, Path(out), overwrite)
+    except BaseException:
+        discard(tmp)
+        raise
+    finally:
+        bm.close()
+        mm.close()
+    return Path(out)
+
+
+def _what(name: str, e, b, options: Options) -> str:
+    """'lora', 'whole' or 'skip' for one tensor, as mergekit-extract-lora plans it."""
+    module = name.removesuffix(".weight")
+    short = module.split(".")[-1]
+    if module in options.modules_to_save or short in options.modules_to_save:
+        return "whole"
+    if name in VOCAB and (not options.embed_lora or e.shape != b.shape):
+        return "whole"                                  # a resized vocabulary has no delta to decompose
+    if options.include and not any(re.search(r, module) for r in options.include):
+        return "skip"
+    if any(re.search(r, module) for r in options.exclude):
+        return "skip"
+    if len(e.shape) != 2 or not name.endswith(".weight"):
+        return "skip" if options.skip_undecomposable else "whole"
+    return "lora"
+
+
+def _factors(delta: torch.Tensor, options: Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in] and B [out, r] with B A the best rank-r approximation of delta (truncated SVD)."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = min(options.max_rank, s.shape[0])
+    if options.sv_epsilon > 0:
+        rank = max(1, min(rank, int((s > options.sv_epsilon).sum())))
+    s = s[:rank]
+    if options.distribute_scale:
+        root = s.sqrt()
+        return root[:, None] * vh[:rank], u[:, :rank] * root
+    return s[:, None] * vh[:rank], u[:, :rank].clone()
+
+
+def _relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = float(delta.norm())
+    return float((delta - approx).norm()) / norm if norm > 0 else 0.0
+
+
+def _assemble(folder: Path, entries: list) -> None:
+    """adapter_model.safetensors: the header, then the data file's bytes (streamed, not held)."""
+    prefix, _ = encode_header(entries, {"format": "pt"})
+    with open(folder / "adapter_model.safetensors", "wb") as f, open(folder / "data.bin", "rb") as data:
+        f.write(prefix)
+        shutil.copyfileobj(data, f, 16 << 20)
+    os.unlink(folder / "data.bin")
+
+
+def _config(folder: Path, base: Path, ranks: dict, saved: list) -> None:
+    """adapter_config.json: r = lora_alpha = the largest rank; modules of another rank get it (and the
+    same alpha, so every scale is 1) in rank_pattern and alpha_pattern, as mergekit writes them."""
+    if not ranks and not saved:
+        raise BadParameter("nothing to extract: every tensor was excluded")
+    r = max(ranks.values(), default=1)
+    other = {m: k for m, k in ranks.items() if k != r}
+    config = {"base_model_name_or_path": str(base), "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
+              "lora_alpha": r, "use_rslora": False, "target_modules": sorted({m.split(".")[-1] for m in ranks}),
+              "modules_to_save": saved or None, "rank_pattern": other, "alpha_pattern": other,
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "inference_mode": True}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
