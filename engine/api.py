@@ -115,9 +115,9 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     folders = [ix for ix in [base_index, *indexes] if ix is not None] + [a.index for a in adapters.values()]
     raw = {s.role: ix for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None}
     if adapters:              # each adapted model as the merge reads it: its LoRA folded in
-        if spec.slices or spec.tokenizer:
-            raise BadParameter(f"LoRA adapters with {'slices' if spec.slices else 'a tokenizer source'} are not "
-                               f"supported yet: fold the adapters in a stage of their own first")
+        if spec.slices:
+            raise BadParameter("LoRA adapters with slices are not supported yet: fold the adapters in a stage of "
+                               "their own first")
         base_index = adapters[base.role].view(base_index) if base and base.role in adapters else base_index
         indexes = [adapters[s.role].view(ix) if s.role in adapters else ix for s, ix in zip(experts, indexes)]
     side_files.check(side, "base" if base else experts[0].role)
@@ -155,10 +155,9 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     maps = []
     try:
-        def mapped(ix: TensorIndex, role: str, ref: str) -> MappedModel:
-            if role in adapters:
-                return lora.AdaptedModel(raw[role], adapters[role])
-            return VocabularyModel(ix, ref, vocab) if vocab else MappedModel(ix)
+        def mapped(ix: TensorIndex, role: str, ref: str):
+            inner = lora.AdaptedModel(raw[role], adapters[role]) if role in adapters else MappedModel(ix)
+            return VocabularyModel(inner, ref, vocab) if vocab else inner
         base_map = mapped(base_index, "base", base.ref) if base_index else None
         expert_maps = [mapped(ix, role, ref) for ix, role, ref in zip(indexes, roles, refs)]
         stat_maps = [MappedModel(ix) for ix in stat_indexes]
@@ -241,8 +240,10 @@ def _vocabulary(spec: MergeSpec, method, base: Source | None, experts: list[Sour
     models = [(base, base_index)] * (base is not None) + list(zip(experts, indexes))
     rows = [ix.tensors[names[0]].shape[0] if (names := vocab_tensors(ix)) else 0 for _, ix in models]
     inputs = [s.ref for s, _ in models if s is not base or method.needs_base]
-    return vocabulary.build(vocabulary.parse(spec.tokenizer), [(s.ref, s.path, r) for (s, _), r in zip(models, rows)],
-                            inputs, base.ref if base else None)
+    folders = [s.adapter if s.adapter and lora.has_tokenizer(s.adapter) else s.path for s, _ in models]
+    return vocabulary.build(vocabulary.parse(spec.tokenizer),
+                            [(s.ref, f, r) for (s, _), f, r in zip(models, folders, rows)], inputs,
+                            base.ref if base else None)
 
 
 def _chat_template(spec: MergeSpec, base: Source | None, experts: list[Source], ref: Path,

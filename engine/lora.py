@@ -29,6 +29,11 @@ def is_adapter(folder: Path) -> bool:
     return (Path(folder) / CONFIG).is_file()
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether an adapter carries its own tokenizer (a chat adapter that added tokens does)."""
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
 @dataclass(frozen=True)
 class Low:
     """One targeted weight: its A [r, in] and B [out, r] entries, the scale, and whether it is an embedding."""
@@ -76,8 +81,8 @@ def read_adapter(folder: Path, model: TensorIndex, role: str) -> Adapter:
             module, kind = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             parts.setdefault(module, {})[kind[-1]] = e
             parts[module]["embedding"] = "embedding" in kind
-        else:
-            whole[re.sub(r"\.(base_layer|modules_to_save\.default)\.", ".", inner)] = e
+        elif ".original_module." not in inner:       # PEFT may save the untrained copy too: not the adapter's
+            whole[re.sub(r"\.(base_layer|modules_to_save(\.default)?)\.", ".", inner)] = e
     lows = {}
     for module, p in parts.items():
         target = f"{module}.weight"

@@ -29,16 +29,18 @@ def reshaped(index: TensorIndex, rows: int) -> TensorIndex:
     return replace(index, tensors=tensors)
 
 
-class VocabularyModel(MappedModel):
-    """A MappedModel whose vocabulary tensors have the output's rows: its own row where it has the token,
-    else the row the vocabulary makes (from the merge inputs, `attach`), past the tokens its mean row."""
+class VocabularyModel:
+    """A model (a MappedModel, or one with an adapter folded in) whose vocabulary tensors have the output's
+    rows: its own row where it has the token, else the row the vocabulary makes (from the merge inputs,
+    `attach`), past the tokens its mean row. Other tensors are the inner model's."""
 
-    def __init__(self, index: TensorIndex, ref: str, vocab: Vocabulary):
-        super().__init__(index)
-        self.sources = {n: index.tensors[n] for n in vocab_tensors(index)}   # the entries as stored
-        self.index = reshaped(index, vocab.rows)
+    def __init__(self, inner: MappedModel, ref: str, vocab: Vocabulary):
+        self.inner = inner
+        self.sources = {n: inner.index.tensors[n] for n in vocab_tensors(inner.index)}   # the entries as read
+        self.index = reshaped(inner.index, vocab.rows)
         self.ref, self.own, self.vocab, self.inputs = ref, vocab.own[ref], vocab, []
         self.means: dict[str, torch.Tensor] = {}
+        self._tables: tuple = (None, None)
 
     def attach(self, inputs: list["VocabularyModel"]) -> None:
         """The merge inputs, in the vocabulary's `inputs` order, whose rows make the missing ones."""
@@ -46,7 +48,7 @@ class VocabularyModel(MappedModel):
 
     def chunk(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         if entry.name not in self.sources or stop <= start:
-            return super().chunk(entry, start, stop)
+            return self.inner.chunk(entry, start, stop)
         width = entry.shape[1]
         first, end = start // width, -(-stop // width)
         rows = self._rows(entry.name, first, end)
@@ -54,15 +56,18 @@ class VocabularyModel(MappedModel):
 
     def release(self, entry: TensorEntry, start: int, stop: int) -> None:
         if entry.name not in self.sources:
-            return super().release(entry, start, stop)
+            return self.inner.release(entry, start, stop)
         width = entry.shape[1]
         used = self.own[start // width: -(-stop // width)]
         used = used[used >= 0]
         if used.numel():          # the source rows this chunk read: nearly in order, so one span
-            super().release(self.sources[entry.name], used.min().item() * width, (used.max().item() + 1) * width)
+            self.inner.release(self.sources[entry.name], used.min().item() * width, (used.max().item() + 1) * width)
 
     def prefetch(self, entry: TensorEntry, *args) -> None:
-        super().prefetch(self.sources.get(entry.name, entry), *args)
+        self.inner.prefetch(self.sources.get(entry.name, entry), *args)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def _rows(self, name: str, first: int, end: int) -> torch.Tensor:
         """Output rows [first, end) of tensor `name`, in the stored dtype."""
@@ -103,6 +108,9 @@ class VocabularyModel(MappedModel):
         return self.means[name]
 
     def _table(self, name: str) -> torch.Tensor:
-        """The stored tensor as a zero-copy [rows, width] view of the mapped file."""
-        e = self.sources[name]
-        return super().chunk(e, 0, e.numel).view(e.shape)
+        """The tensor as read, [rows, width]: a zero-copy view of the mapped file (an adapter's embedding
+        LoRA makes it whole, once per tensor)."""
+        if self._tables[0] != name:
+            e = self.sources[name]
+            self._tables = (name, self.inner.chunk(e, 0, e.numel).view(e.shape))
+        return self._tables[1]

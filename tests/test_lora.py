@@ -129,3 +129,33 @@ def test_chunks_cut_through_rows_give_the_same_merge(zoo, tmp_path):
     whole = mbmerge.merge("task_arithmetic", base=str(zoo["base"]), experts=experts, out=tmp_path / "w",
                           progress=False)
     assert_close(read_model(small), read_model(whole))
+
+
+def test_a_chat_adapter_that_adds_tokens_merges_with_the_union_of_tokenizers(zoo, tmp_path):
+    """An adapter trained with two new special tokens (embeddings resized, saved whole, its own tokenizer)
+    merges as the model PEFT folds, with --tokenizer-source union."""
+    import transformers
+    base = zoo["base"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok))            # 29 tokenizer ids -> 31 rows
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                            modules_to_save=["embed_tokens", "lm_head"]))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(p + torch.randn(p.shape, generator=g) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "chat"))
+    tok.save_pretrained(str(tmp_path / "chat"))
+    peft_model.merge_and_unload().save_pretrained(str(tmp_path / "chat-folded"))
+    tok.save_pretrained(str(tmp_path / "chat-folded"))
+    options = dict(base=str(base), tokenizer="union", weights=[0.6, 0.4], progress=False)
+    got = mbmerge.merge("task_arithmetic", experts=[str(tmp_path / "chat"), str(zoo["a1"])], out=tmp_path / "m1",
+                        **options)
+    want = mbmerge.merge("task_arithmetic", experts=[str(tmp_path / "chat-folded"), str(zoo["a1-folded"])],
+                         out=tmp_path / "m2", **options)
+    assert_close(read_model(got), read_model(want))
+    assert read_model(got)["model.embed_tokens.weight"].shape == (31, 32)
+    assert transformers.AutoTokenizer.from_pretrained(str(got)).convert_tokens_to_ids("<|im_end|>") == 30
