@@ -75,7 +75,8 @@ def run(spec: MergeSpec) -> Path:
     folders = [(s.role, f) for s in models for f in s.folders]
     folders += [(f"statistics of {s.role}", Path(f)) for s, f in zip(experts, spec.stats_folders or ())]
     check_apart(spec.out, folders + [(role, f) for role, folder in folders for f in _files(folder)])
-    _warn_repeated([(s.role, s.folders) for s in models])
+    merged = ([base] if base and methods.get(spec.method).needs_base else []) + experts   # a copied base is no input
+    _warn_repeated([(s.role, s.folders) for s in merged])
     created = missing_parents(spec.out)
     try:
         with output_lock(spec.out), kernels.using(spec.kernels, spec.compile):

@@ -11,7 +11,7 @@ from ..methods.contract import REQUIRED
 PER_MODEL = {"weight", "density", "gamma", "epsilon", "scale"}   # scale: passthrough's
 LAYER = re.compile(r"\.layers\.(\d+)\.")   # a decoder layer's tensors, as transformers names them
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings)\.")  # mergekit's pre-layer weights
-BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise"}
+BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise", "normalize_weights", "nuslerp_row_wise", "nuslerp_flatten"}
 
 
 def fail(key, why):

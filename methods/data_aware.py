@@ -9,6 +9,8 @@ input on expert i's own data; off-diagonals shrunk by alpha (`reduction`):
     W^T  = (sum_i G~_i)^-1 sum_i G~_i W_i^T,   i.e. per row block  W = sum_i W_i P_i,  P_i = G~_i A^-1
   A^-1 comes from A's eigendecomposition in float64: the exact inverse, or, when A is ill-conditioned
   (cond > 1e8, MergeBench's test), the pseudo-inverse. Tensors without Grams (norms) are averaged.
+regmean_plusplus (MergeBench's RegMean++): regmean's closed form with each expert's Grams taken on the merged
+  model's activations, layer by layer (stats/regmean_plusplus.py collects them).
 localize_stitch_trained (He et al. 2024): the dataless stitch (masks.stitch) with masks trained on data.
 """
 import torch

@@ -64,6 +64,22 @@ def bounds(ranks: list[list[Rank]], chunks: Callable, n: int, keep_ties: bool) -
     return out
 
 
+def top_set(chunks: Callable, k: int, n: int) -> Cut:
+    """The k largest of n values v >= 0 streamed as chunks() of (v, offset), exactly (ties at the k-th broken
+    by position), as a Cut whose pos is a flat index over all n: a chunk at `offset` takes Cut(t, pos - offset).
+    Example: SCE's top-k variance entries."""
+    (bound,), = bounds([[Rank(k)]], lambda: ((None, [v]) for v, _ in chunks()), n, keep_ties=False)
+    if bound.ties is None or bound.ties == 0:
+        return Cut(bound.t, n if bound.ties is None else 0)
+    seen = 0
+    for v, offset in chunks():               # the position just after the ties-th entry equal to t
+        at = (v == bound.t).nonzero().view(-1)
+        if seen + at.numel() >= bound.ties:
+            return Cut(bound.t, offset + int(at[bound.ties - seen - 1]) + 1)
+        seen += at.numel()
+    raise AssertionError("fewer ties than radix select counted")
+
+
 class Ranking:
     """Per expert, Bounds over a tensor (or the model), handed out as each chunk's Cuts in visiting order;
     `left` counts the ties each Bound may still take (None: all)."""

@@ -25,6 +25,21 @@ SPARSITY = Param("sparsity", 0.1, "localize_stitch: fraction of each delta kept 
 FILTER_WISE = Param("filter_wise", False, "model_stock: one interpolation t per row (mergekit filter_wise)")
 PASSTHROUGH_SCALE = Param("scale", 1.0, "passthrough: the factor on the model's tensors (mergekit: scale)")
 SLERP_T = Param("t", 0.5, "slerp: interpolation factor, 0 = base, 1 = expert")
+NEARSWAP_T = Param("t", 1e-4, "nearswap: |x - b| up to which the expert's value is taken; farther, b moves t "
+                   "toward it")
+SELECT_TOPK = Param("select_topk", 1.0, "sce: fraction of the entries (of nonzero variance across the experts) "
+                    "kept, the most varying")
+NORMALIZE_WEIGHTS = Param("normalize_weights", True, "multislerp: divide the weights by their sum")
+EPS = Param("eps", 1e-8, "multislerp: added to each |d_i| before dividing by it")
+NUSLERP_FLATTEN = Param("nuslerp_flatten", True, "nuslerp: slerp whole tensors (else rows, or columns with "
+                        "--nuslerp-row-wise)")
+NUSLERP_ROW_WISE = Param("nuslerp_row_wise", False, "nuslerp, without flatten: slerp columns (vectors along the "
+                         "first dimension) instead of rows")
+MAX_ITER = Param("max_iter", 10, "karcher: at most this many Riemannian steps")
+TOL = Param("tol", 1e-5, "karcher: stop when the step is shorter; inputs of smaller norm are left out")
+RAM_EPSILON = Param("epsilon", 1e-5, "ram: |d_i| above which expert i counts as changing an entry")
+RAM_R = Param("r", 0.1, "ramplus_tl: the gain 1 + r clamp(rho_i, 0, alpha) on expert i's unique entries")
+RAM_ALPHA = Param("alpha", 0.2, "ramplus_tl: the cap on rho_i, expert i's shared over unique entries")
 COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
                         fraction=True)
 # collected with the data statistics (mbmerge stats), not used by apply
@@ -33,6 +48,8 @@ FISHER_LABELS = Param("fisher", "sampled", "fisher: labels sampled from the expe
                       "ones (empirical)", choices=("sampled", "empirical"))
 REDUCTION = Param("reduction", 0.5, "regmean: alpha, the factor on the Grams' off-diagonal entries "
                   "(MergeBench's RegMean 0.5, RegMean++ 0.1)")
+REDUCTION_PP = Param("reduction", 0.1, "regmean_plusplus: alpha on the Grams' off-diagonal entries (MergeBench's "
+                     "RegMean++ 0.1)")
 SIGMOID_BIAS = Param("sigmoid_bias", 3.0, "localize_stitch_trained: mask logits start at +-this")
 MASK_LR = Param("lr", 1e8, "localize_stitch_trained: step on the mask logits (raw gradients are tiny)")
 EPOCHS = Param("epochs", 1, "localize_stitch_trained: passes over the data, one mask update each")
@@ -156,6 +173,40 @@ REGISTRY = {m.name: m for m in [
     Method(name="iso_cts", summary="Iso-C on a common subspace plus per-task orthogonal subspaces",
            paper="https://arxiv.org/abs/2502.04959", params=(SCALE, COMMON_FRACTION),
            apply=step("svd:apply_iso_cts", "scale common_fraction shape"), span="tensor", keep_base=EMBEDDINGS),
+    # -- more of mergekit 0.1.5's methods: nearswap, sce, multislerp, nuslerp, karcher, ram, ramplus_tl
+    Method(name="nearswap", summary="the expert where |x - b| <= t, elsewhere b moved t toward it",
+           paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", params=(NEARSWAP_T,),
+           apply=step("near_swap:apply", "t"), max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 1e-4}),
+    Method(name="sce", summary="select the most varying entries, weight experts by mean square, erase minority "
+           "signs", paper="https://arxiv.org/abs/2408.07990", params=(SELECT_TOPK,),
+           apply=step("select_calculate_erase:apply", "cut w offset"),
+           reduce=step("select_calculate_erase:sce_statistics", "select_topk shape"),
+           mergekit={"int8_mask": False, "select_topk": 1.0}, bench={"select_topk": 0.5}),
+    Method(name="multislerp", summary="barycentric slerp: the weighted mean of the unit deltas at the weighted mean "
+           "norm", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+           params=(WEIGHTS, NORMALIZE_WEIGHTS, EPS), apply=step("hypersphere:apply_multislerp", "coef"),
+           reduce=step("hypersphere:multislerp_coefficients", "weights normalize_weights eps shape"),
+           mergekit={"weight": REQUIRED, "normalize_weights": True, "eps": 1e-8}, bench={"weights": 1.0}),
+    Method(name="nuslerp", summary="slerp between two experts' deltas at t = w_2 / (w_1 + w_2): whole tensors, rows "
+           "or columns", paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+           params=(WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+           apply=step("hypersphere:apply_nuslerp", "weights coef offset shape"),
+           reduce=step("hypersphere:nuslerp_coefficients", "weights nuslerp_flatten nuslerp_row_wise shape"),
+           span="row", min_experts=2, max_experts=2,
+           mergekit={"weight": REQUIRED, "nuslerp_row_wise": False, "nuslerp_flatten": True}, bench={"weights": 1.0}),
+    Method(name="karcher", summary="the Karcher (Riemannian) mean of the inputs' directions at their mean norm",
+           paper="https://arxiv.org/abs/2603.04972", params=(MAX_ITER, TOL),
+           apply=step("hypersphere:apply_karcher", "coef"),
+           reduce=step("hypersphere:karcher_coefficients", "max_iter tol"),
+           needs_base=False, mergekit={"max_iter": 10, "tol": 1e-5}, bench={}),
+    Method(name="ram", summary="deltas one expert made kept whole, shared ones averaged over those that made them",
+           paper="https://arxiv.org/abs/2601.13572", params=(RAM_EPSILON,),
+           apply=step("agent_merging:apply_ram", "epsilon"), mergekit={"epsilon": 1e-5}, bench={}),
+    Method(name="ramplus_tl", summary="ram with unique deltas scaled up by each expert's shared/unique ratio in the "
+           "tensor", paper="https://arxiv.org/abs/2601.13572", params=(RAM_R, RAM_ALPHA, RAM_EPSILON),
+           apply=step("agent_merging:apply_ramplus", "epsilon gain"),
+           reduce=step("agent_merging:ramplus_gains", "r alpha epsilon"),
+           mergekit={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, bench={}),
     # -- masks
     Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
            paper="https://arxiv.org/abs/2405.07813",
@@ -178,6 +229,11 @@ REGISTRY = {m.name: m for m in [
            apply=step("data_aware:regmean", "proj"), reduce=step("data_aware:regmean_projections", "stat reduction"),
            span="row", needs_base=False, keep_base=EMBEDDINGS,
            data_statistic=DataStatistic("gram", True, False, ("samples",))),
+    Method(name="regmean_plusplus", summary="RegMean with each expert's Grams taken on its data as the merged "
+           "model carries it, layer by layer", paper="https://github.com/uiuctml/MergeBench/pull/8",
+           params=(REDUCTION_PP, SAMPLES), apply=step("data_aware:regmean", "proj"),
+           reduce=step("data_aware:regmean_projections", "stat reduction"), span="row", needs_base=False,
+           keep_base=EMBEDDINGS, data_statistic=DataStatistic("gram_plusplus", True, False, ("samples", "reduction"))),
     Method(name="localize_stitch_trained", summary="Localize-and-Stitch with masks trained on each expert's data, "
            "overlaps averaged", paper="https://arxiv.org/abs/2408.13656",
            params=(SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES),

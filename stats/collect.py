@@ -47,7 +47,7 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
     """Statistics of KIND for MODEL (a folder) on DATA into OUT; see the module table. params: the
     method's collection parameters (samples, fisher labels; mask: sparsity, sigmoid_bias, lr,
     epochs, l1); mask needs the BASE the model was fine-tuned from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     if kind not in KINDS:
         raise BadParameter(f"unknown statistics kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "mask" and base is None:
@@ -65,14 +65,8 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         started = time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        template = datasets.default_template(data)
-        examples = datasets.load_examples(data, split=split, n=p["samples"], seed=seed, data_format=data_format)
-        record = datasets.describe(data, examples, split=split, n=p["samples"], seed=seed, data_format=data_format,
-                                   template=template, max_length=max_length)
-        tok = AutoTokenizer.from_pretrained(model)
-        seqs = datasets.tokenize(examples, tok, template=template, max_length=max_length)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        batches = datasets.batches(seqs, batch_size or BATCH[kind], pad)
+        batches, record = _data(model, data, p["samples"], split=split, data_format=data_format, seed=seed,
+                                max_length=max_length, batch_size=batch_size or BATCH[kind])
         with quiet_transformers():  # loaded in the collecting dtype: a cast afterwards would hold both copies
             net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model, torch_dtype=torch_dtype)
         net.to(dev).eval()
@@ -114,6 +108,57 @@ def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = Non
     if (out / STATS_CARD).is_file():
         return out
     return collect(kind, model, data, out, base=base, params=params, progress=progress, overwrite=True, **options)
+
+
+def _data(model: Path, data: str, samples: int, *, split: str, data_format: str | None, seed: int, max_length: int,
+          batch_size: int):
+    """(a callable giving fresh batch iterators of the model's tokens of DATA, what the card records of it)."""
+    from transformers import AutoTokenizer
+    template = datasets.default_template(data)
+    examples = datasets.load_examples(data, split=split, n=samples, seed=seed, data_format=data_format)
+    record = datasets.describe(data, examples, split=split, n=samples, seed=seed, data_format=data_format,
+                               template=template, max_length=max_length)
+    tok = AutoTokenizer.from_pretrained(model)
+    seqs = datasets.tokenize(examples, tok, template=template, max_length=max_length)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return datasets.batches(seqs, batch_size, pad), record
+
+
+def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *, params: dict,
+                            split: str = "validation", data_format: str | None = None, max_length: int = 2048, batch_size: int | None = None,
+                            seed: int = 0, dtype: str | None = None, device: str = "auto",
+                            memory_budget: int | str = "4GB", progress: bool = True) -> list[Path]:
+    """RegMean++ statistics (regmean_plusplus.py) of every expert at once, one folder each, cached by all
+    the inputs, the data and the parameters (each expert's Grams depend on every other expert)."""
+    from .regmean_plusplus import collect_plusplus
+    options = dict(split=split, data_format=data_format, max_length=max_length, batch_size=batch_size, seed=seed,
+                   dtype=dtype, device=device)
+    key = {"kind": "gram_plusplus", "version": VERSION, "data": list(data), "params": params,
+           "options": {k: str(v) for k, v in options.items()},
+           "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (base, *experts)])}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    outs = [cache_dir() / "stats" / f"gram_plusplus-{Path(e).name}-{k}-{digest}" for k, e in enumerate(experts)]
+    if all((o / STATS_CARD).is_file() for o in outs):
+        return outs
+    dev = resolve_device(str(device))
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    data_of = [_data(e, d, params["samples"], split=split, data_format=data_format, seed=seed, max_length=max_length,
+                     batch_size=batch_size or BATCH["gram"]) for e, d in zip(experts, data)]
+    writers = [StatsWriter(o, overwrite=True) for o in outs]
+    try:
+        info = collect_plusplus(Path(base), [Path(e) for e in experts], [b for b, _ in data_of], writers,
+                                reduction=params["reduction"], dtype=torch_dtype, device=dev,
+                                budget=parse_size(memory_budget), progress=progress)
+        for e, (_, record), writer in zip(experts, data_of, writers):
+            writer.publish({"kind": "gram_plusplus", "mbmerge_version": VERSION, "model": str(Path(e).resolve()),
+                            "base": str(Path(base).resolve()), "data": record, "params": params,
+                            "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev), "info": info,
+                            "peak_rss_bytes": _peak_rss(), "torch": torch.__version__}, True)
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+    return outs
 
 
 def _tensors(folder: Path, role: str):

@@ -98,9 +98,14 @@ def collect_statistics(method: str, experts: list[Path], data: list[str], *, bas
     m = methods.get(method)
     if len(data) != len(experts):
         raise BadParameter(f"{len(data)} data source(s) for {len(experts)} experts; give one per expert")
-    from .collect import collect_cached  # runs models: transformers is imported only here
+    from .collect import collect_cached, collect_plusplus_cached  # runs models: transformers is imported only here
     p = methods.resolve_params(m, len(experts), params or {})
     p = {k: v for k, v in p.items() if k in m.data_statistic.collect}
+    if m.data_statistic.kind == "gram_plusplus":       # every expert's Grams depend on the others': collected at once
+        if base is None:
+            raise BadParameter(f"method {method} carries each expert's data through the merged model, which keeps the "
+                               f"base's embeddings: pass --base")
+        return collect_plusplus_cached(base, experts, list(data), params=p, progress=progress, **options)
     return [collect_cached(m.data_statistic.kind, Path(e), src, base=base, progress=progress,
                            params={k: v[i] if isinstance(v, list) else v for k, v in p.items()}, **options)
             for i, (e, src) in enumerate(zip(experts, data))]

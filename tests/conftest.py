@@ -150,7 +150,7 @@ def write_stats(folder: Path, kind: str, stats: dict) -> Path:
 def _stats_of(root: Path, models: dict) -> dict:
     """{kind: {expert: (folder, tensors)}} for every kind and every expert of a fixture family."""
     out = {}
-    for kind in ("fisher", "gram", "mask"):
+    for kind in ("fisher", "gram", "gram_plusplus", "mask"):
         out[kind] = {}
         for i, (name, t) in enumerate((k, v) for k, v in models.items() if k != "base"):
             stats = synthetic_stats(kind, t, 100 + i)

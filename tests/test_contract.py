@@ -30,7 +30,7 @@ def test_each_step_takes_what_its_function_takes(name):
         if step is not None:
             assert set(step.takes) == keyword_only(step.fn), (name, step.fn.__name__)
     params = {p.name for p in m.params}
-    reduced = {"gain", "cos", "coef", "proj"}            # what the reduce functions return
+    reduced = {"gain", "cos", "coef", "proj", "cut", "w"}            # what the reduce functions return
     assert set(m.apply.takes) <= params | set(CONTEXT) | reduced, name
     if m.ranks:
         assert set(m.ranks.takes) <= params | {"n"} and "thr" in m.apply.takes, name

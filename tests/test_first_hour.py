@@ -83,8 +83,8 @@ def test_tune_says_when_no_candidate_has_an_np(micro_zoo, tmp_path, run_main):
     (["verfiy", "x"], "no command 'verfiy'; did you mean 'verify'?"),
     (["demoo", "--micro"], "no command 'demoo'; did you mean 'demo'?"),
     (["bench_kernels"], "no command 'bench_kernels'; did you mean 'bench-kernels'?"),
-    (["xyzzy"], "no command 'xyzzy' (commands: bench, bench-kernels, demo, eval, merge, methods, stats, tune, "
-                "verify, zoo; default: merge --method ...)"),
+    (["xyzzy"], "no command 'xyzzy' (commands: bench, bench-kernels, demo, eval, extract-lora, merge, methods, "
+                "stats, tune, verify, zoo; default: merge --method ...)"),
     (["recipe.yml", "--out", "m"], "no command 'recipe.yml'; for a mergekit recipe, pass --config recipe.yml"),
 ])
 def test_a_mistyped_command_gets_the_nearest_one(tmp_path, monkeypatch, run_main, args, message):

@@ -44,6 +44,13 @@ EXACT = {
     "model_stock": ("model_stock", ["math", "code"], None, {}),
     "model_stock-filter_wise": ("model_stock", ["math", "code"], None, {"filter_wise": True}),
     "model_stock-3": ("model_stock", ["math", "code", "ifeval"], None, {}),
+    "nearswap": ("nearswap", ["math"], None, {"t": 0.004}),
+    "sce": ("sce", ["math", "code", "ifeval"], None, {}),
+    "multislerp": ("multislerp", ["math", "code", "ifeval"], w(0.5, 0.3, 0.2), {}),
+    "nuslerp": ("nuslerp", ["math", "code"], w(0.7, 0.3), {}),
+    "karcher": ("karcher", ["math", "code", "ifeval"], None, {}),
+    "ram": ("ram", ["math", "code", "ifeval"], None, {"epsilon": 0.003}),
+    "ramplus_tl": ("ramplus_tl", ["math", "code", "ifeval"], None, {"epsilon": 0.003, "r": 0.5, "alpha": 0.9}),
 }
 # per-layer gradients and filters, on five layers (points between a gradient's): a t gradient for attention,
 # another for the MLP, one value elsewhere; per-model weight gradients, one under a filter
@@ -71,8 +78,10 @@ ONE = {"ties-1": ("ties", ["math"], w(1.0, density=0.5), {}),
 
 
 def run_both(family, tmp_path, case):
-    """(mergekit's output, mbmerge's output, mbmerge's resolved recipe) of one case's recipe."""
-    method, experts, per_model, glob = {**EXACT, **TRIMMED, **ONE, **GRADIENTS}[case]
+    """(mergekit's output, mbmerge's output, mbmerge's resolved recipe) of one case's recipe (a name here, or a
+    case tuple)."""
+    named = {**EXACT, **TRIMMED, **ONE, **GRADIENTS}
+    method, experts, per_model, glob = case if isinstance(case, tuple) else named[case]
     paths = family["paths"]
     flow = lambda d: "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}"  # noqa: E731
                                      for k, v in d.items()) + "}"

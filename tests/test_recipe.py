@@ -297,3 +297,13 @@ def test_a_model_plus_adapter_reference_is_an_expert(family, recipe):
         models: [{{model: "{math}+some/lora", parameters: {{weight: 1}}}}]
         """))
     assert r["experts"] == [f"{family['paths']['math']}+some/lora"]
+
+
+def test_the_hypersphere_methods_boolean_options_are_read(family, recipe):
+    r = load_recipe(recipe("""
+        merge_method: nuslerp
+        base_model: {base}
+        models: [{{model: {math}, parameters: {{weight: 0.7}}}}, {{model: {code}, parameters: {{weight: 0.3}}}}]
+        parameters: {{nuslerp_row_wise: true, nuslerp_flatten: "false"}}
+        """))
+    assert r["params"]["nuslerp_row_wise"] is True and r["params"]["nuslerp_flatten"] is False
