@@ -89,6 +89,7 @@ def _function(name: str) -> Callable:
 
 linear = _function("linear")
 task_arithmetic = _function("task_arithmetic")
+arcee_fusion = _function("arcee_fusion")
 passthrough = _function("passthrough")
 ties = _function("ties")
 dare_linear = _function("dare_linear")

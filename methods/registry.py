@@ -207,6 +207,10 @@ REGISTRY = {m.name: m for m in [
            apply=step("agent_merging:apply_ramplus", "epsilon gain"),
            reduce=step("agent_merging:ramplus_gains", "r alpha epsilon"),
            mergekit={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, bench={}),
+    Method(name="arcee_fusion", summary="the expert's changes where their importance |d| KL(row) is an outlier "
+           "(above Q2 + 1.5 IQR)", paper="https://arcee.ai", params=(),
+           apply=step("fusion_threshold:apply", "thr shape"), reduce=step("fusion_threshold:threshold", "shape"),
+           span="row", max_experts=1, mergekit={}, bench={}),
     # -- masks
     Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
            paper="https://arxiv.org/abs/2405.07813",

@@ -153,6 +153,7 @@ def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *,
             writer.publish({"kind": "gram_plusplus", "mbmerge_version": VERSION, "model": str(Path(e).resolve()),
                             "base": str(Path(base).resolve()), "data": record, "params": params,
                             "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev), "info": info,
+                            "seconds": round(info["seconds"] / len(experts), 3),   # its share of the joint pass
                             "peak_rss_bytes": _peak_rss(), "torch": torch.__version__}, True)
     except BaseException:
         for writer in writers:

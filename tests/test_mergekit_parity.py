@@ -45,6 +45,7 @@ EXACT = {
     "model_stock-filter_wise": ("model_stock", ["math", "code"], None, {"filter_wise": True}),
     "model_stock-3": ("model_stock", ["math", "code", "ifeval"], None, {}),
     "nearswap": ("nearswap", ["math"], None, {"t": 0.004}),
+    "arcee_fusion": ("arcee_fusion", ["math"], None, {}),
     "sce": ("sce", ["math", "code", "ifeval"], None, {}),
     "multislerp": ("multislerp", ["math", "code", "ifeval"], w(0.5, 0.3, 0.2), {}),
     "nuslerp": ("nuslerp", ["math", "code"], w(0.7, 0.3), {}),

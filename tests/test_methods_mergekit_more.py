@@ -420,3 +420,44 @@ def test_ram_recipes_load_with_mergekits_defaults(tmp_path, family):
     assert write_recipe(tmp_path, "merge_method: ram\n" + text)["params"] == {"epsilon": 1e-5}
     r = write_recipe(tmp_path, "merge_method: ramplus_tl\n" + text + "parameters: {r: 0.3}\n")
     assert r["params"] == {"r": 0.3, "alpha": 0.2, "epsilon": 1e-5}
+
+
+# -- arcee_fusion (methods/fusion_threshold.py)
+
+def arcee_fusion_ref(b, x):
+    """Per row r, KL_r = KL(softmax(x_r) + 1e-8 || softmax(b_r) + 1e-8); I = |x - b| KL_r; the quartiles of I
+    taken from the ascending sort at floor(q (n - 1)); keep the entries with I >= Q2 + 1.5 (Q3 - Q1)."""
+    rows_x, rows_b = x.reshape(-1, x.shape[-1]), b.reshape(-1, b.shape[-1])
+    p = torch.softmax(rows_x, -1) + 1e-8
+    q = torch.softmax(rows_b, -1) + 1e-8
+    imp = ((rows_x - rows_b).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)).reshape(-1)
+    ordered = imp.sort().values
+    q1, q2, q3 = (ordered[int(torch.tensor(f) * (imp.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    keep = (imp >= q2 + 1.5 * (q3 - q1)).reshape(b.shape)
+    return torch.where(keep, x, b)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (300,), (3, 5, 16)])
+def test_arcee_fusion_keeps_the_outlier_importances(shape):
+    g = torch.Generator().manual_seed(4)
+    b = torch.randn(shape, generator=g)
+    x = b + 0.3 * torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 4     # heavy-tailed changes
+    got = mbmerge.methods.arcee_fusion(b, [x])
+    assert torch.allclose(got, arcee_fusion_ref(b, x), atol=1e-6)
+    assert 0 < int((got != b).sum()) < int((x != b).sum())          # some changes kept, not all
+
+
+def test_arcee_fusion_engine_merge_matches_the_reference(family, tmp_path):
+    got = engine_merge(family, tmp_path, "arcee_fusion", ["math"])
+    t = family["tensors"]
+    for n, b in t["base"].items():
+        want = arcee_fusion_ref(b, t["math"][n]).bfloat16()
+        assert ulps(got[n], want) <= 1, n
+
+
+def test_arcee_fusion_does_not_depend_on_chunking(wide_family, tmp_path):
+    p = wide_family["paths"]
+    outs = [read_model(mbmerge.merge("arcee_fusion", base=str(p["base"]), experts=[str(p["e0"])], out=tmp_path / k,
+                                     progress=False, kernels="torch", **kw))
+            for k, kw in [("small", {"memory_budget": "100KB"}), ("whole", {})]]
+    assert all(torch.equal(outs[0][n], outs[1][n]) for n in outs[1])
