@@ -35,7 +35,7 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class Low:
+class LowRank:
     """One targeted weight: its A [r, in] and B [out, r] entries, the scale, and whether it is an embedding."""
     a: TensorEntry
     b: TensorEntry
@@ -46,13 +46,14 @@ class Low:
 @dataclass(frozen=True)
 class Adapter:
     index: TensorIndex                 # the adapter's own file
-    lows: dict[str, Low]               # model tensor -> its LoRA
+    lows: dict[str, LowRank]               # model tensor -> its LoRA
     whole: dict[str, TensorEntry]      # model tensor -> the weight the adapter saves whole
 
     def view(self, model: TensorIndex) -> TensorIndex:
         """The model's index as the merge reads it with the adapter folded in."""
-        return replace(model, tensors={**model.tensors, **{n: replace(e, name=n) for n, e in self.whole.items()},
-                                       **{n: _float32(model.tensors[n]) for n in self.lows}})
+        whole = {n: replace(e, name=n) for n, e in self.whole.items()}
+        return replace(model, tensors={**model.tensors, **whole,
+                                       **{n: _float32(whole.get(n, model.tensors[n])) for n in self.lows}})
 
 
 def read_adapter(folder: Path, model: TensorIndex, role: str) -> Adapter:
@@ -91,8 +92,8 @@ def read_adapter(folder: Path, model: TensorIndex, role: str) -> Adapter:
         r = p["A"].shape[0]
         alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-        low = Low(p["A"], p["B"], scale, p["embedding"])
-        _check_shapes(where, target, model.tensors[target].shape, low)
+        low = LowRank(p["A"], p["B"], scale, p["embedding"])
+        _check_shapes(where, target, whole.get(target, model.tensors[target]).shape, low)
         lows[target] = low
     for target, e in whole.items():
         if target not in model.tensors:
@@ -108,7 +109,7 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def _check_shapes(where: str, target: str, shape: tuple, low: Low) -> None:
+def _check_shapes(where: str, target: str, shape: tuple, low: LowRank) -> None:
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (None, None)
     a, b = low.a.shape, low.b.shape
     out, inp = (a[1], b[0]) if low.embedding else (b[0], a[1])
