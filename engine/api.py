@@ -111,10 +111,10 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
     side = (base_index or indexes[0]).folder           # config and tokenizer files come from here
-    adapters = {s.role: lora.read_adapter(s.adapter, ix, s.role)
-                for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None and s.adapter is not None}
-    folders = [ix for ix in [base_index, *indexes] if ix is not None] + [a.index for a in adapters.values()]
-    raw = {s.role: ix for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None}
+    pairs = [(s, ix) for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None]
+    raw = {s.role: ix for s, ix in pairs}                     # each input as stored
+    adapters = {s.role: lora.read_adapter(s.adapter, ix, s.role) for s, ix in pairs if s.adapter is not None}
+    folders = [ix for _, ix in pairs] + [a.index for a in adapters.values()]   # the inputs' own files (identity)
     if adapters:              # each adapted model as the merge reads it: its LoRA folded in
         if spec.slices:
             raise BadParameter("LoRA adapters with slices are not supported yet: fold the adapters in a stage of "
@@ -124,8 +124,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     side_files.check(side, "base" if base else experts[0].role)
     refs, roles = [s.ref for s in experts], [s.role for s in experts]
     if spec.slices:           # the inputs become one virtual model per position of the slices
-        base_index, indexes, refs = _sliced(spec, method, [base] * (base is not None) + experts,
-                                            [ix for ix in [base_index, *indexes] if ix is not None])
+        base_index, indexes, refs = _sliced(spec, method, pairs)
         roles = refs
     indexes, tied = reconcile(base_index or indexes[0], list(zip(roles, indexes)))
     vocab = _vocabulary(spec, method, base, experts, base_index, indexes)
@@ -221,12 +220,13 @@ def _chunk_size(method, device) -> int:
     return COMPILED_CHUNK if method.fused is not None and kernels.compiled(device) else CPU_CHUNK
 
 
-def _sliced(spec: MergeSpec, method, sources: list[Source], folders: list[TensorIndex]) -> tuple:
-    """(the base's virtual index or None, the experts', their names) of a recipe's slices (engine/slices.py)."""
+def _sliced(spec: MergeSpec, method, pairs: list[tuple[Source, TensorIndex]]) -> tuple:
+    """(the base's virtual index or None, the experts', their names) of a recipe's slices (engine/slices.py),
+    from each input (source, index)."""
     if spec.tokenizer is not None:
         raise BadParameter("a tokenizer source with slices is not supported: the embeddings and the head may come "
                            "from different models; merge the vocabularies in a stage of their own")
-    virtual = virtual_inputs(list(spec.slices), {s.ref: ix for s, ix in zip(sources, folders)})
+    virtual = virtual_inputs(list(spec.slices), {s.ref: ix for s, ix in pairs})
     names = [f"slice input {j + 1}" for j in range(len(virtual))]
     if method.needs_base:
         return virtual[0], virtual[1:], names[1:]

@@ -23,6 +23,7 @@ from .index import TensorIndex
 from ..common import VERSION
 from .output import check_location, discard, output_lock, partial_folder, publish
 from .read import MappedModel
+from .side_files import is_tokenizer_file, side_files
 from .tied import EMBEDDINGS, HEAD
 
 PREFIX = "base_model.model."
@@ -63,7 +64,8 @@ def extract_lora(base: Path, model: Path, out: Path, options: Options = Options(
         if name not in b_ix.tensors:
             raise ShapeMismatch(f"model {model}: tensor {name} is not in base {base}")
         if name not in VOCAB and e.shape != b_ix.tensors[name].shape:
-            raise ShapeMismatch(f"model {model}: tensor {name} {list(e.shape)} vs base {list(b_ix.tensors[name].shape)}")
+            raise ShapeMismatch(f"model {model}: tensor {name} {list(e.shape)} vs base "
+                                f"{list(b_ix.tensors[name].shape)}")
     with output_lock(out):
         return _extract(Path(base), Path(model), Path(out), b_ix, m_ix, options, overwrite)
 
@@ -102,13 +104,14 @@ def _extract(base: Path, model: Path, out: Path, b_ix, m_ix, options: Options, o
         _assemble(tmp, sink.entries)
         _config(tmp, base, ranks, sorted(saved | set(options.modules_to_save)))
         (tmp / "mbmerge.json").write_text(json.dumps({
-            "mbmerge_version": VERSION, "method": "extract-lora", "base": str(Path(base).resolve()), "model": str(Path(model).resolve()),
+            "mbmerge_version": VERSION, "method": "extract-lora", "base": str(Path(base).resolve()),
+            "model": str(Path(model).resolve()),
             "options": {k: v for k, v in options.__dict__.items() if k != "progress"},
             "ranks": ranks, "relative_error": errors, "saved_whole": sorted(saved),
             "wall_seconds": round(time.perf_counter() - started, 3)}, indent=2) + "\n")
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-            if (Path(model) / f).is_file():
-                shutil.copyfile(Path(model) / f, tmp / f)
+        for f in side_files(model):          # the fine-tune's tokenizer, as a merge copies one
+            if is_tokenizer_file(f.name):
+                shutil.copyfile(f, tmp / f.name)
         publish(tmp, Path(out), overwrite)
     except BaseException:
         discard(tmp)

@@ -20,7 +20,8 @@ from .read import MappedModel
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # settings whose adapters are not B A added to a weight: refused rather than merged wrong
-UNSUPPORTED = {"use_dora": "DoRA (a magnitude vector rescales each column)", "fan_in_fan_out": "fan_in_fan_out (Conv1D)",
+UNSUPPORTED = {"use_dora": "DoRA (a magnitude vector rescales each column)",
+               "fan_in_fan_out": "fan_in_fan_out (Conv1D)",
                "lora_bias": "LoRA biases", "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
                "trainable_token_indices": "trainable token indices", "target_parameters": "LoRA on parameters"}
 
@@ -130,10 +131,10 @@ class AdaptedModel(MappedModel):
 
     def chunk(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         name = entry.name
-        if name in self.whole and name not in self.lows:
-            return self.adapter.chunk(self.whole[name], start, stop)
-        if name not in self.lows or stop <= start:
-            return super().chunk(entry, start, stop)
+        if name not in self.lows:
+            return self._source(name, start, stop)
+        if stop <= start:
+            return super().chunk(entry, start, stop)      # empty, float32
         width = entry.shape[1]
         first, end = start // width, -(-stop // width)
         w = self._source(name, first * width, end * width).float().view(end - first, width)

@@ -99,11 +99,10 @@ def build(spec: TokenizerSpec, models: list[tuple[str, Path, int]], inputs: list
     `inputs` are the references of the merge inputs (whose rows make missing ones), `base` the base's
     reference or None."""
     import torch
-    folders = {ref: folder for ref, folder, _ in models}
     tokenizers = {ref: _load(folder, ref) for ref, folder, _ in models}
     vocabs = {ref: tok.get_vocab() for ref, tok in tokenizers.items()}
     limits = {ref: min(rows, _rows_of(folder, rows)) for ref, folder, rows in models}   # ids past them: no row
-    out = _output_tokenizer(spec, [(ref, tokenizers[ref], limits[ref]) for ref, _, _ in models], folders)
+    out = _output_tokenizer(spec, [(ref, tokenizers[ref], limits[ref]) for ref, _, _ in models])
     for token in spec.tokens:
         if token not in out.get_vocab():
             out.add_tokens(token)          # a token the block names that no tokenizer has, as mergekit adds it
@@ -162,8 +161,9 @@ def _made_rows(spec, vocab: dict, own: dict, inputs: list[str], base: str | None
                 if have[inputs.index(ref)] < 0:
                     raise BadParameter(f"tokenizer.tokens.{token}: {ref} does not have the token {token!r}")
                 picked[inputs.index(ref)] = have[inputs.index(ref)]
-        elif sum(r >= 0 for r in have) == 1 or (base in inputs and have[inputs.index(base)] >= 0):
-            k = next(k for k, r in enumerate(have) if r >= 0) if sum(r >= 0 for r in have) == 1 else inputs.index(base)
+        elif len(present := [k for k, r in enumerate(have) if r >= 0]) == 1 or \
+                (base in inputs and have[inputs.index(base)] >= 0):
+            k = present[0] if len(present) == 1 else inputs.index(base)
             picked[k] = have[k]
         else:
             picked = have                   # the mean of the inputs that have it (none: zero)
@@ -178,17 +178,19 @@ def _input(ref, inputs: list[str], token: str) -> str:
     return ref
 
 
-def _output_tokenizer(spec: TokenizerSpec, models: list[tuple], folders: dict):
+def _output_tokenizer(spec: TokenizerSpec, models: list[tuple]):
     """base: the reference model's tokenizer; a model's: its own; union: the reference model's, with every
     other model's tokens it lacks added, plain ones first, then added (special) ones, in model order."""
     first = models[0][1]
     if spec.source == "base":
         return first
-    if spec.source != "union":
-        folder = folders.get(spec.source) or Path(spec.source)
-        if not folder.is_dir():
+    if spec.source != "union":       # a model of the merge (loaded already), or another folder
+        loaded = {ref: tok for ref, tok, _ in models}
+        if spec.source in loaded:
+            return loaded[spec.source]
+        if not Path(spec.source).is_dir():
             raise BadParameter(f"tokenizer source {spec.source!r} is not union, base, nor a model of the merge")
-        return _load(folder, spec.source)
+        return _load(Path(spec.source), spec.source)
     out = _copy(first)
     vocab, plain, added = out.get_vocab(), {}, {}
     for _, tok, limit in models:       # the reference model first, then the others in the recipe's order

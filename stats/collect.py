@@ -57,7 +57,7 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
             TensorIndex.from_folder(Path(folder), role)
     p = {**{n: q.default for n, q in collection_params(kind).items()}, **(params or {})}
     dev, budget = resolve_device(str(device)), parse_size(memory_budget)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = _torch_dtype(dtype, dev)
     writer = StatsWriter(out, overwrite)
     if progress:
         print(f"mbmerge stats: {kind} of {model} on {data} ({p['samples']} examples)", file=sys.stderr, flush=True)
@@ -101,10 +101,9 @@ def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = Non
            "params": {k: (params or {}).get(k) for k in collection_params(kind)},
            "options": {k: str(v) for k, v in options.items() if k != "memory_budget"},  # changes passes, not values
            "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (model, base) if f is not None])}
-    if Path(data).is_file():
-        key["data_file"] = hashlib.sha256(Path(data).read_bytes()).hexdigest()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = cache_dir() / "stats" / f"{kind}-{Path(model).name}-{digest}"
+    if content := _content(data):
+        key["data_file"] = content
+    out = cache_dir() / "stats" / f"{kind}-{Path(model).name}-{_digest(key)}"
     if (out / STATS_CARD).is_file():
         return out
     return collect(kind, model, data, out, base=base, params=params, progress=progress, overwrite=True, **options)
@@ -125,9 +124,10 @@ def _data(model: Path, data: str, samples: int, *, split: str, data_format: str 
 
 
 def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *, params: dict,
-                            split: str = "validation", data_format: str | None = None, max_length: int = 2048, batch_size: int | None = None,
-                            seed: int = 0, dtype: str | None = None, device: str = "auto",
-                            memory_budget: int | str = "4GB", progress: bool = True) -> list[Path]:
+                            split: str = "validation", data_format: str | None = None, max_length: int = 2048,
+                            batch_size: int | None = None, seed: int = 0, dtype: str | None = None,
+                            device: str = "auto", memory_budget: int | str = "4GB",
+                            progress: bool = True) -> list[Path]:
     """RegMean++ statistics (regmean_plusplus.py) of every expert at once, one folder each, cached by all
     the inputs, the data and the parameters (each expert's Grams depend on every other expert)."""
     from .regmean_plusplus import collect_plusplus
@@ -135,13 +135,14 @@ def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *,
                    dtype=dtype, device=device)
     key = {"kind": "gram_plusplus", "version": VERSION, "data": list(data), "params": params,
            "options": {k: str(v) for k, v in options.items()},
-           "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (base, *experts)])}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+           "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (base, *experts)]),
+           "data_files": [_content(d) for d in data]}
+    digest = _digest(key)
     outs = [cache_dir() / "stats" / f"gram_plusplus-{Path(e).name}-{k}-{digest}" for k, e in enumerate(experts)]
     if all((o / STATS_CARD).is_file() for o in outs):
         return outs
     dev = resolve_device(str(device))
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = _torch_dtype(dtype, dev)
     data_of = [_data(e, d, params["samples"], split=split, data_format=data_format, seed=seed, max_length=max_length,
                      batch_size=batch_size or BATCH["gram"]) for e, d in zip(experts, data)]
     writers = [StatsWriter(o, overwrite=True) for o in outs]
@@ -160,6 +161,20 @@ def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *,
             writer.discard()
         raise
     return outs
+
+
+def _torch_dtype(dtype: str | None, dev: torch.device) -> torch.dtype:
+    """The collecting dtype: as asked, else bf16 on a GPU and float32 on the CPU."""
+    return getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def _content(source: str) -> str | None:
+    """sha256 of a data file's bytes (a changed file is another cache key); None for other sources."""
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest() if Path(source).is_file() else None
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tensors(folder: Path, role: str):
