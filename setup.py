@@ -40,6 +40,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "peft>=0.13"],   # peft folds adapters: the LoRA tests' reference
+        # mbmerge tune: Optuna's studies (in SQLAlchemy databases) and samplers (CMA-ES needs cmaes),
+        # Ray to run trials on many cores, GPUs and machines
+        "tune": ["optuna>=4.0", "sqlalchemy>=2.0", "cmaes>=0.10", "ray>=2.9"],
     },
     ext_modules=[CPU_KERNELS],
     package_data={"mbmerge.kernels": ["cpu_merge.c"]},

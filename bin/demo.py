@@ -33,7 +33,7 @@ def _row(model: str, kind: str, r: dict, stats_seconds: float | None = None, tun
 TUNED = ("task_arithmetic", "ties", "dare_ties", "hi_merging")
 
 
-def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet):
+def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet, prune=None, ray=None):
     """(name, tune record) of each method tuned on MergeBench's grid, or of Hi-Merging, on the
     validation split of each expert's domain. A method that cannot be tuned on this zoo (Hi-Merging
     where every expert scores 0 on its own domain) is left out with a warning, not the whole demo."""
@@ -46,7 +46,7 @@ def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_eva
             if name == "hi_merging":
                 record = hi_merge(out=out / "tuned" / name, max_evals=max_evals, **kw)
             else:
-                record = tune(name, out=out / "tuned" / name, **kw)
+                record = tune(name, out=out / "tuned" / name, prune=prune, ray=ray, **kw)
         except MbmergeError as e:
             click.echo(f"mbmerge: warning: {name} (tuned) left out: {e}", err=True)
             continue
@@ -65,6 +65,16 @@ def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None
     return folders, sum(read_card(f)["seconds"] for f in folders)
 
 
+def _merged_row(name: str, zoo: Path, out: Path, evaluation: dict, progress: bool) -> dict:
+    """Merge the zoo's five experts with a method (its demo settings) into OUT/merges/NAME, evaluate
+    the merge: its report row (runs in this process or as a Ray task)."""
+    folder = out / "merges" / name
+    stats, stats_seconds = _statistics(name, zoo, progress)
+    merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
+          progress=False, protocol="mergebench", stats_folders=stats, **methods.get(name).demo)
+    return _row(name, "merge", harness.report(folder, zoo=zoo, **evaluation), stats_seconds)
+
+
 @click.command("demo")
 @click.option("--out", "-o", default="mbmerge-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the merges and the report.")
@@ -78,30 +88,42 @@ def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None
               "grids) and run Hi-Merging; adds their rows, with merge and validation times.")
 @click.option("--tune-methods", default=",".join(TUNED), show_default=True, help="--tune: which.")
 @click.option("--max-evals", default=240, show_default=True, help="--tune: Hi-Merging's evaluation budget.")
+@click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
+              help="--tune: successive halving of the grids' candidates (see mbmerge tune).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="Merge and evaluate the methods, and run the tuning trials, as Ray tasks: bare --ray on a local "
+              "Ray, --ray ADDRESS on a cluster (the output folder must be one every node writes).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
-def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, quiet, verbose):
+def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, prune, ray_address,
+         quiet, verbose):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
+    if tuned or ray_address:
+        from ..tune import require_extra
+        require_extra()
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
-
-    def evaluate(folder: Path) -> dict:
-        return harness.report(folder, zoo=zoo, limit=limit, batch_size=batch_size, verbose=verbose)
-
+    evaluation = dict(limit=limit, batch_size=batch_size, verbose=verbose)
     rows = []
     for name, kind in [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]:
-        rows.append(_row(name, kind, evaluate(zoo / name)))
-    for name in names:
-        folder = out / "merges" / name
-        stats, stats_seconds = _statistics(name, zoo, not quiet)
-        merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
-              progress=False, protocol="mergebench", stats_folders=stats, **methods.get(name).demo)
-        rows.append(_row(name, "merge", evaluate(folder), stats_seconds))
+        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, **evaluation)))
+    if ray_address:     # every method at once, the experts' scores above already in the eval cache
+        from ..tune.runners import start_ray
+        ray = start_ray(ray_address)
+        task = ray.remote(_merged_row).options(num_cpus=1, max_retries=2)
+        merged = ray.get([task.remote(name, zoo, out, evaluation, False) for name in names])
+    else:
+        merged = (_merged_row(name, zoo, out, evaluation, not quiet) for name in names)
+    for row in merged:
+        rows.append(row)
         if not quiet:
-            click.echo(f"{name}: normalised performance {np_text(rows[-1], rows, list(DOMAINS))}", err=True)
-    for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet)
-                         if tuned else []):
-        rows.append(_row(f"{name} (tuned)", "tuned", evaluate(out / "tuned" / name), tuning=record))
+            click.echo(f"{row['model']}: normalised performance {np_text(row, rows, list(DOMAINS))}", err=True)
+    for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
+                                   None if prune == "none" else prune, ray_address) if tuned else []):
+        rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, **evaluation),
+                         tuning=record))
+    if ray_address:
+        ray.shutdown()
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
     settings = {m.name: m.demo for m in methods.REGISTRY.values() if m.demo}
     preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "

@@ -19,7 +19,25 @@ from .options import listed as _listed, method_param_options
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The best merge's folder.")
 @click.option("--stats", "stats_dirs", help="Data-aware methods: one statistics folder per expert.")
 @click.option("--data", help="Data-aware methods: one data source per expert (default for domains: their own).")
-@click.option("--jobs", default=1, show_default=True, help="Candidates merged and scored at once (processes).")
+@click.option("--sampler", type=click.Choice(["grid", "tpe", "cmaes"]), default="grid", show_default=True,
+              help="grid: every point of --grid; tpe, cmaes: Optuna's samplers over ranges (--trials of them).")
+@click.option("--trials", type=int, help="tpe, cmaes: how many trials the study runs (default 20).")
+@click.option("--per-expert", help="tpe, cmaes: parameters searched one value per expert (e.g. weights,density).")
+@click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
+              help="halving: score every candidate on 1/9 of the examples, keep the best third on 1/3, the best "
+              "of those on all.")
+@click.option("--storage", help="The study's database URL (default: SQLite in the mbmerge cache; any SQLAlchemy URL, "
+              "e.g. postgresql://host/db, for many machines).")
+@click.option("--study", "study_name", help="The study's name (default: one named by the settings: a rerun resumes).")
+@click.option("--show", is_flag=True, help="Only print the study's trials and write its plot to OUT (runs nothing).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="Run trials as Ray tasks: bare --ray starts a local Ray; --ray ADDRESS joins a cluster (ray://host:10001 "
+              "or auto).")
+@click.option("--jobs", default=1, show_default=True, help="Trials at once on this machine (a local Ray, the cores "
+              "shared out).")
+@click.option("--cpus-per-trial", type=float, help="Ray: CPUs a trial holds (default: 1, or the cores over --jobs).")
+@click.option("--gpus-per-trial", type=float, help="Ray: GPUs a trial holds (default: 1 when the cluster has GPUs).")
+@click.option("--retries", default=2, show_default=True, help="Ray: times a trial whose worker died is run again.")
 @click.option("--max-evals", type=int, help="hi_merging: at most this many (model, domain) evaluations.")
 @click.option("--limit", type=int, help="Validation examples per domain (default: all).")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
@@ -28,13 +46,17 @@ from .options import listed as _listed, method_param_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True)
 @method_param_options
-def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, jobs, max_evals, limit, batch_size,
+def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, prune, storage,
+         study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, max_evals, limit, batch_size,
          protocol, overwrite, quiet, **params):
     """Score candidate merges on validation data and write the best."""
+    from ..tune import require_extra
+    require_extra()
     from ..tune import search
+    from ..tune.space import parse_grid
     experts, validate = _listed(experts), _listed(validate)
     fixed = {k: v for k, v in params.items() if v is not None}
-    grid = search.parse_grid(grid_text) if grid_text else None
+    grid = parse_grid(grid_text) if grid_text else None
     log = None if quiet else (lambda msg: click.echo(msg, err=True))
     kw = dict(experts=experts, base=base, out=out, validate=validate, limit=limit, batch_size=batch_size,
               overwrite=overwrite, progress=log)
@@ -42,10 +64,25 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, jobs
         from ..tune.hi_run import hi_merge
         record = hi_merge(grid=grid, max_evals=max_evals, **kw)
     else:
-        record = search.tune(method, grid=grid, jobs=jobs, protocol=None if protocol == "none" else protocol,
+        record = search.tune(method, grid=grid, sampler=sampler, trials=trials, per_expert=_listed(per_expert) or (),
+                             prune=None if prune == "none" else prune, storage=storage, study=study_name, show=show,
+                             ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                             retries=retries, protocol=None if protocol == "none" else protocol,
                              stats_folders=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
-    if record.get("best", {}).get("note"):     # a warning, not progress: said even with --quiet
+        from ..tune.show import plot
+        plot(record, Path(out) / "tune-params.png")
+    failed = record.get("this_run", {}).get("failed")
+    if failed:     # said even with --quiet
+        click.echo(f"mbmerge: warning: {len(failed)} trial(s) failed ({failed[0]}); run the command again to "
+                   f"retry them", err=True)
+    if (record.get("best") or {}).get("note"):     # a warning, not progress: said even with --quiet
         click.echo(f"mbmerge: warning: {record['best']['note']}", err=True)
     if not quiet:
         click.echo(search.table(record) if method != "hi_merging" else record["summary"])
-        click.echo(f"\nbest merge written to {out} (all candidates: {Path(out) / 'tune.json'})")
+        if method == "hi_merging":
+            click.echo(f"\nbest merge written to {out} (every decision: {Path(out) / 'tune.json'})")
+        elif show:
+            click.echo(f"\nplot of NP against each parameter: {Path(out) / 'tune-params.png'}")
+        else:
+            click.echo(f"\nbest merge written to {out} (all trials: {Path(out) / 'tune.json'}; NP against each "
+                       f"parameter: {Path(out) / 'tune-params.png'})")

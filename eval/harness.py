@@ -165,30 +165,66 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
 
 def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, add_bos_token, dtype,
                  code_ok) -> dict[str, float]:
-    """{cache key: score} of the (task, key) pairs in `todo`, through lm-eval's simple_evaluate."""
+    """{cache key: score} of the items in `todo`, through lm-eval's simple_evaluate: (task, key) pairs
+    on the first `limit` examples, or (task, key, (start, stop)) on examples start..stop-1."""
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
     from lm_eval.models.huggingface import HFLM
-    includes = sorted({t.include for t, _ in todo if t.include})
+    includes = sorted({item[0].include for item in todo if item[0].include})
     # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
-    manager = TaskManager(include_path=includes or None, include_defaults=any(not t.include for t, _ in todo))
+    manager = TaskManager(include_path=includes or None, include_defaults=any(not item[0].include for item in todo))
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
     lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
-    new, by_shots = {}, {}
-    for t, key in todo:
-        by_shots.setdefault(t.num_fewshot, []).append((t, key))
-    for shots, group in by_shots.items():
+    calls = []     # [(shots, {task name: item})]: one simple_evaluate each, a task at most once in a call
+    for item in todo:
+        t = item[0]
+        call = next((c for shots, c in calls if shots == t.num_fewshot and t.name not in c), None)
+        if call is None:
+            calls.append((t.num_fewshot, call := {}))
+        call[t.name] = item
+    new = {}
+    for shots, group in calls:
+        ranges = {name: list(range(*item[2])) for name, item in group.items() if len(item) > 2}
         # lm-eval's record of the environment (torch's collect_env runs pip, compilers, nvidia-smi:
         # ~1.6 s a call) goes with the rest of its results but the scores: not collected
         with _replaced(lm_eval.evaluator, "add_env_info", lambda results: None):
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=[t.name for t, _ in group], num_fewshot=shots, limit=limit, task_manager=manager,
-                apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, log_samples=False,
-                confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
-        for t, key in group:
-            new[key] = float(_pick(out["results"][t.name], t.metric, t.name))
+                model=lm, tasks=list(group), num_fewshot=shots, limit=None if ranges else limit,
+                samples=ranges or None, task_manager=manager, apply_chat_template=chat_template,
+                fewshot_as_multiturn=chat_template, log_samples=False, confirm_run_unsafe_code=code_ok,
+                bootstrap_iters=0)
+        for name, item in group.items():
+            new[item[1]] = float(_pick(out["results"][name], item[0].metric, name))
     return new
+
+
+def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_token: bool | None = None,
+                    dtype="auto", verbose: bool = False) -> list[float | None]:
+    """Scores of the model in `model_dir` on (task, start, stop) requests: the task's metric over its
+    examples start..stop-1 (lm-eval's `samples`), uncached (the caller keeps them: tune.store).
+    Tasks that execute code give None unless HF_ALLOW_CODE_EVAL=1, as in evaluate_tasks."""
+    code_ok = os.environ.get(CODE_EVAL) == "1"
+    todo = [(t, i, (start, stop)) for i, (t, start, stop) in enumerate(requests)
+            if (code_ok or not t.unsafe_code) and stop > start]
+    if not todo:
+        return [None] * len(requests)
+    with lm_eval_output(verbose):
+        new = _run_lm_eval(model_dir, todo, limit=None, batch_size=batch_size, device=device, chat_template=False,
+                           add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok)
+    return [new.get(i) for i in range(len(requests))]
+
+
+def task_size(t: Task) -> int:
+    """How many examples lm-eval evaluates for the task: a generated task's data lines, else the
+    length of the task's evaluation split (lm-eval builds the task: seconds for real ones)."""
+    data = Path(t.include or "") / f"{t.name}.jsonl"     # eval.tasks writes a generated task's data there
+    if t.include and data.exists():
+        with open(data) as f:
+            return sum(1 for line in f if line.strip())
+    from lm_eval.tasks import TaskManager, get_task_dict
+    task = get_task_dict([t.name], TaskManager())[t.name]
+    return len(list(task.eval_docs))
 
 
 def domain_scores(plan: dict[str, tuple[Task, ...]], task_scores: dict[str, float | None]) -> dict[str, float | None]:

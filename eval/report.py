@@ -95,7 +95,7 @@ def _scores_plot(rows: list[dict], domains: list[str], path: Path) -> Path:
                 fontsize=8)
     fig.colorbar(image, ax=ax, label="score", fraction=0.04, pad=0.08)
     ax.set_title("Score per domain; merges by normalised performance (NP)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short_np(row: dict) -> str:
@@ -130,7 +130,7 @@ def _efficiency_plot(rows: list[dict], domains: list[str], path: Path) -> Path:
     ax.set_ylabel("normalised performance")
     ax.set_title("Normalised performance vs merge time")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def spread(heights: list[float], gap: float) -> list[float]:
@@ -166,7 +166,7 @@ def _forgetting_plot(rows: list[dict], path: Path) -> Path:
         ax.set_yticks([])
     ax.set_ylabel("forgetting\n(relative drop of the general score vs the base)")
     ax.set_title("Forgetting (orange: base, experts, multi-task model)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _figure(size: tuple):
@@ -177,7 +177,7 @@ def _figure(size: tuple):
     return fig, fig.add_subplot()
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Laid out, and cropped to what was drawn (labels outside the axes included, none cut off)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")

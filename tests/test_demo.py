@@ -46,4 +46,21 @@ def test_demo_tune_adds_tuned_rows_with_merge_and_validation_time(micro_zoo, tmp
     tuned = rows["task_arithmetic (tuned)"]
     assert tuned["kind"] == "tuned" and tuned["merge_seconds"] > 0 and tuned["validation_seconds"] > 0
     record = json.loads((out / "tuned" / "task_arithmetic" / "tune.json").read_text())
-    assert [c["params"]["scale"] for c in record["candidates"]] == [0.2, 0.4, 0.6, 0.8, 1.0]   # MergeBench's grid
+    assert [c["params"]["scale"] for c in record["trials"]] == [0.2, 0.4, 0.6, 0.8, 1.0]   # MergeBench's grid
+
+
+def test_demo_on_local_ray_reports_what_the_serial_demo_reports(micro_zoo, tmp_path):
+    """--ray merges and evaluates each method as a Ray task, and tunes on Ray (here with halving)."""
+    reports = {}
+    for name, extra in [("serial", []), ("ray", ["--ray"])]:
+        out = tmp_path / name
+        result = CliRunner().invoke(cli, ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out",
+                                          str(out), "--methods", "task_arithmetic,ties", "--tune", "--tune-methods",
+                                          "task_arithmetic", "--prune", "halving", "--limit", "3", "-q", *extra])
+        assert result.exit_code == 0, result.output
+        reports[name] = {r["model"]: r for r in json.loads((out / "report.json").read_text())["models"]}
+    assert list(reports["serial"]) == list(reports["ray"])
+    for model, row in reports["serial"].items():
+        assert reports["ray"][model]["scores"] == row["scores"], model
+    record = json.loads((tmp_path / "ray" / "tuned" / "task_arithmetic" / "tune.json").read_text())
+    assert record["prune"] == "halving" and len(record["trials"]) == 5

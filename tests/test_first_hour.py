@@ -72,8 +72,8 @@ def test_tune_says_when_no_candidate_has_an_np(micro_zoo, tmp_path, run_main):
     assert f"mbmerge: warning: {note}" in err
     assert f"best: {note}" in stdout
     record = json.loads((out / "tune.json").read_text())
-    assert record["best"] == {"params": {"scale": 0.5}, "np": None, "note": note}
-    assert [r["np"] for r in record["candidates"]] == [None, None]
+    assert record["best"] == {"number": 0, "params": {"scale": 0.5}, "np": None, "note": note}
+    assert [r["np"] for r in record["trials"]] == [None, None]
     assert json.loads((out / "mbmerge.json").read_text())["params"]["scale"] == 0.5
 
 
@@ -175,27 +175,31 @@ def test_bench_kernels_figures_are_shares_a_copy_can_reach(tmp_path, run_main):
 STORE = """
 import sys, time
 from pathlib import Path
-from mbmerge.tune.score import ScoreCache
-path, who, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+from mbmerge.tune.store import ScoreStore
+url, who, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+store = ScoreStore(url)
 while not go.exists():
     time.sleep(0.01)
-cache = ScoreCache(path)
 for i in range(200):
-    cache.store({"math": f"{who}-{i}"}, {"scores": {"math": i / 200}, "merge_seconds": 1.0, "validation_seconds": 2.0})
+    store.put({f"{who}-{i}": {"score": i / 200, "examples": 4, "merge_seconds": 1.0, "validation_seconds": 2.0}})
+store.put({"both": {"score": 0.25 if who == "a" else 0.75, "examples": 4, "merge_seconds": 1.0,
+                    "validation_seconds": 2.0}})
 """
 
 
 def test_two_processes_storing_scores_keep_all_of_them(tmp_path):
     import subprocess
-    path, go = tmp_path / "tune-scores.json", tmp_path / "go"
-    writers = [subprocess.Popen([sys.executable, "-c", STORE, str(path), who, str(go)], stderr=subprocess.PIPE,
-                                text=True) for who in ("a", "b")]
+    from mbmerge.tune.store import ScoreStore
+    url, go = f"sqlite:///{tmp_path / 'tune.db'}", tmp_path / "go"
+    writers = [subprocess.Popen([sys.executable, "-c", STORE, url, who, str(go)], stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path) for who in ("a", "b")]
     go.touch()     # both start storing at once
     assert [(w.wait(timeout=120), w.stderr.read()) for w in writers] == [(0, ""), (0, "")]
-    data = json.loads(path.read_text())
-    assert sorted(data) == sorted(f"{who}-{i}" for who in "ab" for i in range(200))
-    assert data["b-100"] == {"score": 0.5, "merge_seconds": 1.0, "validation_seconds": 2.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "tune-scores.json", "tune-scores.json.lock"]
+    keys = [f"{who}-{i}" for who in "ab" for i in range(200)]
+    data = ScoreStore(url).get(keys + ["both"])
+    assert sorted(data) == sorted(keys + ["both"])
+    assert data["b-100"] == {"score": 0.5, "examples": 4, "merge_seconds": 1.0, "validation_seconds": 2.0}
+    assert data["both"]["score"] in (0.25, 0.75)      # the first writer's score stays
 
 
 # --- 5. the report's pictures read with 30 models ------------------------------------------------------

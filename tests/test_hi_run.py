@@ -7,7 +7,7 @@ import torch
 
 import mbmerge
 from mbmerge.methods import merge_tensors
-from mbmerge.tune import score as scoring
+from mbmerge.eval import harness
 from mbmerge.tune.hi_merging import Mix
 from mbmerge.tune.hi_run import candidate, hi_merge, n_layers
 from conftest import read_model
@@ -44,7 +44,7 @@ def test_a_mix_is_the_ties_merge_it_names(family, tmp_path, mix):
 def test_hi_merge_runs_on_the_zoo_within_its_budget_and_a_rerun_merges_nothing(micro_zoo, tmp_path, monkeypatch):
     calls = []
     proxy = _proxy(micro_zoo)
-    monkeypatch.setattr(scoring, "validation_scores", lambda f, *a, **k: calls.append(f) or proxy(f, *a, **k))
+    monkeypatch.setattr(harness, "evaluate_ranges", lambda f, *a, **k: calls.append(f) or proxy(f, *a, **k))
     kw = dict(experts=[str(micro_zoo / d) for d in DOMAINS], base=str(micro_zoo / "base"), validate=DOMAINS,
               grid={"p": [0.5, 1.0], "s": [0.5, 1.0]}, max_evals=30)
     record = hi_merge(out=tmp_path / "hi", **kw)

@@ -11,10 +11,12 @@ from pathlib import Path
 from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.index import TensorIndex
-from . import score as scoring
+from . import runners
+from .evaluate import Evaluator
 from .hi_merging import Mix, hi_merging
-from .score import Candidate, ScoreCache, Validation
+from .score import Candidate, Validation
 from .search import expert_domains
+from .store import ScoreStore
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TIES_SUM = {"aggregate": "sum", "consensus": "sum", "sparsify_scope": "tensor", "scale": 1.0}
@@ -53,32 +55,26 @@ def candidate(mix: Mix, experts: list[str], base: str | None, layers: int) -> Ca
 
 
 class Scorer:
-    """hi_merging's scorer: validation scores of a Mix, from the cache or merged and scored; the
-    base and each unpruned expert alone are their own folders. Counts merge and validation time."""
+    """hi_merging's scorer: validation scores of a Mix on all examples, from the score store or merged
+    and scored; the base and each unpruned expert alone are their own folders. Counts merge and
+    validation time."""
 
-    def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None):
+    def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None, storage: str | None = None):
         self.experts, self.base, self.v, self.progress = experts, base, v, progress
-        self.cache, self.seconds = ScoreCache(), {"merge": 0.0, "validation": 0.0}
+        self.evaluator, self.seconds = Evaluator(ScoreStore(storage), v, runners.Local()), {"merge": 0.0, "validation": 0.0}
         base_src, expert_src = Candidate(method="ties", experts=tuple(experts), base=base).sources()
         self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
         self.layers = n_layers(self.folders["base"])
 
     def __call__(self, mix: Mix, domains) -> dict:
-        folder = self._plain(mix)
-        if folder is not None:   # the base, or one expert as it is: the eval layer's own cache
-            started = time.perf_counter()
-            out = scoring.validation_scores(folder, self.v, list(domains), cache=True)
-            self.seconds["validation"] += time.perf_counter() - started
-            return out
-        c = candidate(mix, self.experts, self.base, self.layers)
-        keys, found = self.cache.lookup(c, self.v, domains)
-        missing = [d for d, f in found.items() if f is None]
-        if missing:
-            found.update(self.cache.store(keys, scoring.run(c, self.v, missing)))
-            self.progress and self.progress(f"scored {mix} on {', '.join(missing)}")
-        self.seconds["merge"] += max(f["merge_seconds"] for f in found.values())
-        self.seconds["validation"] += sum(f["validation_seconds"] for f in found.values())
-        return {d: f["score"] for d, f in found.items()}
+        model = self._plain(mix)
+        model = str(model) if model is not None else candidate(mix, self.experts, self.base, self.layers)
+        s = self.evaluator.score([model], [list(domains)])[0]
+        if s.evaluated and self.progress:
+            self.progress(f"scored {mix} on {', '.join(domains)}")
+        self.seconds["merge"] += s.merge_seconds
+        self.seconds["validation"] += s.validation_seconds
+        return s.scores
 
     def _plain(self, mix: Mix) -> Path | None:
         if not mix.experts:

@@ -1,0 +1,113 @@
+"""Validation scores of models on growing shares of the validation examples, through the score store.
+
+Each task's examples are cut at fixed fractions (all of them: one range; successive halving: 1/9,
+1/3, 1). A model's score on a domain at rung r is, per task, the example-weighted mean of its range
+scores up to r (exact for lm-eval's per-example means, which every zoo and MergeBench validation
+metric is but ifeval's instruction-level accuracy), averaged over the domain's tasks. Ranges not in
+the store are scored by jobs (one a model: merged once, all its missing ranges) on a runner.
+"""
+import math
+from dataclasses import dataclass
+
+from .jobs import Job
+from .score import Validation, model_key, score_key
+from .store import ScoreStore
+
+ALL = (1.0,)
+
+
+class JobFailed(Exception):
+    """A job that did not come back (its worker died, retries spent)."""
+
+
+@dataclass
+class Scored:
+    """One model's scores at a rung: {domain: score}, and what its ranges up to the rung cost."""
+    scores: dict
+    examples: int = 0            # validation examples behind the scores (stored or evaluated now)
+    evaluated: int = 0           # of which evaluated in this call
+    merge_seconds: float = 0.0
+    validation_seconds: float = 0.0
+    error: str | None = None
+
+
+class Evaluator:
+    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL, threads: int | None = None):
+        self.store, self.v, self.runner, self.fractions, self.threads = store, v, runner, tuple(fractions), threads
+        self._tasks = {d: v.tasks(d) for d in v.domains}
+        self._bounds = {t: bounds(v.size(t), self.fractions) for ts in self._tasks.values() for t in ts}
+        self._keys = {}
+
+    @property
+    def rungs(self) -> int:
+        return len(self.fractions)
+
+    def ranges(self, domains, rung: int):
+        """(task, start, stop) of `domains` up to rung `rung` (non-empty ranges only)."""
+        return [(t, b[i], b[i + 1]) for d in domains for t in self._tasks[d] for i in range(rung + 1)
+                if (b := self._bounds[t])[i + 1] > b[i]]
+
+    def score(self, models: list, domains: list[list[str]], rung: int = -1, progress=None) -> list[Scored]:
+        """Scored of each model (a Candidate, or a folder) on its domains up to `rung` (default: all
+        examples); missing ranges are scored now, by jobs on the runner; a job that did not come back
+        leaves its model with an error."""
+        rung = rung % self.rungs
+        wanted = [[(r, self._key(m, *r)) for r in self.ranges(ds, rung)] for m, ds in zip(models, domains)]
+        found = self.store.get(k for w in wanted for _, k in w)
+        jobs, owners = [], []
+        for i, (m, w) in enumerate(zip(models, wanted)):
+            missing = [(r, k) for r, k in w if k not in found]
+            if missing:
+                jobs.append(Job(m, tuple(r for r, _ in missing), self.v, self.threads))
+                owners.append((i, missing))
+        errors, evaluated = {}, [0] * len(models)
+        for j, result in self.runner.map(jobs):
+            i, missing = owners[j]
+            if isinstance(result, Exception):
+                errors[i] = str(result)
+                continue
+            new = entries(missing, result)
+            self.store.put(new)
+            found.update(new)
+            evaluated[i] = sum(e["examples"] for e in new.values())
+            progress and progress(i, models[i])
+        return [Scored(scores={}, error=errors[i]) if i in errors else
+                _combine(ds, [(r, found[k]) for r, k in w], evaluated[i], self._tasks)
+                for i, (ds, w) in enumerate(zip(domains, wanted))]
+
+    def _key(self, model, t, start, stop) -> str:
+        mk = self._keys.get(id(model))
+        if mk is None:
+            mk = self._keys[id(model)] = (model, model_key(model))   # keep the model alive: id() stays unique
+        return score_key(mk[1], self.v, t, start, stop)
+
+
+def bounds(size: int, fractions) -> list[int]:
+    """[0, ceil(size * f) for each fraction]: the cut points of a task's examples."""
+    return [0, *(min(size, math.ceil(size * f - 1e-9)) for f in fractions)]
+
+
+def entries(ranges, result: dict) -> dict[str, dict]:
+    """A job's results as store entries, each with its share of the merge (per range) and of the
+    validation time (per example)."""
+    examples = sum(stop - start for (_, start, stop), _ in ranges) or 1
+    return {k: {"score": s, "examples": stop - start, "merge_seconds": result["merge_seconds"] / len(ranges),
+                "validation_seconds": result["validation_seconds"] * (stop - start) / examples}
+            for ((_, start, stop), k), s in zip(ranges, result["scores"])}
+
+
+def _combine(domains, found, evaluated, tasks) -> Scored:
+    """Domain scores from range entries: per task the example-weighted mean, per domain the mean of
+    its tasks (tasks with no score left out; None when none has one)."""
+    by_task = {}
+    for (t, _, _), e in found:
+        if e["score"] is not None:
+            n, total = by_task.get(t, (0, 0.0))
+            by_task[t] = (n + e["examples"], total + e["score"] * e["examples"])
+    scores = {}
+    for d in domains:
+        vals = [by_task[t][1] / by_task[t][0] for t in tasks[d] if t in by_task]
+        scores[d] = sum(vals) / len(vals) if vals else None
+    return Scored(scores, examples=sum(e["examples"] for _, e in found), evaluated=evaluated,
+                  merge_seconds=sum(e["merge_seconds"] for _, e in found),
+                  validation_seconds=sum(e["validation_seconds"] for _, e in found))
