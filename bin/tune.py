@@ -31,8 +31,8 @@ from .options import listed as _listed, method_param_options
 @click.option("--study", "study_name", help="The study's name (default: one named by the settings: a rerun resumes).")
 @click.option("--show", is_flag=True, help="Only print the study's trials and write its plot to OUT (runs nothing).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
-              help="Run trials as Ray tasks: bare --ray starts a local Ray; --ray ADDRESS joins a cluster (ray://host:10001 "
-              "or auto).")
+              help="Run trials as Ray tasks: bare --ray starts a local Ray; --ray ADDRESS joins a cluster "
+              "(ray://host:10001 or auto).")
 @click.option("--jobs", default=1, show_default=True, help="Trials at once on this machine (a local Ray, the cores "
               "shared out).")
 @click.option("--cpus-per-trial", type=float, help="Ray: CPUs a trial holds (default: 1, or the cores over --jobs).")
@@ -62,7 +62,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
               overwrite=overwrite, progress=log)
     if method == "hi_merging":   # sequential: each stage depends on the last
         from ..tune.hi_run import hi_merge
-        record = hi_merge(grid=grid, max_evals=max_evals, **kw)
+        record = hi_merge(grid=grid, max_evals=max_evals, storage=storage, **kw)
     else:
         record = search.tune(method, grid=grid, sampler=sampler, trials=trials, per_expert=_listed(per_expert) or (),
                              prune=None if prune == "none" else prune, storage=storage, study=study_name, show=show,

@@ -166,7 +166,8 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
 def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, add_bos_token, dtype,
                  code_ok) -> dict[str, float]:
     """{cache key: score} of the items in `todo`, through lm-eval's simple_evaluate: (task, key) pairs
-    on the first `limit` examples, or (task, key, (start, stop)) on examples start..stop-1."""
+    on the first `limit` examples, or (task, key, (start, stop)) on examples start..stop-1 (from 0:
+    lm-eval's limit, which groups of tasks take too; stop None: all)."""
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
@@ -176,24 +177,24 @@ def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, a
     manager = TaskManager(include_path=includes or None, include_defaults=any(not item[0].include for item in todo))
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
     lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
-    calls = []     # [(shots, {task name: item})]: one simple_evaluate each, a task at most once in a call
+    calls = []     # [(shots, limit or "samples", {task name: item})]: one simple_evaluate each
     for item in todo:
-        t = item[0]
-        call = next((c for shots, c in calls if shots == t.num_fewshot and t.name not in c), None)
+        t, (start, stop) = item[0], item[2] if len(item) > 2 else (0, limit)
+        kind = stop if start == 0 else "samples"
+        call = next((c for shots, k, c in calls if (shots, k) == (t.num_fewshot, kind) and t.name not in c), None)
         if call is None:
-            calls.append((t.num_fewshot, call := {}))
+            calls.append((t.num_fewshot, kind, call := {}))
         call[t.name] = item
     new = {}
-    for shots, group in calls:
-        ranges = {name: list(range(*item[2])) for name, item in group.items() if len(item) > 2}
+    for shots, kind, group in calls:
+        samples = {name: list(range(*item[2])) for name, item in group.items()} if kind == "samples" else None
         # lm-eval's record of the environment (torch's collect_env runs pip, compilers, nvidia-smi:
         # ~1.6 s a call) goes with the rest of its results but the scores: not collected
         with _replaced(lm_eval.evaluator, "add_env_info", lambda results: None):
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(group), num_fewshot=shots, limit=None if ranges else limit,
-                samples=ranges or None, task_manager=manager, apply_chat_template=chat_template,
-                fewshot_as_multiturn=chat_template, log_samples=False, confirm_run_unsafe_code=code_ok,
-                bootstrap_iters=0)
+                model=lm, tasks=list(group), num_fewshot=shots, limit=None if samples else kind, samples=samples,
+                task_manager=manager, apply_chat_template=chat_template, fewshot_as_multiturn=chat_template,
+                log_samples=False, confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
         for name, item in group.items():
             new[item[1]] = float(_pick(out["results"][name], item[0].metric, name))
     return new
@@ -202,11 +203,11 @@ def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, a
 def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_token: bool | None = None,
                     dtype="auto", verbose: bool = False) -> list[float | None]:
     """Scores of the model in `model_dir` on (task, start, stop) requests: the task's metric over its
-    examples start..stop-1 (lm-eval's `samples`), uncached (the caller keeps them: tune.store).
-    Tasks that execute code give None unless HF_ALLOW_CODE_EVAL=1, as in evaluate_tasks."""
+    examples start..stop-1 (stop None: all), uncached (the caller keeps them: tune.store). Tasks that
+    execute code give None unless HF_ALLOW_CODE_EVAL=1, as in evaluate_tasks."""
     code_ok = os.environ.get(CODE_EVAL) == "1"
     todo = [(t, i, (start, stop)) for i, (t, start, stop) in enumerate(requests)
-            if (code_ok or not t.unsafe_code) and stop > start]
+            if (code_ok or not t.unsafe_code) and (stop is None or stop > start)]
     if not todo:
         return [None] * len(requests)
     with lm_eval_output(verbose):
@@ -215,16 +216,18 @@ def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_
     return [new.get(i) for i in range(len(requests))]
 
 
-def task_size(t: Task) -> int:
+def task_size(t: Task) -> int | None:
     """How many examples lm-eval evaluates for the task: a generated task's data lines, else the
-    length of the task's evaluation split (lm-eval builds the task: seconds for real ones)."""
+    length of the task's evaluation split (lm-eval builds the task: seconds for real ones); None for
+    a group of tasks (each of its tasks has its own)."""
     data = Path(t.include or "") / f"{t.name}.jsonl"     # eval.tasks writes a generated task's data there
     if t.include and data.exists():
         with open(data) as f:
             return sum(1 for line in f if line.strip())
     from lm_eval.tasks import TaskManager, get_task_dict
-    task = get_task_dict([t.name], TaskManager())[t.name]
-    return len(list(task.eval_docs))
+    with lm_eval_output():
+        task = get_task_dict([t.name], TaskManager()).get(t.name)
+    return len(list(task.eval_docs)) if hasattr(task, "eval_docs") else None
 
 
 def domain_scores(plan: dict[str, tuple[Task, ...]], task_scores: dict[str, float | None]) -> dict[str, float | None]:

@@ -124,6 +124,24 @@ def test_checker_scores_the_generation(tiny, tmp_path):
     assert harness.evaluate_tasks(tiny[0], [t2], add_bos_token=True, cache=False) == {t2.name: 1.0}
 
 
+def test_ranges_of_examples_score_what_their_examples_score(tiny, tmp_path):
+    """evaluate_ranges (tuning's halving rungs): the metric over examples start..stop-1, through
+    lm-eval's limit from 0 and its samples after; known per-example scores: right on 0, 3, 4, 8."""
+    seen = {}
+    names = tasks.write_tasks(tmp_path / "t1", [Echo("echo", seen=seen)], n=10)
+    t1 = registry.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t1"))
+    harness.evaluate_tasks(tiny[0], [t1], add_bos_token=True, batch_size=1, cache=False)
+    right = {0, 3, 4, 8}
+    answers = tuple(domains.first_line(seen[f"{i} + {i} ="]) if i in right else "?" for i in range(10))
+    tasks.write_tasks(tmp_path / "t2", [Echo("echo", answers=answers)], n=10)
+    t2 = registry.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t2"))
+    ranges = [(0, 10), (0, 4), (4, 10), (2, 7), (9, 10), (5, 5), (0, None)]
+    got = harness.evaluate_ranges(tiny[0], [(t2, a, b) for a, b in ranges], add_bos_token=True, batch_size=1)
+    want = [sum(i in right for i in range(a, b or 10)) / ((b or 10) - a) if b is None or b > a else None
+            for a, b in ranges]
+    assert got == want and harness.task_size(t2) == 10
+
+
 def test_cache_prevents_second_run(tiny, tmp_path, monkeypatch):
     import lm_eval
     calls = []

@@ -260,16 +260,16 @@ def _trials(db, name=None):
 
 
 def test_serial_and_local_ray_give_the_same_scores_and_pick(micro_zoo, tmp_path, run_main):
-    grid = "scale=0.3,0.6,0.9,1.2"
+    """MergeBench's TA grid (scale 0.2..1.0), serially and on a local Ray of this machine's 2 cores."""
     records = []
     for name, extra in [("serial", ()), ("ray", ("--ray", "--cpus-per-trial", "1"))]:
-        code, out, err = run_main(*_cli(micro_zoo, tmp_path / name, "--grid", grid, "--storage",
-                                        f"sqlite:///{tmp_path / name}.db", *extra)[3:])
+        code, out, err = run_main(*_cli(micro_zoo, tmp_path / name, "--storage", f"sqlite:///{tmp_path / name}.db",
+                                        *extra)[3:])
         assert code == 0, err
         assert "merge (algorithm) time" in out and (tmp_path / name / "model.safetensors").exists()
         records.append(json.loads((tmp_path / name / "tune.json").read_text()))
     serial, ray = records
-    assert ray["this_run"]["evaluated"] == serial["this_run"]["evaluated"] == 4 * 2 * 4
+    assert ray["this_run"]["evaluated"] == serial["this_run"]["evaluated"] == 5 * 2 * 4
     key = lambda r: r["params"]["scale"]   # noqa: E731
     assert [(key(r), r["scores"]) for r in sorted(serial["trials"], key=key)] == \
         [(key(r), r["scores"]) for r in sorted(ray["trials"], key=key)]
@@ -281,7 +281,8 @@ def test_two_processes_on_one_study_neither_lose_nor_repeat_a_trial(micro_zoo, t
     db = tmp_path / "shared.db"
     grid = "scale=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8"
     procs = [subprocess.Popen(_cli(micro_zoo, tmp_path / f"out{i}", "--grid", grid, "--storage", f"sqlite:///{db}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for i in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert [code for code, _ in results] == [0, 0], results
     trials = _trials(db)
@@ -311,7 +312,8 @@ def test_a_killed_ray_worker_is_retried_and_without_retries_reported_then_resume
             assert states == ["COMPLETE"] * 3, err
         else:
             assert states == ["COMPLETE", "COMPLETE", "FAIL"] and "Ray worker died" in err, err
-            again = subprocess.run(args[:-3] + ["--overwrite"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+            again = subprocess.run(args[:-3] + ["--overwrite"], capture_output=True, text=True, timeout=600,
+                                   cwd=tmp_path)
             assert again.returncode == 0, again.stderr
             assert sorted(t.state.name for t in _trials(db, "killed")) == ["COMPLETE"] * 3 + ["FAIL"]
 
@@ -329,3 +331,19 @@ def _kill_a_job_worker(proc) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_the_command_says_its_errors_in_one_line_and_writes_nothing(micro_zoo, tmp_path, run_main, monkeypatch):
+    out = tmp_path / "best"
+    base = _cli(micro_zoo, out)[3:]
+    for extra, words in [(["--grid", "scale=0.2:0.8"], "--sampler grid takes lists of values, not ranges (scale)"),
+                         (["--storage", "nosuchdb://x"], "tuning database nosuchdb://x"),
+                         (["--show"], "without --show first")]:
+        code, stdout, err = run_main(*base, *extra)
+        assert code != 0 and stdout == "" and err.startswith("mbmerge: error: ") and words in err, err
+        assert err.count("\n") == 1 and not out.exists()
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    code, _, err = run_main(*base)
+    assert code != 0 and "pip install 'mbmerge[tune]'" in err and err.count("\n") == 1 and not out.exists()

@@ -5,9 +5,8 @@ score store shared by both."""
 
 def require_extra() -> None:
     """One line instead of an ImportError when the tune extra (Optuna, SQLAlchemy) is not installed."""
-    try:
-        import optuna  # noqa: F401
-        import sqlalchemy  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+    missing = [m for m in ("optuna", "sqlalchemy") if importlib.util.find_spec(m) is None]
+    if missing:
         from ..common.errors import BadParameter
-        raise BadParameter(f"tuning needs the tune extra ({e.name} is missing): pip install 'mbmerge[tune]'") from None
+        raise BadParameter(f"tuning needs the tune extra ({missing[0]} is missing): pip install 'mbmerge[tune]'")

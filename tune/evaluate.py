@@ -9,6 +9,8 @@ the store are scored by jobs (one a model: merged once, all its missing ranges) 
 import math
 from dataclasses import dataclass
 
+from ..common.errors import BadParameter
+from ..eval.registry import Task
 from .jobs import Job
 from .score import Validation, model_key, score_key
 from .store import ScoreStore
@@ -32,10 +34,10 @@ class Scored:
 
 
 class Evaluator:
-    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL, threads: int | None = None):
-        self.store, self.v, self.runner, self.fractions, self.threads = store, v, runner, tuple(fractions), threads
+    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL):
+        self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
         self._tasks = {d: v.tasks(d) for d in v.domains}
-        self._bounds = {t: bounds(v.size(t), self.fractions) for ts in self._tasks.values() for t in ts}
+        self._bounds = {t: bounds(t, v.size(t), self.fractions) for ts in self._tasks.values() for t in ts}
         self._keys = {}
 
     @property
@@ -45,9 +47,9 @@ class Evaluator:
     def ranges(self, domains, rung: int):
         """(task, start, stop) of `domains` up to rung `rung` (non-empty ranges only)."""
         return [(t, b[i], b[i + 1]) for d in domains for t in self._tasks[d] for i in range(rung + 1)
-                if (b := self._bounds[t])[i + 1] > b[i]]
+                if (b := self._bounds[t])[i + 1] is None or b[i + 1] > b[i]]
 
-    def score(self, models: list, domains: list[list[str]], rung: int = -1, progress=None) -> list[Scored]:
+    def score(self, models: list, domains: list[list[str]], rung: int = -1) -> list[Scored]:
         """Scored of each model (a Candidate, or a folder) on its domains up to `rung` (default: all
         examples); missing ranges are scored now, by jobs on the runner; a job that did not come back
         leaves its model with an error."""
@@ -58,7 +60,7 @@ class Evaluator:
         for i, (m, w) in enumerate(zip(models, wanted)):
             missing = [(r, k) for r, k in w if k not in found]
             if missing:
-                jobs.append(Job(m, tuple(r for r, _ in missing), self.v, self.threads))
+                jobs.append(Job(m, tuple(r for r, _ in missing), self.v))
                 owners.append((i, missing))
         errors, evaluated = {}, [0] * len(models)
         for j, result in self.runner.map(jobs):
@@ -70,7 +72,6 @@ class Evaluator:
             self.store.put(new)
             found.update(new)
             evaluated[i] = sum(e["examples"] for e in new.values())
-            progress and progress(i, models[i])
         return [Scored(scores={}, error=errors[i]) if i in errors else
                 _combine(ds, [(r, found[k]) for r, k in w], evaluated[i], self._tasks)
                 for i, (ds, w) in enumerate(zip(domains, wanted))]
@@ -82,18 +83,24 @@ class Evaluator:
         return score_key(mk[1], self.v, t, start, stop)
 
 
-def bounds(size: int, fractions) -> list[int]:
-    """[0, ceil(size * f) for each fraction]: the cut points of a task's examples."""
+def bounds(t: Task, size: int | None, fractions) -> list:
+    """[0, ceil(size * f) for each fraction]: the cut points of a task's examples ([0, None], all of
+    them, for a group of tasks, which cannot be cut)."""
+    if size is None:
+        if tuple(fractions) != ALL:
+            raise BadParameter(f"--prune halving cuts tasks into ranges of examples; {t.name} is a group of tasks")
+        return [0, None]
     return [0, *(min(size, math.ceil(size * f - 1e-9)) for f in fractions)]
 
 
 def entries(ranges, result: dict) -> dict[str, dict]:
     """A job's results as store entries, each with its share of the merge (per range) and of the
     validation time (per example)."""
-    examples = sum(stop - start for (_, start, stop), _ in ranges) or 1
-    return {k: {"score": s, "examples": stop - start, "merge_seconds": result["merge_seconds"] / len(ranges),
-                "validation_seconds": result["validation_seconds"] * (stop - start) / examples}
-            for ((_, start, stop), k), s in zip(ranges, result["scores"])}
+    sizes = [(stop or 0) - start for (_, start, stop), _ in ranges]     # a group's all: counted as 0
+    total = sum(sizes)
+    return {k: {"score": s, "examples": n, "merge_seconds": result["merge_seconds"] / len(ranges),
+                "validation_seconds": result["validation_seconds"] * (n / total if total else 1 / len(ranges))}
+            for ((_, k), s, n) in zip(ranges, result["scores"], sizes)}
 
 
 def _combine(domains, found, evaluated, tasks) -> Scored:

@@ -61,7 +61,8 @@ class Scorer:
 
     def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None, storage: str | None = None):
         self.experts, self.base, self.v, self.progress = experts, base, v, progress
-        self.evaluator, self.seconds = Evaluator(ScoreStore(storage), v, runners.Local()), {"merge": 0.0, "validation": 0.0}
+        self.evaluator = Evaluator(ScoreStore(storage), v, runners.Local())
+        self.seconds = {"merge": 0.0, "validation": 0.0}
         base_src, expert_src = Candidate(method="ties", experts=tuple(experts), base=base).sources()
         self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
         self.layers = n_layers(self.folders["base"])
@@ -87,12 +88,13 @@ class Scorer:
 
 def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | None = None, grid: dict | None = None,
              max_evals: int | None = None, limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             overwrite: bool = False, progress=None, **options) -> dict:
+             overwrite: bool = False, progress=None, storage: str | None = None, **options) -> dict:
     """Hi-Merging of EXPERTS into OUT, scored on the validation split of each expert's domain;
-    grid: {"p": [...], "s": [...]} for stage 1; options: hi_merging's (partial, accept)."""
+    grid: {"p": [...], "s": [...]} for stage 1; storage: the score store's database URL (default: the
+    mbmerge cache's); options: hi_merging's (partial, accept)."""
     started = time.perf_counter()
     v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
-    scorer = Scorer(list(experts), base, v, progress)
+    scorer = Scorer(list(experts), base, v, progress, storage)
     grid = {k: [float(x) for x in vals] for k, vals in (grid or {}).items()}
     unknown = set(grid) - {"p", "s"}
     if unknown:

@@ -68,7 +68,7 @@ class RayRunner:
                 continue
             if result["version"] != __version__:
                 raise BadParameter(f"a Ray node runs mbmerge {result['version']}, this driver {__version__}: "
-                               f"install the same version on every node")
+                                   f"install the same version on every node")
             yield i, result
 
     def close(self):

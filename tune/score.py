@@ -36,10 +36,10 @@ class Validation:
         """The validation tasks of a domain (the zoo's split, or the family's surrogates)."""
         return registry.plan(self.family, [domain], general=False, split="validation")[domain]
 
-    def size(self, t: Task) -> int:
-        """Validation examples of a task: all it has, at most `limit`."""
+    def size(self, t: Task) -> int | None:
+        """Validation examples of a task: all it has, at most `limit` (None: a group of tasks, no limit)."""
         n = harness.task_size(t)
-        return n if self.limit is None else min(n, self.limit)
+        return self.limit if n is None else n if self.limit is None else min(n, self.limit)
 
 
 @dataclass(frozen=True, kw_only=True)

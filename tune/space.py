@@ -66,7 +66,8 @@ class Space:
         known = {p.name: p for p in methods.get(method).params}
         unknown = [k for k in [*grid, *per_expert] if k not in known]
         if unknown:
-            raise BadParameter(f"method {method} has no parameter {unknown[0]!r} to tune (it takes: {', '.join(known)})")
+            raise BadParameter(f"method {method} has no parameter {unknown[0]!r} to tune "
+                               f"(it takes: {', '.join(known)})")
         coerce = lambda k, x: _one(known[k].coerce(x, method))   # noqa: E731
         if sampler == "grid":
             ranged = [k for k, v in grid.items() if isinstance(v, tuple)]

@@ -73,11 +73,20 @@ class ScoreStore:
         return out
 
     def put(self, entries: dict[str, dict]) -> None:
-        """Insert entries whose key is not stored yet (another process may have stored it meanwhile:
-        the first score stays)."""
-        for key, e in entries.items():
-            row = {"key": key, "created": time.time(), **{k: e[k] for k in ("score", "examples", "merge_seconds",
-                                                                            "validation_seconds")}}
+        """Insert entries whose key is not stored yet (another process may have stored some meanwhile:
+        the first score stays): all in one transaction, else one by one."""
+        rows = [{"key": key, "created": time.time(), **{k: e[k] for k in ("score", "examples", "merge_seconds",
+                                                                          "validation_seconds")}}
+                for key, e in entries.items()]
+        if not rows:
+            return
+        try:
+            with self.engine.begin() as c:
+                c.execute(SCORES.insert(), rows)
+            return
+        except sa.exc.IntegrityError:
+            pass
+        for row in rows:
             try:
                 with self.engine.begin() as c:
                     c.execute(SCORES.insert().values(**row))
