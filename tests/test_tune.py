@@ -79,6 +79,7 @@ def test_the_grid_picks_what_a_brute_force_loop_picks(setup, tmp_path):
     assert len(record["trials"]) == 9 and {r["state"] for r in record["trials"]} == {"complete"}
     for row in record["trials"]:
         assert row["np"] == pytest.approx(brute[(row["params"]["density"], row["params"]["scale"])], rel=1e-6)
+        assert row["np"] == pytest.approx(sum(row["np_by_domain"].values()) / 2, rel=1e-12)
         assert row["examples"] == 20
     card = json.loads((tmp_path / "best" / "mbmerge.json").read_text())
     assert card["params"]["density"] == [best[0]] * 2 and card["params"]["scale"] == best[1]
@@ -178,6 +179,7 @@ def test_show_prints_the_study_and_plots_it_without_running_anything(setup, tmp_
     assert len(calls) == n
     rows = [ln for ln in shown.splitlines() if ln.startswith("| ") and not ln.startswith("| trial")]
     assert len(rows) == 4 and sum("best" in ln for ln in rows) == 1
+    assert "| trial | params | math NP | coding NP | NP | examples | merge s | validation s |  |" in shown
     assert "| 0 | density=0.2 scale=0.5 |" in shown and (tmp_path / "best" / "tune-params.png").stat().st_size > 5000
 
 
@@ -284,7 +286,7 @@ def test_two_processes_on_one_study_neither_lose_nor_repeat_a_trial(micro_zoo, t
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
              for i in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    assert [code for code, _ in results] == [0, 0], results
+    assert [code for code, _ in results] == [0, 0], "\n".join(err[-3000:] for _, err in results)
     trials = _trials(db)
     assert sorted(t.params["scale"] for t in trials) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}

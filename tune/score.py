@@ -71,11 +71,16 @@ class Candidate:
         return api.sources(with_family(self.merge_spec(Path("unused"))))
 
 
+def domain_np(scores: dict, references: dict, v: Validation) -> dict[str, float | None]:
+    """{domain: score / its expert's own score on it}; None where the expert scores 0 (or either is
+    not scored)."""
+    return {d: scores[d] / references[d] if references.get(d) and scores.get(d) is not None else None
+            for d in v.domains}
+
+
 def normalised(scores: dict, references: dict, v: Validation) -> float | None:
-    """Mean over experts i of score[domains[i]] / expert i's own score on it (MergeBench's NP); experts
-    scoring 0 (or not scored) are left out, None when none is left."""
-    ratios = [scores[d] / references[d] for d in v.domains
-              if references.get(d) and scores.get(d) is not None]
+    """MergeBench's NP: the mean of domain_np over the domains that have one; None when none has."""
+    ratios = [r for r in domain_np(scores, references, v).values() if r is not None]
     return sum(ratios) / len(ratios) if ratios else None
 
 

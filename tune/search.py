@@ -22,7 +22,7 @@ from ..engine import api
 from . import runners
 from .evaluate import Evaluator
 from .pruning import ETA, fractions, pruner
-from .score import Candidate, Validation, model_key, normalised
+from .score import Candidate, Validation, domain_np, model_key, normalised
 from .space import Space, point_key
 from .study import claim, heartbeats, open_study
 from .store import ScoreStore, default_url
@@ -148,7 +148,8 @@ def run_batch(st, storage, trials, space: Space, template: Candidate, ev: Evalua
                     progress and progress(f"trial {t.number} failed: {s.error}")
                     continue
                 np = normalised(s.scores, refs[r], ev.v)
-                for k, x in {"scores": s.scores, "np": np, "rung": r, "examples": s.examples,
+                for k, x in {"scores": s.scores, "np": np, "np_by_domain": domain_np(s.scores, refs[r], ev.v),
+                             "rung": r, "examples": s.examples,
                              "merge_seconds": s.merge_seconds, "validation_seconds": s.validation_seconds}.items():
                     t.set_user_attr(k, x)
                 if r < ev.rungs - 1 and np is not None:
@@ -184,7 +185,8 @@ def study_record(st, method: str, v: Validation, space: Space, prune, name: str,
             continue
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": a["params"],
                      "searched": {k: x for k, x in a["params"].items() if k in (space.grid or space.ranges)},
-                     "scores": a.get("scores", {}), "np": a.get("np"), "rung": a.get("rung"),
+                     "scores": a.get("scores", {}), "np": a.get("np"), "np_by_domain": a.get("np_by_domain", {}),
+                     "rung": a.get("rung"),
                      "examples": a.get("examples", 0), "merge_seconds": a.get("merge_seconds", 0.0),
                      "validation_seconds": a.get("validation_seconds", 0.0), "error": a.get("error")})
     done = [r for r in rows if r["state"] == "complete"]
@@ -218,15 +220,16 @@ def expert_domains(experts) -> list[str]:
 
 
 def table(record: dict) -> str:
-    """Markdown: every trial with its validation scores and NP (the best marked), then the time split."""
+    """Markdown: every trial with its NP on each domain (its validation score there when the expert
+    scores 0) and its mean NP (the best marked), then the time split."""
     domains = record["validate"]
-    head = ["trial", "params", *domains, "NP", "examples", "merge s", "validation s", ""]
+    head = ["trial", "params", *(f"{d} NP" for d in domains), "NP", "examples", "merge s", "validation s", ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = (record["best"] or {}).get("number")
     for r in record["trials"]:
         mark = "best" if r["number"] == best else (r["state"] if r["state"] != "complete" else "")
         cells = [str(r["number"]), " ".join(f"{k}={_short(x)}" for k, x in r["searched"].items()),
-                 *(f"{r['scores'][d]:.3f}" if r["scores"].get(d) is not None else "—" for d in domains),
+                 *(_domain_cell(r, d) for d in domains),
                  f"{r['np']:.3f}" if r["np"] is not None else "—", str(r["examples"]),
                  f"{r['merge_seconds']:.2f}", f"{r['validation_seconds']:.1f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
@@ -238,6 +241,11 @@ def table(record: dict) -> str:
                  + (f" ({run['evaluated']} evaluated in this run)" if "evaluated" in run else "")
                  + f"; study {record['study']}")
     return "\n".join(lines)
+
+
+def _domain_cell(row: dict, domain: str) -> str:
+    np, score = row["np_by_domain"].get(domain), row["scores"].get(domain)
+    return f"{np:.3f}" if np is not None else "—" if score is None else f"({score:.3f})"
 
 
 def _short(x) -> str:

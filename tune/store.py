@@ -49,10 +49,22 @@ def engine(url: str) -> sa.Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
         # SQLite: wait for another writer's lock instead of failing at once
         e = sa.create_engine(url, connect_args={"timeout": 60} if path else {}, pool_pre_ping=not path)
-        _META.create_all(e)
+        retrying(lambda: _META.create_all(e))
     except (OSError, sa.exc.SQLAlchemyError, ValueError) as err:
         raise BadParameter(f"tuning database {url}: {str(err).splitlines()[0]}") from None
     return e
+
+
+def retrying(make, attempts: int = 5):
+    """make(), again after a pause when it fails: two processes creating one database's tables at
+    once race between "is it there?" and "create it" (the loser sees "already exists")."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
 
 
 class ScoreStore:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from ..common.errors import BadParameter
 from .space import Space, point_key
-from .store import engine, mutex
+from .store import engine, mutex, retrying
 
 HEARTBEAT = 15         # seconds between a running trial's heartbeats
 GRACE = 60             # a running trial with no heartbeat for this long belongs to a process that died
@@ -28,15 +28,15 @@ def open_study(name: str, url: str, space: Space, pruner: optuna.pruners.BasePru
     """(the study, its storage): created, or loaded when another run made it (create=False: only loaded)."""
     optuna.logging.set_verbosity(logging.WARNING)
     engine(url)     # the database reached (a SQLite file's folder made) or one line saying why not
-    with warnings.catch_warnings():
+    with mutex(url, "open"), warnings.catch_warnings():    # one process at a time creates the tables
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-                                             engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if url.startswith("sqlite") else None)
-    if not create and name not in optuna.get_all_study_names(storage):
-        raise BadParameter(f"no study {name} in {url}: run the same command without --show first")
-    study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler_object(), pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+        storage = retrying(lambda: optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None))
+        if not create and name not in optuna.get_all_study_names(storage):
+            raise BadParameter(f"no study {name} in {url}: run the same command without --show first")
+        study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler_object(),
+                                    pruner=pruner, direction="maximize", load_if_exists=True)
     return study, storage
 
 
