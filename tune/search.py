@@ -163,7 +163,8 @@ def run_batch(st, storage, trials, space: Space, template: Candidate, ev: Evalua
             if progress:
                 rung = f"rung {r + 1}/{ev.rungs} ({ev.fractions[r]:.0%} of the examples): " if ev.rungs > 1 else ""
                 for t, np in scored:
-                    progress(f"{rung}trial {t.number} {_params(space, t)}: NP {'—' if np is None else f'{np:.3f}'}")
+                    shown = _params(_searched(space, t.user_attrs["params"]))
+                    progress(f"{rung}trial {t.number} {shown}: NP {'—' if np is None else f'{np:.3f}'}")
                 if not last:
                     progress(f"{rung}{len(kept)} of {len(scored)} go on")
             alive = [(t, c) for t, c in alive if any(t is k for k, _ in kept)]
@@ -172,8 +173,13 @@ def run_batch(st, storage, trials, space: Space, template: Candidate, ev: Evalua
                     st.tell(t, np if np is not None else 0.0)
 
 
-def _params(space: Space, t) -> str:
-    return " ".join(f"{k}={_short(x)}" for k, x in t.user_attrs["params"].items() if k in (space.grid or space.ranges))
+def _searched(space: Space, params: dict) -> dict:
+    """The searched ones of a trial's parameters (the rest are the command's fixed ones)."""
+    return {k: x for k, x in params.items() if k in (space.grid or space.ranges)}
+
+
+def _params(searched: dict) -> str:
+    return " ".join(f"{k}={_short(x)}" for k, x in searched.items())
 
 
 def study_record(st, method: str, v: Validation, space: Space, prune, name: str, url: str) -> dict:
@@ -181,24 +187,22 @@ def study_record(st, method: str, v: Validation, space: Space, prune, name: str,
     rows = []
     for t in st.get_trials(deepcopy=False):
         a = t.user_attrs
-        if t.state in (TrialState.WAITING,) or "params" not in a:
+        if t.state == TrialState.WAITING or "params" not in a:
             continue
         rows.append({"number": t.number, "state": t.state.name.lower(), "params": a["params"],
-                     "searched": {k: x for k, x in a["params"].items() if k in (space.grid or space.ranges)},
-                     "scores": a.get("scores", {}), "np": a.get("np"), "np_by_domain": a.get("np_by_domain", {}),
-                     "rung": a.get("rung"),
+                     "searched": _searched(space, a["params"]), "scores": a.get("scores", {}), "np": a.get("np"),
+                     "np_by_domain": a.get("np_by_domain", {}), "rung": a.get("rung"),
                      "examples": a.get("examples", 0), "merge_seconds": a.get("merge_seconds", 0.0),
                      "validation_seconds": a.get("validation_seconds", 0.0), "error": a.get("error")})
     done = [r for r in rows if r["state"] == "complete"]
     best = max(done, key=lambda r: (r["np"] is not None, r["np"] or 0, -r["number"]), default=None)
-    record = {"method": method, "study": name, "storage": url, **space.describe(), "prune": prune or "none",
-              "validate": list(v.domains), "limit": v.limit, "trials": rows,
-              "best": None if best is None else {"number": best["number"], "params": best["params"], "np": best["np"],
-                                                  **_undefined_note(done)},
-              "seconds": {"merge": sum(r["merge_seconds"] for r in rows),
-                          "validation": sum(r["validation_seconds"] for r in rows)},
-              "examples": sum(r["examples"] for r in rows)}
-    return record
+    return {"method": method, "study": name, "storage": url, **space.describe(), "prune": prune or "none",
+            "validate": list(v.domains), "limit": v.limit, "trials": rows,
+            "best": None if best is None else {"number": best["number"], "params": best["params"], "np": best["np"],
+                                                **_undefined_note(done)},
+            "seconds": {"merge": sum(r["merge_seconds"] for r in rows),
+                        "validation": sum(r["validation_seconds"] for r in rows)},
+            "examples": sum(r["examples"] for r in rows)}
 
 
 def _undefined_note(rows: list[dict]) -> dict:
@@ -228,7 +232,7 @@ def table(record: dict) -> str:
     best = (record["best"] or {}).get("number")
     for r in record["trials"]:
         mark = "best" if r["number"] == best else (r["state"] if r["state"] != "complete" else "")
-        cells = [str(r["number"]), " ".join(f"{k}={_short(x)}" for k, x in r["searched"].items()),
+        cells = [str(r["number"]), _params(r["searched"]),
                  *(_domain_cell(r, d) for d in domains),
                  f"{r['np']:.3f}" if r["np"] is not None else "—", str(r["examples"]),
                  f"{r['merge_seconds']:.2f}", f"{r['validation_seconds']:.1f}", mark]
