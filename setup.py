@@ -39,7 +39,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "peft>=0.13"],   # peft folds adapters: the LoRA tests' reference
+        # peft folds adapters: the LoRA tests' reference; psycopg2 reaches the PostgreSQL server the tuning
+        # tests start (when the machine has one) to share a study as machines would
+        "test": ["pytest>=8", "hypothesis>=6.100", "peft>=0.13", "psycopg2-binary>=2.9"],
         # mbmerge tune: Optuna's studies (in SQLAlchemy databases) and samplers (CMA-ES needs cmaes),
         # Ray to run trials on many cores, GPUs and machines
         "tune": ["optuna>=4.0", "sqlalchemy>=2.0", "cmaes>=0.10", "ray>=2.9"],

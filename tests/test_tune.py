@@ -8,7 +8,6 @@ examples, so that subsets disagree with the whole), patched in where the eval la
 references compute the same proxy on merges they make themselves. The real lm-eval path runs too."""
 import json
 import math
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -279,20 +278,86 @@ def test_serial_and_local_ray_give_the_same_scores_and_pick(micro_zoo, tmp_path,
     assert serial["best"]["params"] == ray["best"]["params"]
 
 
-def test_two_processes_on_one_study_neither_lose_nor_repeat_a_trial(micro_zoo, tmp_path):
-    db = tmp_path / "shared.db"
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of this machine's binaries on loopback, for the module (skipped without
+    initdb or psycopg2): run as the postgres user when the tests run as root, as servers refuse root."""
+    import os
+    import shutil
+    import socket
+    import tempfile
+    pytest.importorskip("psycopg2")
+    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="mbmerge-pg-"))
+    if as_user:
+        shutil.chown(root, "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run(as_user + ["initdb", "-D", str(root / "data"), "-A", "trust", "-U", "mbmerge"], check=True,
+                   capture_output=True)
+    subprocess.run(as_user + ["pg_ctl", "-D", str(root / "data"), "-w", "-l", str(root / "log"), "-o",
+                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    yield f"postgresql+psycopg2://mbmerge@127.0.0.1:{port}"
+    subprocess.run(as_user + ["pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """A fresh tuning database: a SQLite file, or a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    import sqlalchemy as sa
+    server = request.getfixturevalue("postgres")
+    name = f"t{tmp_path.name[-20:].replace('-', '_').lower()}"
+    with sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT").connect() as c:
+        c.execute(sa.text(f"CREATE DATABASE {name}"))
+    return f"{server}/{name}"
+
+
+def test_two_processes_on_one_study_neither_lose_nor_repeat_a_trial(micro_zoo, tmp_path, database):
+    """Two `mbmerge tune` processes on one study, in a SQLite file or on a PostgreSQL server (as
+    machines would share one): every grid point has one trial, and every (candidate, task, range) one score."""
+    import sqlalchemy as sa
     grid = "scale=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8"
-    procs = [subprocess.Popen(_cli(micro_zoo, tmp_path / f"out{i}", "--grid", grid, "--storage", f"sqlite:///{db}"),
+    procs = [subprocess.Popen(_cli(micro_zoo, tmp_path / f"out{i}", "--grid", grid, "--storage", database,
+                                   "--study", "shared"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
              for i in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert [code for code, _ in results] == [0, 0], "\n".join(err[-3000:] for _, err in results)
-    trials = _trials(db)
+    trials = optuna.load_study(study_name="shared", storage=database).get_trials(deepcopy=False)
     assert sorted(t.params["scale"] for t in trials) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
-    with sqlite3.connect(db) as c:     # every (candidate, task, range) scored once
-        (n,) = c.execute("select count(*) from mbmerge_scores").fetchone()
-    assert n == 8 * 2 + 2
+    with sa.create_engine(database).connect() as c:
+        assert c.execute(sa.text("select count(*) from mbmerge_scores")).scalar() == 8 * 2 + 2
+
+
+HOLD = """
+import sys, time
+from mbmerge.tune.store import mutex
+url, log = sys.argv[1], sys.argv[2]
+for _ in range(25):
+    with mutex(url, "test"):
+        start = time.time()
+        time.sleep(0.005)
+        with open(log, "a") as f:
+            f.write(f"{start} {time.time()}\\n")
+"""
+
+
+def test_the_mutex_is_held_by_one_process_at_a_time(tmp_path, database):
+    """Two processes take the study mutex 25 times each: no two holds overlap."""
+    log = tmp_path / "holds"
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, database, str(log)], stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path) for _ in range(2)]
+    assert [(p.wait(timeout=300), p.stderr.read()) for p in procs] == [(0, ""), (0, "")]
+    holds = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert len(holds) == 50 and all(end <= start for (_, end), (start, _) in zip(holds, holds[1:]))
 
 
 def test_a_killed_ray_worker_is_retried_and_without_retries_reported_then_resumed(micro_zoo, tmp_path):
