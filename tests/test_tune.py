@@ -290,6 +290,8 @@ def postgres():
     if not (shutil.which("initdb") and shutil.which("pg_ctl")):
         pytest.skip("no PostgreSQL binaries (initdb, pg_ctl)")
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user and not (shutil.which("runuser") and _has_user("postgres")):
+        pytest.skip("running as root, with no postgres user to run the server as")
     root = Path(tempfile.mkdtemp(prefix="mbmerge-pg-"))
     if as_user:
         shutil.chown(root, "postgres")
@@ -304,6 +306,14 @@ def postgres():
     yield f"postgresql+psycopg2://mbmerge@127.0.0.1:{port}"
     subprocess.run(as_user + ["pg_ctl", "-D", str(root / "data"), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+    try:
+        return bool(pwd.getpwnam(name))
+    except KeyError:
+        return False
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
