@@ -1,6 +1,7 @@
 """Run lm-eval (its Python API, model "hf") on a local model folder and return one number per task
 and per domain. Scores are cached per (model identity, task, metric, shots, limit, chat template,
-generated-task digest, lm-eval version), so a base's or expert's scores are computed once.
+generated-task digest, lm-eval version) in a SQLite file (ScoreCache), so a base's or expert's
+scores are computed once, whichever process computed them.
 
 Model identity: sha256 of mbmerge.json plus its mtime when the folder has one (a merge records the
 digests of its shards there), else sha256 of the weight files (memoised by path, size and mtime).
@@ -22,25 +23,40 @@ CODE_EVAL = "HF_ALLOW_CODE_EVAL"
 
 def cache_file() -> Path:
     from ..common.cache import cache_dir
-    return cache_dir() / "eval-scores.json"
+    return cache_dir() / "eval-scores.db"
 
 
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+class ScoreCache:
+    """{key: JSON value} in a SQLite file (Python's own sqlite3): scores under their task keys, weight
+    digests under "weights:" keys. Rows are inserted one transaction a batch and never rewritten, so
+    processes evaluating at once (demo --ray) keep each other's entries."""
 
+    def __init__(self, path: Path):
+        import sqlite3
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=60)
+        with self.db:
+            self.db.execute("create table if not exists cache (key text primary key, value text not null)")
 
-def _save(path: Path, scores: dict, memo: dict) -> None:
-    """Add scores and weight digests to the cache file (re-read first: another run may have written)."""
-    data = _load(path)
-    data.setdefault("_weights_sha256", {}).update(memo)
-    data.update(scores)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    def get(self, keys) -> dict:
+        keys, out = list(keys), {}
+        for i in range(0, len(keys), 500):     # SQLite's limit on bound parameters
+            part = keys[i:i + 500]
+            rows = self.db.execute(f"select key, value from cache where key in ({','.join('?' * len(part))})", part)
+            out.update({k: json.loads(v) for k, v in rows})
+        return out
+
+    def prefixed(self, prefix: str) -> dict:
+        rows = self.db.execute("select key, value from cache where key >= ? and key < ?", (prefix, prefix + "\uffff"))
+        return {k[len(prefix):]: json.loads(v) for k, v in rows}
+
+    def put(self, entries: dict) -> None:
+        with self.db:
+            self.db.executemany("insert or ignore into cache values (?, ?)",
+                                [(k, json.dumps(v)) for k, v in entries.items()])
+
+    def close(self):
+        self.db.close()
 
 
 def model_identity(folder, memo: dict | None = None) -> str:
@@ -129,37 +145,48 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
         limit: lm-eval's --limit (examples per task; a float < 1 is a fraction).
         chat_template: apply the tokenizer's chat template (MergeBench: off).
         add_bos_token: None keeps lm-eval's default (no BOS except Gemma); the zoo was trained with <s>.
-        cache: True (the default file), a path, or False.
+        cache: True (the default file), a path (a SQLite file: ScoreCache), or False.
         verbose: let lm-eval's logging, progress bars and git errors through (lm_eval_output).
     """
     tasks = list(dict.fromkeys(tasks))
     path = None if cache is False else (cache_file() if cache is True else Path(cache))
-    store = _load(path) if path else {}
-    memo = store.setdefault("_weights_sha256", {})
-    hashed = len(memo)
+    store = ScoreCache(path) if path else None
+    try:
+        return _evaluate_tasks(model_dir, tasks, store, limit=limit, batch_size=batch_size, device=device,
+                               chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype,
+                               verbose=verbose)
+    finally:
+        store and store.close()
+
+
+def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_size, device, chat_template,
+                    add_bos_token, dtype, verbose) -> dict[str, float | None]:
+    memo = store.prefixed("weights:") if store else {}
+    known = dict(memo)
     identity = model_identity(model_dir, memo)
+    if store and memo != known:
+        store.put({f"weights:{k}": v for k, v in memo.items() if k not in known})
     from .tasks import tasks_digest
     digests = {t.include: tasks_digest(t.include) for t in tasks if t.include}
     scores, todo = {}, []
     code_ok = os.environ.get(CODE_EVAL) == "1"
-    for t in tasks:
-        key = _task_key(identity, t, limit, chat_template, add_bos_token, digests)
+    keys = {t: _task_key(identity, t, limit, chat_template, add_bos_token, digests) for t in tasks}
+    stored = store.get(keys.values()) if store else {}
+    for t, key in keys.items():
         if t.unsafe_code and not code_ok:
             scores[t.name] = None
-        elif key in store:
-            scores[t.name] = store[key]
+        elif key in stored:
+            scores[t.name] = stored[key]
         else:
             todo.append((t, key))
     if not todo:
-        if path and len(memo) != hashed:
-            _save(path, {}, memo)
         return scores
     with lm_eval_output(verbose):
         new = _run_lm_eval(model_dir, todo, limit=limit, batch_size=batch_size, device=device,
                            chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok)
     scores.update({t.name: new[key] for t, key in todo})
-    if path:
-        _save(path, new, memo)
+    if store:
+        store.put(new)
     return scores
 
 

@@ -227,3 +227,26 @@ def test_code_tasks_are_opt_in(tiny, monkeypatch):
     coding = registry.plan("gemma-2-2b", ["coding"], general=False)["coding"]
     assert harness.evaluate_tasks(tiny[0], coding) == {"humaneval_plus": None, "mbpp_plus": None}
     assert harness.domain_scores({"coding": coding}, {"humaneval_plus": None, "mbpp_plus": None}) == {"coding": None}
+
+
+CACHE_WRITER = """
+import sys
+from pathlib import Path
+from mbmerge.eval.harness import ScoreCache
+cache = ScoreCache(Path(sys.argv[1]))
+for i in range(200):
+    cache.put({f"{sys.argv[2]}-{i}": i / 200})
+"""
+
+
+def test_two_processes_writing_the_eval_cache_keep_all_of_it(tmp_path):
+    """demo --ray evaluates in several processes at once: none loses another's scores."""
+    import subprocess
+    import sys
+    path = tmp_path / "eval-scores.db"
+    writers = [subprocess.Popen([sys.executable, "-c", CACHE_WRITER, str(path), who], stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path) for who in "ab"]
+    assert [(w.wait(timeout=120), w.stderr.read()) for w in writers] == [(0, ""), (0, "")]
+    keys = [f"{who}-{i}" for who in "ab" for i in range(200)]
+    got = harness.ScoreCache(path).get(keys)
+    assert got == {f"{who}-{i}": i / 200 for who in "ab" for i in range(200)}
