@@ -13,8 +13,8 @@ from .options import listed as _listed, method_param_options
               "dare_linear, consensus, localize_stitch; others with --grid), or hi_merging.")
 @click.option("--experts", "-e", required=True, help="Comma-separated folders, hub ids or domains.")
 @click.option("--base", "-b", help="Base model (default: the built-in family).")
-@click.option("--grid", "grid_text", help="'name=v1,v2 name=v1,v2': the candidates (default: MergeBench's grid; "
-              "hi_merging: 'p=... s=...').")
+@click.option("--grid", "grid_text", help="'name=v1,v2 ...': the candidates (default: MergeBench's grid; "
+              "hi_merging: 'p=... s=...'); tpe, cmaes: ranges 'name=low:high ...'.")
 @click.option("--validate", help="One validation domain per expert (default: each expert's own domain).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The best merge's folder.")
 @click.option("--stats", "stats_dirs", help="Data-aware methods: one statistics folder per expert.")
