@@ -38,6 +38,7 @@ from .options import listed as _listed, method_param_options
 @click.option("--cpus-per-trial", type=float, help="Ray: CPUs a trial holds (default: 1, or the cores over --jobs).")
 @click.option("--gpus-per-trial", type=float, help="Ray: GPUs a trial holds (default: 1 when the cluster has GPUs).")
 @click.option("--retries", default=2, show_default=True, help="Ray: times a trial whose worker died is run again.")
+@click.option("--device", help="Where trials merge and score: cpu, cuda (default: cuda when trials hold GPUs).")
 @click.option("--max-evals", type=int, help="hi_merging: at most this many (model, domain) evaluations.")
 @click.option("--limit", type=int, help="Validation examples per domain (default: all).")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
@@ -47,7 +48,8 @@ from .options import listed as _listed, method_param_options
 @click.option("--quiet", "-q", is_flag=True)
 @method_param_options
 def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, prune, storage,
-         study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, max_evals, limit, batch_size,
+         study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
+         batch_size,
          protocol, overwrite, quiet, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
@@ -67,7 +69,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         record = search.tune(method, grid=grid, sampler=sampler, trials=trials, per_expert=_listed(per_expert) or (),
                              prune=None if prune == "none" else prune, storage=storage, study=study_name, show=show,
                              ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                             retries=retries, protocol=None if protocol == "none" else protocol,
+                             retries=retries, device=device, protocol=None if protocol == "none" else protocol,
                              stats_folders=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
         from ..tune.show import plot
         plot(record, Path(out) / "tune-params.png")

@@ -34,6 +34,8 @@ class Scored:
 
 
 class Evaluator:
+    """Scores of models on ranges of validation examples: from the store, or scored by jobs on a runner."""
+
     def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL):
         self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
         self._tasks = {d: v.tasks(d) for d in v.domains}

@@ -34,7 +34,7 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
          validate: list[str] | None = None, sampler: str = "grid", trials: int | None = None, per_expert=(),
          prune: str | None = None, storage: str | None = None, study: str | None = None, ray: str | None = None,
          jobs: int = 1, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, retries: int = 2,
-         protocol: str | None = "mergebench", limit: int | None = None, batch_size: int = 64, device: str = "cpu",
+         protocol: str | None = "mergebench", limit: int | None = None, batch_size: int = 64, device: str | None = None,
          overwrite: bool = False, progress=None, stats_folders: list | None = None, data: list | None = None,
          show: bool = False, **params) -> dict:
     """Search METHOD's parameters (grid: {name: values or (low, high)}; default: its registry row's grid)
@@ -44,10 +44,11 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     sampler: grid | tpe | cmaes (trials: a search's budget; per_expert: parameters searched one value
     per expert); prune: None | "halving"; storage, study: the study's database URL and name (default:
     the mbmerge cache, a name from the settings); ray: None, "local" or a cluster address, with jobs,
-    cpus_per_trial, gpus_per_trial and retries (runners.make); show: only read the study and report.
+    cpus_per_trial, gpus_per_trial and retries (runners.make); device: where trials merge and score
+    (default: cuda when the trials hold GPUs, else cpu); show: only read the study and report.
     params: fixed parameters of every candidate; stats_folders/data: a data-aware method's (see merge)."""
     started = time.perf_counter()
-    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
+    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size)
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     space = Space.build(method, grid, sampler, per_expert, len(experts))
@@ -57,27 +58,29 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     _check(template, space, Path(out))
     url = storage or default_url()
     budget = len(space.points()) if space.sampler == "grid" else (trials or SEARCH_TRIALS)
-    name = study or study_name(template, space, v, prune)
-    st, store_ = open_study(name, url, space, pruner(prune), create=not show)
     run = {"evaluated": 0, "failed": []}
-    if not show:
-        runner = runners.make(ray, jobs, cpus_per_trial, gpus_per_trial, retries)
-        try:
+    runner = None if show else runners.make(ray, jobs, cpus_per_trial, gpus_per_trial, retries)
+    try:
+        v = replace(v, device=device or ("cuda" if getattr(runner, "gpus", 0) else "cpu"))
+        name = study or study_name(template, space, v, prune)
+        st, store_ = open_study(name, url, space, pruner(prune), create=not show)
+        if not show:
             ev = Evaluator(ScoreStore(url), v, runner, fractions(prune))
             refs = references(ev, template, progress)
             size = claim_size(space, prune, budget, runner.concurrency)
             failed = set()
             while batch := claim(st, store_, url, space, size, budget, failed):
                 run_batch(st, store_, batch, space, template, ev, refs, failed, run, progress)
-        finally:
-            runner.close()
+    finally:
+        runner and runner.close()
     record = study_record(st, method, v, space, prune, name, url)
     best = record["best"]
     if best is None:
         raise BadParameter(f"study {name}: no trial completed" + (f" ({run['failed'][0]})" if run["failed"] else ""))
     if not show:
         final = time.perf_counter()
-        api.run(replace(template, params=best["params"]).spec(Path(out), overwrite=overwrite, resume=True))
+        api.run(replace(template, params=best["params"]).spec(Path(out), overwrite=overwrite, resume=True,
+                                                               device=v.device))
         record["seconds"]["merge"] += time.perf_counter() - final
     record["seconds"]["this_run"] = time.perf_counter() - started
     record["this_run"] = run
