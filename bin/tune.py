@@ -49,8 +49,7 @@ from .options import listed as _listed, method_param_options
 @method_param_options
 def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, prune, storage,
          study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
-         batch_size,
-         protocol, overwrite, quiet, **params):
+         batch_size, protocol, overwrite, quiet, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
     require_extra()

@@ -228,10 +228,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path, monkeypatc
 def test_the_score_key_names_files_not_spellings(micro_zoo, monkeypatch):
     """Domain names, folders and a trailing slash naming the same files give the same key; another
     parameter, input or range does not."""
-    from mbmerge.tune.score import Candidate, Validation, model_key, score_key
+    from mbmerge.tune.score import Candidate, Validation, model_key, score_key, task_identity
     monkeypatch.setenv("MBMERGE_CACHE", str(micro_zoo.parents[1]))     # domain names -> this zoo
     v = Validation(tuple(DOMAINS))
-    task = v.tasks("math")[0]
+    task = task_identity(v.tasks("math")[0])
 
     def key(c, start=0, stop=10):
         return score_key(model_key(c), v, task, start, stop)
@@ -424,3 +424,20 @@ def test_the_command_says_its_errors_in_one_line_and_writes_nothing(micro_zoo, t
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     code, _, err = run_main(*base)
     assert code != 0 and "pip install 'mbmerge[tune]'" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_group_of_tasks_scored_whole_gives_its_score():
+    """A group of tasks (mmlu_stem) is one range with no example count: its score stands as it is, and
+    the job's seconds are shared out whole."""
+    from mbmerge.eval.registry import Task
+    from mbmerge.tune.evaluate import _combine, bounds, entries
+    group, single = Task("mmlu_stem", "acc,none", 0), Task("lambada_openai", "acc,none", 0)
+    assert bounds(group, None, (1.0,)) == [0, None]
+    with pytest.raises(mbmerge.MbmergeError, match="mmlu_stem is a group of tasks"):
+        bounds(group, None, (1 / 9, 1 / 3, 1.0))
+    ranges = [((group, 0, None), "g"), ((single, 0, 10), "s0"), ((single, 10, 30), "s1")]
+    new = entries(ranges, {"scores": [0.5, 0.2, 0.8], "merge_seconds": 3.0, "validation_seconds": 6.0})
+    assert [new[k]["examples"] for k in ("g", "s0", "s1")] == [0, 10, 20]
+    got = _combine(["stem", "lambada"], [(r, new[k]) for r, k in ranges], 30, {"stem": (group,), "lambada": (single,)})
+    assert got.scores == {"stem": 0.5, "lambada": pytest.approx((10 * 0.2 + 20 * 0.8) / 30)}
+    assert got.merge_seconds == pytest.approx(3.0) and got.validation_seconds == pytest.approx(6.0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..common.errors import BadParameter
 from ..eval.registry import Task
 from .jobs import Job
-from .score import Validation, model_key, score_key
+from .score import Validation, model_key, score_key, task_identity
 from .store import ScoreStore
 
 ALL = (1.0,)
@@ -40,6 +40,7 @@ class Evaluator:
         self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
         self._tasks = {d: v.tasks(d) for d in v.domains}
         self._bounds = {t: bounds(t, v.size(t), self.fractions) for ts in self._tasks.values() for t in ts}
+        self._task_ids = {t: task_identity(t) for t in self._bounds}
         self._keys = {}
 
     @property
@@ -82,7 +83,7 @@ class Evaluator:
         mk = self._keys.get(id(model))
         if mk is None:
             mk = self._keys[id(model)] = (model, model_key(model))   # keep the model alive: id() stays unique
-        return score_key(mk[1], self.v, t, start, stop)
+        return score_key(mk[1], self.v, self._task_ids[t], start, stop)
 
 
 def bounds(t: Task, size: int | None, fractions) -> list:
@@ -112,7 +113,8 @@ def _combine(domains, found, evaluated, tasks) -> Scored:
     for (t, _, _), e in found:
         if e["score"] is not None:
             n, total = by_task.get(t, (0, 0.0))
-            by_task[t] = (n + e["examples"], total + e["score"] * e["examples"])
+            w = e["examples"] or 1      # a group of tasks' one all-examples range, counted as 0 examples
+            by_task[t] = (n + w, total + e["score"] * w)
     scores = {}
     for d in domains:
         vals = [by_task[t][1] / by_task[t][0] for t in tasks[d] if t in by_task]

@@ -100,9 +100,15 @@ def model_key(model) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def score_key(model: str, v: Validation, t: Task, start: int, stop: int) -> str:
-    """The store's key of a model's score on task t's examples start..stop-1 under v's settings."""
+def task_identity(t: Task) -> list:
+    """What fixes a task's scores: its name, metric, shots and, for a generated task, its files' digest
+    (reads them all: compute it once a task, not once a key)."""
+    return [t.name, t.metric, t.num_fewshot, tasks_digest(t.include) if t.include else None]
+
+
+def score_key(model: str, v: Validation, task: list, start: int, stop: int) -> str:
+    """The store's key of a model's score on a task (its task_identity) over examples start..stop-1
+    under v's settings."""
     text = json.dumps({"model": model, "validation": {**asdict(v), "domains": None, "limit": None},
-                       "task": [t.name, t.metric, t.num_fewshot, tasks_digest(t.include) if t.include else None],
-                       "range": [start, stop]}, sort_keys=True, default=str)
+                       "task": task, "range": [start, stop]}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
