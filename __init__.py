@@ -33,3 +33,8 @@ def __getattr__(name: str):
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy attributes too, so dir(mbmerge) and tab completion show them before their first use
+    return sorted({*globals(), *_ATTRIBUTES, *_SUBPACKAGES})

@@ -8,6 +8,7 @@ import difflib
 import errno
 import importlib
 import sys
+from pathlib import Path
 
 import click
 
@@ -77,8 +78,19 @@ class DefaultMerge(click.Group):
         return f"no command '{word}' (commands: {', '.join(names)}; default: merge --method ...)"
 
 
+def _version(ctx, _param, value) -> None:
+    """--version: the version and which fast paths this installation has (imports torch to find out)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from ..common import VERSION
+    from ..kernels import describe
+    click.echo(f"mbmerge {VERSION} ({describe()})")
+    ctx.exit()
+
+
 @click.group(cls=DefaultMerge, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mbmerge")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the version, whether the compiled CPU loops are built and Triton is installed, and exit.")
 def cli():
     """Streaming merges of fine-tuned LLMs. Default command: merge."""
 
@@ -116,10 +128,14 @@ def cli():
 @click.option("--device", default="auto", show_default=True,
               help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), envvar="MBMERGE_KERNELS",
-              help="Kernel backend: auto (Triton on CUDA, else torch), torch or triton [default: $MBMERGE_KERNELS, "
-                   "else auto].")
+              help="What runs the methods that have fused kernels (the others always run torch). auto: Triton "
+                   "on a CUDA device (when installed, else torch); on the CPU the compiled C loops when they are "
+                   "built (`mbmerge --version` says) and --compile is on, else the torch methods. torch: the "
+                   "eager torch methods everywhere (on the CPU, the same as --no-compile). triton: Triton (on "
+                   "the CPU only under TRITON_INTERPRET=1) [default: $MBMERGE_KERNELS, else auto].")
 @click.option("--compile/--no-compile", "compiled", default=None,
-              help="Compiled CPU loops [default: on, unless MBMERGE_COMPILE=0].")
+              help="With --kernels auto on the CPU: the compiled C loops (the fast path), or the torch methods "
+                   "(slower, the same bytes); no effect on a GPU [default: on, unless MBMERGE_COMPILE=0].")
 @click.option("--zoo-size", type=click.Choice(ZOO_SIZES), help="With domain experts and no --base: the mini "
               "zoo's size [default: $MBMERGE_ZOO_SIZE, else full].")
 @click.option("--stats", "stats_dirs", help="fisher, regmean, localize_stitch_trained: one statistics folder per "
@@ -158,7 +174,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             return _merge_stages(config, out, intermediate_dir, run)
         from ..engine.recipe import load_recipe
         recipe = load_recipe(config)
-        merged, given = recipe["merge"], recipe["params"]
+        merged, given = {**recipe["merge"], "config": Path(config).read_text(encoding="utf-8")}, recipe["params"]
     else:
         for name, value in [("--method", method), ("--experts", experts)]:
             if value is None:
@@ -178,15 +194,20 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
 
 def _merge_stages(config, out, intermediate_dir, run: dict) -> None:
     """A --config of several YAML documents, each stage merged with this run's options (engine/stages.py).
-    Stages already merged are kept (mergekit's lazy), unless --overwrite, which redoes them all."""
+    Stages whose output records their current fingerprint are kept (mergekit's lazy, made exact);
+    --overwrite merges them all again."""
     from ..engine.stages import run_stages
 
     def merge_models(**kwargs):
         from ..stats.prepare import merge               # torch, once every stage is checked
         return merge(**kwargs)
+
+    def fingerprint(**kwargs):
+        from ..stats.prepare import fingerprint
+        return fingerprint(**kwargs)
     with _resumable():
         path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not run["overwrite"],
-                          merge=merge_models, **run)
+                          merge=merge_models, fingerprint=fingerprint, **run)
     if run["progress"]:
         click.echo(f"stages merged; output in {path}")
 

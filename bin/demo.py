@@ -10,12 +10,19 @@ import click
 
 from .. import methods
 from ..common.errors import MbmergeError
+from ..common.progress import Progress
 from ..engine.stats_folders import read_card
 from ..eval import harness
 from ..eval.domains import DOMAINS
 from ..eval.report import np_text, undefined_note, write_report
 from ..eval.zoo import build_zoo
 from ..stats.prepare import collect_statistics, merge
+
+# --micro: statistics on a handful of examples per expert (the statistics cache keys on the count, so
+# they never stand for a full run's 1000) and the first MICRO["limit"] test examples of each domain,
+# so the whole demo takes seconds
+MICRO = {"samples": 8, "limit": 48}
+
 
 def five_expert_methods() -> list[str]:
     return [m.name for m in methods.REGISTRY.values() if m.min_experts <= 5 <= (m.max_experts or 5)]
@@ -55,33 +62,63 @@ def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_eva
         yield name, record
 
 
-def _statistics(name: str, zoo: Path, progress: bool) -> tuple[list[Path] | None, float | None]:
+def _settings(name: str, micro: bool) -> dict:
+    """A method's demo parameters; with --micro, its statistics on MICRO's few examples."""
+    m = methods.get(name)
+    return {**m.demo, **({"samples": MICRO["samples"]} if micro and m.data_statistic else {})}
+
+
+def _statistics(name: str, zoo: Path, micro: bool, progress: bool) -> tuple[list[Path] | None, float | None]:
     """A data-aware method's statistics of each expert on its own domain (collected once, cached)
     and the seconds collecting them took (from their cards, so a cached run still reports them)."""
     if methods.get(name).data_statistic is None:
         return None, None
     folders = collect_statistics(name, [zoo / d for d in DOMAINS], list(DOMAINS), base=zoo / "base",
-                                 params=methods.get(name).demo, progress=progress)
+                                 params=_settings(name, micro), progress=progress)
     return folders, sum(read_card(f)["seconds"] for f in folders)
 
 
-def _merged_row(name: str, zoo: Path, out: Path, evaluation: dict, progress: bool) -> dict:
+def _merged_row(name: str, zoo: Path, out: Path, evaluation: dict, micro: bool, progress: bool) -> dict:
     """Merge the zoo's five experts with a method (its demo settings) into OUT/merges/NAME, evaluate
     the merge: its report row (runs in this process or as a Ray task)."""
     folder = out / "merges" / name
-    stats, stats_seconds = _statistics(name, zoo, progress)
+    stats, stats_seconds = _statistics(name, zoo, micro, progress)
     merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
-          progress=False, protocol="mergebench", stats_folders=stats, **methods.get(name).demo)
+          progress=False, protocol="mergebench", stats_folders=stats, **_settings(name, micro))
     return _row(name, "merge", harness.report(folder, zoo=zoo, **evaluation), stats_seconds)
+
+
+def _rows(zoo: Path, out: Path, names: list[str], evaluation: dict, micro: bool, quiet: bool, ray_address):
+    """The report's rows: the base, the experts and the multi-task model evaluated, then each method's
+    merge; without quiet, 'k of N' on stderr as each is done, with an estimate of the time left."""
+    refs = [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]
+    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    steps, rows = Progress(len(refs) + len(names), say, "mbmerge demo"), []
+    for name, kind in refs:
+        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, **evaluation)))
+        steps.step(f"{name} evaluated")
+    if ray_address:     # every method at once, the experts' scores above already in the eval cache
+        from ..tune.runners import start_ray
+        ray = start_ray(ray_address)
+        task = ray.remote(_merged_row).options(num_cpus=1, max_retries=2)
+        merged = ray.get([task.remote(name, zoo, out, evaluation, micro, False) for name in names])
+    else:
+        merged = (_merged_row(name, zoo, out, evaluation, micro, not quiet) for name in names)
+    for row in merged:
+        rows.append(row)
+        steps.step(f"{row['model']}: normalised performance {np_text(row, rows, list(DOMAINS))}")
+    return rows
 
 
 @click.command("demo")
 @click.option("--out", "-o", default="mbmerge-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the merges and the report.")
 @click.option("--family", type=click.Choice(["llama", "gemma2"]), default="llama", show_default=True)
-@click.option("--micro", is_flag=True, help="The micro zoo (seconds; for tests, not for conclusions).")
+@click.option("--micro", is_flag=True, help=f"The micro zoo, statistics on {MICRO['samples']} examples per expert "
+              f"and {MICRO['limit']} test examples per task (seconds; for tests, not for conclusions).")
 @click.option("--methods", "names", default="all", show_default=True, help="Comma-separated methods, or all.")
-@click.option("--limit", type=int, help="Evaluate on at most N examples per task.")
+@click.option("--limit", type=int, help="Evaluate on at most N examples per task [default: all 100; "
+              f"--micro: {MICRO['limit']}].")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
 @click.option("--cache", type=click.Path(path_type=Path), help="Zoo cache folder.")
 @click.option("--tune", "tuned", is_flag=True, help="Also tune methods on the validation split (MergeBench's "
@@ -103,34 +140,24 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
         require_extra()
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
+    limit = MICRO["limit"] if limit is None and micro else limit
     evaluation = dict(limit=limit, batch_size=batch_size, verbose=verbose)
-    rows = []
-    for name, kind in [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]:
-        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, **evaluation)))
-    if ray_address:     # every method at once, the experts' scores above already in the eval cache
-        from ..tune.runners import start_ray
-        ray = start_ray(ray_address)
-        task = ray.remote(_merged_row).options(num_cpus=1, max_retries=2)
-        merged = ray.get([task.remote(name, zoo, out, evaluation, False) for name in names])
-    else:
-        merged = (_merged_row(name, zoo, out, evaluation, not quiet) for name in names)
-    for row in merged:
-        rows.append(row)
-        if not quiet:
-            click.echo(f"{row['model']}: normalised performance {np_text(row, rows, list(DOMAINS))}", err=True)
+    rows = _rows(zoo, out, names, evaluation, micro, quiet, ray_address)
     for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
                                    None if prune == "none" else prune, ray_address) if tuned else []):
         rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, **evaluation),
                          tuning=record))
     if ray_address:
-        ray.shutdown()
+        from ..tune.runners import start_ray
+        start_ray(ray_address).shutdown()
     zoo_record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
     settings = {m.name: m.demo for m in methods.REGISTRY.values() if m.demo}
     preface = (f"Zoo: `{zoo}` ({family}, {'micro' if micro else 'full'}; {zoo_record.get('parameters', '?')} "
                f"parameters). Merges: all five experts, `--protocol mergebench`, MergeBench's example "
                f"settings ({json.dumps(settings)}). Normalised performance: mean over domains of "
                f"score / the domain expert's score. Forgetting: relative drop of the general-knowledge "
-               f"score against the base.")
+               f"score against the base. Evaluated on {limit or 'all'} test examples per domain"
+               + (f"; statistics on {MICRO['samples']} examples per expert." if micro else "."))
     table = write_report(rows, list(DOMAINS), out, preface)
     if not quiet:
         click.echo(table)

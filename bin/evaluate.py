@@ -1,11 +1,13 @@
 """`mbmerge eval`: score a model folder on a family's domains with lm-eval, compare it with the
-experts (normalised performance) and the base (forgetting), and write the JSON report."""
+experts (normalised performance) and the base (forgetting), print the table (or the JSON report
+with --json), write the JSON report to --out, and say each task's progress on stderr."""
 import json
 from pathlib import Path
 
 import click
 
 from ..eval import harness, registry
+from ..eval.report import eval_table
 
 
 @click.command("eval")
@@ -21,8 +23,11 @@ from ..eval import harness, registry
 @click.option("--chat-template", is_flag=True, help="Apply the tokenizer's chat template (MergeBench: off).")
 @click.option("--dry-run", is_flag=True, help="Print the lm-eval tasks and settings; run nothing.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table (for scripts).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
-def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_template, dry_run, out, verbose):
+def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_template, dry_run, out, as_json, quiet,
+             verbose):
     """Evaluate MODEL_DIR: per-domain scores, normalised performance vs the experts, forgetting vs the base."""
     try:
         family = registry.family_of(family)
@@ -46,12 +51,13 @@ def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_te
     if family == registry.ZOO and zoo is None:
         raise click.UsageError("no zoo found: build it with `mbmerge zoo` or pass --zoo DIR")
     rep = harness.report(model_dir, family=family, domains=doms, zoo=zoo, limit=limit, batch_size=batch_size,
-                         device=device, chat_template=chat_template, verbose=verbose)
+                         device=device, chat_template=chat_template, verbose=verbose,
+                         progress=None if quiet else (lambda line: click.echo(line, err=True)))
     text = json.dumps(rep, indent=2)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
-    click.echo(text)
+    click.echo(text if as_json else f"{model_dir} ({family}, {limit or 'all'} examples a task)\n\n{eval_table(rep)}")
 
 
 def _default_zoo() -> Path | None:

@@ -1,5 +1,6 @@
 """`mbmerge extract-lora`: a PEFT LoRA adapter from a base and a fine-tune (engine/extract_lora.py), with
 mergekit-extract-lora's options."""
+import json
 from pathlib import Path
 
 import click
@@ -33,3 +34,7 @@ def extract_lora(base, model, out, max_rank, distribute_scale, embed_lora, modul
     path = run(base, model, out, options, overwrite)
     if not quiet:
         click.echo(f"LoRA adapter written to {path} (relative errors per tensor in {path / 'mbmerge.json'})")
+        unchanged = json.loads((path / "mbmerge.json").read_text())["unchanged"]
+        if unchanged:
+            click.echo(f"{len(unchanged)} tensor(s) equal to the base's left out (no LoRA, no copy), e.g. "
+                       f"{unchanged[0]}; listed under 'unchanged' in mbmerge.json")

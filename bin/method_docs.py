@@ -79,8 +79,14 @@ def list_methods(as_markdown):
     if as_markdown:
         click.echo(markdown(), nl=False)
         return
-    for m in methods.REGISTRY.values():
-        click.echo(f"{m.name:16} {m.summary}  [trim: {m.trim}, sign: {m.elect}, span: {m.span}, "
+    rows = list(methods.REGISTRY.values())
+    params = [p for m in rows for p in m.params]
+    # column widths from the longest entry, so a long name never pushes its row out of line
+    name_w = max(len(m.name) for m in rows)
+    flag_w = max((len(_flag(p.name)) for p in params), default=0)
+    default_w = max((len(str(p.default)) for p in params), default=0)
+    for m in rows:
+        click.echo(f"{m.name:{name_w}}  {m.summary}  [trim: {m.trim}, sign: {m.elect}, span: {m.span}, "
                    f"experts: {_experts(m)}]  {m.paper}")
         for p in m.params:
-            click.echo(f"    {_flag(p.name):17} default {p.default!s:8} {p.help}")
+            click.echo(f"    {_flag(p.name):{flag_w}}  default {p.default!s:{default_w}}  {p.help}")

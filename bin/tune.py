@@ -44,16 +44,20 @@ from .options import listed as _listed, method_param_options
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
 @click.option("--protocol", type=click.Choice([*sorted(methods.PROTOCOLS), "none"]), default="mergebench",
               show_default=True, help="The candidates' protocol (mergebench: TIES sum, embeddings kept, ...).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (not needed to rerun the same "
+              "tune into its own output).")
 @click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", is_flag=True, help="Let Ray's own logging through (its start-up lines, workers' "
+              "output).")
 @method_param_options
 def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, prune, storage,
          study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
-         batch_size, protocol, overwrite, quiet, **params):
+         batch_size, protocol, overwrite, quiet, verbose, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
     require_extra()
     from ..tune import search
+    from ..tune.record import table
     from ..tune.space import parse_grid
     experts, validate = _listed(experts), _listed(validate)
     fixed = {k: v for k, v in params.items() if v is not None}
@@ -69,21 +73,33 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
                              prune=None if prune == "none" else prune, storage=storage, study=study_name, show=show,
                              ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                              retries=retries, device=device, protocol=None if protocol == "none" else protocol,
-                             stats_folders=_listed(stats_dirs), data=_listed(data), **kw, **fixed)
-        from ..tune.show import plot
-        plot(record, Path(out) / "tune-params.png")
+                             stats_folders=_listed(stats_dirs), data=_listed(data), verbose=verbose, **kw, **fixed)
+        from ..tune.best import save_plot
+        png = save_plot(Path(out), record)
+    _warnings(record)
+    if quiet:
+        return
+    if method == "hi_merging":
+        click.echo(f"{record['summary']}\n\nbest merge written to {out} (every decision: {Path(out) / 'tune.json'})")
+        return
+    click.echo(table(record))
+    pictured = f"NP against each parameter: {png}" if png else "no plot: no trial has an NP to show"
+    if show:
+        click.echo(f"\n{pictured}")
+        return
+    written = "written to" if record["this_run"]["merged"] else "already in"
+    click.echo(f"\nbest merge (trial {record['best']['number']}) {written} {out} (all trials: "
+               f"{Path(out) / 'tune.json'}; {pictured})")
+
+
+def _warnings(record: dict) -> None:
+    """What the user must know, said on stderr even with --quiet."""
     failed = record.get("this_run", {}).get("failed")
-    if failed:     # said even with --quiet
+    if failed:
         click.echo(f"mbmerge: warning: {len(failed)} trial(s) failed ({failed[0]}); run the command again to "
                    f"retry them", err=True)
-    if (record.get("best") or {}).get("note"):     # a warning, not progress: said even with --quiet
+    if (record.get("best") or {}).get("note"):
         click.echo(f"mbmerge: warning: {record['best']['note']}", err=True)
-    if not quiet:
-        click.echo(search.table(record) if method != "hi_merging" else record["summary"])
-        if method == "hi_merging":
-            click.echo(f"\nbest merge written to {out} (every decision: {Path(out) / 'tune.json'})")
-        elif show:
-            click.echo(f"\nplot of NP against each parameter: {Path(out) / 'tune-params.png'}")
-        else:
-            click.echo(f"\nbest merge written to {out} (all trials: {Path(out) / 'tune.json'}; NP against each "
-                       f"parameter: {Path(out) / 'tune-params.png'})")
+    if record.get("running"):      # --show reads a study that other processes still run
+        click.echo(f"mbmerge: warning: trial(s) {', '.join(map(str, record['running']))} still run in another "
+                   f"process: the best may change when they finish", err=True)

@@ -2,7 +2,7 @@
 imported on first use: the command line reads engine.output and engine.resolve without torch."""
 import importlib
 
-_LAZY = {"merge": ".api", "run": ".api", "sources": ".api", "MergeSpec": ".spec", "spec_from": ".spec",
+_LAZY = {"merge": ".api", "run": ".api", "sources": ".api", "fingerprint": ".api", "MergeSpec": ".spec", "spec_from": ".spec",
          "VERSION": ".spec", "MbmergeError": "..common.errors"}
 
 

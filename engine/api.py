@@ -1,8 +1,9 @@
 """run(spec): resolve the inputs, check them, plan, merge, and publish the output folder. Knows no
 workloads (the mini zoo) and collects no data statistics: those come as folders."""
+import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -12,8 +13,9 @@ from ..common.errors import BadParameter, InputChanged
 from ..common.names import domain_names
 from . import chat_template, lora, side_files, vocabulary
 from .execute import Merger
-from .index import INDEX_FILE, TensorIndex, check_agreement
-from .journal import JOURNAL, Journal, fingerprint, input_identity
+from .index import INDEX_FILE, TensorIndex, check_agreement, float_width_notes
+from .journal import JOURNAL, Journal, input_identity
+from .journal import fingerprint as fingerprint_of
 from .output import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder, publish,
                      remove_empty)
 from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, make_plan, parse_shard_size
@@ -21,7 +23,7 @@ from .read import MappedModel
 from .recipe import tensor_overrides
 from .resolve import Source, resolve
 from .slices import layer_count, virtual_inputs
-from .spec import VERSION, MergeSpec, spec_from
+from .spec import CONFIG_FILE, VERSION, MergeSpec, spec_from
 from .stats_folders import open_statistics, read_card
 from .tied import reconcile
 from .vocab_rows import VocabularyModel, reshaped, vocab_tensors
@@ -106,13 +108,46 @@ def _warn_repeated(models: list[tuple[str, list[Path]]]) -> None:
         seen.setdefault(real, role)
 
 
-def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], started: float) -> Path:
+@dataclass
+class _Inputs:
+    """One merge's inputs read and checked, and its plan: everything known before a byte is written."""
+    spec: MergeSpec
+    method: object
+    base: Source | None
+    experts: list[Source]
+    side: Path                  # config and tokenizer files come from here
+    raw: dict                   # role -> each input's index as stored
+    adapters: dict              # role -> its LoRA adapter, for inputs that have one
+    base_index: TensorIndex | None
+    indexes: list[TensorIndex]
+    roles: list[str]
+    refs: list[str]
+    tied: list[str]
+    vocab: object
+    template: tuple | None
+    ref_index: TensorIndex
+    plan: object
+    stat_indexes: list[TensorIndex]
+    identity: dict
+    fingerprint: str
+    command: str                # the command line that reruns it (the recipe's gradients stay in the recipe)
+
+
+def fingerprint(spec: MergeSpec) -> str:
+    """The fingerprint a merge of `spec` records in its mbmerge.json (its recipe, output layout and each
+    input file's identity), computed without writing: an output recording the same one is this merge."""
+    base, experts = sources(spec)
+    with kernels.using(spec.kernels, spec.compile):
+        return _read_inputs(spec, base, experts).fingerprint
+
+
+def _read_inputs(spec: MergeSpec, base: Source | None, experts: list[Source]) -> _Inputs:
     method = methods.get(spec.method)
     base_index = TensorIndex.from_folder(base.path, "base") if base else None
     indexes = [TensorIndex.from_folder(s.path, s.role) for s in experts]
-    side = (base_index or indexes[0]).folder           # config and tokenizer files come from here
+    side = (base_index or indexes[0]).folder
     pairs = [(s, ix) for s, ix in zip([base, *experts], [base_index, *indexes]) if s is not None]
-    raw = {s.role: ix for s, ix in pairs}                     # each input as stored
+    raw = {s.role: ix for s, ix in pairs}
     adapters = {s.role: lora.read_adapter(s.adapter, ix, s.role) for s, ix in pairs if s.adapter is not None}
     folders = [ix for _, ix in pairs] + [a.index for a in adapters.values()]   # the inputs' own files (identity)
     if adapters:              # each adapted model as the merge reads it: its LoRA folded in
@@ -137,15 +172,38 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     plan = make_plan(ref_index, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
                      keep_base=spec.keep_base, span=method.span, preferred=_chunk_size(method, spec.device),
                      shard_size=spec.out_shard_size or (parse_shard_size("5B") if spec.slices else None))
-    if spec.layered:          # the recipe's gradients and filters, per tensor, after the user's own overrides
-        spec = replace(spec, layered=None, overrides=spec.overrides + tuple(
-            tensor_overrides(spec.method, spec.layered, [t.name for t in plan.tensors if t.merge])))
+    command = spec.command()
+    spec = _with_tensor_overrides(spec, [t.name for t in plan.tensors if t.merge])
     stat_indexes = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], plan)
                     if method.data_statistic else [])
     identity = input_identity(folders + stat_indexes)
-    fp = fingerprint(spec.recipe(), plan, identity)
+    return _Inputs(spec, method, base, experts, side, raw, adapters, base_index, indexes, roles, refs, tied, vocab,
+                   template, ref_index, plan, stat_indexes, identity, fingerprint_of(spec.recipe(), plan, identity),
+                   command)
+
+
+def _with_tensor_overrides(spec: MergeSpec, merged: list[str]) -> MergeSpec:
+    """spec with the recipe's gradients and filters made per-tensor overrides, after the user's own; an
+    --override that matches none of the merged tensors is refused (it would change nothing, silently)."""
+    for pattern, _ in spec.overrides:
+        if not any(re.search(pattern, name) for name in merged):
+            raise BadParameter(f"--override {pattern!r} matches none of the {len(merged)} merged tensors (e.g. "
+                               f"{merged[len(merged) // 2] if merged else 'none'}); check the pattern")
+    if not spec.layered:
+        return spec
+    return replace(spec, layered=None, overrides=spec.overrides + tuple(
+        tensor_overrides(spec.method, spec.layered, merged)))
+
+
+def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], started: float) -> Path:
+    got = _read_inputs(spec, base, experts)
+    spec, plan = got.spec, got.plan
+    if not spec.dtype:
+        for note in float_width_notes(got.ref_index, dict(zip(got.refs, got.indexes)),
+                                      "the base" if got.base_index else f"expert {got.refs[0]!r}"):
+            print(f"mbmerge: notice: {note}", file=sys.stderr)
     tmp = partial_folder(spec.out)
-    resumed = Journal.resume(tmp, fp, plan) if spec.resume else None
+    resumed = Journal.resume(tmp, got.fingerprint, plan) if spec.resume else None
     if resumed is None:
         discard(tmp, notice=True)
         tmp.mkdir()
@@ -155,51 +213,23 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     maps = []
     try:
-        def mapped(ix: TensorIndex, role: str, ref: str):
-            inner = lora.AdaptedModel(raw[role], adapters[role]) if role in adapters else MappedModel(ix)
-            return VocabularyModel(inner, ref, vocab) if vocab else inner
-        base_map = mapped(base_index, "base", base.ref) if base_index else None
-        expert_maps = [mapped(ix, role, ref) for ix, role, ref in zip(indexes, roles, refs)]
-        stat_maps = [MappedModel(ix) for ix in stat_indexes]
-        if vocab:             # rows a model lacks are made from the merge inputs' rows
-            inputs = {m.ref: m for m in ([base_map] if base_map and method.needs_base else []) + expert_maps}
-            for m in [base_map, *expert_maps]:
-                if m is not None:
-                    m.attach([inputs[ref] for ref in vocab.inputs])
+        base_map, expert_maps, stat_maps = _open_inputs(got)
         maps = [m for m in [base_map, *expert_maps, *stat_maps] if m is not None]
-        writer, journal = ShardWriter(tmp, plan, prefixes), Journal(tmp, fp, fresh=resumed is None)
+        writer, journal = ShardWriter(tmp, plan, prefixes), Journal(tmp, got.fingerprint, fresh=resumed is None)
         try:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
-            merger = Merger(plan=plan, method=method, params=spec.resolved, base=base_map, experts=expert_maps,
-                            roles=roles, writer=writer, allow_nonfinite=spec.allow_nonfinite,
+            merger = Merger(plan=plan, method=got.method, params=spec.resolved, base=base_map, experts=expert_maps,
+                            roles=got.roles, writer=writer, allow_nonfinite=spec.allow_nonfinite,
                             device=spec.device, stat_inputs=stat_maps, overrides=spec.resolved_overrides)
             merger.run(spec.progress, journal, done, model_thr, ties)
         finally:
             writer.close()
             journal.close()
-        if changed := input_changes(identity):
+        if changed := input_changes(got.identity):
             raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
-        write_index(tmp, plan)
-        copied = side_files.copy(side, tmp, spec.dtype, tokenizer=spec.copy_tokenizer and not vocab)
-        if spec.slices:
-            side_files.set_config(tmp, "num_hidden_layers", layer_count(ref_index))
-        if vocab:             # the built tokenizer, whatever copy_tokenizer says (mergekit's rule)
-            copied += [Path(f).name for f in vocab.tokenizer.save_pretrained(str(tmp)) if Path(f).parent == tmp]
-            side_files.set_config(tmp, "vocab_size", vocab.rows)
-        if template and template[0]:
-            chat_template.write(tmp, template[0])
-        record = _record(spec, base, experts, plan, time.perf_counter() - started)
-        record["chat_template"] = template[1] if template else None
-        record["tied_heads"] = tied            # what was merged as a head, or left out, and why
-        record["vocabulary"] = vocab.notes if vocab else None
-        if stat_indexes:
-            record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in stat_indexes]
-        digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
-        record.update(resumed_tensors=len(done), inputs=identity,
-                      sha256={**digests, **sha256_files(tmp, [INDEX_FILE] * plan.sharded + copied)})
-        write_card(tmp, record)
+        _finish(got, tmp, writer, len(done), time.perf_counter() - started)
         publish(tmp, spec.out, spec.overwrite)
     except KeyboardInterrupt:
         raise         # the partial folder and its journal stay: the same command resumes
@@ -210,6 +240,51 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         for m in maps:
             m.close()
     return spec.out
+
+
+def _open_inputs(got: _Inputs) -> tuple:
+    """(the base's reader or None, the experts', the statistics') over mapped files."""
+    vocab = got.vocab
+
+    def mapped(ix: TensorIndex, role: str, ref: str):
+        inner = lora.AdaptedModel(got.raw[role], got.adapters[role]) if role in got.adapters else MappedModel(ix)
+        return VocabularyModel(inner, ref, vocab) if vocab else inner
+    base_map = mapped(got.base_index, "base", got.base.ref) if got.base_index else None
+    expert_maps = [mapped(ix, role, ref) for ix, role, ref in zip(got.indexes, got.roles, got.refs)]
+    if vocab:             # rows a model lacks are made from the merge inputs' rows
+        inputs = {m.ref: m for m in ([base_map] if base_map and got.method.needs_base else []) + expert_maps}
+        for m in [base_map, *expert_maps]:
+            if m is not None:
+                m.attach([inputs[ref] for ref in vocab.inputs])
+    return base_map, expert_maps, [MappedModel(ix) for ix in got.stat_indexes]
+
+
+def _finish(got: _Inputs, tmp: Path, writer: ShardWriter, resumed: int, seconds: float) -> None:
+    """Everything beside the tensors: the index, config and tokenizer files, the recipe, the card."""
+    spec, plan, vocab = got.spec, got.plan, got.vocab
+    write_index(tmp, plan)
+    copied = side_files.copy(got.side, tmp, spec.dtype, tokenizer=spec.copy_tokenizer and not vocab)
+    if spec.slices:
+        side_files.set_config(tmp, "num_hidden_layers", layer_count(got.ref_index))
+    if vocab:             # the built tokenizer, whatever copy_tokenizer says (mergekit's rule)
+        copied += [Path(f).name for f in vocab.tokenizer.save_pretrained(str(tmp)) if Path(f).parent == tmp]
+        side_files.set_config(tmp, "vocab_size", vocab.rows)
+    if got.template and got.template[0]:
+        chat_template.write(tmp, got.template[0])
+    if spec.config is not None:           # the recipe the merge ran, beside it (as mergekit_config.yml)
+        (tmp / CONFIG_FILE).write_text(spec.config)
+        copied.append(CONFIG_FILE)
+    record = _record(spec, got.base, got.experts, plan, seconds)
+    record.update(command=got.command, chat_template=got.template[1] if got.template else None,
+                  tied_heads=got.tied,    # what was merged as a head, or left out, and why
+                  vocabulary=vocab.notes if vocab else None, fingerprint=got.fingerprint)
+    if got.stat_indexes:
+        record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)}
+                                for ix in got.stat_indexes]
+    digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
+    record.update(resumed_tensors=resumed, inputs=got.identity,
+                  sha256={**digests, **sha256_files(tmp, [INDEX_FILE] * plan.sharded + copied)})
+    write_card(tmp, record)
 
 
 def _chunk_size(method, device) -> int:
@@ -269,6 +344,8 @@ def _stats_folders(spec: MergeSpec) -> list[Path]:
 def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, seconds: float) -> dict:
     def source(s: Source) -> dict:
         return {"role": s.role, "ref": s.ref, "path": str(s.path.resolve()), "revision": s.revision}
+    method = methods.get(spec.method)
+    backend, threads = kernels.merge_backend(spec.device, fused=method.fused is not None, span=method.span)
     return {
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
@@ -277,9 +354,10 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         **({"tokenizer": spec.tokenizer} if spec.tokenizer else {}),
         **({"slices": spec.recipe()["slices"]} if spec.slices else {}),
         **({"overrides": spec.recipe()["overrides"]} if spec.overrides else {}),
+        **({"recipe_file": CONFIG_FILE} if spec.config is not None else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),
         "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(spec.device),
+        "kernels": {"backend": backend, "threads": threads},      # what merged the chunks (kernels.merge_backend)
         **({"peak_gpu_bytes": torch.cuda.max_memory_allocated(spec.device)} if spec.device.type == "cuda" else {}),
-        "command": spec.command(),
     }

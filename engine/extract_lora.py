@@ -5,6 +5,14 @@ B = U sqrt(S) (or A = S V^T, B = U without distribute_scale); embeddings and the
 time: memory is the largest tensor's delta and its SVD. Written as a PEFT folder (adapter_config.json
 with r = alpha = the largest rank, so each module's scale is 1, and adapter_model.safetensors) with
 each tensor's relative reconstruction error ||D - B A||_F / ||D||_F in mbmerge.json.
+
+A tensor whose delta is exactly zero (every element equal to the base's) is left out: no zero LoRA,
+no whole copy (mergekit-extract-lora 0.1.5 writes a rank-r LoRA of zeros, and saves the embeddings
+and head whole, changed or not). mbmerge.json lists it under "unchanged", and the config names
+only modules that have weights in the file: a module's last part (q_proj) where every module ending
+in it has them, else full names (PEFT matches a name to every module ending in it, and a matched
+module with no weights gets a fresh LoRA or copy and a "missing adapter keys" warning). A model
+whose 2-D weights all equal the base's is refused: PEFT loads no LoRA config that targets nothing.
 """
 import json
 import os
@@ -76,38 +84,19 @@ def _extract(base: Path, model: Path, out: Path, b_ix, m_ix, options: Options, o
     tmp.mkdir(parents=True)
     bm, mm = MappedModel(b_ix), MappedModel(m_ix)
     try:
-        errors, ranks, saved = {}, {}, set()
+        found = _Found()
         with open(tmp / "data.bin", "wb") as data:
             sink = _Out(data)
             for name, e in tqdm(list(m_ix.tensors.items()), desc="mbmerge extract-lora", disable=not options.progress):
-                module = name.removesuffix(".weight")
-                what = _what(name, e, b_ix.tensors[name], options)
-                if what == "skip":
-                    continue
-                if what == "whole":
-                    sink.add(PREFIX + name, mm.chunk(e, 0, e.numel).view(e.shape), e.dtype)
-                    saved.add(module.split(".")[-1])
-                    continue
-                delta = (mm.chunk(e, 0, e.numel).float() - bm.chunk(b_ix.tensors[name], 0, e.numel).float())
-                delta = delta.view(e.shape)
-                embedding = name in EMBEDDINGS
-                a, b = _factors(delta.T if embedding else delta, options)
-                a, b = a.to(e.torch_dtype), b.to(e.torch_dtype)
-                approx = (b.float() @ a.float())
-                errors[name] = _relative_error(delta.T if embedding else delta, approx)
-                ranks[module] = a.shape[0]
-                names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-                sink.add(f"{PREFIX}{module}.{names[0]}", a, e.dtype)
-                sink.add(f"{PREFIX}{module}.{names[1]}", b, e.dtype)
-                mm.release(e, 0, e.numel)
-                bm.release(b_ix.tensors[name], 0, e.numel)
+                _add(name, e, b_ix.tensors[name], bm, mm, sink, found, options)
         _assemble(tmp, sink.entries)
-        _config(tmp, base, ranks, sorted(saved | set(options.modules_to_save)))
+        _config(tmp, base, found, {_module(n) for n in m_ix.tensors})
         (tmp / "mbmerge.json").write_text(json.dumps({
             "mbmerge_version": VERSION, "method": "extract-lora", "base": str(Path(base).resolve()),
             "model": str(Path(model).resolve()),
             "options": {k: v for k, v in options.__dict__.items() if k != "progress"},
-            "ranks": ranks, "relative_error": errors, "saved_whole": sorted(saved),
+            "ranks": found.ranks, "relative_error": found.errors,
+            "saved_whole": sorted({m.split(".")[-1] for m in found.saved}), "unchanged": sorted(found.unchanged),
             "wall_seconds": round(time.perf_counter() - started, 3)}, indent=2) + "\n")
         for f in side_files(model):          # the fine-tune's tokenizer, as a merge copies one
             if is_tokenizer_file(f.name):
@@ -122,9 +111,56 @@ def _extract(base: Path, model: Path, out: Path, b_ix, m_ix, options: Options, o
     return Path(out)
 
 
+@dataclass
+class _Found:
+    """What the tensors became: LoRA ranks and errors, modules saved whole, tensors left out as unchanged."""
+    ranks: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    saved: set = field(default_factory=set)
+    unchanged: list = field(default_factory=list)
+
+
+def _module(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _add(name: str, e, b, bm: MappedModel, mm: MappedModel, sink: _Out, found: _Found, options: Options) -> None:
+    """One tensor into the adapter as _what plans it, unless its delta is exactly zero."""
+    what = _what(name, e, b, options)
+    if what == "skip":
+        return
+    x = mm.chunk(e, 0, e.numel).view(e.shape)
+    y = bm.chunk(b, 0, b.numel).view(b.shape) if e.shape == b.shape else None
+    if y is not None and _equal(x, y):
+        found.unchanged.append(name)
+    elif what == "whole":
+        sink.add(PREFIX + name, x, e.dtype)
+        found.saved.add(_module(name))
+    else:
+        delta = x.float() - y.float()
+        embedding = name in EMBEDDINGS
+        lora_a, lora_b = _factors(delta.T if embedding else delta, options)
+        lora_a, lora_b = lora_a.to(e.torch_dtype), lora_b.to(e.torch_dtype)
+        found.errors[name] = _relative_error(delta.T if embedding else delta, lora_b.float() @ lora_a.float())
+        found.ranks[_module(name)] = lora_a.shape[0]
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        sink.add(f"{PREFIX}{_module(name)}.{names[0]}", lora_a, e.dtype)
+        sink.add(f"{PREFIX}{_module(name)}.{names[1]}", lora_b, e.dtype)
+    mm.release(e, 0, e.numel)
+    if y is not None:
+        bm.release(b, 0, b.numel)
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor, block: int = 1 << 22) -> bool:
+    """Whether x - y is exactly zero everywhere (float32 blocks of 4M elements: an embedding is never
+    widened whole; NaN never equals)."""
+    xs, ys = x.reshape(-1).split(block), y.reshape(-1).split(block)
+    return all(torch.equal(a.float(), b.float()) for a, b in zip(xs, ys))
+
+
 def _what(name: str, e, b, options: Options) -> str:
     """'lora', 'whole' or 'skip' for one tensor, as mergekit-extract-lora plans it."""
-    module = name.removesuffix(".weight")
+    module = _module(name)
     short = module.split(".")[-1]
     if module in options.modules_to_save or short in options.modules_to_save:
         return "whole"
@@ -166,16 +202,32 @@ def _assemble(folder: Path, entries: list) -> None:
     os.unlink(folder / "data.bin")
 
 
-def _config(folder: Path, base: Path, ranks: dict, saved: list) -> None:
+def _config(folder: Path, base: Path, found: _Found, modules: set[str]) -> None:
     """adapter_config.json: r = lora_alpha = the largest rank; modules of another rank get it (and the
-    same alpha, so every scale is 1) in rank_pattern and alpha_pattern, as mergekit writes them."""
-    if not ranks and not saved:
-        raise BadParameter("nothing to extract: every tensor was excluded")
+    same alpha, so every scale is 1) in rank_pattern and alpha_pattern, as mergekit writes them;
+    target_modules and modules_to_save name exactly the modules with weights in the file (_peft_names)."""
+    ranks = found.ranks
+    if not ranks and not found.saved:
+        raise BadParameter("nothing to extract: every tensor was excluded or equals the base's")
+    if not ranks:   # PEFT refuses a LoRA config that targets no module
+        saved = sorted(found.saved)
+        shown = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
+        raise BadParameter(f"no LoRA to extract: every 2-D weight was excluded or equals the base's, and PEFT loads "
+                           f"no adapter without one (changed: {shown})")
     r = max(ranks.values(), default=1)
     other = {m: k for m, k in ranks.items() if k != r}
     config = {"base_model_name_or_path": str(base), "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
-              "lora_alpha": r, "use_rslora": False, "target_modules": sorted({m.split(".")[-1] for m in ranks}),
-              "modules_to_save": saved or None, "rank_pattern": other, "alpha_pattern": other,
+              "lora_alpha": r, "use_rslora": False, "target_modules": _peft_names(set(ranks), modules),
+              "modules_to_save": _peft_names(found.saved, modules) or None, "rank_pattern": other,
+              "alpha_pattern": other,
               "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "inference_mode": True}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+
+def _peft_names(chosen: set[str], modules: set[str]) -> list[str]:
+    """Names PEFT matches to exactly the `chosen` modules (it takes every module whose name ends in one):
+    a module's last part, as mergekit names them, where every module ending in it is chosen, else its
+    full name."""
+    short = {m: m.split(".")[-1] for m in chosen}
+    whole = {s for s in set(short.values()) if all(m in chosen for m in modules if m.endswith(s))}
+    return sorted({s if s in whole else m for m, s in short.items()})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
-from .header import FLOAT_DTYPES, TensorEntry, read_header
+from .header import DTYPES, FLOAT_DTYPES, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -169,6 +169,21 @@ def check_agreement(base: TensorIndex, experts: dict[str, TensorIndex], base_lab
                "a model (a recipe's tokenizer_source) to merge them" if vocab and not missing
                else "the experts are not fine-tunes of the same model")
         raise (MissingTensor if missing else ShapeMismatch)("; ".join(problems[:3]) + more + f": {why}")
+
+
+def float_width_notes(base: TensorIndex, experts: dict[str, TensorIndex], base_label: str = "base") -> list[str]:
+    """One line per expert stored in another float width than the base (check_agreement accepts them):
+    what the merge does about it."""
+    notes = []
+    for label, ex in experts.items():
+        widths = sorted({DTYPES[e.dtype].torch_name for name, b in base.tensors.items()
+                         if (e := ex.tensors.get(name)) is not None and e.dtype != b.dtype})
+        if widths:
+            stored = sorted({DTYPES[b.dtype].torch_name for b in base.tensors.values() if b.dtype in FLOAT_DTYPES})
+            notes.append(f"expert {label!r} is stored in {', '.join(widths)} where {base_label} is in "
+                         f"{', '.join(stored)}: the merge computes in float32 and writes {base_label}'s dtype "
+                         f"(--dtype to choose another)")
+    return notes
 
 
 def _resized_rows(e: TensorEntry, b: TensorEntry) -> bool:

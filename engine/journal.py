@@ -27,11 +27,16 @@ def input_identity(indexes: list[TensorIndex]) -> dict[str, dict]:
         for shard in ix.shards:
             path = ix.folder / shard
             st = path.stat()
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                head = hashlib.sha256(f.read(min(n, st.st_size))).hexdigest()
-            out[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": head}
+            out[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                        "header_sha256": header_sha256(path, st.st_size)}
     return out
+
+
+def header_sha256(path, size: int) -> str:
+    """The sha256 of a safetensors file's JSON header (its first `size` bytes at most)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return hashlib.sha256(f.read(min(n, size))).hexdigest()
 
 
 def fingerprint(recipe: dict, plan: Plan, identity: dict) -> str:

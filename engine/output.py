@@ -1,9 +1,11 @@
 """Where a merge may write: the output location checked before any input is read, the inputs kept
 apart from it, the folder locked for the whole merge, and the finished merge published by renames.
 
---overwrite replaces only an earlier mbmerge output (a folder holding a merge's mbmerge.json) or an
-empty folder, and only once the new merge is complete; an output equal to, inside or containing any
-input is refused, overwrite or not. Knows nothing of tensors.
+--overwrite replaces only an earlier mbmerge output or an empty folder, and only once the new merge is
+complete. An earlier output is a folder whose mbmerge.json lists the files mbmerge wrote into it
+("files", added by `publish`); a folder that holds anything else (a user's evaluation, a checkpoint) is
+refused in one line naming those files, and nothing in it is touched. An output equal to, inside or
+containing any input is refused, overwrite or not. Knows nothing of tensors.
 """
 import contextlib
 import fcntl
@@ -43,19 +45,51 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise OutputExists(f"output {out} already exists and is not empty (pass --overwrite to replace an "
                            f"earlier mbmerge output, or choose another --out)")
-    if not written_by_mbmerge(out):
+    record = read_record(out)
+    if record is None:
         raise OutputExists(f"output {out} holds files mbmerge did not write (no {RECORD} of a merge): "
                            f"--overwrite replaces only an earlier mbmerge output or an empty folder; "
                            f"choose another --out")
+    foreign = foreign_files(out, record)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExists(f"output {out} holds files mbmerge did not write ({shown}): --overwrite replaces only "
+                           f"an earlier output's own files; move them out of it or choose another --out")
+
+
+def read_record(folder: Path) -> dict | None:
+    """The record (mbmerge.json) of an mbmerge output in `folder`, or None where there is none."""
+    try:
+        record = json.loads((Path(folder) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and "mbmerge_version" in record and "method" in record else None
 
 
 def written_by_mbmerge(folder: Path) -> bool:
     """Whether `folder` holds the record of an mbmerge merge."""
-    try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and "mbmerge_version" in record and "method" in record
+    return read_record(folder) is not None
+
+
+def foreign_files(folder: Path, record: dict) -> list[str]:
+    """The entries of `folder` (relative paths, sorted) that its record does not list as mbmerge's: files
+    and links, and folders holding none of its files. A record older than the list names its files by
+    their checksums (sha256) besides the card and the record."""
+    own = record.get("files")
+    if not isinstance(own, list):
+        own = [*(record.get("sha256") or {}), "README.md", RECORD]
+    own = {str(f) for f in own}
+    parents = {str(p) for f in own for p in Path(f).parents}
+    foreign = []
+    for path in sorted(Path(folder).rglob("*")):
+        name = str(path.relative_to(folder))
+        if name in own and path.is_file() and not path.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink() and name in parents:
+            continue
+        if not any(f"{p}/" in foreign for p in Path(name).parents):   # a foreign folder, once
+            foreign.append(name + ("/" if path.is_dir() and not path.is_symlink() else ""))
+    return foreign
 
 
 def check_apart(out: Path, inputs: list[tuple[str, Path]]) -> None:
@@ -72,7 +106,8 @@ def check_apart(out: Path, inputs: list[tuple[str, Path]]) -> None:
             why = "contains"
         else:
             continue
-        raise OutputLocation(f"output {out} {why} {role} {path}: the merge would overwrite its own inputs; "
+        shown = role if role.endswith(str(path)) else f"{role} ({path})"
+        raise OutputLocation(f"output {out} {why} {shown}: the merge would overwrite its own inputs; "
                              f"choose an --out apart from every input")
 
 
@@ -140,10 +175,34 @@ def discard(tmp: Path, notice: bool = False) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def own_files(folder: Path, *names: str) -> None:
+    """Add files written beside an output after it was published (tune.json, a plot) to its record, so
+    a later --overwrite may replace them too."""
+    record = read_record(folder)
+    if record is not None:
+        update_record(folder, files=sorted({*record.get("files", []), *names}))
+
+
+def update_record(folder: Path, **fields) -> None:
+    """Set fields of a published output's record (what its caller knows and the merge did not)."""
+    record = read_record(folder)
+    if record is not None:
+        _write_record(folder, {**record, **fields})
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temporary folder to `out`; an old output (checked again: it may have
-    changed during the merge) is renamed aside first and removed once the new one is in place."""
+    """Move the finished temporary folder to `out`, its record listing every file in it; an old output
+    (checked again: it may have changed during the merge) is renamed aside first and removed once the
+    new one is in place."""
     out = Path(out).absolute()
+    record = read_record(tmp)
+    if record is not None:
+        record["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _write_record(tmp, record)
     check_location(out, overwrite)
     old = None
     if out.exists():

@@ -1,6 +1,7 @@
 """MergeSpec: everything a merge needs to know, checked once at construction."""
 import json
 import re
+import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ..common.errors import BadParameter
 from .plan import dtype_name, parse_shard_size, parse_size
 
 from ..common import VERSION  # noqa: F401  (the recipe records it)
+
+CONFIG_FILE = "mbmerge_config.yml"     # a recipe merge's recipe, beside the model (mergekit: mergekit_config.yml)
 
 
 def _regex(pattern: str, what: str) -> str:
@@ -60,6 +63,8 @@ class MergeSpec:
                                         # made overrides once the tensors are known (recipe.tensor_overrides)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
                                         # values replace `params` for that tensor (e.g. per layer)
+    config: str | None = None           # the mergekit recipe the merge came from (YAML text), written beside
+                                        # the model as CONFIG_FILE; the card's command reruns it
     kernels: str | None = None          # auto | torch | triton (default: kernels.chosen(): the caller's
     compile: bool | None = None         # kernels.using, else MBMERGE_KERNELS / MBMERGE_COMPILE)
     resolved: dict = field(default_factory=dict, init=False)
@@ -133,29 +138,34 @@ class MergeSpec:
                 **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
 
     def command(self) -> str:
-        """The equivalent command line (for the model card)."""
-        parts = ["mbmerge", "--method", self.method] + (["--protocol", self.protocol] if self.protocol else [])
-        if self.base:
-            parts += ["--base", self.base]
-        parts += ["--experts", ",".join(self.experts)]
-        for k, v in self.params.items():
-            v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-            parts += [f"--{k}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k}"]
-        if self.keep_base or methods.get(self.method).keep_base:  # '' overrides the method's default
-            parts += ["--keep-base", f"'{self.keep_base}'"]
-        if self.dtype:
-            parts += ["--dtype", self.dtype]
+        """The equivalent command line (for the model card): the recipe beside the model for a recipe
+        merge, else the method, its models and parameters; then the run's options that change bytes."""
+        if self.config is not None:
+            parts = ["mbmerge", "--config", shlex.quote(str(self.out / CONFIG_FILE))]
+        else:
+            parts = ["mbmerge", "--method", self.method] + (["--protocol", self.protocol] if self.protocol else [])
+            parts += ["--base", self.base] if self.base else []
+            parts += ["--experts", ",".join(self.experts)]
+            for k, v in self.params.items():
+                v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+                parts += [f"--{k}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k}"]
+            parts += ["--dtype", self.dtype] if self.dtype else []
+            parts += ["--tokenizer-source", self.tokenizer["source"]] if self.tokenizer else []  # the rest: the card
+            parts += ["--chat-template", json.dumps(self.chat_template)] if self.chat_template else []
+        default_keep = methods.protocol_defaults(methods.get(self.method), self.protocol).get(
+            "keep_base", methods.get(self.method).keep_base)
+        if self.keep_base != default_keep and (self.keep_base or default_keep):   # '' overrides the default
+            parts += ["--keep-base", shlex.quote(self.keep_base)]
         parts += ["--out-shard-size", str(self.out_shard_size)] if self.out_shard_size else []
         parts += [] if self.copy_tokenizer else ["--no-copy-tokenizer"]
-        parts += ["--tokenizer-source", self.tokenizer["source"]] if self.tokenizer else []   # the rest: the card
-        parts += ["--chat-template", json.dumps(self.chat_template)] if self.chat_template else []
+        parts += ["--allow-nonfinite"] if self.allow_nonfinite else []
         for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
             parts += [flag, ",".join(values)] if values else []
         for pattern, values in self.overrides:
             given = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                              for k, v in values.items())
-            parts += ["--override", f"'{pattern}'", f"'{given}'"]
-        return " ".join(parts + ["--out", str(self.out)])
+            parts += ["--override", shlex.quote(pattern), shlex.quote(given)]
+        return " ".join(parts + ["--out", shlex.quote(str(self.out))])
 
 
 def spec_from(method: str, experts, out, **options) -> MergeSpec:

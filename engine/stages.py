@@ -7,11 +7,19 @@ models[].model, slices' sources, tokenizer sources, chat_template); other names 
 Stages run after those they use, otherwise in document order; a cycle among them is refused.
 
 The intermediate dir defaults to `<out>.stages` beside `out`, or to `out` itself when no document is
-unnamed. With lazy (the default) a stage whose folder already holds a finished mbmerge merge is
-skipped; an interrupted stage resumes through the engine's own partial folder and journal, so the
-same call continues where it stopped. Every stage's recipe and output place is checked before any
-stage runs. Knows nothing of tensors; the merge itself is the caller's `merge` function.
+unnamed. Each stage's output records its fingerprint (its document, output layout and inputs' files,
+as any merge does). With lazy (the default) a stage is skipped only when its folder records the
+fingerprint it would have now; a changed stage is merged again, and so is every stage that uses it.
+A changed intermediate stage replaces its own earlier output; a changed final merge follows the
+single-merge rule: an existing output is replaced only with --overwrite (refused, before any stage
+runs, otherwise). Without lazy (--overwrite) every stage is merged again. An interrupted stage
+resumes through the engine's own partial folder and journal, so the same call continues where it
+stopped. Every stage's recipe, output place and state is checked before any stage runs. Knows
+nothing of tensors; the merge itself is the caller's `merge` function, its fingerprint the caller's
+`fingerprint`.
 """
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -22,7 +30,7 @@ import yaml
 
 from ..common.errors import BadParameter, MbmergeError
 from ..common.names import domain_names
-from .output import check_location, written_by_mbmerge
+from .output import check_location, read_record, update_record
 from .recipe import load_recipe
 from .resolve import hub_repo, parts
 
@@ -39,6 +47,12 @@ class Stage:
     out: Path
     needs: tuple[str, ...]
     merge: dict
+
+    @property
+    def document_sha256(self) -> str:
+        """What the stage's document asks for (its recipe read, the stages it uses as their folders)."""
+        asked = {k: v for k, v in self.merge.items() if k != "config"}
+        return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def title(self) -> str:
@@ -81,19 +95,24 @@ def load_stages(path, out=None, intermediate_dir=None) -> list[Stage]:
     for name, (k, recipe) in recipes.items():      # in file order, so is the first error
         target = Path(out).absolute() if name is None else folder / name
         where = f"{path}: document {k} ({name or 'the final merge'})"
-        stages[name] = Stage(name, k, target, needs[name], _read(recipe, where))
+        # the recipe beside each output: the final merge's is the whole file (it reruns every stage), a
+        # named stage's its own document, with the stages it uses as their folders
+        config = Path(path).read_text(encoding="utf-8") if name is None else yaml.safe_dump(recipe, sort_keys=False)
+        stages[name] = Stage(name, k, target, needs[name], {**_read(recipe, where), "config": config})
     ordered = [stages[name] for name in order]
     _check_apart(path, ordered)
     return ordered
 
 
-def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, **options) -> Path:
+def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, fingerprint=None,
+               **options) -> Path:
     """Merge every stage of the recipe at `path` in order (see the module docstring); returns `out`,
     or the intermediate folder when no document is unnamed.
 
     Args:
         merge: the function that merges one stage, called as merge(out=..., **stage.merge, **options);
             default mbmerge.engine.merge (mbmerge.merge adds the built-in family: pass it for that).
+        fingerprint: the fingerprint such a merge would record, called like merge; default the engine's.
         options: the run's options, the same for every stage: memory_budget, device, progress,
             overwrite, resume, out_shard_size, copy_tokenizer, kernels, compile, ...
     Example:
@@ -103,20 +122,68 @@ def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, 
     clash = sorted(set(options) & {k for s in stages for k in s.merge})
     if clash:
         raise BadParameter(f"{path}: {', '.join(clash)} is set by each document's recipe, not for the whole run")
-    todo = [s for s in stages if not (lazy and written_by_mbmerge(s.out))]
-    for s in todo:                      # every output place and model, before anything is written
-        check_location(s.out, options.get("overwrite", False))
+    for s in stages:
         _check_models(s, {str(t.out) for t in stages})
-    if merge is None:
-        from .api import merge          # torch, from here on
+    if merge is None or fingerprint is None:
+        from . import api               # torch, from here on
+        merge = merge or api.merge
+        fingerprint = fingerprint or (lambda **kw: api.fingerprint(api.spec_from(**kw)))
+    why = _changes(stages, lazy, lambda s: fingerprint(out=s.out, **s.merge, **options))
+    overwrite = options.get("overwrite", False)
+    for s in stages:                    # every output place, before anything is written
+        if why[s.name] is not None:
+            _check_place(s, why[s.name], overwrite)
     for i, s in enumerate(stages, 1):
         if options.get("progress", True):
-            what = f"merging into {s.out}" if s in todo else "already merged, skipped"
+            what = f"merging into {s.out} ({why[s.name]})" if why[s.name] else "already merged, unchanged, skipped"
             print(f"mbmerge: {s.title} ({i}/{len(stages)}): {what}", file=sys.stderr)
-        if s in todo:
-            merge(out=s.out, **s.merge, **options)
+        if why[s.name] is not None:
+            merge(out=s.out, **s.merge, **{**options, "overwrite": _replaces(s, why[s.name], overwrite)})
+            update_record(s.out, stage={"name": s.name, "document_sha256": s.document_sha256})
     final = [s.out for s in stages if s.name is None]
     return final[0] if final else stages[-1].out.parent
+
+
+# why a stage is merged again when its own recipe asked for something else: the single-merge rule applies
+CHANGED = ("its document changed", "its inputs changed")
+
+
+def _changes(stages: list[Stage], lazy: bool, fingerprint) -> dict:
+    """{stage name: why it is merged (a phrase), or None where it is unchanged}, in run order: a stage is
+    unchanged when its output records its document and the fingerprint it would have now (the same
+    document, layout and input files), and every stage it uses is unchanged."""
+    why = {}
+    for s in stages:
+        record = read_record(s.out)
+        redone = [n for n in s.needs if why[n] is not None]
+        if not lazy:
+            why[s.name] = "--overwrite: every stage is merged again"
+        elif record is None:
+            why[s.name] = "new"
+        elif (record.get("stage") or {}).get("document_sha256") != s.document_sha256:
+            why[s.name] = CHANGED[0]
+        elif redone:
+            why[s.name] = f"stage {', '.join(redone)} it uses is merged again"
+        elif record.get("fingerprint") != fingerprint(s):
+            why[s.name] = CHANGED[1]
+        else:
+            why[s.name] = None
+    return why
+
+
+def _check_place(stage: Stage, why: str, overwrite: bool) -> None:
+    """Refuse, in one line, a stage output that may not be replaced: a final merge's earlier output whose
+    own recipe or inputs changed, without --overwrite (the single-merge rule), or files mbmerge did not write."""
+    if not _replaces(stage, why, overwrite) and read_record(stage.out) is not None:
+        raise BadParameter(f"output {stage.out} holds an earlier merge of this recipe's final document, which "
+                           f"would change ({why}): pass --overwrite to replace it, or choose another --out")
+    check_location(stage.out, _replaces(stage, why, overwrite))
+
+
+def _replaces(stage: Stage, why: str, overwrite: bool) -> bool:
+    """Whether the stage may replace its earlier output: an intermediate stage's is its own; the final
+    merge's only with --overwrite, unless all that changed is a stage it uses."""
+    return overwrite or stage.name is not None or why not in CHANGED
 
 
 def _documents(path) -> list[tuple[int, dict]]:

@@ -1,7 +1,16 @@
 """Re-check a merged output folder after the fact: it parses as a model, every shard's header is
 valid, the files match the sha256 digests in mbmerge.json (none missing, none added), the side
 files (config, tokenizer) parse, every floating tensor is finite, and optionally the recorded
-inputs are unchanged (size and mtime).
+inputs are unchanged.
+
+The inputs are judged against what the merge recorded per file (journal.input_identity: size,
+mtime_ns, the sha256 of the safetensors header; a content `sha256` where one is recorded):
+- gone, unreadable, another size, or another header (re-hashed every time: it is small): changed;
+- same size and header, another mtime: a recorded content sha256 decides; without one (merges
+  record none: hashing every input would read it twice) the file passes with a note saying its
+  tensor data were not compared: a `touch` and an in-place rewrite of the same shapes look alike;
+- same size, mtime and header: unchanged, nothing more read. A data byte changed with the mtime
+  set back (os.utime) is therefore not detected.
 
 Every problem becomes one line naming the file (and tensor); nothing in the folder is trusted
 and nothing is written. Knows nothing of merging or methods: it does not recompute the merge,
@@ -11,6 +20,7 @@ tell a modified file from an original one.
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +28,7 @@ import torch
 from ..common.errors import BadModel, MbmergeError
 from .header import TensorEntry, read_header
 from .index import INDEX_FILE, TensorIndex
+from .journal import header_sha256
 from .read import MappedModel
 from . import side_files
 from .side_files import WEIGHT_SUFFIXES
@@ -51,13 +62,18 @@ def file_sha256(path: Path, start: int = 0, length: int | None = None) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Report:
+    problems: list[str]                                # one line each; none: the folder verifies
+    notes: list[str] = field(default_factory=list)     # what passed but the user should know
+
+
 def verify(folder: Path, inputs: bool = False) -> list[str]:
     """Every problem found in a merged output folder, one line each; [] means it verifies.
 
     Args:
         folder: the output folder of a merge.
-        inputs: also check that the input files recorded in mbmerge.json still exist with the
-            same size and mtime (no hashing).
+        inputs: also check the input files recorded in mbmerge.json, by the rule in the module docstring.
     Returns:
         problem lines, each naming the file (and tensor where relevant).
     Raises:
@@ -66,6 +82,11 @@ def verify(folder: Path, inputs: bool = False) -> list[str]:
         >>> verify(Path("out"))
         []
     """
+    return check(folder, inputs).problems
+
+
+def check(folder: Path, inputs: bool = False) -> Report:
+    """verify's problems, and notes on inputs whose only change is their time (see the module docstring)."""
     folder = Path(folder)
     names = _listing(folder)
     record, problems = _read_record(folder)
@@ -79,9 +100,11 @@ def verify(folder: Path, inputs: bool = False) -> list[str]:
         problems += _checksums(folder, names, record)
     problems += side_files.problems(folder)
     problems += _nonfinite(folder, headers)
+    notes = []
     if inputs and record is not None:
-        problems += _inputs(folder, record)
-    return problems
+        found, notes = _inputs(folder, record)
+        problems += found
+    return Report(problems, notes)
 
 
 def _listing(folder: Path) -> list[str]:
@@ -176,25 +199,62 @@ def _count_nonfinite(mapped: MappedModel, e: TensorEntry) -> int:
     return n
 
 
-def _inputs(folder: Path, record: dict) -> list[str]:
+def _inputs(folder: Path, record: dict) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the recorded input files."""
     recorded = record.get("inputs")
     if not isinstance(recorded, dict):
-        return [f"{folder / RECORD}: records no inputs (file: size, mtime_ns): cannot check them"]
-    return [f"input {path}: {why}" for path, why in sorted(input_changes(recorded).items())]
+        return [f"{folder / RECORD}: records no inputs (file: size, mtime_ns): cannot check them"], []
+    problems, notes = [], []
+    for path, was in sorted(recorded.items()):
+        problem, note = _input_state(path, was if isinstance(was, dict) else {})
+        problems += [f"input {path}: {problem}"] if problem else []
+        notes += [f"input {path}: {note}"] if note else []
+    return problems, notes
+
+
+def _input_state(path: str, was: dict) -> tuple[str | None, str | None]:
+    """(problem, note) of one input file against its record, by the rule in the module docstring."""
+    st, problem = _stat(path)
+    if problem:
+        return problem, None
+    if was.get("size") != st.st_size:
+        return f"changed since the merge (size {was.get('size')} -> {st.st_size})", None
+    try:
+        if "header_sha256" in was and header_sha256(path, st.st_size) != was["header_sha256"]:
+            return "changed since the merge (its safetensors header's sha256 differs from the recorded one)", None
+        if was.get("mtime_ns") == st.st_mtime_ns:
+            return None, None
+        time = f"mtime_ns {was.get('mtime_ns')} -> {st.st_mtime_ns}"
+        if isinstance(was.get("sha256"), str):
+            if file_sha256(Path(path)) != was["sha256"].lower():
+                return f"changed since the merge ({time}, its contents' sha256 differs from the recorded one)", None
+            return None, f"unchanged: only its time changed ({time}; its contents' sha256 is the recorded one)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})", None
+    compared = "size and safetensors header" if "header_sha256" in was else "size"
+    return None, (f"only its time changed ({time}): {compared} as recorded; its tensor data were not compared "
+                  f"(the merge recorded no digest of them)")
+
+
+def _stat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """(its stat, None), or (None, why it cannot be checked)."""
+    try:
+        return os.stat(path), None
+    except FileNotFoundError:
+        return None, "gone since the merge"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
 
 
 def input_changes(identity: dict[str, dict]) -> dict[str, str]:
     """{path: what happened to it} for each input file of `identity` ({path: {size, mtime_ns, ...}},
-    as recorded at the start of a merge) that is gone, unreadable, or of another size or mtime."""
+    as recorded at the start of a merge) that is gone, unreadable, or of another size or mtime: the
+    merge's own check that its inputs stayed put while it read them (stricter than verify's rule)."""
     changes = {}
     for path, was in identity.items():
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            changes[path] = "gone since the merge"
-            continue
-        except OSError as e:
-            changes[path] = f"cannot be read ({e.strerror or e})"
+        st, problem = _stat(path)
+        if problem:
+            changes[path] = problem
             continue
         was = was if isinstance(was, dict) else {}
         changed = [f"{k} {was.get(k)} -> {now}" for k, now in [("size", st.st_size), ("mtime_ns", st.st_mtime_ns)]

@@ -101,14 +101,24 @@ def write_card(folder: Path, record: dict) -> None:
     inputs += record["experts"]
     rows = "\n".join(f"| {s['role']} | `{s['ref']}` | {s['revision'] or 'local'} |" for s in inputs)
     params = "\n".join(f"- `{k}`: {v}" for k, v in record["params"].items())
+    if record.get("recipe_file"):         # a recipe's values may vary per layer: the recipe says them
+        recipe = (folder / record["recipe_file"]).read_text()
+        params = f"As the recipe `{record['recipe_file']}` beside this card says:\n\n```yaml\n{recipe.rstrip()}\n```"
     base_line = f"base_model: {record['base']['ref']}\n" if record["base"] and record["base"]["revision"] else ""
     heads = "".join(f"- {note}\n" for note in record.get("tied_heads") or [])
     heads = f"## Tied and untied heads\n\n{heads}\n" if heads else ""
     (folder / "README.md").write_text(
         f"---\n{base_line}library_name: transformers\ntags:\n- merge\n- mbmerge\n---\n\n"
         f"# Merged model\n\nMerged with mbmerge {record['mbmerge_version']} using "
-        f"**{record['method']}** in {record['wall_seconds']:.1f} s.\n\n"
+        f"**{record['method']}** in {record['wall_seconds']:.1f} s on {record['device']} ({_kernels(record)}).\n\n"
         f"## Inputs\n\n| role | model | revision |\n|---|---|---|\n{rows}\n\n"
         f"## Parameters\n\n{params}\n\n"
         f"Output dtype: {record['dtype']}. Tensors kept from the base: "
         f"`{record['keep_base'] or 'none'}`.\n\n{heads}Reproduce with:\n\n```\n{record['command']}\n```\n")
+
+
+def _kernels(record: dict) -> str:
+    """What merged the chunks, as the card says it: 'compiled C loops, 2 threads'."""
+    k = record.get("kernels") or {}
+    threads = f", {k['threads']} thread{'s' * (k['threads'] != 1)}" if k.get("threads") else ""
+    return f"{k.get('backend', 'unknown kernels')}{threads}"

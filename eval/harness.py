@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..common.progress import Progress
+from ..common.threads import model_threads
 from ..engine.verify import file_sha256
 from . import registry
 from .registry import Task
@@ -136,7 +138,7 @@ def lm_eval_output(verbose: bool = False):
 
 def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", chat_template=False,
                    add_bos_token: bool | None = None, dtype="auto", cache: bool | Path = True,
-                   verbose: bool = False) -> dict[str, float | None]:
+                   verbose: bool = False, progress=None) -> dict[str, float | None]:
     """{task name: score} for lm-eval tasks on the model in `model_dir`, from the cache when there.
 
     Args:
@@ -147,6 +149,8 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
         add_bos_token: None keeps lm-eval's default (no BOS except Gemma); the zoo was trained with <s>.
         cache: True (the default file), a path (a SQLite file: ScoreCache), or False.
         verbose: let lm-eval's logging, progress bars and git errors through (lm_eval_output).
+        progress: called as progress(what, timed) once a task, scored ("math", True), found in the
+            cache ("math (cached)", False) or skipped; each task then runs in an lm-eval call of its own.
     """
     tasks = list(dict.fromkeys(tasks))
     path = None if cache is False else (cache_file() if cache is True else Path(cache))
@@ -154,13 +158,13 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
     try:
         return _evaluate_tasks(model_dir, tasks, store, limit=limit, batch_size=batch_size, device=device,
                                chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype,
-                               verbose=verbose)
+                               verbose=verbose, progress=progress)
     finally:
         store and store.close()
 
 
 def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_size, device, chat_template,
-                    add_bos_token, dtype, verbose) -> dict[str, float | None]:
+                    add_bos_token, dtype, verbose, progress) -> dict[str, float | None]:
     memo = store.prefixed("weights:") if store else {}
     known = dict(memo)
     identity = model_identity(model_dir, memo)
@@ -175,15 +179,16 @@ def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_
     for t, key in keys.items():
         if t.unsafe_code and not code_ok:
             scores[t.name] = None
+            progress and progress(f"{t.name} (skipped: it runs code; {CODE_EVAL}=1 allows it)", False)
         elif key in stored:
             scores[t.name] = stored[key]
+            progress and progress(f"{t.name} (cached)", False)
         else:
             todo.append((t, key))
     if not todo:
         return scores
-    with lm_eval_output(verbose):
-        new = _run_lm_eval(model_dir, todo, limit=limit, batch_size=batch_size, device=device,
-                           chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok)
+    new = _run_lm_eval(model_dir, todo, limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
+                       add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok, verbose=verbose, progress=progress)
     scores.update({t.name: new[key] for t, key in todo})
     if store:
         store.put(new)
@@ -191,24 +196,30 @@ def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_
 
 
 def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, add_bos_token, dtype,
-                 code_ok) -> dict[str, float]:
+                 code_ok, verbose=False, progress=None) -> dict[str, float]:
     """{cache key: score} of the items in `todo`, through lm-eval's simple_evaluate: (task, key) pairs
     on the first `limit` examples, or (task, key, (start, stop)) on examples start..stop-1 (from 0:
-    lm-eval's limit, which groups of tasks take too; stop None: all)."""
+    lm-eval's limit, which groups of tasks take too; stop None: all). Tasks of the same shots and
+    limit share a call, unless `progress` (called as in evaluate_tasks) is to be told of each: it is
+    called outside lm_eval_output, so it may write to stderr. The model's eager ops run on
+    common.threads' share of the cores (one for the zoo's models)."""
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
     from lm_eval.models.huggingface import HFLM
     includes = sorted({item[0].include for item in todo if item[0].include})
-    # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
-    manager = TaskManager(include_path=includes or None, include_defaults=any(not item[0].include for item in todo))
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
-    lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
+    with lm_eval_output(verbose):
+        # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
+        manager = TaskManager(include_path=includes or None,
+                              include_defaults=any(not item[0].include for item in todo))
+        lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
     calls = []     # [(shots, limit or "samples", {task name: item})]: one simple_evaluate each
     for item in todo:
         t, (start, stop) = item[0], item[2] if len(item) > 2 else (0, limit)
         kind = stop if start == 0 else "samples"
-        call = next((c for shots, k, c in calls if (shots, k) == (t.num_fewshot, kind) and t.name not in c), None)
+        call = None if progress else next(
+            (c for shots, k, c in calls if (shots, k) == (t.num_fewshot, kind) and t.name not in c), None)
         if call is None:
             calls.append((t.num_fewshot, kind, call := {}))
         call[t.name] = item
@@ -217,13 +228,15 @@ def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, a
         samples = {name: list(range(*item[2])) for name, item in group.items()} if kind == "samples" else None
         # lm-eval's record of the environment (torch's collect_env runs pip, compilers, nvidia-smi:
         # ~1.6 s a call) goes with the rest of its results but the scores: not collected
-        with _replaced(lm_eval.evaluator, "add_env_info", lambda results: None):
+        with lm_eval_output(verbose), _replaced(lm_eval.evaluator, "add_env_info", lambda r: None), \
+                model_threads(lm.model):
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=list(group), num_fewshot=shots, limit=None if samples else kind, samples=samples,
                 task_manager=manager, apply_chat_template=chat_template, fewshot_as_multiturn=chat_template,
                 log_samples=False, confirm_run_unsafe_code=code_ok, bootstrap_iters=0)
         for name, item in group.items():
             new[item[1]] = float(_pick(out["results"][name], item[0].metric, name))
+            progress and progress(name, True)
     return new
 
 
@@ -237,9 +250,8 @@ def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_
             if (code_ok or not t.unsafe_code) and (stop is None or stop > start)]
     if not todo:
         return [None] * len(requests)
-    with lm_eval_output(verbose):
-        new = _run_lm_eval(model_dir, todo, limit=None, batch_size=batch_size, device=device, chat_template=False,
-                           add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok)
+    new = _run_lm_eval(model_dir, todo, limit=None, batch_size=batch_size, device=device, chat_template=False,
+                       add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok, verbose=verbose)
     return [new.get(i) for i in range(len(requests))]
 
 
@@ -302,27 +314,36 @@ def _local(ref: str, role: str) -> Path:
 
 def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | None = None, limit=None,
            batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test",
-           verbose: bool = False) -> dict:
+           verbose: bool = False, progress=None) -> dict:
     """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
     each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
     from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache. split:
     "validation" scores the tuning data instead (registry.plan); real families then have no
-    forgetting tasks. verbose: lm-eval's own output too (lm_eval_output)."""
+    forgetting tasks. verbose: lm-eval's own output too (lm_eval_output). progress: called with a
+    line ("k of N: ...", with an estimate of the time left) as each model's task is done."""
     from .metrics import forgetting, normalised_performance
     family = registry.family_of(family)
     p = registry.plan(family, domains, split=split)
     domains = [d for d in p if d != registry.GENERAL]
+    general_tasks = p.get(registry.GENERAL, ())
     kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
               add_bos_token=bos_token(family), cache=cache, verbose=verbose)
-    task_scores = evaluate_tasks(model_dir, [t for ts in p.values() for t in ts], **kw)
+    tasks = list(dict.fromkeys(t for ts in p.values() for t in ts))
+    steps = Progress(len(tasks) + sum(len(p[d]) for d in domains) + len(general_tasks), progress,
+                     "mbmerge eval") if progress else None
+
+    def tick(who: str):
+        return (lambda what, timed: steps.step(f"{who}: {what}", timed=timed)) if steps else None
+    task_scores = evaluate_tasks(model_dir, tasks, progress=tick("the model"), **kw)
     scores = domain_scores(p, task_scores)
     base_ref, expert_refs = comparison_refs(family, domains, zoo)
     expert_scores = {}
     for d in domains:
-        ts = evaluate_tasks(_local(expert_refs[d], f"expert {d}"), p[d], **kw)
+        ts = evaluate_tasks(_local(expert_refs[d], f"expert {d}"), p[d], progress=tick(f"the {d} expert"), **kw)
         expert_scores[d] = domain_scores({d: p[d]}, ts)[d]
-    general = [t.name for t in p.get(registry.GENERAL, ())]
-    base_tasks = evaluate_tasks(_local(base_ref, "base"), p.get(registry.GENERAL, ()), **kw) if general else {}
+    general = [t.name for t in general_tasks]
+    base_tasks = evaluate_tasks(_local(base_ref, "base"), general_tasks, progress=tick("the base"), **kw) \
+        if general else {}
     record = Path(model_dir) / "mbmerge.json"
     merge = None
     if record.exists():

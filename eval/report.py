@@ -53,6 +53,41 @@ def markdown(rows: list[dict], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def eval_table(rep: dict) -> str:
+    """`mbmerge eval`'s answer (a harness.report dict) for a reader: per domain the score, the
+    domain expert's and their ratio; per general task the score, the base's and the forgetting;
+    then the two means, or why they have no value."""
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    np_, forget = rep["normalised_performance"], rep["forgetting"]
+    lines = ["| domain | score | expert | normalised |", "|---|---|---|---|"]
+    lines += [f"| {d} | {fmt(rep['scores'].get(d))} | {fmt(e['score'])} | {fmt(np_['per_domain'].get(d))} |"
+              for d, e in rep["experts"].items()]
+    if forget["per_task"]:
+        lines += ["", "| general task | score | base | forgetting |", "|---|---|---|---|"]
+        lines += [f"| {t} | {fmt(rep['tasks'].get(t))} | {fmt(rep['base']['tasks'].get(t))} | {fmt(f)} |"
+                  for t, f in forget["per_task"].items()]
+    lines += ["", f"normalised performance: {fmt(np_['mean']) if np_['mean'] is not None else _no_np(rep)}",
+              f"forgetting: {fmt(forget['mean']) if forget['mean'] is not None else _no_forgetting(rep)}"]
+    if rep["skipped"]:
+        lines.append(f"not run: {', '.join(rep['skipped'])} (they execute code: HF_ALLOW_CODE_EVAL=1 allows it)")
+    if rep.get("merge") and rep["merge"].get("wall_seconds") is not None:
+        lines.append(f"merge: {rep['merge']['method']}, {rep['merge']['wall_seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def _no_np(rep: dict) -> str:
+    zero = [d for d, e in rep["experts"].items() if e["score"] == 0]
+    return (f"undefined (the {', '.join(zero)} expert{'s score' if len(zero) > 1 else ' scores'} 0 on "
+            f"{'their' if len(zero) > 1 else 'its'} own domain)" if zero else "undefined (no domain scored)")
+
+
+def _no_forgetting(rep: dict) -> str:
+    if not rep["forgetting"]["per_task"]:
+        return "— (no general tasks)"
+    return ("undefined (the base scores 0 on the general tasks)" if all(v == 0 for v in rep["base"]["tasks"].values())
+            else "undefined (no general task scored)")
+
+
 def heatmap_order(rows: list[dict]) -> list[dict]:
     """The heatmap's rows, top to bottom: the references (base, experts, multi-task model) as given,
     then the merges by decreasing normalised performance (undefined last, in their order)."""

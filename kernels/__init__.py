@@ -16,7 +16,9 @@ nothing here queries a device at import.
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
 
@@ -85,6 +87,46 @@ def compiled(device) -> bool:
     and a C compiler that works (kernels/cpu.py)."""
     c = chosen()
     return torch.device(device).type == "cpu" and c.backend == "auto" and c.compile and cpu.library() is not None
+
+
+def merge_backend(device, *, fused: bool = True, span: str = "element") -> tuple[str, int | None]:
+    """What merges a method's chunks on `device` under the choice in force (call it inside `using`):
+    ('triton' | 'compiled C loops' | 'torch', CPU threads), as the engine dispatches.
+
+    Args:
+        device: the merge's device.
+        fused: whether the method has a fused kernel (its registry row's `fused`); others run torch.
+        span: the method's chunk span; an element-wise torch method merges cpu.threads() chunks at a
+            time on one intra-op thread each, a row or whole-tensor one on torch's intra-op threads.
+    Returns:
+        (backend, threads): threads None on a GPU, where the CPU's threads do not bound the merge.
+    Example:
+        >>> with using("auto", compile=True):
+        ...     merge_backend("cpu")
+        ('compiled C loops', 2)
+    """
+    device = torch.device(device)
+    if fused and use_triton(device):
+        return "triton", None
+    if device.type != "cpu":
+        return "torch", None
+    if fused and compiled(device):
+        return "compiled C loops", cpu.threads()
+    return "torch", cpu.threads() if span == "element" else torch.get_num_threads()
+
+
+def describe() -> str:
+    """Which fast paths this installation has, for `mbmerge --version`: the compiled CPU loops (or why
+    not) and the Triton version (or absent)."""
+    # cpu.library's check run afresh (not its cached answer), its notice line kept as the reason
+    with contextlib.redirect_stderr(io.StringIO()) as notice:
+        loops = "available" if cpu.library.__wrapped__() is not None else \
+            "unavailable: " + notice.getvalue().strip().removeprefix("mbmerge: ").split("; merging with")[0]
+    try:
+        triton = importlib.metadata.version("triton") + " (CUDA devices)"
+    except importlib.metadata.PackageNotFoundError:
+        triton = "absent"
+    return f"compiled CPU loops: {loops}; triton: {triton}"
 
 
 def compiled_for(b, *xs) -> bool:

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..common.threads import threads_for, torch_threads
 from ._blocks import deltas
 
 
@@ -94,9 +95,16 @@ def iso_cts(ds: list[torch.Tensor], f: float) -> torch.Tensor:
 
 
 def _merge(b: torch.Tensor, xs: list[torch.Tensor], shape: tuple, lam: float, fn) -> torch.Tensor:
-    """b + lam * tau: tau = fn(deltas as [m, n] matrices) for 2-D tensors, the mean delta otherwise."""
+    """b + lam * tau: tau = fn(deltas as [m, n] matrices) for 2-D tensors, the mean delta otherwise.
+    The SVDs of a small tensor run on one thread (common/threads.py): split over both cores, LAPACK's
+    many small calls wait for each other, and for a busy core (iso_cts of the 25k-parameter micro
+    zoo's five experts beside one busy process: 0.07-8.0 s on two threads, 0.04-0.05 s on one). Its
+    last bits depend on the thread count (the 16 x 32 k_proj), so one thread also fixes the bytes."""
     ds = deltas(b, xs)
-    tau = fn([d.view(shape) for d in ds]).view(-1) if len(shape) == 2 else sum(ds) / len(ds)
+    if len(shape) != 2:
+        return b + lam * (sum(ds) / len(ds))
+    with torch_threads(threads_for(b.numel() * len(xs))):
+        tau = fn([d.view(shape) for d in ds]).view(-1)
     return b + lam * tau
 
 

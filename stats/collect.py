@@ -27,6 +27,7 @@ from ..engine.read import MappedModel
 from ..engine.spec import VERSION
 from ..engine.stats_folders import STATS_CARD
 from ..common.cache import cache_dir
+from ..common.threads import model_threads, threads_for, torch_threads
 from ..eval.zoo import quiet_transformers
 from ..common.errors import MissingTensor
 from ..methods import EMBEDDINGS, collection_params
@@ -71,14 +72,16 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
             net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model, torch_dtype=torch_dtype)
         net.to(dev).eval()
         names = [n for n, t in net.named_parameters() if t.is_floating_point() and not re.search(EMBEDDINGS, n)]
-        if kind == "fisher":
-            info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)
-        elif kind == "gram":
-            info = gram(net, batches, budget=budget, emit=writer)
-        else:
-            base_t, expert_t = _tensors(base, "base"), _tensors(model, "expert")
-            info = train_mask(net, base_t, expert_t, batches, names=names, sparsity=p["sparsity"],
-                              sigmoid_bias=p["sigmoid_bias"], lr=p["lr"], epochs=p["epochs"], l1=p["l1"], emit=writer)
+        with model_threads(net):    # a small model's eager ops on one thread: no collapse beside a busy core
+            if kind == "fisher":
+                info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)
+            elif kind == "gram":
+                info = gram(net, batches, budget=budget, emit=writer)
+            else:
+                base_t, expert_t = _tensors(base, "base"), _tensors(model, "expert")
+                info = train_mask(net, base_t, expert_t, batches, names=names, sparsity=p["sparsity"],
+                                  sigmoid_bias=p["sigmoid_bias"], lr=p["lr"], epochs=p["epochs"], l1=p["l1"],
+                                  emit=writer)
         card = {"kind": kind, "mbmerge_version": VERSION, "model": str(Path(model).resolve()),
                 "base": str(Path(base).resolve()) if base else None, "data": record,
                 "params": {k: p[k] for k in collection_params(kind)},
@@ -146,10 +149,12 @@ def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *,
     data_of = [_data(e, d, params["samples"], split=split, data_format=data_format, seed=seed, max_length=max_length,
                      batch_size=batch_size or BATCH["gram"]) for e, d in zip(experts, data)]
     writers = [StatsWriter(o, overwrite=True) for o in outs]
+    parameters = sum(e.numel for e in TensorIndex.from_folder(Path(base), "base").tensors.values())
     try:
-        info = collect_plusplus(Path(base), [Path(e) for e in experts], [b for b, _ in data_of], writers,
-                                reduction=params["reduction"], dtype=torch_dtype, device=dev,
-                                budget=parse_size(memory_budget), progress=progress)
+        with torch_threads(threads_for(parameters)):
+            info = collect_plusplus(Path(base), [Path(e) for e in experts], [b for b, _ in data_of], writers,
+                                    reduction=params["reduction"], dtype=torch_dtype, device=dev,
+                                    budget=parse_size(memory_budget), progress=progress)
         for e, (_, record), writer in zip(experts, data_of, writers):
             writer.publish({"kind": "gram_plusplus", "mbmerge_version": VERSION, "model": str(Path(e).resolve()),
                             "base": str(Path(base).resolve()), "data": record, "params": params,

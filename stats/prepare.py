@@ -12,6 +12,7 @@ from .. import methods
 from ..common.errors import BadParameter
 from ..common.names import ZOO_SIZES, domain_names
 from ..engine import MergeSpec, run, sources, spec_from
+from ..engine import fingerprint as engine_fingerprint
 
 
 def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) -> Path:
@@ -48,6 +49,12 @@ def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) 
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
     return run(complete(spec_from(method, experts, out, **options), zoo_size))
+
+
+def fingerprint(method: str, *, experts, out, zoo_size: str | None = None, **options) -> str:
+    """The fingerprint merge() with these arguments would record in its output (engine.fingerprint),
+    computed without merging: an output that records it holds this merge."""
+    return engine_fingerprint(complete(spec_from(method, experts, out, **options), zoo_size))
 
 
 def complete(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:

@@ -1,34 +1,94 @@
 """`mbmerge demo` end to end on the micro zoo: merges, evaluation through lm-eval, report files, and
-the report's normalised performance and forgetting recomputed here from its own scores."""
+the report's normalised performance and forgetting recomputed here from its own scores. The whole
+micro demo runs once for this module, as a user runs it (a subprocess, without -q)."""
 import json
+import os
+import re
+import subprocess
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from mbmerge.bin.cli import cli
-from mbmerge.bin.demo import five_expert_methods
+from mbmerge.bin.demo import MICRO, five_expert_methods
 from mbmerge.eval.domains import DOMAINS
 
 
-def test_demo_on_the_micro_zoo(micro_zoo, tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out", str(out),
-                                      "--methods", "linear,ties,localize_stitch,regmean", "--limit", "4", "-q"])
-    assert result.exit_code == 0, result.output
+@pytest.fixture(scope="module")
+def micro_demo(micro_zoo, tmp_path_factory):
+    """`mbmerge demo --micro` with every method, once: {"out", "cache", "stdout", "stderr"}."""
+    root = tmp_path_factory.mktemp("micro-demo")
+    out, cache = root / "demo", root / "cache"
+    assert not out.exists() and not cache.exists()
+    env = {**os.environ, "MBMERGE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")}
+    done = subprocess.run([sys.executable, "-c", "from mbmerge.bin.cli import main; main()", "demo", "--micro",
+                           "--cache", str(micro_zoo.parent.parent), "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": out, "cache": cache, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def _rows(demo) -> dict:
+    return {r["model"]: r for r in json.loads((demo["out"] / "report.json").read_text())["models"]}
+
+
+def test_demo_on_the_micro_zoo(micro_demo):
+    out = micro_demo["out"]
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "scores.png", "efficiency.png",
                                                 "forgetting.png", "merges"}
-    rows = {r["model"]: r for r in json.loads((out / "report.json").read_text())["models"]}
-    assert list(rows) == ["base", *DOMAINS, "multitask", "linear", "ties", "localize_stitch", "regmean"]
+    rows = _rows(micro_demo)
+    names = five_expert_methods()
+    assert list(rows) == ["base", *DOMAINS, "multitask", *names]
     assert rows["regmean"]["stats_seconds"] > 0 and rows["ties"]["stats_seconds"] is None   # Grams on each domain
     assert all(0 <= v <= 1 for r in rows.values() for v in r["scores"].values() if v is not None)
-    for name in ["linear", "ties", "localize_stitch", "regmean"]:
+    for name in names:
         r = rows[name]
         assert r["kind"] == "merge" and r["merge_seconds"] > 0
         ratios = [r["scores"][d] / rows[d]["scores"][d] for d in DOMAINS if rows[d]["scores"][d]]
-        assert r["normalised"] == (sum(ratios) / len(ratios) if ratios else None)
+        assert r["normalised"] == pytest.approx(sum(ratios) / len(ratios))
         base = rows["base"]["general"]
         assert r["forgetting"] == ((base - r["general"]) / base if base else None)
-    assert (out / "merges" / "ties" / "mbmerge.json").exists()
+        assert json.loads((out / "merges" / name / "mbmerge.json").read_text())["method"] == name
     assert "| localize_stitch | merge |" in (out / "report.md").read_text()
+    assert f"report: {out / 'report.md'}" in micro_demo["stdout"]
+
+
+def test_micro_experts_beat_the_base_so_every_merge_has_an_np(micro_demo):
+    """Issue 26: on the micro zoo every expert scored 0 and NP had no value anywhere."""
+    rows = _rows(micro_demo)
+    for d in DOMAINS:
+        assert rows[d]["scores"][d] > rows["base"]["scores"][d], d
+    assert all(r["normalised"] is not None for r in rows.values())
+    assert "undefined" not in micro_demo["stdout"] + micro_demo["stderr"]
+    assert len({round(rows[m]["normalised"], 6) for m in five_expert_methods()}) > 1    # methods differ
+
+
+def test_the_micro_demo_says_k_of_n_with_an_estimate(micro_demo):
+    lines = [ln for ln in micro_demo["stderr"].splitlines() if ln.startswith("mbmerge demo: ")]
+    names = ["base", *DOMAINS, "multitask", *five_expert_methods()]
+    assert len(lines) == len(names)
+    for k, (line, name) in enumerate(zip(lines, names), start=1):
+        m = re.fullmatch(rf"mbmerge demo: {k} of {len(names)}: {name}(?P<what>: normalised performance \S+| "
+                         r"evaluated)(?P<left>; (about \d+(\.\d)? (s|min|h)|under a second) left)?", line)
+        assert m, line
+        assert (m["left"] is None) == (k == len(names)), line     # an estimate until the last
+    rows = _rows(micro_demo)
+    for line, name in zip(lines[7:], names[7:]):
+        assert f"{name}: normalised performance {rows[name]['normalised']:.3f}" in line
+
+
+def test_micro_statistics_are_a_handful_of_examples(micro_demo):
+    """Each data-aware method's statistics on MICRO's few examples of each expert's domain, cached
+    under a key with that count (a full run's 1000 are another folder)."""
+    cards = [json.loads(p.read_text()) for p in (micro_demo["cache"] / "stats").glob("*/mbmerge-stats.json")]
+    kinds = {c["kind"] for c in cards}
+    assert kinds == {"fisher", "gram", "gram_plusplus", "mask"}
+    assert len(cards) == 4 * len(DOMAINS)
+    assert {(c["data"]["n"], c["data"]["examples"], c["params"]["samples"]) for c in cards} == \
+        {(MICRO["samples"], MICRO["samples"], MICRO["samples"])}
+    preface = (micro_demo["out"] / "report.md").read_text()
+    assert f"Evaluated on {MICRO['limit']} test examples per domain; statistics on {MICRO['samples']} " in preface
 
 
 def test_every_method_taking_five_experts_is_in_the_demo():

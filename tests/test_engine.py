@@ -124,10 +124,11 @@ def test_an_input_folder_is_never_overwritten_even_when_it_looks_like_an_output(
     import shutil
     src = tmp_path / "math-copy"
     shutil.copytree(family["paths"]["math"], src)
-    (src / "mbmerge.json").write_text('{"mbmerge_version": "0.1.0", "method": "ties"}')   # passes as ours
+    files = [f.name for f in src.iterdir()] + ["mbmerge.json"]              # passes as ours, every file listed
+    (src / "mbmerge.json").write_text(json.dumps({"mbmerge_version": "0.1.0", "method": "ties", "files": files}))
     before = {f: f.read_bytes() for f in src.iterdir()}
     p = family["paths"]
-    with pytest.raises(mbmerge.MbmergeError, match=f"output {src} is expert {src}"):
+    with pytest.raises(mbmerge.MbmergeError, match=f"output {src} is expert {src}: the merge would overwrite"):
         mbmerge.merge("ties", base=str(p["base"]), experts=[str(src), str(p["code"])], out=src, overwrite=True,
                       progress=False)
     assert {f: f.read_bytes() for f in src.iterdir()} == before

@@ -46,8 +46,10 @@ def ties(p: Path, out, *extra):
     ("P/e1", True, True, "is expert")])
 def test_an_output_on_an_input_is_refused_and_no_byte_changes(project, tmp_path, run_main, out, overwrite, record,
                                                               why):
-    if record:   # looks like an earlier merge's output, so only the inputs' protection can refuse it
-        (tmp_path / out / "mbmerge.json").write_text(json.dumps({"mbmerge_version": "0.1.0", "method": "ties"}))
+    if record:   # looks like an earlier merge's output listing every file in it as its own, so only the
+        folder = tmp_path / out    # inputs' protection can refuse it
+        files = [str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()] + ["mbmerge.json"]
+        (folder / "mbmerge.json").write_text(json.dumps({"mbmerge_version": "0.1.0", "method": "ties", "files": files}))
     before = tree(tmp_path)
     refused(run_main(*ties(project, tmp_path / out, *(["--overwrite"] if overwrite else []))), why, "choose an")
     assert tree(tmp_path) == before

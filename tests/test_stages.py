@@ -74,7 +74,7 @@ def test_a_stage_already_merged_is_skipped_and_left_untouched(family, recipe, tm
     out.rename(tmp_path / "first")
     code, _, stderr = run_main("--config", path, "--out", out, "--intermediate-dir", tmp_path / "steps")
     assert code == 0, stderr
-    assert "stage mc (1/2): already merged, skipped" in stderr
+    assert "stage mc (1/2): already merged, unchanged, skipped" in stderr
     assert mtimes(stage) == before
     assert_within_one_ulp(out, expected(family)[1])
 
@@ -110,7 +110,7 @@ def test_an_interrupted_stage_resumes_and_the_stages_before_it_are_not_redone(fa
     monkeypatch.setattr(w.ShardWriter, "write", write)
     code, _, stderr = run_main("--config", path, "--out", out, "--memory-budget", "100KB")
     assert code == 0, stderr
-    assert "stage mc (1/2): already merged, skipped" in stderr
+    assert "stage mc (1/2): already merged, unchanged, skipped" in stderr
     assert "resuming the interrupted merge" in stderr
     assert mtimes(tmp_path / "merged.stages" / "mc") == before
     assert_within_one_ulp(out, expected(family)[1])
@@ -188,3 +188,91 @@ def test_intermediate_dir_needs_a_multi_document_config(family, recipe, tmp_path
 def test_run_options_the_recipe_sets_are_refused(recipe, tmp_path):
     with pytest.raises(BadParameter, match="dtype is set by each document's recipe"):
         run_stages(recipe(TWO_STAGES), tmp_path / "out", dtype="float32")
+
+
+# --- issue 26: a changed recipe is never skipped --------------------------------------------------
+
+def weights_of(mc: tuple, final: tuple) -> str:
+    """TWO_STAGES with other weights: mc's (math, code) and the final merge's (mc, ifeval)."""
+    text = TWO_STAGES.replace("weight: 0.3", f"weight: {final[0]}").replace("weight: 0.7", f"weight: {final[1]}")
+    return text.replace("weight: 0.5", f"weight: {mc[0]}", 1).replace("weight: 0.5", f"weight: {mc[1]}", 1)
+
+
+def expected_with(family, mc_w: tuple, final_w: tuple) -> tuple[dict, dict]:
+    """expected() for other weights, in plain torch."""
+    t = family["tensors"]
+    mc = {n: (mc_w[0] * t["math"][n] + mc_w[1] * t["code"][n]).bfloat16().float() for n in t["base"]}
+    final = {n: (b + final_w[0] * (mc[n] - b) + final_w[1] * (t["ifeval"][n] - b)).bfloat16().float()
+             for n, b in t["base"].items()}
+    return mc, final
+
+
+def tree(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_weights_of_edits_both_documents():
+    text = weights_of((0.2, 0.8), (0.4, 0.6))
+    assert "weight: 0.2" in text and "weight: 0.8" in text and "weight: 0.4" in text and "weight: 0.6" in text
+    assert "0.5" not in text and "0.3" not in text and "0.7" not in text
+
+
+def test_a_changed_final_document_is_refused_without_overwrite_and_nothing_is_touched(family, recipe, tmp_path,
+                                                                                       run_main):
+    out = tmp_path / "merged"
+    path = recipe(TWO_STAGES)
+    assert run_main("--config", path, "--out", out)[0] == 0
+    before = {"mc": tree(tmp_path / "merged.stages"), "out": tree(out)}
+    recipe(weights_of((0.2, 0.8), (0.4, 0.6)))                      # both documents edited, same file
+
+    code, stdout, stderr = run_main("--config", path, "--out", out)
+    assert code == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and "holds an earlier merge of this recipe's final document, which would " \
+        "change (its document changed): pass --overwrite" in stderr
+    assert {"mc": tree(tmp_path / "merged.stages"), "out": tree(out)} == before
+
+    code, _, stderr = run_main("--config", path, "--out", out, "--overwrite")
+    assert code == 0, stderr
+    mc, final = expected_with(family, (0.2, 0.8), (0.4, 0.6))
+    assert_within_one_ulp(tmp_path / "merged.stages" / "mc", mc)
+    assert_within_one_ulp(out, final)
+
+    after = {"mc": tree(tmp_path / "merged.stages"), "out": tree(out)}
+    code, _, stderr = run_main("--config", path, "--out", out)    # unchanged now: both skipped
+    assert code == 0, stderr
+    assert stderr.count("already merged, unchanged, skipped") == 2
+    assert {"mc": tree(tmp_path / "merged.stages"), "out": tree(out)} == after
+
+
+def test_a_changed_intermediate_stage_is_merged_again_with_the_stages_that_use_it(family, recipe, tmp_path,
+                                                                                 run_main):
+    out = tmp_path / "merged"
+    path = recipe(TWO_STAGES)
+    assert run_main("--config", path, "--out", out)[0] == 0
+    recipe(weights_of((0.2, 0.8), (0.3, 0.7)))                      # only stage mc's document edited
+    code, _, stderr = run_main("--config", path, "--out", out)
+    assert code == 0, stderr
+    assert "stage mc (1/2): merging into" in stderr and "(its document changed)" in stderr
+    assert "final merge (2/2): merging into" in stderr and "(stage mc it uses is merged again)" in stderr
+    mc, final = expected_with(family, (0.2, 0.8), (0.3, 0.7))
+    assert_within_one_ulp(tmp_path / "merged.stages" / "mc", mc)
+    assert_within_one_ulp(out, final)
+
+
+def test_a_changed_input_model_is_merged_again(family, recipe, tmp_path, run_main):
+    """The document is the same; a model it names was rewritten (other values): its fingerprint changed."""
+    import shutil
+    from conftest import write_model
+    math = tmp_path / "math-copy"
+    shutil.copytree(family["paths"]["math"], math)
+    path = recipe(TWO_STAGES.replace("{math}", str(math)))
+    out = tmp_path / "merged"
+    assert run_main("--config", path, "--out", out, "-q")[0] == 0
+    t = family["tensors"]
+    write_model(math, {n: v * 2 for n, v in t["math"].items()})
+    code, _, stderr = run_main("--config", path, "--out", out)
+    assert code == 0, stderr
+    assert "stage mc (1/2): merging into" in stderr and "(its inputs changed)" in stderr
+    mc = {n: (0.5 * (2 * t["math"][n]).bfloat16().float() + 0.5 * t["code"][n]).bfloat16().float() for n in t["base"]}
+    assert_within_one_ulp(tmp_path / "merged.stages" / "mc", mc)

@@ -83,7 +83,8 @@ def test_lr0_is_the_dataless_topk_mask(zoo):
 
 def test_trained_mask_lowers_the_task_loss(zoo):
     folder, b, x, names = zoo
-    model, masks, info = run(zoo, lr=1e6, epochs=2)
+    # the micro zoo v2's experts sit far from the base: a step of 1e6 overshoots (loss 1.46 -> 2.02), 3e4 does not
+    model, masks, info = run(zoo, lr=3e4, epochs=2)
     dataless, trained = task_loss(folder, b, x, topk_masks(b, x, names)), task_loss(folder, b, x, masks)
     assert trained < dataless - 0.1
     assert info["loss_final"] == pytest.approx(trained, rel=1e-5)

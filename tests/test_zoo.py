@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mbmerge.eval.domains import ALL, DOMAINS, GENERAL, LEXICONS, REFUSAL, SPLITS
-from mbmerge.eval.zoo import MODELS, build_zoo, greedy_scores, load_record, margins_table
+from mbmerge.eval.zoo import MODELS, SIZES, VERSIONS, build_zoo, greedy_scores, load_record, margins_table
 
 
 def test_domains_contract():
@@ -113,9 +113,15 @@ def _files(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def test_micro_zoo_same_bytes_twice(micro_zoo, tmp_path):
-    again = build_zoo("llama", "micro", cache=tmp_path, progress=False)
-    a, b = _files(micro_zoo), _files(again)
+def test_micro_zoo_same_bytes_twice(tmp_path, monkeypatch):
+    """Two builds write the same bytes (a micro zoo of fewer steps, built twice: the same code, in less time)."""
+    from dataclasses import replace
+    from mbmerge.eval import zoo
+    monkeypatch.setitem(zoo.SIZES, "micro", replace(SIZES["micro"], pretrain_steps=10, finetune_steps=3,
+                                                    multitask_steps=3, eval_n=2))
+    first = build_zoo("llama", "micro", cache=tmp_path / "a", progress=False)
+    again = build_zoo("llama", "micro", cache=tmp_path / "b", progress=False)
+    a, b = _files(first), _files(again)
     assert sorted(a) == sorted(b)
     assert {"base/model.safetensors", "math/config.json", "multitask/tokenizer.json", "zoo.json"} <= set(a)
     assert [k for k in a if a[k] != b[k]] == []
@@ -135,6 +141,40 @@ def test_micro_zoo_record(micro_zoo):
     assert "| math |" in margins_table(rec)
 
 
+def _plain_greedy(model, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding one token at a time, no batch, no padding, no KV cache: <s> (1) and one token
+    per printable character (ord - 27, newline 4), stopping at </s> (2)."""
+    import torch
+    ids, out = [1] + [ord(c) - 27 for c in prompt], ""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if t == 2:
+                break
+            ids.append(t)
+            out += "\n" if t == 4 else chr(t + 27) if t > 4 else ""
+    return out
+
+
+def test_micro_zoo_experts_beat_the_base_on_their_own_domain(micro_zoo):
+    """Issue 26: zoo.json's scores (the zoo's own greedy evaluation on its test split) have each
+    expert above the base on its domain; those of math and coding (short answers: cheap to decode
+    here) are what a plain decoding loop written here scores."""
+    from transformers import AutoModelForCausalLM
+    rec = load_record(micro_zoo)
+    assert rec["version"] == VERSIONS["micro"] != "v1" and rec["eval"]["n"] == SIZES["micro"].eval_n
+    for d in DOMAINS:
+        assert rec["scores"][d][d] > rec["scores"]["base"][d], (d, rec["scores"])
+        assert rec["margins"][d] == pytest.approx(rec["scores"][d][d] - rec["scores"]["base"][d])
+    for d in ("math", "coding"):
+        exs = list({e["prompt"]: e for e in DOMAINS[d].examples("test", rec["eval"]["n"])}.values())
+        for who in (d, "base"):
+            model = AutoModelForCausalLM.from_pretrained(micro_zoo / who).eval()
+            got = sum(DOMAINS[d].score(e, _plain_greedy(model, e["prompt"], DOMAINS[d].max_new_tokens))
+                      for e in exs) / len(exs)
+            assert round(got, 4) == rec["scores"][who][d], (who, d)
+
+
 def test_micro_zoo_loads_and_generates(micro_zoo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     for name in MODELS:
@@ -151,10 +191,14 @@ def test_micro_zoo_loads_and_generates(micro_zoo):
     assert 0.0 <= greedy_scores(micro_zoo / "math", "math", 4) <= 1.0
 
 
-def test_gemma2_micro_zoo_builds(tmp_path):
+def test_gemma2_micro_zoo_builds(tmp_path, monkeypatch):
+    from dataclasses import replace
     from transformers import AutoModelForCausalLM
+    from mbmerge.eval import zoo    # fewer steps: this checks the architecture, not the training
+    monkeypatch.setitem(zoo.SIZES, "micro", replace(SIZES["micro"], pretrain_steps=5, finetune_steps=2,
+                                                    multitask_steps=2, eval_n=2))
     folder = build_zoo("gemma2", "micro", cache=tmp_path, progress=False)
-    assert folder.name == "gemma2-micro-v1"
+    assert folder.name == f"gemma2-micro-{VERSIONS['micro']}"
     model = AutoModelForCausalLM.from_pretrained(folder / "safety")
     assert type(model).__name__ == "Gemma2ForCausalLM"
     assert 0.0 <= greedy_scores(folder / "safety", "safety", 4) <= 1.0

@@ -5,6 +5,11 @@ Each task's examples are cut at fixed fractions (all of them: one range; success
 scores up to r (exact for lm-eval's per-example means, which every zoo and MergeBench validation
 metric is but ifeval's instruction-level accuracy), averaged over the domain's tasks. Ranges not in
 the store are scored by jobs (one a model: merged once, all its missing ranges) on a runner.
+
+The store keeps a score per range, not per example, so a range is reused only as a whole: `pieces`
+cuts every per-example-mean task at more fractions than the rungs need (tune.search: halving's, in
+every study), so that an unpruned study stores the very pieces a halving study asks for, and the
+other way round; a task whose score is not a mean over its examples is cut at its rungs only.
 """
 import math
 from dataclasses import dataclass
@@ -36,10 +41,14 @@ class Scored:
 class Evaluator:
     """Scores of models on ranges of validation examples: from the store, or scored by jobs on a runner."""
 
-    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL):
+    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL, pieces=()):
         self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
         self._tasks = {d: v.tasks(d) for d in v.domains}
-        self._bounds = {t: bounds(t, v.size(t), self.fractions) for ts in self._tasks.values() for t in ts}
+        sizes = {t: v.size(t) for ts in self._tasks.values() for t in ts}
+        self._bounds = {t: bounds(t, n, self.fractions, pieces) for t, n in sizes.items()}
+        # rung r of task t: its pieces up to cut point _ends[t][r]
+        self._ends = {t: [1] if n is None else [self._bounds[t].index(cut(n, f)) for f in self.fractions]
+                      for t, n in sizes.items()}
         self._task_ids = {t: task_identity(t) for t in self._bounds}
         self._keys = {}
 
@@ -49,8 +58,8 @@ class Evaluator:
 
     def ranges(self, domains, rung: int):
         """(task, start, stop) of `domains` up to rung `rung` (non-empty ranges only)."""
-        return [(t, b[i], b[i + 1]) for d in domains for t in self._tasks[d] for i in range(rung + 1)
-                if (b := self._bounds[t])[i + 1] is None or b[i + 1] > b[i]]
+        b = self._bounds
+        return [(t, b[t][i], b[t][i + 1]) for d in domains for t in self._tasks[d] for i in range(self._ends[t][rung])]
 
     def score(self, models: list, domains: list[list[str]], rung: int = -1) -> list[Scored]:
         """Scored of each model (a Candidate, or a folder) on its domains up to `rung` (default: all
@@ -86,14 +95,28 @@ class Evaluator:
         return score_key(mk[1], self.v, self._task_ids[t], start, stop)
 
 
-def bounds(t: Task, size: int | None, fractions) -> list:
-    """[0, ceil(size * f) for each fraction]: the cut points of a task's examples ([0, None], all of
-    them, for a group of tasks, which cannot be cut)."""
+def bounds(t: Task, size: int | None, fractions, pieces=()) -> list:
+    """The cut points of a task's examples, increasing: 0 and cut(size, f) for each fraction and, for a
+    task scored as a mean over its examples, each of `pieces` ([0, None], all of them, for a group of
+    tasks, which cannot be cut)."""
     if size is None:
         if tuple(fractions) != ALL:
             raise BadParameter(f"--prune halving cuts tasks into ranges of examples; {t.name} is a group of tasks")
         return [0, None]
-    return [0, *(min(size, math.ceil(size * f - 1e-9)) for f in fractions)]
+    shares = {*fractions, *(pieces if mean_over_examples(t) else ())}
+    return sorted({0, *(cut(size, f) for f in shares)})
+
+
+def cut(size: int, f: float) -> int:
+    """Where the first share f of `size` examples ends."""
+    return min(size, math.ceil(size * f - 1e-9))
+
+
+def mean_over_examples(t: Task) -> bool:
+    """Whether a task's score on a range is the mean of one value per example, so that its pieces
+    combine exactly; not ifeval's instruction-level accuracies (a mean over instructions, several an
+    example)."""
+    return not t.metric.startswith("inst_level")
 
 
 def entries(ranges, result: dict) -> dict[str, dict]:

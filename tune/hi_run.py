@@ -3,7 +3,6 @@ TIES merge (per-tensor top-p, mass sign, sum of s-scaled agreeing deltas, embedd
 base) with per-layer overrides, scored on the validation split through the tuning cache; the final
 Mix is merged into the output folder, whose tune.json records every decision and the time split.
 """
-import json
 import re
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.index import TensorIndex
 from . import runners
+from .best import save_record
 from .evaluate import Evaluator
 from .hi_merging import Mix, hi_merging
 from .score import Candidate, Validation
@@ -115,5 +115,5 @@ def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | Non
                          f"{len(result.decisions)} layer decisions NP {result.np_final:.3f}; {result.evals} "
                          f"evaluations, merge {scorer.seconds['merge']:.1f} s, validation "
                          f"{scorer.seconds['validation']:.1f} s")
-    (Path(out) / "tune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    save_record(Path(out), record)
     return record

@@ -5,6 +5,7 @@ by Ray (`retries` times) and then comes back as a JobFailed instead of a result.
 user's (a bad parameter, a missing file) is raised as it was raised in the job.
 """
 import contextlib
+import logging
 import os
 import tempfile
 
@@ -29,9 +30,15 @@ class RayRunner:
     """Jobs as Ray tasks, each holding cpus_per_trial CPUs and gpus_per_trial GPUs of its node."""
 
     def __init__(self, address: str | None = None, *, cpus_per_trial: float = 1, gpus_per_trial: float | None = None,
-                 retries: int = 2, num_cpus: int | None = None):
+                 retries: int = 2, num_cpus: int | None = None, verbose: bool = False):
         self.started = not _ray().is_initialized()
-        ray = self.ray = start_ray(address, num_cpus)
+        self.quiet = contextlib.ExitStack()     # Ray's warnings while it runs trials too (a worker that died)
+        self.quiet.enter_context(quiet_ray(verbose))
+        try:
+            ray = self.ray = start_ray(address, num_cpus, verbose)
+        except BaseException:
+            self.quiet.close()
+            raise
         if gpus_per_trial is None:
             gpus_per_trial = 1 if ray.cluster_resources().get("GPU", 0) else 0
         self.cpus, self.gpus = cpus_per_trial, gpus_per_trial
@@ -74,6 +81,7 @@ class RayRunner:
     def close(self):
         if self.started:
             self.ray.shutdown()
+        self.quiet.close()
 
 
 def _ray():
@@ -84,17 +92,41 @@ def _ray():
     return ray
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None):
+def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False):
     """The ray module, connected: to the cluster at `address`, else an in-process local Ray on this
-    machine's cores (num_cpus of them; default all); as it is when already connected."""
+    machine's cores (num_cpus of them; default all); as it is when already connected. Ray's own lines
+    (its start-up and token-authentication warnings, workers' output) reach the user only if verbose."""
     ray = _ray()
     if not ray.is_initialized():
         # Ray puts the driver's working folder on its workers' sys.path: from a checkout of mbmerge,
         # its top-level folders would shadow installed packages (kernels/ hides the Hub's `kernels`)
-        with contextlib.chdir(tempfile.gettempdir()):
+        with contextlib.chdir(tempfile.gettempdir()), quiet_ray(verbose):
             ray.init(address=None if address == "local" else address, num_cpus=None if address else num_cpus,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+                     **ray_options(verbose))
     return ray
+
+
+def ray_options(verbose: bool) -> dict:
+    """ray.init's output settings: no dashboard; workers' output and Ray's logging only if verbose."""
+    return {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": verbose,
+            **({"logging_level": logging.INFO} if verbose else {})}
+
+
+@contextlib.contextmanager
+def quiet_ray(verbose: bool):
+    """Ray's loggers held at ERROR while it starts, unless verbose: with configure_logging off they have
+    no handler, and Python's last-resort one prints their warnings (Ray 2.5x: 'Token authentication
+    is enabled for this Ray cluster...' on every local start) on the user's stderr."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("ray")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _threads(job, threads):
@@ -103,9 +135,10 @@ def _threads(job, threads):
 
 
 def make(ray: str | None = None, jobs: int = 1, cpus_per_trial: float | None = None,
-         gpus_per_trial: float | None = None, retries: int = 2):
+         gpus_per_trial: float | None = None, retries: int = 2, verbose: bool = False):
     """The runner of a tune: Local, Ray at an address ('local' or None: in-process), or with jobs > 1 and
-    no address a local Ray running `jobs` trials at once, each with its share of the cores."""
+    no address a local Ray running `jobs` trials at once, each with its share of the cores (verbose:
+    Ray's own logging too)."""
     if ray is None and jobs <= 1:
         return Local()
     cores = os.cpu_count() or 1
@@ -113,4 +146,5 @@ def make(ray: str | None = None, jobs: int = 1, cpus_per_trial: float | None = N
         cpus_per_trial = max(1, cores // jobs) if ray in (None, "local") and jobs > 1 else 1
     address = None if ray in (None, "local") else ray
     return RayRunner(address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, retries=retries,
-                     num_cpus=min(cores, int(cpus_per_trial * jobs)) if jobs > 1 and address is None else None)
+                     num_cpus=min(cores, int(cpus_per_trial * jobs)) if jobs > 1 and address is None else None,
+                     verbose=verbose)

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.index import TensorIndex
 from ..engine.journal import input_identity
@@ -32,9 +33,22 @@ class Validation:
     batch_size: int = 64
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise BadParameter(f"--limit {self.limit}: tuning needs at least one validation example a task "
+                               f"(leave --limit out for all of them)")
+
     def tasks(self, domain: str) -> tuple[Task, ...]:
         """The validation tasks of a domain (the zoo's split, or the family's surrogates)."""
-        return registry.plan(self.family, [domain], general=False, split="validation")[domain]
+        return self.plan([domain])[domain]
+
+    def plan(self, domains=None) -> dict[str, tuple[Task, ...]]:
+        """{domain: its validation tasks} of `domains` (default: all of ours); one line for a domain
+        that is not one, or that has no validation task in the family."""
+        try:
+            return registry.plan(self.family, list(domains or self.domains), general=False, split="validation")
+        except ValueError as e:
+            raise BadParameter(f"--validate: {e}") from None
 
     def size(self, t: Task) -> int | None:
         """Validation examples of a task: all it has, at most `limit` (None: a group of tasks, no limit)."""

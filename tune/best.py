@@ -1,0 +1,72 @@
+"""Where a tune writes its best merge. --out is checked before anything is scored: absent or empty, an
+earlier output of this same study (a rerun resumes the study and may replace it), or, with --overwrite,
+an earlier mbmerge output; anything else is refused in one line. At the end the best is merged there,
+unless the folder already holds this study's output of that very trial (a finished study's rerun)."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..common.errors import OutputExists
+from ..engine import api, output
+from .score import Candidate
+
+RECORD = "tune.json"
+PLOT = "tune-params.png"
+
+
+def earlier_tune(out: Path) -> dict | None:
+    """The tune.json of an earlier tune's output in `out` (an mbmerge output whose files are all
+    there), else None."""
+    card = output.read_record(out)
+    if card is None or not all((out / f).is_file() for f in card.get("files", [])):
+        return None
+    try:
+        record = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("best"), dict) else None
+
+
+def check_out(out: Path, overwrite: bool) -> dict | None:
+    """Refuse now (one line) an --out this tune may not write; an earlier tune's output is judged by
+    check_study once the study's name is known. Returns that output's tune.json, or None."""
+    earlier = earlier_tune(out)
+    if earlier is None or overwrite:
+        output.check_location(out, overwrite)
+    return earlier
+
+
+def check_study(out: Path, earlier: dict | None, name: str, url: str, overwrite: bool) -> bool:
+    """Whether `out` holds this study's own earlier output (which a rerun may replace); refuse another
+    study's without --overwrite."""
+    ours = earlier is not None and (earlier.get("study"), earlier.get("storage")) == (name, url)
+    if earlier is not None and not ours and not overwrite:
+        raise OutputExists(f"output {out} holds the best merge of another study ({earlier.get('study')}): pass "
+                           f"--overwrite to replace it, or choose another --out")
+    return ours
+
+
+def write(template: Candidate, best: dict, out: Path, earlier: dict | None, ours: bool, overwrite: bool,
+          device: str) -> bool:
+    """Merge the best trial's parameters into `out`; False (nothing written) when `out` already holds
+    this study's merge of the same trial."""
+    if ours and all(earlier["best"].get(k) == best[k] for k in ("number", "params")):
+        return False
+    api.run(replace(template, params=best["params"]).spec(out, overwrite=overwrite or ours, resume=True,
+                                                           device=device))
+    return True
+
+
+def save_record(out: Path, record: dict) -> None:
+    """tune.json beside the merge, listed among the output's own files (so --overwrite may replace it)."""
+    (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    output.own_files(out, RECORD)
+
+
+def save_plot(out: Path, record: dict) -> Path | None:
+    """The study's plot (tune.show) beside the merge, listed among its files; None when no trial has an NP."""
+    from .show import plot
+    path = plot(record, out / PLOT)
+    if path is not None:
+        output.own_files(out, PLOT)
+    return path
