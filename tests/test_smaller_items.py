@@ -209,7 +209,8 @@ def test_kernel_help_says_what_each_choice_runs(run_main):
 
 def test_version_says_whether_the_compiled_loops_and_triton_are_there(tmp_path):
     done = subprocess.run([str(MBMERGE), "--version"], capture_output=True, text=True, cwd=tmp_path)
-    built = list((PACKAGE / "kernels").glob("_cpu_merge*.so"))
+    import mbmerge                       # the installed package (a wheel in CI), where the loops were built
+    built = list((Path(mbmerge.__file__).parent / "kernels").glob("_cpu_merge*.so"))
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     loops = "available" if built and " avx2" in flags and " f16c" in flags else "unavailable: "
     try:
