@@ -24,7 +24,7 @@ import torch
 
 from .. import methods as mbmerge_methods
 from ..common.errors import MbmergeError
-from ..engine.recipe import to_mergekit
+from ..engine.recipe.document import to_mergekit
 from ..common.cache import cache_dir
 from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
 from .bench_plot import plot

@@ -169,10 +169,10 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
                                        *given.items()] if v is not None]
         if clash:
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
-        from ..engine.stages import is_multi_stage
+        from ..engine.recipe.stages import is_multi_stage
         if is_multi_stage(config):                      # several YAML documents: mergekit-multi's stages
             return _merge_stages(config, out, intermediate_dir, run)
-        from ..engine.recipe import load_recipe
+        from ..engine.recipe.document import load_recipe
         recipe = load_recipe(config)
         merged, given = {**recipe["merge"], "config": Path(config).read_text(encoding="utf-8")}, recipe["params"]
     else:
@@ -193,10 +193,10 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
 
 
 def _merge_stages(config, out, intermediate_dir, run: dict) -> None:
-    """A --config of several YAML documents, each stage merged with this run's options (engine/stages.py).
+    """A --config of several YAML documents, each stage merged with this run's options (engine/recipe/stages.py).
     Stages whose output records their current fingerprint are kept (mergekit's lazy, made exact);
     --overwrite merges them all again."""
-    from ..engine.stages import run_stages
+    from ..engine.recipe.stages import run_stages
 
     def merge_models(**kwargs):
         from ..stats.prepare import merge               # torch, once every stage is checked
@@ -217,8 +217,8 @@ def _check(method: str, experts: list, base: str | None, given: dict, protocol: 
     """The errors a user can make in the command itself, before torch is imported: the method, its
     parameters and expert count, where the output goes, and model references that name nothing (the
     engine checks them again)."""
-    from ..engine.output import check_location
-    from ..engine.resolve import hub_repo, parts
+    from ..engine.output.place import check_location
+    from ..engine.inputs.resolve import hub_repo, parts
     row = methods.get(method)
     n = len(slices[0]) - row.needs_base if slices else len(experts)      # a slice's models besides the base
     methods.check_experts(row, n)

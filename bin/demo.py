@@ -11,7 +11,7 @@ import click
 from .. import methods
 from ..common.errors import MbmergeError
 from ..common.progress import Progress
-from ..engine.stats_folders import read_card
+from ..engine.inputs.stats_folders import read_card
 from ..eval import harness
 from ..eval.domains import DOMAINS
 from ..eval.report import np_text, undefined_note, write_report

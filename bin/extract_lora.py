@@ -1,4 +1,4 @@
-"""`mbmerge extract-lora`: a PEFT LoRA adapter from a base and a fine-tune (engine/extract_lora.py), with
+"""`mbmerge extract-lora`: a PEFT LoRA adapter from a base and a fine-tune (engine/adapters/extract_lora.py), with
 mergekit-extract-lora's options."""
 import json
 from pathlib import Path
@@ -27,7 +27,7 @@ import click
 def extract_lora(base, model, out, max_rank, distribute_scale, embed_lora, modules_to_save, include, exclude,
                  sv_epsilon, skip_undecomposable, overwrite, quiet):
     """Extract a rank-r LoRA adapter (a PEFT folder) from BASE and the fine-tuned MODEL, tensor by tensor."""
-    from ..engine.extract_lora import Options, extract_lora as run        # torch, from here on
+    from ..engine.adapters.extract_lora import Options, extract_lora as run        # torch, from here on
     options = Options(max_rank=max_rank, distribute_scale=distribute_scale, embed_lora=embed_lora,
                       modules_to_save=tuple(modules_to_save), include=tuple(include), exclude=tuple(exclude),
                       sv_epsilon=sv_epsilon, skip_undecomposable=skip_undecomposable, progress=not quiet)

@@ -8,7 +8,7 @@ import click
 from .. import methods
 from .options import param_options
 from ..common.names import DOMAIN_ALIASES, is_domain
-from ..engine.resolve import resolve
+from ..engine.inputs.resolve import resolve
 
 KIND_PARAMS = {kind: methods.collection_params(kind) for kind in ("fisher", "gram", "mask")}
 ALL_PARAMS = {n: p for ps in KIND_PARAMS.values() for n, p in ps.items()}

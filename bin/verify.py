@@ -1,11 +1,11 @@
-"""`mbmerge verify DIR`: re-check a merged output folder and say what is wrong (engine/verify.py)."""
+"""`mbmerge verify DIR`: re-check a merged output folder and say what is wrong (engine/output/verify.py)."""
 import sys
 from pathlib import Path
 
 import click
 
-from ..engine.index import TensorIndex
-from ..engine.verify import check
+from ..engine.inputs.index import TensorIndex
+from ..engine.output.verify import check
 
 
 @click.command("verify")

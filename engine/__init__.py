@@ -1,9 +1,24 @@
-"""The streaming engine: sources, validated safetensors index, plan, executor, writer. Its names are
-imported on first use: the command line reads engine.output and engine.resolve without torch."""
+"""The streaming engine, in rooms, each saying what it owns; imports run one way, down this list:
+
+    inputs/     what a merge reads: references resolved, safetensors headers and indexes, mapped reads,
+                tied heads, slices, vocabularies, side files, statistics folders
+    spec, plan, journal, device
+                the core's ground: a checked MergeSpec, the output plan (tensors, chunks, shards), the
+                resume journal and fingerprint, the compute device
+    output/     what a merge writes and where: the output's place, the shard writer and card, verify
+    adapters/   LoRA adapters read as the weights they adapt, and extracted (mbmerge extract-lora)
+    models      one record per model of a merge, built from the spec (engine/models.py)
+    execute     the executor: chunks read, merged by the method, written
+    api         one merge as a story: models -> plan -> executor -> finish (run, merge, fingerprint)
+    recipe/     mergekit YAML: documents, per-tensor parameter values, stages; beside the core, which
+                never imports it (a recipe's gradients reach it as MergeSpec.layered)
+
+Its names are imported on first use: the command line reads engine.output.place and engine.inputs.resolve
+without torch."""
 import importlib
 
-_LAZY = {"merge": ".api", "run": ".api", "sources": ".api", "fingerprint": ".api", "MergeSpec": ".spec", "spec_from": ".spec",
-         "VERSION": ".spec", "MbmergeError": "..common.errors"}
+_LAZY = {"merge": ".api", "run": ".api", "sources": ".api", "fingerprint": ".api", "MergeSpec": ".spec",
+         "spec_from": ".spec", "VERSION": ".spec", "MbmergeError": "..common.errors"}
 
 
 def __getattr__(name: str):

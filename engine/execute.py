@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from .. import kernels, methods
 from ..common.errors import MbmergeError, MethodFailed, NonFinite
-from .header import DTYPES
+from .inputs.header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
 from .device import Output, Uploader
-from .read import MappedModel
-from .write import ShardWriter
+from .inputs.read import MappedModel
+from .output.write import ShardWriter
 
 CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read once for all passes
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .index import TensorIndex
+from .inputs.index import TensorIndex
 from .plan import Plan
 
 JOURNAL = "mbmerge-journal.jsonl"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from ..common.errors import BadParameter
 from ..methods import CHUNK_ALIGN, row_length
-from .header import DTYPES, FLOAT_DTYPES, TensorEntry, encode_header
-from .index import SINGLE_FILE, TensorIndex
+from .inputs.header import DTYPES, FLOAT_DTYPES, TensorEntry, encode_header
+from .inputs.index import SINGLE_FILE, TensorIndex
 
 UNSUPPORTED = ("F8_E4M3", "F8_E5M2")
 CPU_CHUNK = 1 << 17  # elements; keeps a method's float32 temporaries in cache. TIES apply, 2 experts,
@@ -164,15 +164,4 @@ def _kind(e: TensorEntry, out_dtype: str | None, keep) -> tuple[str, bool]:
         return e.dtype, False
     return out_dtype or e.dtype, not (keep and keep.search(e.name))
 
-
-def dtype_name(name: str | None) -> str | None:
-    """'bfloat16' / 'bf16' / 'BF16' -> 'BF16' (None stays None)."""
-    if name is None:
-        return None
-    aliases = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
-               "float32": "F32", "fp32": "F32", "float": "F32", "float64": "F64", "fp64": "F64"}
-    key = aliases.get(name.lower(), name.upper())
-    if key not in FLOAT_DTYPES:
-        raise BadParameter(f"--dtype {name!r}: choose bfloat16, float16, float32 or float64")
-    return key
 

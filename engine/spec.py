@@ -4,14 +4,16 @@ import re
 import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .. import kernels, methods
-from . import vocabulary
+from .inputs import vocabulary
 from .device import resolve_device
 from ..common.errors import BadParameter
-from .plan import dtype_name, parse_shard_size, parse_size
+from .inputs.header import dtype_name
+from .plan import parse_shard_size, parse_size
 
 from ..common import VERSION  # noqa: F401  (the recipe records it)
 
@@ -24,6 +26,12 @@ def _regex(pattern: str, what: str) -> str:
     except re.error as e:
         raise BadParameter(f"{what} {pattern!r} is not a regular expression ({e})") from None
     return pattern
+
+
+class PerTensor(Protocol):
+    """Parameter values that vary per tensor (a recipe's gradients and filters: engine/recipe/values.Layered)."""
+    def overrides(self, names: list[str]) -> list[tuple[str, dict]]:
+        """(regex of tensor names, {param: value}) for the merged tensors `names`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,9 +53,9 @@ class MergeSpec:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
     tokenizer: str | dict | None = None  # the output vocabulary: union | base | a model, or mergekit's tokenizer
-                                        # block as a dict (engine/vocabulary.py); None: every model has the base's
+                                        # block as a dict (engine/inputs/vocabulary.py); None: every model has the base's
     chat_template: str | None = None    # the output's: auto | an input's reference | a Jinja template
-                                        # (engine/chat_template.py); None: the reference model's, as copied
+                                        # (engine/inputs/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -58,8 +66,8 @@ class MergeSpec:
     data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from (by
     data_options: dict = field(default_factory=dict)  # mbmerge.stats; the engine needs the folders)
     slices: tuple | None = None         # a recipe's slices: per slice, its sources ((ref, first, end), ...), the
-                                        # base's first where the method uses it (engine/slices.py)
-    layered: dict | None = None         # a mergekit recipe's per-layer gradients and filters (recipe.load_recipe),
+                                        # base's first where the method uses it (engine/inputs/slices.py)
+    layered: PerTensor | None = None    # a mergekit recipe's per-layer gradients and filters (recipe.load_recipe),
                                         # made overrides once the tensors are known (recipe.tensor_overrides)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
                                         # values replace `params` for that tensor (e.g. per layer)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..common.progress import Progress
 from ..common.threads import model_threads
-from ..engine.verify import file_sha256
+from ..engine.output.verify import file_sha256
 from . import registry
 from .registry import Task
 
@@ -305,10 +305,10 @@ def comparison_refs(family: str, domains, zoo: Path | None = None) -> tuple[str,
 
 
 def _local(ref: str, role: str) -> Path:
-    """A folder for a reference: a path as is, a hub id downloaded (engine.resolve; HF offline honoured)."""
+    """A folder for a reference: a path as is, a hub id downloaded (engine.inputs.resolve; HF offline honoured)."""
     if Path(ref).exists():
         return Path(ref)
-    from ..engine.resolve import resolve
+    from ..engine.inputs.resolve import resolve
     return resolve(ref, role).path
 
 

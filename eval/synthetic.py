@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.header import encode_header
+from ..engine.inputs.header import encode_header
 
 # Published config.json numbers (hub: google/gemma-2-2b, google/gemma-2-9b, meta-llama/Llama-3.2-3B,
 # meta-llama/Llama-3.1-8B). Token ids are those of the character tokenizer written below.

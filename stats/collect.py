@@ -20,12 +20,12 @@ import torch
 
 from ..engine.device import resolve_device
 from ..common.errors import BadParameter
-from ..engine.index import TensorIndex
+from ..engine.inputs.index import TensorIndex
 from ..engine.journal import input_identity
 from ..engine.plan import parse_size
-from ..engine.read import MappedModel
+from ..engine.inputs.read import MappedModel
 from ..engine.spec import VERSION
-from ..engine.stats_folders import STATS_CARD
+from ..engine.inputs.stats_folders import STATS_CARD
 from ..common.cache import cache_dir
 from ..common.threads import model_threads, threads_for, torch_threads
 from ..eval.zoo import quiet_transformers

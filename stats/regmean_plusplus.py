@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..common.errors import BadModel
-from ..engine.index import TensorIndex
-from ..engine.read import MappedModel
+from ..engine.inputs.index import TensorIndex
+from ..engine.inputs.read import MappedModel
 from ..methods import merge_tensors
 from .gram import gram
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..common.errors import OutputExists
-from ..engine.index import INDEX_FILE
-from ..engine.stats_folders import STATS_CARD
+from ..engine.inputs.index import INDEX_FILE
+from ..engine.inputs.stats_folders import STATS_CARD
 
 SHARD_BYTES = 2 << 30
 

@@ -61,7 +61,7 @@ def test_the_adapter_recovers_a_low_rank_delta_and_peft_loads_it(pair, tmp_path,
 
 
 def test_a_lower_rank_reports_the_truncation_error_an_svd_predicts(pair, tmp_path):
-    from mbmerge.engine.extract_lora import Options, extract_lora
+    from mbmerge.engine.adapters.extract_lora import Options, extract_lora
     out = extract_lora(pair["base"], pair["tuned"], tmp_path / "r1", Options(max_rank=1, progress=False))
     card = json.loads((out / "mbmerge.json").read_text())
     for n, d in pair["deltas"].items():
@@ -74,7 +74,7 @@ def test_a_lower_rank_reports_the_truncation_error_an_svd_predicts(pair, tmp_pat
 
 def test_the_extracted_adapter_merges_back_as_an_expert(pair, tmp_path):
     """task_arithmetic with weight 1 of the adapter is the fine-tune itself (to float32 tolerance)."""
-    from mbmerge.engine.extract_lora import Options, extract_lora
+    from mbmerge.engine.adapters.extract_lora import Options, extract_lora
     adapter = extract_lora(pair["base"], pair["tuned"], tmp_path / "a", Options(max_rank=8, progress=False))
     out = mbmerge.merge("task_arithmetic", base=str(pair["base"]), experts=[str(adapter)], out=tmp_path / "m",
                         progress=False)

@@ -1,4 +1,4 @@
-"""Property-based fuzzing (hypothesis) of engine/header.py's read_header and engine/index.py's
+"""Property-based fuzzing (hypothesis) of engine/inputs/header.py's read_header and engine/inputs/index.py's
 TensorIndex.from_folder: on arbitrary bytes, on structured mutations of valid files (length prefix,
 truncation, bit flips, random JSON in every field, unicode and duplicate names, trailing bytes,
 huge claims) and on hostile model folders (fuzzed index.json and shards, escaping, nested, NUL,
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from mbmerge.common.errors import MbmergeError
-from mbmerge.engine.header import DTYPES, MAX_HEADER_BYTES, TensorEntry, encode_header, read_header
-from mbmerge.engine.index import INDEX_FILE, TensorIndex
+from mbmerge.engine.inputs.header import DTYPES, MAX_HEADER_BYTES, TensorEntry, encode_header, read_header
+from mbmerge.engine.inputs.index import INDEX_FILE, TensorIndex
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -398,7 +398,7 @@ def test_from_folder_fuzzed(data):
     event(from_folder_case(shards, links, data.draw(index_texts(shards), "index")))
 
 
-# What the fuzzer found before the fixes in engine/index.py, kept as fixed cases.
+# What the fuzzer found before the fixes in engine/inputs/index.py, kept as fixed cases.
 @pytest.mark.parametrize("shards, links, index", [
     (ONE_SHARD, [], wm("x\x00.safetensors")),        # ValueError: embedded null byte
     (ONE_SHARD, [], wm("b" * 5000)),                   # OSError: file name too long

@@ -1,4 +1,4 @@
-"""engine/header.py and engine/index.py: golden header bytes, a round trip through the
+"""engine/inputs/header.py and engine/inputs/index.py: golden header bytes, a round trip through the
 safetensors library, every kind of corrupt or hostile header, and unsafe model folders.
 
 BAD_HEADERS and BAD_FOLDERS are also run through the command line in test_cli.py."""
@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from conftest import base_tensors, write_model
 from mbmerge.common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
-from mbmerge.engine.header import encode_header, read_header
-from mbmerge.engine.index import TensorIndex, check_agreement
+from mbmerge.engine.inputs.header import encode_header, read_header
+from mbmerge.engine.inputs.index import TensorIndex, check_agreement
 
 SHARD1 = "model-00001-of-00002.safetensors"
 

@@ -32,10 +32,11 @@ def _layer(module: str) -> int | None:
 
 
 def _modules():
+    """(layer, path, module) of every module of every layer, sub-packages' too."""
     for layer in LAYERS:
-        for path in sorted((ROOT / layer).glob("*.py")):
-            package = f"mbmerge.{layer}"
-            yield layer, path, package if path.name == "__init__.py" else f"{package}.{path.stem}"
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            parts = ["mbmerge", *path.relative_to(ROOT).with_suffix("").parts]
+            yield layer, path, ".".join(parts[:-1] if path.name == "__init__.py" else parts)
 
 
 def test_every_layer_is_a_folder_with_modules():
@@ -66,3 +67,30 @@ def test_common_imports_nothing_of_mbmerge():
         package = "mbmerge.common"
         assert all(not name.startswith("mbmerge.") or name.startswith("mbmerge.common")
                    for _, name in _imports(path, package)), path
+
+
+# engine/'s rooms, bottom to top (engine/__init__.py says what each owns); recipe/ stands beside them
+ENGINE_ROOMS = [{"inputs"}, {"spec", "plan", "journal", "device"}, {"output"}, {"adapters"}, {"models"},
+                {"execute"}, {"api"}]
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["mbmerge", "engine"] and len(parts) > 2 else None
+
+
+def test_the_engines_rooms_point_down_only_and_the_core_never_imports_the_recipe_room():
+    order = {room: k for k, rooms in enumerate(ENGINE_ROOMS) for room in rooms}
+    assert set(order) | {"recipe"} == {p.stem if p.is_file() else p.name for p in (ROOT / "engine").iterdir()
+                                       if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    wrong = []
+    for layer, path, module in _modules():
+        room = _room(module)
+        if layer != "engine" or room is None or room == "recipe":
+            continue
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for line, name in _imports(path, package):
+            other = _room(name)
+            if other == "recipe" or (other in order and order[other] > order[room]):
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({room}) imports {name}")
+    assert not wrong, "\n".join(wrong)

@@ -73,7 +73,7 @@ def test_adapter_experts_merge_as_their_folded_models(zoo, tmp_path, method, par
 
 
 def test_model_plus_adapter_in_a_recipe(zoo, tmp_path):
-    from mbmerge.engine.recipe import load_recipe
+    from mbmerge.engine.recipe.document import load_recipe
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: slerp\nbase_model: {zoo['base']}\n"
                       f"models: [{{model: {zoo['base']}}}, {{model: \"{zoo['base']}+{zoo['a1']}\"}}]\n"

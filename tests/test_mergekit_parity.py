@@ -25,7 +25,7 @@ import torch
 
 import mbmerge
 from conftest import LLAMA, expert_tensors, llama_shapes, read_model, top_mask, write_model
-from mbmerge.engine.recipe import load_recipe
+from mbmerge.engine.recipe.document import load_recipe
 
 MERGEKIT = os.environ.get("MBMERGE_MERGEKIT") or shutil.which("mergekit-yaml")
 pytestmark = pytest.mark.skipif(not MERGEKIT, reason="mergekit-yaml not found (set MBMERGE_MERGEKIT)")

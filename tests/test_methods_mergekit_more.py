@@ -12,7 +12,7 @@ import torch
 
 import mbmerge
 from conftest import read_model
-from mbmerge.engine.recipe import load_recipe
+from mbmerge.engine.recipe.document import load_recipe
 
 MERGEKIT = os.environ.get("MBMERGE_MERGEKIT") or shutil.which("mergekit-yaml")
 needs_mergekit = pytest.mark.skipif(not MERGEKIT, reason="mergekit-yaml not found (set MBMERGE_MERGEKIT)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mbmerge
-from mbmerge.engine.verify import verify
+from mbmerge.engine.output.verify import verify
 from mbmerge.common.errors import BadParameter
 from mbmerge.engine.plan import parse_shard_size
 from conftest import read_model

@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from mbmerge.common.errors import BadParameter
-from mbmerge.engine.index import TensorIndex
+from mbmerge.engine.inputs.index import TensorIndex
 from mbmerge.engine.plan import chunk_elems, make_plan, parse_size
 from mbmerge.methods import CHUNK_ALIGN
 

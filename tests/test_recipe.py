@@ -8,7 +8,7 @@ import mbmerge
 from conftest import read_model
 from mbmerge import methods
 from mbmerge.common.errors import BadParameter
-from mbmerge.engine.recipe import load_recipe
+from mbmerge.engine.recipe.document import load_recipe
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_ties_recipe_merges_like_explicit_parameters(family, recipe, tmp_path):
 
 
 def test_gradients_interpolate_between_their_points_and_filters_take_the_first_match():
-    from mbmerge.engine.recipe_values import evaluate as _evaluate
+    from mbmerge.engine.recipe.values import evaluate as _evaluate
     assert _evaluate(0.3, "any", 0.7) == 0.3
     assert _evaluate([0.0, 0.5, 1.0], "x", 0.25) == pytest.approx(0.25)          # half way to the second point
     assert _evaluate([0.0, 0.5, 1.0], "x", 0.75) == pytest.approx(0.75)
@@ -246,7 +246,7 @@ def test_gradients_interpolate_between_their_points_and_filters_take_the_first_m
 
 
 def test_each_tensor_takes_its_layers_place_and_its_names_filters():
-    from mbmerge.engine.recipe import tensor_overrides
+    from mbmerge.engine.recipe.document import tensor_overrides
     layered = {"slices": [{"first": 0, "count": None, "parameters": {},
                            "models": [{"weight": [0.0, 1.0]}, {"weight": 1.0}]}],
                "parameters": {"lambda": [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]}}

@@ -1,4 +1,4 @@
-"""engine/resolve.py offline: a fake Hugging Face hub cache built on disk (HF_HUB_CACHE layout:
+"""engine/inputs/resolve.py offline: a fake Hugging Face hub cache built on disk (HF_HUB_CACHE layout:
 models--OWNER--NAME/{refs/main, snapshots/<commit>/ -> ../../blobs/<hash>}), hub ids and
 MergeBench short names resolved against it, merged end to end, and clean errors otherwise."""
 import hashlib
@@ -13,9 +13,9 @@ import mbmerge
 from conftest import read_model
 from mbmerge.bin.cli import main
 from mbmerge.common.errors import BadModel, UnknownExpert
-from mbmerge.engine.index import TensorIndex
+from mbmerge.engine.inputs.index import TensorIndex
 from mbmerge.common.names import mergebench_repo
-from mbmerge.engine.resolve import resolve
+from mbmerge.engine.inputs.resolve import resolve
 
 
 def hub_repo(cache: Path, repo_id: str, src: Path, refs=("main",)) -> Path:

@@ -13,13 +13,13 @@ import pytest
 
 import mbmerge
 from mbmerge.common.errors import InputChanged, OutputBusy
-from mbmerge.engine.output import output_lock
+from mbmerge.engine.output.place import output_lock
 
 # Runs the mbmerge command, but SIGKILLs itself at the KILL_AT-th chunk write, or at the first write
 # into the KILL_IN_SHARD-th output shard (counted from 1).
 KILLER = """
 import os, signal, sys
-import mbmerge.engine.write as w
+import mbmerge.engine.output.write as w
 at, shard = int(os.environ.get("KILL_AT", 0)), int(os.environ.get("KILL_IN_SHARD", 0))
 calls, shards, write = [0], [], w.ShardWriter.write
 def killing_write(self, t, start, values):
@@ -125,7 +125,7 @@ def test_corrupted_journaled_bytes_are_redone_and_no_resume_starts_over(wide_fam
 
 
 def test_keyboard_interrupt_keeps_the_partial_merge(wide_family, tmp_path, clean, monkeypatch):
-    import mbmerge.engine.write as w
+    import mbmerge.engine.output.write as w
     calls, write = [0], w.ShardWriter.write
 
     def interrupted(self, t, start, values):

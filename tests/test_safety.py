@@ -132,7 +132,7 @@ def test_side_files_are_recorded_and_verified(project, tmp_path, run_main):
 def test_output_under_a_file_or_a_virtual_path_is_one_line(project, tmp_path, run_main, monkeypatch):
     (tmp_path / "some_file").write_text("x")
     read = []
-    monkeypatch.setattr("mbmerge.engine.index.TensorIndex.from_folder", lambda *a, **k: read.append(a))
+    monkeypatch.setattr("mbmerge.engine.inputs.index.TensorIndex.from_folder", lambda *a, **k: read.append(a))
     refused(run_main(*ties(project, tmp_path / "some_file" / "x")), "some_file is a file, not a folder")
     refused(run_main(*ties(project, tmp_path / "some_file")), "is a file, not a folder")
     refused(run_main(*ties(project, "/proc/mbmerge-test/out")), "cannot create")
@@ -203,7 +203,7 @@ def test_a_tiny_memory_budget_is_raised_with_a_notice(project, tmp_path, run_mai
 
 
 def test_interrupt_says_resume_and_the_rerun_says_it_resumes(project, tmp_path, run_main, monkeypatch):
-    import mbmerge.engine.write as w
+    import mbmerge.engine.output.write as w
     out, real, calls = tmp_path / "o", w.ShardWriter.write, [0]
 
     def interrupted(self, t, start, values):

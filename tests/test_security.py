@@ -19,8 +19,8 @@ import torch
 import mbmerge
 from conftest import read_model
 from mbmerge.common.errors import BadModel
-from mbmerge.engine.index import INDEX_FILE, TensorIndex
-from mbmerge.engine.resolve import resolve
+from mbmerge.engine.inputs.index import INDEX_FILE, TensorIndex
+from mbmerge.engine.inputs.resolve import resolve
 from test_resolve import hub_repo
 
 PACKAGE = Path(mbmerge.__file__).parent
@@ -138,7 +138,7 @@ def test_no_trust_remote_code_nor_unpickling_in_the_package():
     """No source file of the package passes trust_remote_code (other than =False) or calls an
     unpickler: the merged model's and the inputs' code never runs."""
     sources = package_sources()
-    assert len(sources) > 20 and PACKAGE / "engine" / "index.py" in sources
+    assert len(sources) > 20 and PACKAGE / "engine" / "inputs" / "index.py" in sources
     for path in sources:
         text = path.read_text()
         for m in re.finditer(r"trust_remote_code\W*(\w+)", text):

@@ -10,7 +10,7 @@ import torch
 
 import mbmerge
 from conftest import LLAMA, llama_shapes, read_model, write_model
-from mbmerge.engine.recipe import load_recipe
+from mbmerge.engine.recipe.document import load_recipe
 
 LAYERS = 4
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mbmerge.common.errors import BadParameter
-from mbmerge.engine.stages import is_multi_stage, load_stages, run_stages
+from mbmerge.engine.recipe.stages import is_multi_stage, load_stages, run_stages
 from conftest import read_model
 
 # The final merge comes first in the file: it uses stage `mc`, so `mc` runs first all the same.
@@ -91,7 +91,7 @@ def test_overwrite_redoes_every_stage(recipe, tmp_path, run_main):
 
 def test_an_interrupted_stage_resumes_and_the_stages_before_it_are_not_redone(family, recipe, tmp_path, run_main,
                                                                              monkeypatch):
-    import mbmerge.engine.write as w
+    import mbmerge.engine.output.write as w
     out, path = tmp_path / "merged", recipe(TWO_STAGES)
     write, calls = w.ShardWriter.write, []
 

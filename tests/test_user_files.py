@@ -70,7 +70,7 @@ def test_an_output_recorded_before_the_file_list_is_read_from_its_checksums(fami
 
 def test_files_added_by_a_tool_of_mbmerge_are_its_own(family, tmp_path, run_main):
     """tune writes tune.json and a plot beside its best merge and lists them (engine.output.own_files)."""
-    from mbmerge.engine.output import own_files
+    from mbmerge.engine.output.place import own_files
     prev = tmp_path / "prev"
     assert run_main(*merge_args(family, prev))[0] == 0
     (prev / "tune.json").write_text("{}")

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mbmerge
-from mbmerge.engine import verify as verify_mod
+from mbmerge.engine.output.place import verify as verify_mod
 from mbmerge.common.errors import BadModel
-from mbmerge.engine.verify import sha256_files, verify
+from mbmerge.engine.output.verify import sha256_files, verify
 
 N_TENSORS = 21
 INDEX = "model.safetensors.index.json"

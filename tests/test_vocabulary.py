@@ -205,7 +205,7 @@ def mergekit_and_mbmerge(zoo, tmp_path, tokenizer_lines: list[str]):
     in mergekit's token order (new tokens' ids follow mergekit's set of models, in hash order)."""
     import subprocess
     from test_mergekit_parity import MERGEKIT
-    from mbmerge.engine.recipe import load_recipe
+    from mbmerge.engine.recipe.document import load_recipe
     if not MERGEKIT:
         pytest.skip("mergekit-yaml not found (set MBMERGE_MERGEKIT)")
     p = zoo["paths"]

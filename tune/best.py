@@ -7,7 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..common.errors import OutputExists
-from ..engine import api, output
+from ..engine import api
+from ..engine.output import place
 from .score import Candidate
 
 RECORD = "tune.json"
@@ -17,7 +18,7 @@ PLOT = "tune-params.png"
 def earlier_tune(out: Path) -> dict | None:
     """The tune.json of an earlier tune's output in `out` (an mbmerge output whose files are all
     there), else None."""
-    card = output.read_record(out)
+    card = place.read_record(out)
     if card is None or not all((out / f).is_file() for f in card.get("files", [])):
         return None
     try:
@@ -32,7 +33,7 @@ def check_out(out: Path, overwrite: bool) -> dict | None:
     check_study once the study's name is known. Returns that output's tune.json, or None."""
     earlier = earlier_tune(out)
     if earlier is None or overwrite:
-        output.check_location(out, overwrite)
+        place.check_location(out, overwrite)
     return earlier
 
 
@@ -60,7 +61,7 @@ def write(template: Candidate, best: dict, out: Path, earlier: dict | None, ours
 def save_record(out: Path, record: dict) -> None:
     """tune.json beside the merge, listed among the output's own files (so --overwrite may replace it)."""
     (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    output.own_files(out, RECORD)
+    place.own_files(out, RECORD)
 
 
 def save_plot(out: Path, record: dict) -> Path | None:
@@ -68,5 +69,5 @@ def save_plot(out: Path, record: dict) -> Path | None:
     from .show import plot
     path = plot(record, out / PLOT)
     if path is not None:
-        output.own_files(out, PLOT)
+        place.own_files(out, PLOT)
     return path

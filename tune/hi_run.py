@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..common.errors import BadParameter
 from ..engine import api
-from ..engine.index import TensorIndex
+from ..engine.inputs.index import TensorIndex
 from . import runners
 from .best import save_record
 from .evaluate import Evaluator

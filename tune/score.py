@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..common.errors import BadParameter
 from ..engine import api
-from ..engine.index import TensorIndex
+from ..engine.inputs.index import TensorIndex
 from ..engine.journal import input_identity
 from ..engine.spec import MergeSpec
 from ..eval import harness, registry

@@ -8,7 +8,7 @@ explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1
                                 every input, and like mergekit it adds an unlisted base as one more.
   models[i].model            -> experts, paths used as given (relative to the current folder)
   slices[s].sources[j]       -> slices: per slice its sources (model, first, end layer), the base's first;
-                                the experts are the models besides the base (engine/slices.py). A source's
+                                the experts are the models besides the base (engine/inputs/slices.py). A source's
                                 parameters win over its slice's, which win over the global ones
   weight, density, gamma,    -> weights, density, gamma, epsilon: one value per expert, taken from
   epsilon                       the model, else the global parameters, else mergekit's default
@@ -17,7 +17,7 @@ explicitly, because mbmerge's own defaults differ (e.g. ties density 0.2 here, 1
   rescale                    -> rescale l1|none; also consensus=sum and sparsify_scope=tensor
   int8_mask                  -> ignored: a memory saving in mergekit, with the same result
   out_dtype, else dtype      -> dtype: the output dtype (mbmerge always computes in float32)
-  tokenizer_source, tokenizer-> tokenizer: the output vocabulary (engine/vocabulary.py)
+  tokenizer_source, tokenizer-> tokenizer: the output vocabulary (engine/inputs/vocabulary.py)
   chat_template              -> chat_template: 'auto', a model of the recipe, or a Jinja template
   a list of values           -> a gradient over a slice's layers (the models: form is one slice of all):
                                 its layer i of L at t = i / (L - 1) (1 for one layer), tensors outside
@@ -34,11 +34,11 @@ tensors or files besides the recipe.
 """
 import yaml
 
-from .. import methods
-from ..common.errors import BadParameter
-from . import vocabulary
-from .plan import dtype_name
-from .recipe_values import PER_MODEL, at, fail, params_of, points, tensor_overrides, to_mergekit, values
+from ... import methods
+from ...common.errors import BadParameter
+from ..inputs import vocabulary
+from ..inputs.header import dtype_name
+from .values import PER_MODEL, Layered, at, fail, params_of, points, tensor_overrides, to_mergekit, values
 
 __all__ = ["load_recipe", "merge_kwargs", "tensor_overrides", "to_mergekit"]
 
@@ -97,9 +97,9 @@ def load_recipe(path) -> dict:
     except BadParameter as e:
         raise BadParameter(f"{path}: {e}") from None
     sliced = first["sources"] is not None
-    settings = {"parameters": glob, "slices": [{"first": s["first"], "count": s["count"], "parameters": s["parameters"],
-                                                "models": [m[2] for m in s["models"]]} for s in slices]} \
-        if layered or sliced else None
+    settings = Layered(name, {"parameters": glob, "slices": [
+        {"first": s["first"], "count": s["count"], "parameters": s["parameters"], "models": [m[2] for m in s["models"]]}
+        for s in slices]}) if layered or sliced else None
     experts = list(dict.fromkeys(m[1] for s in slices for m in s["models"] if m[1] != base or not sliced)) or [base]
     out = {"method": name, "base": base, "experts": experts, "dtype": dtype, "params": params, "layered": settings,
            "slices": [s["sources"] for s in slices] if sliced else None, "chat_template": cfg.get("chat_template"),

@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..common.errors import OutputBusy, OutputExists, OutputLocation
+from ...common.errors import OutputBusy, OutputExists, OutputLocation
 
 RECORD = "mbmerge.json"
 

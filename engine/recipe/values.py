@@ -3,19 +3,30 @@ read as mergekit reads them, and mergekit's parameters translated into mbmerge's
 engine's overrides. Knows nothing of files (recipe.py reads the documents).
 """
 import re
+from dataclasses import dataclass
 
-from .. import methods
-from ..common.errors import BadParameter
-from ..methods.contract import REQUIRED
+from ... import methods
+from ...common.errors import BadParameter
+from ...common.roles import EMBEDDING, LAYER
+from ...methods.contract import REQUIRED
 
 PER_MODEL = {"weight", "density", "gamma", "epsilon", "scale"}   # scale: passthrough's
-LAYER = re.compile(r"\.layers\.(\d+)\.")   # a decoder layer's tensors, as transformers names them
-EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings)\.")  # mergekit's pre-layer weights
 BOOLS = {"normalize", "rescale", "int8_mask", "filter_wise", "normalize_weights", "nuslerp_row_wise", "nuslerp_flatten"}
 
 
 def fail(key, why):
     raise BadParameter(f"key {key!r} {why}")
+
+
+@dataclass(frozen=True)
+class Layered:
+    """A recipe's per-layer gradients and filters (load_recipe's "layered"): given as MergeSpec.layered, the
+    engine asks for its per-tensor overrides once it knows the merged tensors' names."""
+    method: str
+    settings: dict
+
+    def overrides(self, names: list[str]) -> list[tuple[str, dict]]:
+        return tensor_overrides(self.method, self.settings, names)
 
 
 def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[tuple[str, dict]]:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import BadModel
-from .header import TensorEntry
-from .index import TensorIndex
-from .read import MappedModel
+from ...common.errors import BadModel
+from ..inputs.header import TensorEntry
+from ..inputs.index import TensorIndex
+from ..inputs.read import MappedModel
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."

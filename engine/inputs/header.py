@@ -14,7 +14,7 @@ from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
-from ..common.errors import BadHeader, BadOffsets
+from ...common.errors import BadHeader, BadOffsets, BadParameter
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 MAX_DIM = 2 ** 63  # torch sizes are int64
@@ -177,3 +177,15 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]],
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGN)
     return struct.pack("<Q", len(text)) + text, offsets
+
+
+def dtype_name(name: str | None) -> str | None:
+    """'bfloat16' / 'bf16' / 'BF16' -> 'BF16' (None stays None)."""
+    if name is None:
+        return None
+    aliases = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
+               "float32": "F32", "fp32": "F32", "float": "F32", "float64": "F64", "fp64": "F64"}
+    key = aliases.get(name.lower(), name.upper())
+    if key not in FLOAT_DTYPES:
+        raise BadParameter(f"--dtype {name!r}: choose bfloat16, float16, float32 or float64")
+    return key

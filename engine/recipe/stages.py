@@ -1,6 +1,6 @@
 """Multi-document mergekit recipes (mergekit-multi's meaning): an ordered list of stages, and running them.
 
-Each YAML document is an ordinary recipe (engine/recipe.py reads it) plus an optional `name`. A named
+Each YAML document is an ordinary recipe (engine/recipe/document.py reads it) plus an optional `name`. A named
 stage is merged into <intermediate dir>/<name>; the one unnamed document, if any, is the final merge,
 into `out`. A later document refers to a stage by its name wherever a model goes (base_model,
 models[].model, slices' sources, tokenizer sources, chat_template); other names are ordinary references.
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from ..common.errors import BadParameter, MbmergeError
-from ..common.names import domain_names
-from .output import check_location, read_record, update_record
-from .recipe import load_recipe
-from .resolve import hub_repo, parts
+from ...common.errors import BadParameter, MbmergeError
+from ...common.names import domain_names
+from ..output.place import check_location, read_record, update_record
+from .document import load_recipe
+from ..inputs.resolve import hub_repo, parts
 
 # where a stage's name may stand for its output: a model, a tokenizer's source, a model's chat template
 MODEL_KEYS = {"base_model", "model", "tokenizer_source", "source", "chat_template"}
@@ -125,7 +125,7 @@ def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, 
     for s in stages:
         _check_models(s, {str(t.out) for t in stages})
     if merge is None or fingerprint is None:
-        from . import api               # torch, from here on
+        from .. import api               # torch, from here on
         merge = merge or api.merge
         fingerprint = fingerprint or (lambda **kw: api.fingerprint(api.spec_from(**kw)))
     why = _changes(stages, lazy, lambda s: fingerprint(out=s.out, **s.merge, **options))

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import BadModel, MbmergeError
-from .header import TensorEntry, read_header
-from .index import INDEX_FILE, TensorIndex
-from .journal import header_sha256
-from .read import MappedModel
-from . import side_files
-from .side_files import WEIGHT_SUFFIXES
+from ...common.errors import BadModel, MbmergeError
+from ..inputs.header import TensorEntry, read_header
+from ..inputs.index import INDEX_FILE, TensorIndex
+from ..journal import header_sha256
+from ..inputs.read import MappedModel
+from ..inputs import side_files
+from ..inputs.side_files import WEIGHT_SUFFIXES
 
 RECORD = "mbmerge.json"
 CHUNK_ELEMS = 1 << 22  # finiteness is checked 4M elements at a time: <= 16 MiB of float32 per chunk

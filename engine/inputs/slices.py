@@ -8,9 +8,9 @@ outside the layers from the last slice's, as mergekit plans them. Reads headers,
 import re
 from dataclasses import replace
 
-from ..common.errors import BadParameter
+from ...common.errors import BadParameter
+from ...common.roles import EMBEDDING, LAYER
 from .index import TensorIndex
-from .recipe_values import EMBEDDING, LAYER
 
 
 def layer_count(index: TensorIndex) -> int:

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..common.errors import BadParameter, ShapeMismatch
-from .header import encode_header
-from .index import TensorIndex
-from ..common import VERSION
-from .output import check_location, discard, output_lock, partial_folder, publish
-from .read import MappedModel
-from .side_files import is_tokenizer_file, side_files
-from .tied import EMBEDDINGS, HEAD
+from ...common.errors import BadParameter, ShapeMismatch
+from ..inputs.header import encode_header
+from ..inputs.index import TensorIndex
+from ...common import VERSION
+from ..output.place import check_location, discard, output_lock, partial_folder, publish
+from ..inputs.read import MappedModel
+from ..inputs.side_files import is_tokenizer_file, side_files
+from ..inputs.tied import EMBEDDINGS, HEAD
 
 PREFIX = "base_model.model."
 VOCAB = (*EMBEDDINGS, HEAD)

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..common.errors import BadModel
+from ...common.errors import BadModel
 from .index import INDEX_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..common.errors import BadParameter
+from ...common.errors import BadParameter
 
 CONFIG, JINJA = "tokenizer_config.json", "chat_template.jinja"
 

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
+from ...common.errors import BadHeader, BadModel, BadOffsets, MissingTensor, ShapeMismatch
 from .header import DTYPES, FLOAT_DTYPES, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..common.errors import BadModel, UnknownExpert
-from ..common.names import DOMAIN_ALIASES, HUB_ID, is_domain, mergebench_repo
+from ...common.errors import BadModel, UnknownExpert
+from ...common.names import DOMAIN_ALIASES, HUB_ID, is_domain, mergebench_repo
 
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

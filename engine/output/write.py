@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .index import INDEX_FILE
-from .plan import Plan, TensorPlan
+from ..inputs.index import INDEX_FILE
+from ..plan import Plan, TensorPlan
 from .verify import file_sha256
 
 

@@ -8,11 +8,10 @@ a linear weight [out, in] is [in, in].
 import json
 from pathlib import Path
 
-from ..common.errors import BadModel, BadParameter, MissingTensor, ShapeMismatch
-from ..methods import Method
+from ...common.errors import BadModel, BadParameter, MissingTensor, ShapeMismatch
+from ...methods import Method
 from .header import TensorEntry
 from .index import TensorIndex
-from .plan import Plan
 
 STATS_CARD = "mbmerge-stats.json"
 STAT_DTYPES = ("F64", "F32", "F16", "BF16", "U8", "BOOL")
@@ -32,9 +31,10 @@ def read_card(folder: Path) -> dict:
     return card
 
 
-def open_statistics(method: Method, folders: list[Path], roles: list[str], plan: Plan) -> list[TensorIndex]:
+def open_statistics(method: Method, folders: list[Path], roles: list[str],
+                    merged: list[TensorEntry]) -> list[TensorIndex]:
     """One checked TensorIndex per expert: of the kind the method needs, holding a statistic of the
-    right shape for every merged tensor that must have one."""
+    right shape for every merged tensor (its reference entry) that must have one."""
     kind = method.data_statistic.kind
     if len(folders) != len(roles):
         raise BadParameter(f"{len(folders)} statistics folder(s) for {len(roles)} experts; give one per expert")
@@ -44,15 +44,15 @@ def open_statistics(method: Method, folders: list[Path], roles: list[str], plan:
         if card["kind"] != kind:
             raise BadParameter(f"{folder}: holds {card['kind']} statistics; method {method.name} needs {kind}")
         ix = TensorIndex.from_folder(Path(folder), f"statistics of {role}")
-        for t in plan.tensors:
-            if t.merge:
-                _check(ix, ix.tensors.get(t.name), t.ref, method, role)
+        for weight in merged:
+            _check(ix, ix.tensors.get(weight.name), weight, method, role)
         indexes.append(ix)
-    for t in plan.tensors:  # a tensor some experts have a statistic of and others lack: stale or mixed folders
-        have = [t.name in ix.tensors for ix in indexes]
-        if t.merge and any(have) and not all(have):
+    for weight in merged:  # a tensor some experts have a statistic of and others lack: stale or mixed folders
+        have = [weight.name in ix.tensors for ix in indexes]
+        if any(have) and not all(have):
             lacking = indexes[have.index(False)].folder
-            raise MissingTensor(f"{lacking}: no {kind} statistic for tensor {t.name}, which the other experts' have")
+            raise MissingTensor(f"{lacking}: no {kind} statistic for tensor {weight.name}, which the other experts' "
+                                f"have")
     return indexes
 
 
