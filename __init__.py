@@ -8,13 +8,15 @@ Layers, each importing only those below it (tests/test_layers.py reads the impor
 
     bin        the `mbmerge` command (click)
     tune       evaluation-guided search: grids, Hi-Merging
-    stats      data statistics of experts (Fisher, Grams, trained masks); a merge completed for the
-               engine (stats/prepare.py: the built-in family, statistics collected)
-    eval       lm-eval glue, the mini zoo and the synthetic bench fixtures (workloads)
+    library    the library entry (library.py): mbmerge.merge, a merge completed for the engine (the
+               built-in family, statistics collected), above the two siblings it joins
+    stats      data statistics of experts (Fisher, Grams, trained masks)     } siblings: neither
+    eval       lm-eval glue, the mini zoo and the synthetic bench fixtures    } imports the other
     engine     sources, safetensors index, plan, streaming executor, writer
     methods    pure per-tensor merge functions and the method table
     kernels    torch references, Triton kernels and compiled CPU loops of the heavy steps
-    common     errors, the cache folder, MergeBench's names
+    common     errors, the cache folder, MergeBench's names, tensor roles; what stats and eval both
+               need: the zoo's domains (common/domains.py) and quieting transformers (common/quiet.py)
 
 Attributes are imported on first use, so `import mbmerge` (and the command's --help) stays free of torch.
 """
@@ -22,7 +24,7 @@ import importlib
 
 from .common import VERSION as __version__  # noqa: F401
 
-_ATTRIBUTES = {"merge": ".stats.prepare", "collect_statistics": ".stats.prepare", "MergeSpec": ".engine.spec",
+_ATTRIBUTES = {"merge": ".library", "collect_statistics": ".library", "MergeSpec": ".engine.spec",
                "MbmergeError": ".common.errors"}
 _SUBPACKAGES = ("bin", "common", "engine", "eval", "kernels", "methods", "stats", "tune")
 

@@ -11,7 +11,7 @@ from setuptools import Extension, find_packages, setup
 
 SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "build", "build.*"])
 # The fused CPU merges (kernels/cpu_merge.c), loaded with ctypes (kernels/cpu.py). Optional: without a
-# C compiler the install goes on and merges use the torch methods. Flags as kernels/cpu.py FLAGS.
+# C compiler the install goes on and merges use the torch methods.
 CPU_KERNELS = Extension("mbmerge.kernels._cpu_merge", ["kernels/cpu_merge.c"], optional=True, libraries=["m"],
                         extra_compile_args=["-O3", "-mavx2", "-mf16c", "-fno-fast-math", "-ffp-contract=off",
                                             "-std=gnu11"])

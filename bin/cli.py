@@ -25,7 +25,7 @@ COMMANDS = {
     "bench-kernels": ("bench_kernels", "bench_kernels", "Effective bandwidth of the merge step alone (fused "
                       "kernels: Triton on a GPU, compiled C on the CPU)."),
     "demo": ("demo", "demo", "Merge the mini zoo's experts with every method, evaluate, and report."),
-    "eval": ("evaluate", "evaluate", "Evaluate MODEL_DIR: per-domain scores, normalised performance vs the "
+    "eval": ("eval", "evaluate", "Evaluate MODEL_DIR: per-domain scores, normalised performance vs the "
              "experts, forgetting vs the base."),
     "extract-lora": ("extract_lora", "extract_lora", "Extract a LoRA adapter (a PEFT folder) from a base and a "
                      "fine-tuned model, by truncated SVD."),
@@ -147,21 +147,21 @@ def cli():
               help="For tensors matching REGEX (the first --override that does), these parameter values, "
                    "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
-          copy_tokenizer, tokenizer_source, chat_template, allow_nonfinite, overwrite, resume, device, kernels,
-          compiled, zoo_size, stats_dirs, data, split, data_format, max_length, data_seed, stats_batch_size,
-          stats_dtype, overrides, quiet, intermediate_dir, **params):
+def merge_command(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
+                  copy_tokenizer, tokenizer_source, chat_template, allow_nonfinite, overwrite, resume, device,
+                  kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length, data_seed,
+                  stats_batch_size, stats_dtype, overrides, quiet, intermediate_dir, **params):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
     given = {k: v for k, v in params.items() if v is not None}
     if out_shard_size is not None:
         from ..engine.plan import parse_shard_size
         parse_shard_size(out_shard_size)                # a bad size: one line, before torch
-    run = dict(keep_base=keep_base, memory_budget=memory_budget, out_shard_size=out_shard_size,
-               copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-               progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
-               compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
-               overrides=[_override(*o) for o in overrides],
-               data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, stats_dtype))
+    options = dict(keep_base=keep_base, memory_budget=memory_budget, out_shard_size=out_shard_size,
+                   copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
+                   progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
+                   compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
+                   overrides=[_override(*o) for o in overrides],
+                   data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, stats_dtype))
     if config:
         clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
                                        ("protocol", protocol), ("dtype", dtype), ("chat-template", chat_template),
@@ -171,7 +171,7 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
         from ..engine.recipe.stages import is_multi_stage
         if is_multi_stage(config):                      # several YAML documents: mergekit-multi's stages
-            return _merge_stages(config, out, intermediate_dir, run)
+            return _merge_stages(config, out, intermediate_dir, options)
         from ..engine.recipe.document import load_recipe
         recipe = load_recipe(config)
         merged, given = {**recipe["merge"], "config": Path(config).read_text(encoding="utf-8")}, recipe["params"]
@@ -185,30 +185,30 @@ def merge(method, experts, out, base, config, protocol, keep_base, dtype, memory
         raise click.UsageError("--intermediate-dir goes with a --config of several YAML documents (stages)")
     _check(merged["method"], merged["experts"], merged["base"], given, protocol, out, overwrite,
            merged.get("slices"))
-    from ..stats.prepare import merge as merge_models   # torch, from here on
+    from ..library import merge as merge_models          # torch, from here on
     with _resumable():
-        path = merge_models(out=out, **merged, **run)
+        path = merge_models(out=out, **merged, **options)
     if not quiet:
         click.echo(f"merged model written to {path}")
 
 
-def _merge_stages(config, out, intermediate_dir, run: dict) -> None:
-    """A --config of several YAML documents, each stage merged with this run's options (engine/recipe/stages.py).
+def _merge_stages(config, out, intermediate_dir, options: dict) -> None:
+    """A --config of several YAML documents, each stage merged with these options (engine/recipe/stages.py).
     Stages whose output records their current fingerprint are kept (mergekit's lazy, made exact);
     --overwrite merges them all again."""
     from ..engine.recipe.stages import run_stages
 
     def merge_models(**kwargs):
-        from ..stats.prepare import merge               # torch, once every stage is checked
+        from ..library import merge                     # torch, once every stage is checked
         return merge(**kwargs)
 
     def fingerprint(**kwargs):
-        from ..stats.prepare import fingerprint
+        from ..library import fingerprint
         return fingerprint(**kwargs)
     with _resumable():
-        path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not run["overwrite"],
-                          merge=merge_models, fingerprint=fingerprint, **run)
-    if run["progress"]:
+        path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not options["overwrite"],
+                          merge=merge_models, fingerprint=fingerprint, **options)
+    if options["progress"]:
         click.echo(f"stages merged; output in {path}")
 
 

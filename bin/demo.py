@@ -9,14 +9,14 @@ from pathlib import Path
 import click
 
 from .. import methods
+from ..common.domains import DOMAINS
 from ..common.errors import MbmergeError
 from ..common.progress import Progress
 from ..engine.inputs.stats_folders import read_card
 from ..eval import harness
-from ..eval.domains import DOMAINS
 from ..eval.report import np_text, undefined_note, write_report
 from ..eval.zoo import build_zoo
-from ..stats.prepare import collect_statistics, merge
+from ..library import collect_statistics, merge
 
 # --micro: statistics on a handful of examples per expert (the statistics cache keys on the count, so
 # they never stand for a full run's 1000) and the first MICRO["limit"] test examples of each domain,

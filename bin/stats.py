@@ -62,7 +62,7 @@ def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, *
         value = ALL_PARAMS[name].coerce(value, kind)
         params[name] = value[0] if isinstance(value, list) else value   # one expert: one value
     if is_domain(ref) and base is None:
-        from ..stats.prepare import default_family
+        from ..library import default_family
         zoo = default_family()
         model, base, data = zoo / DOMAIN_ALIASES[ref.lower()], str(zoo / "base"), data or DOMAIN_ALIASES[ref.lower()]
     else:

@@ -15,7 +15,6 @@ from ..methods import Method
 from .execute import Merger
 from .inputs import chat_template, side_files
 from .inputs.index import INDEX_FILE, TensorIndex
-from .inputs.read import MappedModel
 from .inputs.resolve import Source
 from .inputs.slices import layer_count
 from .inputs.stats_folders import open_statistics, read_card
@@ -83,7 +82,7 @@ def _warn_repeated(models: list[tuple[str, list[Path]]]) -> None:
         seen.setdefault(real, role)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
     """One merge read and planned, nothing written yet: what it merges and how, and its fingerprint."""
     spec: MergeSpec             # the recipe's per-tensor values made overrides
@@ -118,8 +117,8 @@ def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prep
     statistics = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], [t.ref for t in merged])
                   if method.data_statistic else [])
     identity = input_identity(models.files + statistics)
-    return Prepared(spec, method, models, plan, statistics, identity, fingerprint_of(spec.recipe(), plan, identity),
-                    command)
+    return Prepared(spec=spec, method=method, models=models, plan=plan, statistics=statistics, identity=identity,
+                    fingerprint=fingerprint_of(spec.recipe(), plan, identity), command=command)
 
 
 def _with_tensor_overrides(spec: MergeSpec, merged: list[str]) -> MergeSpec:
@@ -141,19 +140,16 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     tmp = partial_folder(spec.out)
     resumed = _resumed(p, tmp)
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
-    readers = []
+    readers = None
     try:
-        base_reader, expert_readers = p.models.readers(p.method.needs_base)
-        stat_readers = [MappedModel(ix) for ix in p.statistics]
-        readers = [r for r in [base_reader, *expert_readers, *stat_readers] if r is not None]
+        readers = p.models.readers(p.method.needs_base, p.statistics)
         writer, journal = ShardWriter(tmp, p.plan, prefixes), Journal(tmp, p.fingerprint, fresh=resumed is None)
         try:
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
-            merger = Merger(plan=p.plan, method=p.method, params=p.spec.resolved, base=base_reader,
-                            experts=expert_readers, roles=[m.role for m in p.models.experts], writer=writer,
-                            allow_nonfinite=spec.allow_nonfinite, device=spec.device, stat_inputs=stat_readers,
-                            overrides=p.spec.resolved_overrides)
+            merger = Merger(plan=p.plan, method=p.method, readers=readers, writer=writer, params=p.spec.resolved,
+                            overrides=p.spec.resolved_overrides, device=spec.device,
+                            allow_nonfinite=spec.allow_nonfinite)
             merger.run(spec.progress, journal, done, model_thr, ties)
         finally:
             writer.close()
@@ -169,8 +165,8 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         discard(tmp)
         raise
     finally:
-        for r in readers:
-            r.close()
+        if readers is not None:
+            readers.close()
     return spec.out
 
 

@@ -87,7 +87,7 @@ class Output:
     the caller computes; device values come back through pinned buffers first. Without `threaded`
     the caller writes (tests use it to compare the two)."""
 
-    def __init__(self, write: Callable, tensor_done: Callable, threaded: bool, device: torch.device):
+    def __init__(self, write: Callable, tensor_done: Callable, *, threaded: bool, device: torch.device):
         self._write, self._tensor_done = write, tensor_done
         self.threaded, self.error, self.raised = threaded, None, False
         if device.type == "cuda":

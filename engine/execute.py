@@ -20,7 +20,7 @@ from .inputs.header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
 from .device import Output, Uploader
-from .inputs.read import MappedModel
+from .inputs.read import MappedModel, Readers
 from .output.write import ShardWriter
 
 CACHE_BYTES = 64 << 20  # float32 inputs of a tensor up to this size are read once for all passes
@@ -47,13 +47,12 @@ class Merger:
     """Runs one method over a plan. Tensors not merged are copied from the base (if given) or
     the first expert; the base is read for merging only when the method needs it."""
 
-    def __init__(self, *, plan: Plan, method: methods.Method, params: dict, base: MappedModel | None,
-                 experts: list[MappedModel], roles: list[str], writer: ShardWriter,
-                 allow_nonfinite: bool = False, device: torch.device = torch.device("cpu"),
-                 stat_inputs: list[MappedModel] | None = None, overrides: tuple = ()):
+    def __init__(self, *, plan: Plan, method: methods.Method, readers: Readers, writer: ShardWriter, params: dict,
+                 overrides: tuple = (), device: torch.device = torch.device("cpu"), allow_nonfinite: bool = False):
         self.plan, self.method, self.params = plan, method, params
         self.overrides = [(re.compile(pattern), p) for pattern, p in overrides]  # (regex, params): first match wins
-        self.stat_inputs = stat_inputs or []   # per expert, its statistics folder (a data-aware method)
+        self.stat_inputs = readers.statistics   # per expert, its statistics folder (a data-aware method)
+        base, experts, roles = readers.base, readers.experts, readers.roles
         self.experts, self.roles, self.writer = experts, roles, writer
         self.ref = base if base is not None else experts[0]
         self.base = base if method.needs_base else None

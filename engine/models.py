@@ -13,7 +13,7 @@ from ..common.names import domain_names
 from .adapters import lora
 from .inputs import chat_template, side_files, vocabulary
 from .inputs.index import TensorIndex, check_agreement, float_width_notes
-from .inputs.read import MappedModel
+from .inputs.read import MappedModel, Readers
 from .inputs.resolve import Source, resolve
 from .inputs.slices import virtual_inputs
 from .inputs.tied import reconcile
@@ -21,7 +21,7 @@ from .inputs.vocab_rows import VocabularyModel, reshaped, vocab_tensors
 from .spec import MergeSpec
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Model:
     """One model as the merge reads it: named `ref` by the user (a slice's virtual model: its place),
     `stored` as its files are (None for a virtual model), `index` as merged, with its adapter if any."""
@@ -37,7 +37,7 @@ class Model:
         return VocabularyModel(inner, self.ref, vocab) if vocab else inner
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Models:
     """Every model of one merge, read and checked against each other."""
     base: Model | None
@@ -50,9 +50,9 @@ class Models:
     vocab: vocabulary.Vocabulary | None
     template: tuple | None      # (the output's chat template or None, where it came from)
 
-    def readers(self, merges_base: bool) -> tuple[MappedModel | None, list[MappedModel]]:
-        """(the base's reader or None, the experts'), opened; `merges_base`: the method merges the base
-        (else it is only copied from, where the merge keeps tensors at the base)."""
+    def readers(self, merges_base: bool, statistics: list[TensorIndex]) -> Readers:
+        """Every model's reader, and the statistics folders' (one per expert), opened; `merges_base`: the
+        method merges the base (else it is only copied from, where the merge keeps tensors at the base)."""
         base = self.base.reader(self.vocab) if self.base else None
         experts = [m.reader(self.vocab) for m in self.experts]
         if self.vocab:            # rows a model lacks are made from the merge inputs' rows
@@ -60,7 +60,8 @@ class Models:
             for r in [base, *experts]:
                 if r is not None:
                     r.attach([inputs[ref] for ref in self.vocab.inputs])
-        return base, experts
+        return Readers(base=base, experts=experts, roles=[m.role for m in self.experts],
+                       statistics=[MappedModel(ix) for ix in statistics])
 
     def float_width_notes(self) -> list[str]:
         """One line per expert stored in another float width than the reference (the base)."""
@@ -76,8 +77,9 @@ def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
             raise BadParameter("domain experts with no --base: pass --base (a hub base such as "
                                "google/gemma-2-2b, or a folder)")
         family = Path(spec.family)
-        return (Source("built-in", family / "base", None, "base"),
-                [Source(e, family / d, None, f"expert {e}") for e, d in zip(spec.experts, names)])
+        return (Source(ref="built-in", path=family / "base", revision=None, role="base"),
+                [Source(ref=e, path=family / d, revision=None, role=f"expert {e}")
+                 for e, d in zip(spec.experts, names)])
     base = resolve(spec.base, "base") if spec.base else None
     if base is None and methods.get(spec.method).needs_base:
         raise BadParameter(f"method {spec.method} needs a base model (--base)")
@@ -119,16 +121,17 @@ def read_models(spec: MergeSpec, base: Source | None, experts: list[Source]) -> 
     template = _chat_template(spec, base, experts, side, vocab)     # its errors before any work
     check_agreement(reference, {m.role.removeprefix("expert "): shaped(m.index) for m in models},
                     "base" if base else f"expert {spec.experts[0]!r}")
-    return Models(base_model, models, (base, experts), side, reference, files, tied, vocab, template)
+    return Models(base=base_model, experts=models, given=(base, experts), side=side, reference=reference, files=files,
+                  tied=tied, vocab=vocab, template=template)
 
 
 def _stored(s: Source) -> Model:
     """A model as its folder holds it, its LoRA adapter (if any) folded into the index it is merged by."""
     index = TensorIndex.from_folder(s.path, s.role)
     if s.adapter is None:
-        return Model(s.ref, s.role, index, index)
+        return Model(ref=s.ref, role=s.role, stored=index, index=index)
     adapter = lora.read_adapter(s.adapter, index, s.role)
-    return Model(s.ref, s.role, index, adapter.view(index), adapter)
+    return Model(ref=s.ref, role=s.role, stored=index, index=adapter.view(index), adapter=adapter)
 
 
 def _sliced(spec: MergeSpec, stored: list[Model]) -> list[Model]:
@@ -139,7 +142,7 @@ def _sliced(spec: MergeSpec, stored: list[Model]) -> list[Model]:
                            "from different models; merge the vocabularies in a stage of their own")
     virtual = virtual_inputs(list(spec.slices), {m.ref: m.index for m in stored})
     names = [f"slice input {j + 1}" for j in range(len(virtual))]
-    return [Model(name, name, None, ix) for name, ix in zip(names, virtual)]
+    return [Model(ref=name, role=name, stored=None, index=ix) for name, ix in zip(names, virtual)]
 
 
 def _vocabulary(spec: MergeSpec, base: Source | None, experts: list[Source], base_model: Model | None,

@@ -53,7 +53,8 @@ class MergeSpec:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
     tokenizer: str | dict | None = None  # the output vocabulary: union | base | a model, or mergekit's tokenizer
-                                        # block as a dict (engine/inputs/vocabulary.py); None: every model has the base's
+                                        # block as a dict (engine/inputs/vocabulary.py); None: every model has
+                                        # the base's
     chat_template: str | None = None    # the output's: auto | an input's reference | a Jinja template
                                         # (engine/inputs/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False

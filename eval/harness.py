@@ -17,8 +17,8 @@ from pathlib import Path
 from ..common.progress import Progress
 from ..common.threads import model_threads
 from ..engine.output.verify import file_sha256
-from . import registry
-from .registry import Task
+from . import domain_tasks
+from .domain_tasks import Task
 
 CODE_EVAL = "HF_ALLOW_CODE_EVAL"
 
@@ -124,7 +124,7 @@ def lm_eval_output(verbose: bool = False):
         yield
         return
     import lm_eval.evaluator
-    from .zoo import quiet_transformers
+    from ..common.quiet import quiet_transformers
     logger = logging.getLogger("lm_eval")
     level = logger.level
     with contextlib.ExitStack() as stack:
@@ -142,7 +142,7 @@ def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", 
     """{task name: score} for lm-eval tasks on the model in `model_dir`, from the cache when there.
 
     Args:
-        tasks: registry.Task objects. Tasks that execute code are skipped (None) unless
+        tasks: domain_tasks.Task objects. Tasks that execute code are skipped (None) unless
             HF_ALLOW_CODE_EVAL=1.
         limit: lm-eval's --limit (examples per task; a float < 1 is a fraction).
         chat_template: apply the tokenizer's chat template (MergeBench: off).
@@ -243,8 +243,8 @@ def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, a
 def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_token: bool | None = None,
                     dtype="auto", verbose: bool = False) -> list[float | None]:
     """Scores of the model in `model_dir` on (task, start, stop) requests: the task's metric over its
-    examples start..stop-1 (stop None: all), uncached (the caller keeps them: tune.store). Tasks that
-    execute code give None unless HF_ALLOW_CODE_EVAL=1, as in evaluate_tasks."""
+    examples start..stop-1 (stop None: all), uncached (the caller keeps them: tune.database's score store).
+    Tasks that execute code give None unless HF_ALLOW_CODE_EVAL=1, as in evaluate_tasks."""
     code_ok = os.environ.get(CODE_EVAL) == "1"
     todo = [(t, i, (start, stop)) for i, (t, start, stop) in enumerate(requests)
             if (code_ok or not t.unsafe_code) and (stop is None or stop > start)]
@@ -280,15 +280,15 @@ def domain_scores(plan: dict[str, tuple[Task, ...]], task_scores: dict[str, floa
 
 def bos_token(family: str) -> bool | None:
     """The zoo's models were trained on <s> + prompt: give them a BOS; real families keep lm-eval's default."""
-    return True if registry.family_of(family) == registry.ZOO else None
+    return True if domain_tasks.family_of(family) == domain_tasks.ZOO else None
 
 
-def evaluate(model_dir, *, family: str = registry.ZOO, domains=None, general: bool = True, limit=None,
+def evaluate(model_dir, *, family: str = domain_tasks.ZOO, domains=None, general: bool = True, limit=None,
              batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True,
              zoo_tasks: Path | None = None, verbose: bool = False) -> dict[str, float | None]:
     """{domain: score} of the model in `model_dir` on a family's domains (default all five) and,
     with general=True, "general" (the forgetting tasks' mean). Cached; see evaluate_tasks."""
-    p = registry.plan(family, domains, general=general, zoo_tasks=zoo_tasks)
+    p = domain_tasks.plan(family, domains, general=general, zoo_tasks=zoo_tasks)
     ts = evaluate_tasks(model_dir, [t for group in p.values() for t in group], limit=limit, batch_size=batch_size,
                         device=device, chat_template=chat_template, add_bos_token=bos_token(family), cache=cache,
                         verbose=verbose)
@@ -297,11 +297,11 @@ def evaluate(model_dir, *, family: str = registry.ZOO, domains=None, general: bo
 
 def comparison_refs(family: str, domains, zoo: Path | None = None) -> tuple[str, dict[str, str]]:
     """(base, {domain: expert}) to compare against: the zoo's folders, or MergeBench hub ids."""
-    if registry.family_of(family) == registry.ZOO:
+    if domain_tasks.family_of(family) == domain_tasks.ZOO:
         if zoo is None:
             raise ValueError("the zoo family needs the zoo folder (--zoo DIR, with base/ and one folder a domain)")
         return str(Path(zoo) / "base"), {d: str(Path(zoo) / d) for d in domains}
-    return registry.base_ref(family), {d: registry.expert_ref(family, d) for d in domains}
+    return domain_tasks.base_ref(family), {d: domain_tasks.expert_ref(family, d) for d in domains}
 
 
 def _local(ref: str, role: str) -> Path:
@@ -312,20 +312,20 @@ def _local(ref: str, role: str) -> Path:
     return resolve(ref, role).path
 
 
-def report(model_dir, *, family: str = registry.ZOO, domains=None, zoo: Path | None = None, limit=None,
+def report(model_dir, *, family: str = domain_tasks.ZOO, domains=None, zoo: Path | None = None, limit=None,
            batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test",
            verbose: bool = False, progress=None) -> dict:
     """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
     each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
     from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache. split:
-    "validation" scores the tuning data instead (registry.plan); real families then have no
+    "validation" scores the tuning data instead (domain_tasks.plan); real families then have no
     forgetting tasks. verbose: lm-eval's own output too (lm_eval_output). progress: called with a
     line ("k of N: ...", with an estimate of the time left) as each model's task is done."""
     from .metrics import forgetting, normalised_performance
-    family = registry.family_of(family)
-    p = registry.plan(family, domains, split=split)
-    domains = [d for d in p if d != registry.GENERAL]
-    general_tasks = p.get(registry.GENERAL, ())
+    family = domain_tasks.family_of(family)
+    p = domain_tasks.plan(family, domains, split=split)
+    domains = [d for d in p if d != domain_tasks.GENERAL]
+    general_tasks = p.get(domain_tasks.GENERAL, ())
     kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
               add_bos_token=bos_token(family), cache=cache, verbose=verbose)
     tasks = list(dict.fromkeys(t for ts in p.values() for t in ts))

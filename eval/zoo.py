@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from ..common.cache import cache_dir
-from .domains import ALL, DOMAINS, FACTS, GENERAL, Domain, fact_statement
+from ..common.domains import ALL, DOMAINS, FACTS, GENERAL, Domain, fact_statement
+from ..common.quiet import quiet_transformers
 
 VERSION = "v2"  # of the full zoo; a size whose data or settings have not changed keeps its own
 VERSIONS = {"micro": "v2", "full": VERSION}
@@ -271,20 +272,6 @@ def build_zoo(family: str = "llama", size: str = "full", cache: Path | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings and loading bars off (our own progress says what happens), restored after."""
-    from transformers.utils import logging as hf_logging
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        bars and hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,8 @@ ALL_TIES = 1 << 62
 i64p, f32p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_double)
 
 
+# cpu_merge.c's argument structs, field for field (tests/test_kernels_cpu.py holds each to the layout the C file
+# compiled: names, order, offsets, sizes and kinds)
 class MergeArgs(ctypes.Structure):
     _fields_ = [("n", ctypes.c_int64), ("offset", ctypes.c_int64), ("piece", ctypes.c_int64),
                 ("T", ctypes.c_int32), ("trim", ctypes.c_int32), ("elect", ctypes.c_int32), ("mean", ctypes.c_int32),

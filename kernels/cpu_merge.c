@@ -2,7 +2,7 @@
  * select.py, the Philox of dare.py) as C loops on AVX2 vectors of 8 floats, compiled once per
  * machine by kernels/cpu.py and called through ctypes. Each call reads its inputs once, in their
  * stored dtype, and writes its output once; threads share a call's elements through an atomic
- * cursor (`next`), PIECE at a time, so a thread on a busy core simply takes fewer pieces.
+ * cursor (`next`), PIECE at a time (take_pieces), so a thread on a busy core simply takes fewer pieces.
  *
  * Every float operation is the torch reference's, in its order (merge_triton.py documents the
  * correspondence line by line): IEEE single precision per lane, no FMA, so the results are
@@ -15,6 +15,7 @@
 #endif
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,27 +27,55 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 enum { TRIM_NONE = 0, TRIM_BAND = 1, TRIM_RANDOM = 2 };
 enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2 };
 
-typedef struct {
-    int64_t n;                       /* elements in the chunk */
-    int64_t offset;                  /* element index of the chunk's first element in its tensor (Philox) */
-    int64_t piece;                   /* elements a thread takes at a time */
-    int32_t T, trim, elect, mean;
-    const void *b; int32_t b_dt;     /* the base, or NULL */
-    const void *const *xs;           /* [T] the experts' chunks */
-    const int32_t *x_dt;             /* [T] their dtypes */
-    const float *w, *lo, *hi, *p, *g; /* [T] weight, band edges, keep rate, rescale gain */
-    const float *const *pj;          /* [T] per-element keep rates at chunk positions (DELLA), or NULL each */
-    int32_t inverse;                 /* e_i / p_i(j) where per-element rates are given (DELLA's 'inverse') */
-    const int64_t *lo_pos, *hi_pos;  /* [T] band: chunk positions before which ties are in the set */
-    const uint64_t *seeds;           /* [T] Philox keys */
-    float div, scale, den0;
-    void *out; int32_t out_dt;
-    int64_t *bad;                    /* [2 + T] this thread's blocks with non-finite values: output, base, experts */
-    int64_t granule;                 /* l1_sums: elements summed together (chunks start at multiples of it) */
-    double *sums;                    /* l1_sums: [2][T][granules] */
-    uint8_t *const *keep_out;        /* l1_sums: [T] the keep bits it drew (bit k of byte j: chunk position 8j + k), or NULL */
-    const uint8_t *const *keep_in;   /* delta_merge: [T] those bits, read instead of drawn again, or NULL */
-} merge_args;
+/* Each argument struct is a list of its fields, F(type, name), that both declares it (DECLARE) and
+ * describes it to the tests (its rows of LAYOUT, at the end): kernels/cpu.py mirrors each as a ctypes
+ * Structure, and tests/test_kernels_cpu.py holds the mirror to this layout field by field. */
+#define DECLARE(type, name) type name;
+
+#define MERGE_ARGS(F) \
+    F(int64_t, n)                        /* elements in the chunk */ \
+    F(int64_t, offset)                   /* element index of the chunk's first element in its tensor (Philox) */ \
+    F(int64_t, piece)                    /* elements a thread takes at a time */ \
+    F(int32_t, T) F(int32_t, trim) F(int32_t, elect) F(int32_t, mean) \
+    F(const void *, b) F(int32_t, b_dt)  /* the base, or NULL */ \
+    F(const void *const *, xs)           /* [T] the experts' chunks */ \
+    F(const int32_t *, x_dt)             /* [T] their dtypes */ \
+    /* [T] weight, band edges, keep rate, rescale gain */ \
+    F(const float *, w) F(const float *, lo) F(const float *, hi) F(const float *, p) F(const float *, g) \
+    F(const float *const *, pj)          /* [T] per-element keep rates at chunk positions (DELLA), or NULL each */ \
+    F(int32_t, inverse)                  /* e_i / p_i(j) where per-element rates are given (DELLA's 'inverse') */ \
+    /* [T] band: chunk positions before which ties are in the set */ \
+    F(const int64_t *, lo_pos) F(const int64_t *, hi_pos) \
+    F(const uint64_t *, seeds)           /* [T] Philox keys */ \
+    F(float, div) F(float, scale) F(float, den0) \
+    F(void *, out) F(int32_t, out_dt) \
+    F(int64_t *, bad)                    /* [2 + T] this thread's blocks with non-finite values: output, base, experts */ \
+    F(int64_t, granule)                  /* l1_sums: elements summed together (chunks start at multiples of it) */ \
+    F(double *, sums)                    /* l1_sums: [2][T][granules] */ \
+    /* l1_sums: [T] the keep bits it drew (bit k of byte j: chunk position 8j + k), or NULL */ \
+    F(uint8_t *const *, keep_out) \
+    F(const uint8_t *const *, keep_in)   /* delta_merge: [T] those bits, read instead of drawn again, or NULL */
+typedef struct { MERGE_ARGS(DECLARE) } merge_args;
+
+/* ---- the threads' loop, shared by every kernel: a call's threads take pieces of its work (elements,
+ * granules or rows) from one atomic cursor until none is left ---- */
+
+/* A kernel's work on units [first, stop) of its call: a, its argument struct; own, this thread's scratch
+ * (or NULL). */
+typedef void (*piece_fn)(const void *a, void *own, int64_t first, int64_t stop);
+
+/* Do fn on pieces of `piece` units of [0, total), taken from the cursor `next` that the call's threads
+ * share, until none is left: the units this thread did. */
+static int64_t take_pieces(int64_t *next, int64_t piece, int64_t total, piece_fn fn, const void *a, void *own) {
+    int64_t done = 0;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(next, piece, __ATOMIC_RELAXED);
+        if (first >= total) return done;
+        int64_t stop = first + piece < total ? first + piece : total;
+        fn(a, own, first, stop);
+        done += stop - first;
+    }
+}
 
 /* ---- conversions: stored dtype <-> float32 arrays, whole vectors, then a scalar tail ---- */
 
@@ -359,15 +388,13 @@ static void merge_block(const merge_args *a, int64_t start, int64_t n) {
     a->bad[0] += any(not_finite(_mm256_load_ps(stored)));
 }
 
+static void merge_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    for (int64_t s = first; s < stop; s += BLOCK) merge_block(args, s, stop - s < BLOCK ? stop - s : BLOCK);
+}
+
 /* Merge pieces of the chunk until none is left, counting blocks with non-finite values into a->bad. */
 void delta_merge(const merge_args *a, int64_t *next) {
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= a->n) return;
-        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
-        for (int64_t s = first; s < stop; s += BLOCK)
-            merge_block(a, s, stop - s < BLOCK ? stop - s : BLOCK);
-    }
+    take_pieces(next, a->piece, a->n, merge_piece, a, NULL);
 }
 
 /* ---- mergekit's L1 rescale (dare_drop and della_magprune rescale_gains): per granule of the chunk, the
@@ -380,32 +407,37 @@ static double fold(double *v, int64_t width) {
     return v[0];
 }
 
-typedef struct {
-    int64_t n, granule, piece;       /* piece: granules a thread takes at a time */
-    const float *v;
-    double *out;                     /* [granules] */
-} fold_args;
+#define FOLD_ARGS(F) \
+    F(int64_t, n) F(int64_t, granule) F(int64_t, piece) /* piece: granules a thread takes at a time */ \
+    F(const float *, v) \
+    F(double *, out)                     /* [granules] */
+typedef struct { FOLD_ARGS(DECLARE) } fold_args;
+
+/* the doubles a granule of G is folded in: the power of two at or above G */
+static int64_t fold_width(int64_t G) {
+    int64_t width = 1;
+    while (width < G) width *= 2;
+    return width;
+}
+
+static void fold_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const fold_args *a = args;
+    const int64_t width = fold_width(a->granule);
+    double *v = own;
+    for (int64_t g = first; g < stop; g++) {
+        int64_t start = g * a->granule, len = a->n - start < a->granule ? a->n - start : a->granule;
+        for (int64_t j = 0; j < len; j++) v[j] = (double)a->v[start + j];
+        for (int64_t j = len; j < width; j++) v[j] = 0.0;
+        a->out[g] = fold(v, width);
+    }
+}
 
 /* _blocks.granule_sums of float32 values: each granule widened to float64 and folded; the granules
  * this thread summed (none where its scratch could not be allocated) */
 int64_t fold_sums(const fold_args *a, int64_t *next) {
-    const int64_t granules = (a->n + a->granule - 1) / a->granule;
-    int64_t width = 1, done = 0;
-    while (width < a->granule) width *= 2;
-    double *v = malloc((size_t)width * sizeof(double));
+    double *v = malloc((size_t)fold_width(a->granule) * sizeof(double));
     if (!v) return 0;
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= granules) break;
-        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
-        for (int64_t g = first; g < stop; g++) {
-            int64_t start = g * a->granule, len = a->n - start < a->granule ? a->n - start : a->granule;
-            for (int64_t j = 0; j < len; j++) v[j] = (double)a->v[start + j];
-            for (int64_t j = len; j < width; j++) v[j] = 0.0;
-            a->out[g] = fold(v, width);
-        }
-        done += stop - first;
-    }
+    int64_t done = take_pieces(next, a->piece, (a->n + a->granule - 1) / a->granule, fold_piece, a, v);
     free(v);
     return done;
 }
@@ -442,38 +474,37 @@ static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *fu
     }
 }
 
+static void l1_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const merge_args *a = args;
+    const int64_t width = fold_width(a->granule), room = width > V ? width : V;
+    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
+    double *scratch = own;
+    for (int64_t g = first; g < stop; g++) l1_granule(a, g, width, scratch, scratch + room, xs, bs);
+}
+
 /* Sum granules (a->piece at a time) until none is left; the granules this thread summed (the caller
  * checks they add up: a thread whose scratch could not be allocated takes none). */
 int64_t l1_sums(const merge_args *a, int64_t *next) {
-    const int64_t granules = (a->n + a->granule - 1) / a->granule;
-    int64_t width = 1, done = 0;
-    while (width < a->granule) width *= 2;
+    const int64_t width = fold_width(a->granule);
     double *scratch = aligned_alloc(32, 2 * (size_t)(width > V ? width : V) * sizeof(double));
-    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
     if (!scratch) return 0;
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= granules) break;
-        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
-        for (int64_t g = first; g < stop; g++)
-            l1_granule(a, g, width, scratch, scratch + (width > V ? width : V), xs, bs);
-        done += stop - first;
-    }
+    int64_t done = take_pieces(next, a->piece, (a->n + a->granule - 1) / a->granule, l1_piece, a, scratch);
     free(scratch);
     return done;
 }
 
 /* ---- the radix-select histograms of |x_i - b| (select.py), and the ties of a Cut ---- */
 
-typedef struct {
-    int64_t n, piece;
-    int32_t T;
-    const void *b; int32_t b_dt;
-    const void *const *xs;
-    const int32_t *x_dt;
-    const int32_t *top;              /* [T] -1: the hi pass (top 16 bits); else the lo pass of that top bin */
-    int64_t *const *hist;            /* [T] the histogram (all threads add to it) of each series: 2^15 (hi) or 2^16 (lo) */
-} hist_args;
+#define HIST_ARGS(F) \
+    F(int64_t, n) F(int64_t, piece) \
+    F(int32_t, T) \
+    F(const void *, b) F(int32_t, b_dt) \
+    F(const void *const *, xs) \
+    F(const int32_t *, x_dt) \
+    F(const int32_t *, top)              /* [T] -1: the hi pass (top 16 bits); else the lo pass of that top bin */ \
+    /* [T] the histogram (all threads add to it) of each series: 2^15 (hi) or 2^16 (lo) */ \
+    F(int64_t *const *, hist)
+typedef struct { HIST_ARGS(DECLARE) } hist_args;
 
 /* Counts go to SUB separate tables (element j to table j % SUB): deltas crowd into a few bins, and one
  * counter bumped over and over waits on its own last store (0.78 against 1.16 ns an increment). */
@@ -524,34 +555,34 @@ static void count_run(const src_t *b, src_t x, int64_t k, int64_t n, int64_t val
     dt == F32 ? COUNT_KEYS(F32) : dt == BF16 ? COUNT_KEYS(BF16) : dt == F16 ? COUNT_KEYS(F16) : COUNT_KEYS(MIXED);
 }
 
+static void histogram_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const hist_args *a = args;
+    src_t b = {a->b, a->b_dt};
+    float bt[V] __attribute__((aligned(32))), xt[V] __attribute__((aligned(32)));
+    for (int64_t s = first; s < stop; s += BLOCK) {
+        int64_t n = stop - s < BLOCK ? stop - s : BLOCK, full = n / V * V;
+        uint32_t *h = own;                                          /* this thread's counts */
+        for (int i = 0; i < a->T; i++) {
+            size_t bins = a->top[i] < 0 ? 1u << 15 : 1u << 16;
+            src_t x = {a->xs[i], a->x_dt[i]};
+            count_run(a->b ? &b : NULL, x, s, full, full, a->top[i], h, bins);
+            if (full < n) {                                         /* the last few, through padded copies */
+                if (a->b) load_block(bt, a->b, a->b_dt, s + full, n - full);
+                load_block(xt, a->xs[i], a->x_dt[i], s + full, n - full);
+                src_t tb = {bt, F32}, tx = {xt, F32};
+                count_run(a->b ? &tb : NULL, tx, 0, V, n - full, a->top[i], h, bins);
+            }
+            h += a->top[i] < 0 ? SUB * bins : bins;
+        }
+    }
+}
+
 void histogram(const hist_args *a, int64_t *next) {
     size_t total = 0;
     for (int i = 0; i < a->T; i++) total += a->top[i] < 0 ? SUB << 15 : 1u << 16;
     uint32_t *counts = calloc(total, sizeof(uint32_t));          /* this call's: under 2^32 per bin */
     if (!counts) return;
-    src_t b = {a->b, a->b_dt};
-    float bt[V] __attribute__((aligned(32))), xt[V] __attribute__((aligned(32)));
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= a->n) break;
-        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
-        for (int64_t s = first; s < stop; s += BLOCK) {
-            int64_t n = stop - s < BLOCK ? stop - s : BLOCK, full = n / V * V;
-            uint32_t *h = counts;
-            for (int i = 0; i < a->T; i++) {
-                size_t bins = a->top[i] < 0 ? 1u << 15 : 1u << 16;
-                src_t x = {a->xs[i], a->x_dt[i]};
-                count_run(a->b ? &b : NULL, x, s, full, full, a->top[i], h, bins);
-                if (full < n) {                                     /* the last few, through padded copies */
-                    if (a->b) load_block(bt, a->b, a->b_dt, s + full, n - full);
-                    load_block(xt, a->xs[i], a->x_dt[i], s + full, n - full);
-                    src_t tb = {bt, F32}, tx = {xt, F32};
-                    count_run(a->b ? &tb : NULL, tx, 0, V, n - full, a->top[i], h, bins);
-                }
-                h += a->top[i] < 0 ? SUB * bins : bins;
-            }
-        }
-    }
+    take_pieces(next, a->piece, a->n, histogram_piece, a, counts);
     const uint32_t *h = counts;
     for (int i = 0; i < a->T; i++) {
         size_t bins = a->top[i] < 0 ? 1u << 15 : 1u << 16;
@@ -616,36 +647,34 @@ int64_t ties(const void *b, int32_t b_dt, const void *x, int32_t x_dt, float t, 
 
 /* ---- DARE's uniforms alone (kernels/dare.py uniform_ref), for the methods the fused merge does not cover ---- */
 
-typedef struct {
-    uint64_t seed;
-    int64_t start, n, piece;
-    float *out;
-} uniform_args;
+#define UNIFORM_ARGS(F) F(uint64_t, seed) F(int64_t, start) F(int64_t, n) F(int64_t, piece) F(float *, out)
+typedef struct { UNIFORM_ARGS(DECLARE) } uniform_args;
+
+static void uniform_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const uniform_args *a = args;
+    int64_t j = first;
+    for (; j + V <= stop; j += V) _mm256_storeu_ps(a->out + j, philox8(a->seed, (uint64_t)(a->start + j)));
+    if (j < stop) {
+        float last[V] __attribute__((aligned(32)));
+        _mm256_store_ps(last, philox8(a->seed, (uint64_t)(a->start + j)));
+        memcpy(a->out + j, last, (size_t)(stop - j) * sizeof(float));
+    }
+}
 
 void uniforms(const uniform_args *a, int64_t *next) {
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= a->n) return;
-        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n, j = first;
-        for (; j + V <= stop; j += V) _mm256_storeu_ps(a->out + j, philox8(a->seed, (uint64_t)(a->start + j)));
-        if (j < stop) {
-            float last[V] __attribute__((aligned(32)));
-            _mm256_store_ps(last, philox8(a->seed, (uint64_t)(a->start + j)));
-            memcpy(a->out + j, last, (size_t)(stop - j) * sizeof(float));
-        }
-    }
+    take_pieces(next, a->piece, a->n, uniform_piece, a, NULL);
 }
 
 /* ---- DELLA's keep rates: p(j) = lo + step * r(j), r(j) = the ascending rank of |x_j - b_j| in its row of m
  * (ties by position) / (m - 1), 1/2 if m = 1 (della_magprune._rank01), by a stable LSD radix sort per row ---- */
 
-typedef struct {
-    int64_t rows, m, piece;          /* piece: rows a thread takes at a time */
-    const void *b; int32_t b_dt;     /* the base, or NULL (x is then the delta) */
-    const void *x; int32_t x_dt;
-    float lo, step;
-    float *out;
-} rate_args;
+#define RATE_ARGS(F) \
+    F(int64_t, rows) F(int64_t, m) F(int64_t, piece) /* piece: rows a thread takes at a time */ \
+    F(const void *, b) F(int32_t, b_dt)  /* the base, or NULL (x is then the delta) */ \
+    F(const void *, x) F(int32_t, x_dt) \
+    F(float, lo) F(float, step) \
+    F(float *, out)
+typedef struct { RATE_ARGS(DECLARE) } rate_args;
 
 static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *keys, uint32_t *idx,
                      uint32_t *keys2, uint32_t *idx2, float *xs, float *bs) {
@@ -698,41 +727,43 @@ static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_
     for (int64_t k = 0; k < m; k++) a->out[first + idx[k]] = rate[k];
 }
 
+static void rank_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const rate_args *a = args;
+    const int64_t m = a->m;
+    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
+    uint32_t *scratch = own;
+    const float *rate = (const float *)(scratch + 4 * m);
+    for (int64_t row = first; row < stop; row++)
+        rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, xs, bs);
+}
+
 /* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
  * whose scratch could not be allocated takes none). */
 int64_t keep_rates(const rate_args *a, int64_t *next) {
     size_t m = (size_t)a->m;
     uint32_t *scratch = malloc(5 * m * sizeof(uint32_t));
-    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
-    int64_t done = 0;
     if (!scratch) return 0;
     float *rate = (float *)(scratch + 4 * m);                   /* the rate of the k-th smallest */
     const float below = (float)(m - 1);
     for (size_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * a->step + a->lo;
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= a->rows) break;
-        int64_t stop = first + a->piece < a->rows ? first + a->piece : a->rows;
-        for (int64_t row = first; row < stop; row++)
-            rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, xs, bs);
-        done += stop - first;
-    }
+    int64_t done = take_pieces(next, a->piece, a->rows, rank_piece, a, scratch);
     free(scratch);
     return done;
 }
 
 /* ---- model_stock and slerp: the products behind their cosines, and model_stock's interpolation ---- */
 
-typedef struct {
-    int64_t n, granule, piece;       /* piece: granules a thread takes at a time */
-    int32_t T;
-    const void *b; int32_t b_dt;     /* subtracted from every input (model_stock's deltas), or NULL (slerp) */
-    const void *const *xs;
-    const int32_t *x_dt;
-    int32_t P;
-    const int32_t *pi, *pj;          /* [P] the pairs (i, j) */
-    double *sums;                    /* [P][granules] */
-} product_args;
+#define PRODUCT_ARGS(F) \
+    F(int64_t, n) F(int64_t, granule) F(int64_t, piece) /* piece: granules a thread takes at a time */ \
+    F(int32_t, T) \
+    /* subtracted from every input (model_stock's deltas), or NULL (slerp) */ \
+    F(const void *, b) F(int32_t, b_dt) \
+    F(const void *const *, xs) \
+    F(const int32_t *, x_dt) \
+    F(int32_t, P) \
+    F(const int32_t *, pi) F(const int32_t *, pj) /* [P] the pairs (i, j) */ \
+    F(double *, sums)                    /* [P][granules] */
+typedef struct { PRODUCT_ARGS(DECLARE) } product_args;
 
 /* granule g: per pair, the products d_i d_j in float32, widened and folded (fold_sums' order) */
 static void product_granule(const product_args *a, int64_t g, int64_t width, int64_t room, double *scratch,
@@ -760,42 +791,43 @@ static void product_granule(const product_args *a, int64_t g, int64_t width, int
     for (int k = 0; k < a->P; k++) a->sums[k * granules + g] = fold(scratch + k * room, width);
 }
 
+typedef struct {
+    double *sums;                    /* [P][room] */
+    float *ds;                       /* [T][BLOCK] */
+} product_scratch;
+
+static void product_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const product_args *a = args;
+    const product_scratch *scratch = own;
+    const int64_t width = fold_width(a->granule), room = width > V ? width : V;
+    float bs[BLOCK] __attribute__((aligned(32)));
+    for (int64_t g = first; g < stop; g++) product_granule(a, g, width, room, scratch->sums, scratch->ds, bs);
+}
+
 /* Sum granules until none is left; the granules this thread summed (none without scratch). */
 int64_t product_sums(const product_args *a, int64_t *next) {
-    const int64_t granules = (a->n + a->granule - 1) / a->granule;
-    int64_t width = 1, done = 0;
-    while (width < a->granule) width *= 2;
-    const int64_t room = width > V ? width : V;
-    double *scratch = aligned_alloc(32, (size_t)(a->P * room) * sizeof(double));
-    float *ds = aligned_alloc(32, (size_t)a->T * BLOCK * sizeof(float));
-    float bs[BLOCK] __attribute__((aligned(32)));
-    if (!scratch || !ds) {
-        free(scratch);
-        free(ds);
-        return 0;
-    }
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= granules) break;
-        int64_t stop = first + a->piece < granules ? first + a->piece : granules;
-        for (int64_t g = first; g < stop; g++) product_granule(a, g, width, room, scratch, ds, bs);
-        done += stop - first;
-    }
-    free(scratch);
-    free(ds);
+    const int64_t width = fold_width(a->granule), room = width > V ? width : V;
+    product_scratch scratch = {aligned_alloc(32, (size_t)(a->P * room) * sizeof(double)),
+                               aligned_alloc(32, (size_t)a->T * BLOCK * sizeof(float))};
+    int64_t done = 0;
+    if (scratch.sums && scratch.ds)
+        done = take_pieces(next, a->piece, (a->n + a->granule - 1) / a->granule, product_piece, a, &scratch);
+    free(scratch.sums);
+    free(scratch.ds);
     return done;
 }
 
-typedef struct {
-    int64_t n, row, piece;           /* row: elements that share one (t, u); pieces are whole rows or blocks of one */
-    int32_t T;
-    const void *b; int32_t b_dt;
-    const void *const *xs;
-    const int32_t *x_dt;
-    const float *t, *u;              /* [rows of the chunk] */
-    void *out; int32_t out_dt;
-    int64_t *bad;                    /* [2 + T] as merge_args.bad */
-} mix_args;
+#define MIX_ARGS(F) \
+    /* row: elements that share one (t, u); pieces are whole rows or blocks of one */ \
+    F(int64_t, n) F(int64_t, row) F(int64_t, piece) \
+    F(int32_t, T) \
+    F(const void *, b) F(int32_t, b_dt) \
+    F(const void *const *, xs) \
+    F(const int32_t *, x_dt) \
+    F(const float *, t) F(const float *, u) /* [rows of the chunk] */ \
+    F(void *, out) F(int32_t, out_dt) \
+    F(int64_t *, bad)                    /* [2 + T] as merge_args.bad */
+typedef struct { MIX_ARGS(DECLARE) } mix_args;
 
 /* out = t * ((0 + x_1 + ... + x_T) / T) + u * b for n elements of one row (interpolation.apply_model_stock) */
 static void mix_block(const mix_args *a, int64_t start, int64_t n, float t, float u, float *xs, float *bs) {
@@ -828,17 +860,63 @@ static void mix_block(const mix_args *a, int64_t start, int64_t n, float t, floa
     a->bad[0] += any(bad_out);
 }
 
-void mix(const mix_args *a, int64_t *next) {
+static void mix_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const mix_args *a = args;
     float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
-    for (;;) {
-        int64_t first = __atomic_fetch_add(next, a->piece, __ATOMIC_RELAXED);
-        if (first >= a->n) return;
-        int64_t stop = first + a->piece < a->n ? first + a->piece : a->n;
-        for (int64_t s = first; s < stop;) {                        /* blocks never straddle two rows */
-            int64_t row = s / a->row, end = (row + 1) * a->row < stop ? (row + 1) * a->row : stop;
-            int64_t n = end - s < BLOCK ? end - s : BLOCK;
-            mix_block(a, s, n, a->t[row], a->u[row], xs, bs);
-            s += n;
-        }
+    for (int64_t s = first; s < stop;) {                            /* blocks never straddle two rows */
+        int64_t row = s / a->row, end = (row + 1) * a->row < stop ? (row + 1) * a->row : stop;
+        int64_t n = end - s < BLOCK ? end - s : BLOCK;
+        mix_block(a, s, n, a->t[row], a->u[row], xs, bs);
+        s += n;
     }
+}
+
+void mix(const mix_args *a, int64_t *next) {
+    take_pieces(next, a->piece, a->n, mix_piece, a, NULL);
+}
+
+/* ---- the argument structs as compiled, for tests/test_kernels_cpu.py to hold kernels/cpu.py's ctypes
+ * mirrors to ---- */
+
+/* i, u: a signed, unsigned integer; f: a float; p: a pointer (type class 5 in GCC and clang); ?: other */
+#define KIND(x) (__builtin_classify_type(x) == 5 ? 'p' : _Generic((x), int32_t: 'i', int64_t: 'i', uint64_t: 'u', \
+                                                                 float: 'f', double: 'f', default: '?'))
+#define ROW(type, name) {NAME(S), #name, offsetof(S, name), sizeof(((S *)0)->name), KIND(((S *)0)->name)},
+#define NAME(s) NAME_(s)
+#define NAME_(s) #s
+
+static const struct { const char *type, *field; int64_t offset, size; char kind; } LAYOUT[] = {
+#define S merge_args
+    {NAME(S), "", 0, sizeof(S), 's'}, MERGE_ARGS(ROW)
+#undef S
+#define S hist_args
+    {NAME(S), "", 0, sizeof(S), 's'}, HIST_ARGS(ROW)
+#undef S
+#define S uniform_args
+    {NAME(S), "", 0, sizeof(S), 's'}, UNIFORM_ARGS(ROW)
+#undef S
+#define S rate_args
+    {NAME(S), "", 0, sizeof(S), 's'}, RATE_ARGS(ROW)
+#undef S
+#define S fold_args
+    {NAME(S), "", 0, sizeof(S), 's'}, FOLD_ARGS(ROW)
+#undef S
+#define S product_args
+    {NAME(S), "", 0, sizeof(S), 's'}, PRODUCT_ARGS(ROW)
+#undef S
+#define S mix_args
+    {NAME(S), "", 0, sizeof(S), 's'}, MIX_ARGS(ROW)
+#undef S
+};
+
+/* Row k of the layout: a struct's name, then "", 0, its size and 's'; or the struct's name, a field's name,
+ * offset, size and kind (KIND), in declaration order. 0 past the last row, else 1. */
+int32_t arg_layout(int32_t k, const char **type, const char **field, int64_t *offset, int64_t *size, char *kind) {
+    if (k < 0 || k >= (int32_t)(sizeof(LAYOUT) / sizeof(LAYOUT[0]))) return 0;
+    *type = LAYOUT[k].type;
+    *field = LAYOUT[k].field;
+    *offset = LAYOUT[k].offset;
+    *size = LAYOUT[k].size;
+    *kind = LAYOUT[k].kind;
+    return 1;
 }

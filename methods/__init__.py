@@ -1,22 +1,23 @@
 """Merge methods as pure per-tensor functions that never touch files, and the table describing them.
 
-    contract.py   what a method is: Param, Step, DataStatistic, Method (what the engine hands each function)
+    contract.py   what a method is: Param, Ref, Trim, DataStatistic, Method (what the engine hands each function)
     registry.py   the table: one Method row per method, its parameters, the benchmark protocols
     dispatch.py   calling a row: parameters resolved, exact thresholds, reductions, one chunk merged
     library.py    the methods on plain tensors and state dicts, one function per method:
 
     >>> mbmerge.methods.ties(base_t, [t1, t2], density=0.2)
 
-The maths lives in one module per family (averages, ties_merging, model_breadcrumbs, dare_drop,
-della_magprune, max_magnitude, interpolation, svd, masks, data_aware) over the shared pieces in
-_blocks.py; fused.py maps the element-wise ones onto the fused kernels; ranking.py holds the exact
-magnitude ranks. The contract and the table import no torch (the command line reads them for its
-options and help); the rest is imported on first use.
+The maths lives in one module per method or family over the shared pieces in _blocks.py: the
+task-arithmetic family is task_vectors.py (one apply, one fused kernel path) with each member's trim in
+its own module (ties_merging, model_breadcrumbs, dare_drop, della_magprune); the others are pass_through,
+max_magnitude, interpolation, svd, masks, data_aware, ...; fused.py maps the other element-wise methods
+onto the fused kernels; ranking.py holds the exact magnitude ranks. The contract and the table import no
+torch (the command line reads them for its options and help); the rest is imported on first use.
 """
 import importlib
 
 from .contract import CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, resolve_params, row_length  # noqa
-from .registry import EMBEDDINGS, PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
+from .registry import PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
 
 _LAZY = {**dict.fromkeys(["apply_chunk", "chunk_cuts", "merge_chunk", "model_scope", "reductions", "thresholds"],
                          ".dispatch"),

@@ -55,6 +55,12 @@ def _keep(a: torch.Tensor, cut: Cut) -> torch.Tensor:
     return torch.where(cut.mask(a), a, 0.0)
 
 
+def cut_bounds(cuts: list[Cut | None], side: str) -> dict:
+    """Per expert a Cut (None: none) as kernels.delta_merge's band bound `side`: 'lo', the kept set's edge
+    (|d| above it kept), or 'hi', the dropped set's (|d| above it dropped)."""
+    return {side: [c.t if c else None for c in cuts], f"{side}_pos": [c.pos if c else None for c in cuts]}
+
+
 def weighted_sum(ts: list[torch.Tensor], w: list[float]) -> torch.Tensor:
     """sum_i w_i t_i, accumulated in order."""
     acc = ts[0] * w[0]

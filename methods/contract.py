@@ -13,16 +13,21 @@ in chunks (float32, flat; `offset` is the element index of a chunk's first eleme
                                        (inputs in their stored dtype), or None where it does not cover
                                        the parameters: then apply runs
 
-Each function is a Step: where the function lives ("module:function" in this package, imported on
-first call, so the table itself imports no torch) and the names of the keyword arguments it takes,
-stated in the row (a test holds them to the functions' signatures). Names are the method's parameters, the outputs
-of ranks (`thr`) and reduce, and the context: `offset`, `key` (the tensor's name, which seeds random
-masks), `shape` (the tensor's), and `stat` (per expert, its data statistic of this chunk; of the whole
-tensor for a reduce whose DataStatistic is `whole`).
+A row points at its functions (Ref: imported on first call, so the table itself imports no torch); each
+takes, by its keyword-only parameters, what it needs of what is available: the method's parameters, the
+outputs of ranks (`thr`) and reduce, and the context: `offset`, `key` (the tensor's name, which seeds
+random masks), `shape` (the tensor's), and `stat` (per expert, its data statistic of this chunk; of the
+whole tensor for a reduce whose DataStatistic is `whole`).
+
+The task-arithmetic family (methods/task_vectors.py) is one apply and one fused kernel path for all its
+members: a member's row names its Trim (the functions of its own module) and its sign election, and no
+apply of its own.
 """
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 
 from ..common.errors import BadParameter
 
@@ -83,24 +88,92 @@ class Param:
 
 
 @dataclass(frozen=True)
-class Step:
-    """One of a method's functions ("module:function" of this package) and the keyword arguments it
-    takes, by name."""
-    target: str
-    takes: tuple[str, ...]
+class Ref:
+    """A function of this package, imported on first use: Lazy("ties_merging").ranks. Called with what is
+    available, it passes on the keyword-only arguments its function takes (a missing one fails the call)."""
+    module: str
+    name: str
+
+    @cached_property
+    def fn(self):
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.name)
+
+    @cached_property
+    def takes(self) -> tuple[str, ...]:
+        return tuple(p.name for p in inspect.signature(self.fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+    def pick(self, available: dict) -> dict:
+        return {k: available[k] for k in self.takes if k in available}
+
+    def __call__(self, *args, **available):
+        return self.fn(*args, **self.pick(available))
+
+    def __repr__(self):
+        return f"{self.module}.{self.name}"
+
+
+class Lazy:
+    """A module of this package as the method table names it, not imported: its attributes are Refs, so
+    `ties_merging.ranks` in a row points at that function and the table imports no torch (the command line
+    reads it for its options and help before torch loads)."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def __getattr__(self, name: str) -> Ref:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        ref = Ref(self.module, name)
+        setattr(self, name, ref)         # one Ref per function: it resolves (and reads its signature) once
+        return ref
+
+
+FAMILY = Lazy("task_vectors")   # the task-arithmetic family's apply and fused path
+
+
+@dataclass(frozen=True)
+class Trim:
+    """A task-arithmetic member's own step, from its module: e_i = trim_i(d_i) before the weights, in torch
+    (`torch(ds, <its arguments>) -> [e_i]`) and as kernels.delta_merge's trim arguments (`fused(b, xs, <the
+    same>) -> dict`, or None where no kernel covers them), and the statistics it needs (`ranks`, `reduce`)."""
+    kind: str                     # none | magnitude | random | mask: docs/methods.md's trim column
+    torch: Ref | None = None      # None: no trim, e_i = d_i
+    fused: Ref | None = None
+    ranks: Ref | None = None
+    reduce: Ref | None = None
+
+    def __str__(self):
+        return self.kind
+
+
+NO_TRIM = Trim("none")
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """The apply of a task-arithmetic member: the family's (task_vectors.apply) with the row's trim and sign
+    election; `fused`, the family's fused path (task_vectors.fused). Called as a Ref is."""
+    trim: Trim
+    elect: str                    # none | sign
 
     @property
     def fn(self):
-        module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        """The member's own function, its trim (task_vectors.apply without one): docs/methods.md files the
+        row under its module."""
+        return (self.trim.torch or FAMILY.apply).fn
 
-    def __call__(self, *args, **available):
-        return self.fn(*args, **{k: available[k] for k in self.takes})
+    @property
+    def takes(self) -> tuple[str, ...]:
+        own = self.trim.torch.takes if self.trim.torch else ()
+        return tuple(k for k in FAMILY.apply.takes if k not in ("trim", "elect")) + own
 
+    def __call__(self, b, xs, **available):
+        trim = self.trim.torch and partial(self.trim.torch.fn, **self.trim.torch.pick(available))
+        return FAMILY.apply(b, xs, **dict(available, trim=trim, elect=self.elect))
 
-def step(target: str, takes: str = "") -> Step:
-    """step("ties_merging:apply", "weights scale thr"): apply takes weights=, scale=, thr=."""
-    return Step(target, tuple(takes.split()))
+    def fused(self, b, xs, **available):
+        trim = self.trim.fused and partial(self.trim.fused.fn, **self.trim.fused.pick(available))
+        return FAMILY.fused(b, xs, **dict(available, trim=trim, elect=self.elect))
 
 
 @dataclass(frozen=True)
@@ -116,28 +189,39 @@ class DataStatistic:
 @dataclass(frozen=True, kw_only=True)
 class Method:
     """One row of the method table: the functions, what the engine must know to stream them, and
-    the method's settings elsewhere (mergekit's defaults, tuning grid, demo and bench cases)."""
+    the method's settings elsewhere (mergekit's defaults, tuning grid, demo and bench cases).
+
+    A row without an apply is a member of the task-arithmetic family: its trim and elect drive the
+    family's apply and fused path, and its trim's ranks and reduce are the row's."""
     name: str
     summary: str
     paper: str
     params: tuple[Param, ...]
-    apply: Step
-    reduce: Step | None = None
-    ranks: Step | None = None
-    fused: str | None = None             # "fused:<adapter>": takes apply.takes and out_dtype (methods/fused.py),
-                                         # and for trim 'random' the keep bits an L1 pass drew (`kept`)
+    apply: Ref | TaskArithmetic | None = None
+    reduce: Ref | None = None
+    ranks: Ref | None = None
+    fused: Ref | None = None             # called as apply is, with out_dtype and, for trim 'random', the keep
+                                         # bits an L1 pass drew (`kept`): methods/fused.py, or the family's
     span: str = "element"                # what one chunk must hold whole: element | row | tensor
-    needs_base: bool = True
+    needs_base: bool = True              # False: the method never reads a base (d_i = x_i in the family)
     min_experts: int = 1
     max_experts: int | None = None
     keep_base: str | None = None         # default --keep-base (tensors copied from the base)
-    trim: str = "none"                   # none | magnitude | random | mask
+    trim: Trim = NO_TRIM
     elect: str = "none"                  # none | sign
     data_statistic: DataStatistic | None = None
     mergekit: dict | None = None         # mergekit 0.1.5's parameters and defaults, where it has the method
     grid: dict | None = None             # `mbmerge tune`'s default grid (MergeBench's)
     demo: dict = field(default_factory=dict)   # `mbmerge demo`'s parameters (MergeBench's example settings)
     bench: dict | None = None            # `mbmerge bench`'s case (parameters); None: not a bench case
+
+    def __post_init__(self):
+        if self.apply is None:           # a task-arithmetic member
+            member = TaskArithmetic(self.trim, self.elect)
+            fused = member.fused if self.trim.fused or not self.trim.torch else None   # else: torch alone
+            for name, value in dict(apply=member, fused=fused, ranks=self.trim.ranks,
+                                    reduce=self.trim.reduce).items():
+                object.__setattr__(self, name, value)
 
 
 def check_experts(method: Method, n: int) -> None:

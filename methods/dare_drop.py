@@ -7,13 +7,14 @@
     dare_linear: b + lam * sum_i w_i e_i          (normalize: / sum_i w_i)
     dare_ties:   the TIES sign election and disjoint merge on w_i e_i, then b + lam * m
 
-p_i is the density (mergekit's name); MergeBench's drop rate p is 1 - density.
+p_i is the density (mergekit's name); MergeBench's drop rate p is 1 - density. The sum and the election
+are the family's (task_vectors.py).
 """
 import torch
 
 from .. import kernels
 from ..kernels.dare import expert_seed
-from ._blocks import KeepBits, deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, weighted_sum
+from ._blocks import KeepBits, float_deltas, granule_sums, l1_gains
 from .contract import CHUNK_ALIGN
 
 
@@ -41,23 +42,16 @@ def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key:
     return {"gain": l1_gains(chunks, sums, len(density)), "kept": kept.chunks}
 
 
-def _dropped(b, xs, density, seed, key, offset, gain) -> list[torch.Tensor]:
-    return [_kept(d, i, p, seed, key, offset) * g
-            for i, (d, p, g) in enumerate(zip(deltas(b, xs), density, gain))]
+def trim(ds: list[torch.Tensor], *, density: list[float], seed: int, key: str, offset: int,
+         gain: list[float]) -> list[torch.Tensor]:
+    """e_i before w_i: g_i * keep_i * d_i."""
+    return [_kept(d, i, p, seed, key, offset) * g for i, (d, p, g) in enumerate(zip(ds, density, gain))]
 
 
-def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-                 normalize: bool, density: list[float], seed: int, key: str, offset: int,
-                 gain: list[float]) -> torch.Tensor:
-    tau = weighted_sum(_dropped(b, xs, density, seed, key, offset, gain), weights)
-    if normalize:
-        tau /= sum(weights)
-    return b + scale * tau
-
-
-def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-               consensus: str, aggregate: str, density: list[float], seed: int, key: str,
-               offset: int, gain: list[float]) -> torch.Tensor:
-    es = [e * w for e, w in zip(_dropped(b, xs, density, seed, key, offset, gain), weights)]
-    s = elect(es, consensus)
-    return b + scale * disjoint_merge(es, weights, s, aggregate)
+def fused_trim(b, xs, *, density: list[float], seed: int, key: str, offset: int, gain: list[float],
+               kept: torch.Tensor | None = None) -> dict:
+    """trim as kernels.delta_merge's random drop: Philox seeds per expert, as _kept, or the bits the L1
+    pass drew (`kept`, the compiled loops' alone)."""
+    drawn = {"kept": kept} if kept is not None else {}
+    return {"trim": "random", "density": density, "gain": gain, "offset": offset, **drawn,
+            "seeds": [expert_seed(seed, key, i) for i in range(len(xs))]}

@@ -10,7 +10,8 @@ with the entry's magnitude rank in its row; then add (della_linear) or TIES-merg
     della:        TIES sign election and disjoint merge of w_i e_i, then b + lam * m
 
 A row is the last dimension; a 1-D tensor is one row. Needs eps_i >= 0, rho_i - eps_i > 0 and
-rho_i + eps_i <= 1 (mergekit: < 1); rho_i = 1 keeps everything, as in mergekit.
+rho_i + eps_i <= 1 (mergekit: < 1); rho_i = 1 keeps everything, as in mergekit. The sum and the
+election are the family's (task_vectors.py).
 vs mergekit 0.1.5: its masks are torch.bernoulli draws (so no bitwise parity), it breaks rank ties
 in argsort order, fails on rows of one element (0/0 ranks), and always rescales by 'l1'.
 """
@@ -19,8 +20,8 @@ import torch
 from .. import kernels
 from ..common.errors import BadParameter
 from ..kernels.dare import expert_seed
-from ._blocks import (KeepBits, deltas, disjoint_merge, elect, float_deltas, granule_sums, l1_gains, row_length,
-                      weighted_sum)
+from ._blocks import KeepBits, float_deltas, granule_sums, l1_gains, row_length
+from .dare_drop import fused_trim as fused_drop
 
 
 def _check(density: list[float], epsilon: list[float]) -> None:
@@ -89,25 +90,22 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     return {"gain": l1_gains(chunks, sums, len(density)), "kept": kept.chunks}
 
 
-def _dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain) -> list[torch.Tensor]:
+def trim(ds: list[torch.Tensor], *, density: list[float], epsilon: list[float], rescale: str, seed: int, key: str,
+         offset: int, shape: tuple, gain: list[float]) -> list[torch.Tensor]:
+    """e_i before w_i: g_i * keep_i * d_i, divided by p_i(j) for 'inverse'; ds hold whole rows."""
     m = row_length(shape)
     return [_kept(d, i, rho, eps, m, seed, key, offset, rescale == "inverse").mul_(g)
-            for i, (d, rho, eps, g) in enumerate(zip(deltas(b, xs), density, epsilon, gain))]
+            for i, (d, rho, eps, g) in enumerate(zip(ds, density, epsilon, gain))]
 
 
-def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-                 normalize: bool, density: list[float], epsilon: list[float], rescale: str, seed: int,
-                 key: str, offset: int, shape: tuple, gain: list[float]) -> torch.Tensor:
-    tau = weighted_sum(_dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain), weights)
-    if normalize:
-        tau /= sum(weights)
-    return b + scale * tau
-
-
-def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-               consensus: str, aggregate: str, density: list[float], epsilon: list[float], rescale: str,
-               seed: int, key: str, offset: int, shape: tuple, gain: list[float]) -> torch.Tensor:
-    es = [e.mul_(w) for e, w in zip(_dropped(b, xs, density, epsilon, rescale, seed, key, offset, shape, gain),
-                                    weights)]
-    s = elect(es, consensus)
-    return disjoint_merge(es, weights, s, aggregate).mul_(scale).add_(b)
+def fused_trim(b, xs, *, density: list[float], epsilon: list[float], rescale: str, seed: int, key: str, offset: int,
+               shape: tuple, gain: list[float], kept: torch.Tensor | None = None) -> dict | None:
+    """trim as kernels.delta_merge's random drop at each element's keep rate (compiled_rates), or with the
+    bits the L1 pass drew (`kept`; then no rate is needed): the compiled C loops only."""
+    if kept is not None and kernels.compiled_for(b, *xs):
+        return fused_drop(b, xs, density=[1.0] * len(xs), seed=seed, key=key, offset=offset, gain=gain, kept=kept)
+    rates = compiled_rates(b, xs, density, epsilon, row_length(shape))
+    if rates is None:
+        return None
+    return {**fused_drop(b, xs, density=[1.0] * len(xs), seed=seed, key=key, offset=offset, gain=gain),
+            "rates": rates, "inverse": rescale == "inverse"}

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
-from .contract import Method, step
+from .contract import Method
 from .ranking import Ranking, bounds, tie_counts
 
 
@@ -76,14 +76,13 @@ def merge_chunk(method: Method, params: dict, reduced: dict, b, xs, offset: int,
                 out_dtype: torch.dtype = torch.float32, stat: list | None = None):
     """apply_chunk, and the fused kernel's counts of non-finite values [output, base, experts] when it
     counted them while merging (the compiled CPU loops do), else None."""
+    b = b if method.needs_base else None          # a method without a base never reads one (linear: d_i = x_i)
     available = dict(params, **chunk_cuts(method, reduced, b, xs), offset=offset, key=key, shape=shape)
-    fused = method.fused is not None and kernels.fused(xs[0].device)
-    if fused:
-        adapter = step(method.fused).fn
-        # the keep bits an L1 pass drew for this chunk (DARE, DELLA), for the adapter alone: the torch
+    if method.fused is not None and kernels.fused(xs[0].device):
+        # the keep bits an L1 pass drew for this chunk (DARE, DELLA), for the fused path alone: the torch
         # methods draw their own
-        drawn = {"kept": reduced["kept"].get(offset)} if reduced.get("kept") else {}
-        done = adapter(b, xs, out_dtype=out_dtype, **{k: available[k] for k in method.apply.takes}, **drawn)
+        kept = reduced["kept"].get(offset) if reduced.get("kept") else None
+        done = method.fused(b, xs, **dict(available, kept=kept, out_dtype=out_dtype))
         if done is not None:
             return done[0].view(xs[0].shape), done[1]
     b, xs = _float(b), [x.float() for x in xs]     # no copy when float32

@@ -14,14 +14,14 @@ select). rho_i = 1 keeps everything (t_i shrinks to 0); gamma_i n < 1 drops no o
 vs mergekit 0.1.5: it keeps floor(rho_i n) entries too, but its argsort orders ties arbitrarily, so
 which tied entries are kept may differ; rho_i n < 1 keeps none there (here: one); mergekit <= 0.1.4
 keeps none when gamma_i n < 1 (an empty slice). mergekit's breadcrumbs_ties defaults to normalize=false, which is
-aggregate='sum' here.
+aggregate='sum' here. The sum and the election are the family's (task_vectors.py).
 """
 from math import floor
 
 import torch
 
 from ..common.errors import BadParameter
-from ._blocks import band, deltas, disjoint_merge, elect, top_k, weighted_sum
+from ._blocks import band, cut_bounds, top_k
 from .ranking import Cut, Rank
 
 
@@ -37,16 +37,12 @@ def ranks(*, density: list[float], gamma: list[float], n: int) -> list[list[Rank
     return out
 
 
-def apply_linear(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-                 normalize: bool, thr: list[list[Cut]]) -> torch.Tensor:
-    tau = weighted_sum([band(d, t) for d, t in zip(deltas(b, xs), thr)], weights)
-    if normalize:
-        tau /= sum(weights)
-    return b + scale * tau
+def trim(ds: list[torch.Tensor], *, thr: list[list[Cut]]) -> list[torch.Tensor]:
+    """e_i before w_i: d_i on its band, thr_i = [dropped, kept] Cuts ([]: all of d_i)."""
+    return [band(d, t) for d, t in zip(ds, thr)]
 
 
-def apply_ties(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-               consensus: str, aggregate: str, thr: list[list[Cut]]) -> torch.Tensor:
-    es = [band(d, t).mul_(w) for d, t, w in zip(deltas(b, xs), thr, weights)]
-    s = elect(es, consensus)
-    return disjoint_merge(es, weights, s, aggregate).mul_(scale).add_(b)
+def fused_trim(b, xs, *, thr: list[list[Cut]]) -> dict:
+    """trim as kernels.delta_merge's band."""
+    return {"trim": "band", **cut_bounds([t[0] if t else None for t in thr], "hi"),
+            **cut_bounds([t[1] if t else None for t in thr], "lo")}

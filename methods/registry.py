@@ -1,9 +1,24 @@
 """The method table: one row per method (methods/contract.py says what a row holds), its
 parameters, and the benchmark protocols. Adding a method touches its own module and one row here.
-It imports no torch: the command line reads it to build its options and help.
+It imports no torch: the command line reads it to build its options and help, so a row points at its
+functions through Lazy modules, imported on first call (editors and type checkers see the real ones).
 """
+from typing import TYPE_CHECKING
+
 from ..common.errors import BadParameter
-from .contract import REQUIRED, DataStatistic, Method, Param, step
+from ..common.roles import EMBEDDINGS_AND_HEAD
+from .contract import NO_TRIM, REQUIRED, DataStatistic, Lazy, Method, Param, Trim
+
+if TYPE_CHECKING:
+    from . import (agent_merging, dare_drop, data_aware, della_magprune, fused, fusion_threshold, hypersphere,
+                   interpolation, masks, max_magnitude, model_breadcrumbs, near_swap, pass_through,
+                   select_calculate_erase, svd, ties_merging)
+else:
+    (agent_merging, dare_drop, data_aware, della_magprune, fused, fusion_threshold, hypersphere, interpolation, masks,
+     max_magnitude, model_breadcrumbs, near_swap, pass_through, select_calculate_erase, svd, ties_merging) = map(
+        Lazy, ["agent_merging", "dare_drop", "data_aware", "della_magprune", "fused", "fusion_threshold",
+               "hypersphere", "interpolation", "masks", "max_magnitude", "model_breadcrumbs", "near_swap",
+               "pass_through", "select_calculate_erase", "svd", "ties_merging"])
 
 WEIGHTS = Param("weights", 1.0, "per-expert weight w_i", per_expert=True)
 DENSITY = Param("density", 0.2, "fraction rho_i of each delta kept", per_expert=True, fraction=True)
@@ -68,7 +83,6 @@ def _scope(default: str) -> Param:
 SCOPE = _scope("tensor")
 KEEP_TIES = Param("keep_ties", False, "magnitude ranks keep every entry tied at a threshold (the TIES and "
                   "MergeBench code: kthvalue, then >=) instead of exactly k (ties broken by position)")
-EMBEDDINGS = r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|word_embeddings)(\.|$)"
 
 # mergekit 0.1.5's parameters and defaults (its merge_methods/registry.py); the generalized task
 # arithmetic family shares these
@@ -83,165 +97,145 @@ _DEMO_TRIM = {"density": 0.3, "scale": 0.4}
 _DEMO_DROP = {"density": 0.1, "scale": 0.4}
 _BENCH_TRIM = {"weights": 1.0, "density": 0.2}
 
+# -- the task-arithmetic family (methods/task_vectors.py): out = b + lam * m over e_i = w_i trim_i(d_i), m their sum
+# or (elect "sign") their disjoint merge. A member's row names its trim and election; its module holds the trim.
+TOP_K = Trim("magnitude", ties_merging.trim, ties_merging.fused_trim, ranks=ties_merging.ranks)
+BAND = Trim("magnitude", model_breadcrumbs.trim, model_breadcrumbs.fused_trim, ranks=model_breadcrumbs.ranks)
+DROP = Trim("random", dare_drop.trim, dare_drop.fused_trim, reduce=dare_drop.rescale_gains)
+MAGPRUNE = Trim("random", della_magprune.trim, della_magprune.fused_trim, reduce=della_magprune.rescale_gains)
+
 REGISTRY = {m.name: m for m in [
+    # -- the task-arithmetic family: linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*
     Method(name="linear", summary="weighted average of the experts (model soup)",
-           paper="https://arxiv.org/abs/2203.05482", params=(WEIGHTS, _normalize(True)),
-           apply=step("averages:apply_linear", "weights normalize"), fused="fused:linear", needs_base=False,
-           mergekit={"weight": REQUIRED, "normalize": True}, bench={"weights": 1.0}),
+           paper="https://arxiv.org/abs/2203.05482", params=(WEIGHTS, _normalize(True)), trim=NO_TRIM,
+           needs_base=False, mergekit={"weight": REQUIRED, "normalize": True}, bench={"weights": 1.0}),
     Method(name="task_arithmetic", summary="b + lam * sum_i w_i d_i", paper="https://arxiv.org/abs/2212.04089",
-           params=(WEIGHTS, SCALE, _normalize(False)),
-           apply=step("averages:apply_task_arithmetic", "weights scale normalize"), fused="fused:task_arithmetic",
+           params=(WEIGHTS, SCALE, _normalize(False)), trim=NO_TRIM,
            mergekit={**_GTA, "normalize": False, "rescale": False},
            grid={"scale": [0.2, 0.4, 0.6, 0.8, 1.0]}, demo={"scale": 0.4}, bench={"weights": 1.0}),
-    Method(name="passthrough", summary="one model's tensors as they are (times scale): frankenmerges with slices",
-           paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
-           params=(PASSTHROUGH_SCALE,), apply=step("averages:apply_passthrough", "scale"), needs_base=False,
-           max_experts=1, mergekit={"scale": 1.0}),
     Method(name="ties", summary="trim to top-rho magnitudes, elect sign, disjoint merge",
-           paper="https://arxiv.org/abs/2306.01708", params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step("ties_merging:apply", "weights scale consensus aggregate thr"),
-           ranks=step("ties_merging:ranks", "density n"), fused="fused:ties", trim="magnitude", elect="sign",
+           paper="https://arxiv.org/abs/2306.01708",
+           params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES), trim=TOP_K, elect="sign",
            mergekit={**_GTA, "normalize": True, "rescale": False},
            grid={"density": [0.1, 0.2, 0.3], "scale": [0.4, 0.6, 0.8]}, demo=_DEMO_TRIM, bench=_BENCH_TRIM),
     Method(name="dare_linear", summary="random drop with rescale, then task arithmetic",
            paper="https://arxiv.org/abs/2311.03099",
-           params=(WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED),
-           apply=step("dare_drop:apply_linear", "weights scale normalize density seed key offset gain"),
-           reduce=step("dare_drop:rescale_gains", "density rescale seed key shape"), fused="fused:dare_linear",
-           trim="random", mergekit={**_GTA, "normalize": False, "rescale": True}, grid=_DROP_GRID, demo=_DEMO_DROP,
+           params=(WEIGHTS, DENSITY, SCALE, _normalize(False), RESCALE, SEED), trim=DROP,
+           mergekit={**_GTA, "normalize": False, "rescale": True}, grid=_DROP_GRID, demo=_DEMO_DROP,
            bench=_BENCH_TRIM),
     Method(name="dare_ties", summary="random drop with rescale, then TIES sign election",
            paper="https://arxiv.org/abs/2311.03099",
-           params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
-           apply=step("dare_drop:apply_ties", "weights scale consensus aggregate density seed key offset gain"),
-           reduce=step("dare_drop:rescale_gains", "density rescale seed key shape"), fused="fused:dare_ties",
-           trim="random", elect="sign", mergekit={**_GTA, "normalize": False, "rescale": True},
-           grid=_DROP_GRID, demo=_DEMO_DROP, bench=_BENCH_TRIM),
-    # -- magnitude bands and rank-based drops: breadcrumbs, breadcrumbs_ties, della, della_linear, magmax
+           params=(WEIGHTS, DENSITY, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED), trim=DROP, elect="sign",
+           mergekit={**_GTA, "normalize": False, "rescale": True}, grid=_DROP_GRID, demo=_DEMO_DROP,
+           bench=_BENCH_TRIM),
     Method(name="breadcrumbs", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then task "
            "arithmetic", paper="https://arxiv.org/abs/2312.06795",
-           params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE, KEEP_TIES),
-           apply=step("model_breadcrumbs:apply_linear", "weights scale normalize thr"),
-           ranks=step("model_breadcrumbs:ranks", "density gamma n"), fused="fused:breadcrumbs", trim="magnitude",
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, _normalize(False), SCOPE, KEEP_TIES), trim=BAND,
            mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False}, demo=_DEMO_TRIM),
     Method(name="breadcrumbs_ties", summary="drop the top-gamma outliers and the smallest |d|, keep rho; then "
            "TIES sign election", paper="https://arxiv.org/abs/2312.06795",
-           params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step("model_breadcrumbs:apply_ties", "weights scale consensus aggregate thr"),
-           ranks=step("model_breadcrumbs:ranks", "density gamma n"), fused="fused:breadcrumbs_ties",
-           trim="magnitude", elect="sign", mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
+           params=(WEIGHTS, DENSITY, GAMMA, SCALE, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES), trim=BAND, elect="sign",
+           mergekit={**_GTA, "gamma": 0.01, "normalize": False, "rescale": False},
            demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "gamma": 0.01}),
     Method(name="della", summary="random drop, keep probability rising with |d| rank in the row; then TIES "
            "sign election", paper="https://arxiv.org/abs/2406.11617",
-           params=(WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED),
-           apply=step("della_magprune:apply_ties", "weights scale consensus aggregate density epsilon rescale seed "
-                                                 "key offset shape gain"),
-           reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
-           fused="fused:della", trim="random", elect="sign",
-           mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
+           params=(WEIGHTS, DENSITY, EPSILON, SCALE, CONSENSUS, AGGREGATE, RESCALE, SEED), trim=MAGPRUNE,
+           elect="sign", span="row", mergekit={**_GTA, "epsilon": 0.15, "normalize": True, "rescale": True},
            demo=_DEMO_TRIM, bench={**_BENCH_TRIM, "epsilon": 0.1}),
     Method(name="della_linear", summary="random drop, keep probability rising with |d| rank in the row; then "
            "task arithmetic", paper="https://arxiv.org/abs/2406.11617",
-           params=(WEIGHTS, DENSITY, EPSILON, SCALE, _normalize(False), RESCALE, SEED),
-           apply=step("della_magprune:apply_linear", "weights scale normalize density epsilon rescale seed key "
-                                                   "offset shape gain"),
-           reduce=step("della_magprune:rescale_gains", "density epsilon rescale seed key shape"), span="row",
-           fused="fused:della_linear", trim="random",
+           params=(WEIGHTS, DENSITY, EPSILON, SCALE, _normalize(False), RESCALE, SEED), trim=MAGPRUNE, span="row",
            mergekit={**_GTA, "epsilon": 0.15, "normalize": False, "rescale": True}, demo=_DEMO_TRIM,
            bench={**_BENCH_TRIM, "epsilon": 0.1}),
+    # -- other element-wise methods: passthrough, magmax
+    Method(name="passthrough", summary="one model's tensors as they are (times scale): frankenmerges with slices",
+           paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+           params=(PASSTHROUGH_SCALE,), apply=pass_through.apply, needs_base=False,
+           max_experts=1, mergekit={"scale": 1.0}),
     Method(name="magmax", summary="per element the delta of largest magnitude: b + lam * d_argmax",
-           paper="https://arxiv.org/abs/2407.06322", params=(SCALE,),
-           apply=step("max_magnitude:apply", "scale"), bench={}),
+           paper="https://arxiv.org/abs/2407.06322", params=(SCALE,), apply=max_magnitude.apply, bench={}),
     # -- whole-tensor statistics: model_stock, slerp, tsv, iso_c, iso_cts
     Method(name="model_stock", summary="t * mean_i x_i + (1 - t) b, t from the mean pairwise cosine of the deltas",
            paper="https://arxiv.org/abs/2403.19522", params=(FILTER_WISE,),
-           apply=step("interpolation:apply_model_stock", "filter_wise cos shape"),
-           reduce=step("interpolation:model_stock_cosine", "filter_wise shape"), span="row", min_experts=2,
-           fused="fused:model_stock",
-           mergekit={"filter_wise": False}, bench={}),
+           apply=interpolation.apply_model_stock, reduce=interpolation.model_stock_cosine, fused=fused.model_stock,
+           span="row", min_experts=2, mergekit={"filter_wise": False}, bench={}),
     Method(name="slerp", summary="spherical interpolation from the base (t=0) to one expert (t=1), whole tensors",
            paper="https://dl.acm.org/doi/10.1145/325165.325242", params=(SLERP_T,),
-           apply=step("interpolation:apply_slerp", "coef"), reduce=step("interpolation:slerp_coefficients", "t"),
-           fused="fused:slerp",
+           apply=interpolation.apply_slerp, reduce=interpolation.slerp_coefficients, fused=fused.slerp,
            min_experts=1, max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 0.5}),
     Method(name="tsv", summary="task singular vectors: top r/T triplets per task, orthogonalised",
-           paper="https://arxiv.org/abs/2412.00081", params=(SCALE,), apply=step("svd:apply_tsv", "scale shape"),
-           span="tensor", keep_base=EMBEDDINGS, bench={}),
+           paper="https://arxiv.org/abs/2412.00081", params=(SCALE,), apply=svd.apply_tsv,
+           span="tensor", keep_base=EMBEDDINGS_AND_HEAD, bench={}),
     Method(name="iso_c", summary="SVD of the summed deltas with a flat (isotropic) spectrum",
-           paper="https://arxiv.org/abs/2502.04959", params=(SCALE,), apply=step("svd:apply_iso_c", "scale shape"),
-           span="tensor", keep_base=EMBEDDINGS, bench={}),
+           paper="https://arxiv.org/abs/2502.04959", params=(SCALE,), apply=svd.apply_iso_c,
+           span="tensor", keep_base=EMBEDDINGS_AND_HEAD, bench={}),
     Method(name="iso_cts", summary="Iso-C on a common subspace plus per-task orthogonal subspaces",
            paper="https://arxiv.org/abs/2502.04959", params=(SCALE, COMMON_FRACTION),
-           apply=step("svd:apply_iso_cts", "scale common_fraction shape"), span="tensor", keep_base=EMBEDDINGS),
+           apply=svd.apply_iso_cts, span="tensor", keep_base=EMBEDDINGS_AND_HEAD),
     # -- more of mergekit 0.1.5's methods: nearswap, sce, multislerp, nuslerp, karcher, ram, ramplus_tl
     Method(name="nearswap", summary="the expert where |x - b| <= t, elsewhere b moved t toward it",
            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", params=(NEARSWAP_T,),
-           apply=step("near_swap:apply", "t"), max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 1e-4}),
+           apply=near_swap.apply, max_experts=1, mergekit={"t": REQUIRED}, bench={"t": 1e-4}),
     Method(name="sce", summary="select the most varying entries, weight experts by mean square, erase minority "
            "signs", paper="https://arxiv.org/abs/2408.07990", params=(SELECT_TOPK,),
-           apply=step("select_calculate_erase:apply", "cut w offset"),
-           reduce=step("select_calculate_erase:sce_statistics", "select_topk shape"),
+           apply=select_calculate_erase.apply, reduce=select_calculate_erase.sce_statistics,
            mergekit={"int8_mask": False, "select_topk": 1.0}, bench={"select_topk": 0.5}),
     Method(name="multislerp", summary="barycentric slerp: the weighted mean of the unit deltas at the weighted mean "
            "norm", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-           params=(WEIGHTS, NORMALIZE_WEIGHTS, EPS), apply=step("hypersphere:apply_multislerp", "coef"),
-           reduce=step("hypersphere:multislerp_coefficients", "weights normalize_weights eps shape"),
+           params=(WEIGHTS, NORMALIZE_WEIGHTS, EPS), apply=hypersphere.apply_multislerp,
+           reduce=hypersphere.multislerp_coefficients,
            mergekit={"weight": REQUIRED, "normalize_weights": True, "eps": 1e-8}, bench={"weights": 1.0}),
     Method(name="nuslerp", summary="slerp between two experts' deltas at t = w_2 / (w_1 + w_2): whole tensors, rows "
            "or columns", paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
            params=(WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
-           apply=step("hypersphere:apply_nuslerp", "weights coef offset shape"),
-           reduce=step("hypersphere:nuslerp_coefficients", "weights nuslerp_flatten nuslerp_row_wise shape"),
+           apply=hypersphere.apply_nuslerp, reduce=hypersphere.nuslerp_coefficients,
            span="row", min_experts=2, max_experts=2,
            mergekit={"weight": REQUIRED, "nuslerp_row_wise": False, "nuslerp_flatten": True}, bench={"weights": 1.0}),
     Method(name="karcher", summary="the Karcher (Riemannian) mean of the inputs' directions at their mean norm",
            paper="https://arxiv.org/abs/2603.04972", params=(MAX_ITER, TOL),
-           apply=step("hypersphere:apply_karcher", "coef"),
-           reduce=step("hypersphere:karcher_coefficients", "max_iter tol"),
+           apply=hypersphere.apply_karcher, reduce=hypersphere.karcher_coefficients,
            needs_base=False, mergekit={"max_iter": 10, "tol": 1e-5}, bench={}),
     Method(name="ram", summary="deltas one expert made kept whole, shared ones averaged over those that made them",
            paper="https://arxiv.org/abs/2601.13572", params=(RAM_EPSILON,),
-           apply=step("agent_merging:apply_ram", "epsilon"), mergekit={"epsilon": 1e-5}, bench={}),
+           apply=agent_merging.apply_ram, mergekit={"epsilon": 1e-5}, bench={}),
     Method(name="ramplus_tl", summary="ram with unique deltas scaled up by each expert's shared/unique ratio in the "
            "tensor", paper="https://arxiv.org/abs/2601.13572", params=(RAM_R, RAM_ALPHA, RAM_EPSILON),
-           apply=step("agent_merging:apply_ramplus", "epsilon gain"),
-           reduce=step("agent_merging:ramplus_gains", "r alpha epsilon"),
+           apply=agent_merging.apply_ramplus, reduce=agent_merging.ramplus_gains,
            mergekit={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, bench={}),
     Method(name="arcee_fusion", summary="the expert's changes where their importance |d| KL(row) is an outlier "
            "(above Q2 + 1.5 IQR)", paper="https://arcee.ai", params=(),
-           apply=step("fusion_threshold:apply", "thr shape"), reduce=step("fusion_threshold:threshold", "shape"),
+           apply=fusion_threshold.apply, reduce=fusion_threshold.threshold,
            span="row", max_experts=1, mergekit={}, bench={}),
     # -- masks
     Method(name="consensus", summary="TALL masks; keep what at least k tasks claim of the multi-task vector",
            paper="https://arxiv.org/abs/2405.07813",
            params=(WEIGHTS, SCALE, K, TALL_LAMBDA, MTL, DENSITY, CONSENSUS, AGGREGATE, SCOPE, KEEP_TIES),
-           apply=step("masks:consensus", "weights scale k tall_lambda mtl consensus aggregate thr"),
-           ranks=step("masks:consensus_ranks", "mtl density n"), fused="fused:consensus", trim="mask",
+           apply=masks.consensus, ranks=masks.consensus_ranks, fused=fused.consensus, trim=Trim("mask"),
            grid={"tall_lambda": [0.3, 0.5, 0.7], "scale": [0.4, 0.6, 0.8]}, demo={"scale": 0.4}, bench={}),
     Method(name="localize_stitch", summary="dataless Localize-and-Stitch: top-k masks per expert, overlaps averaged",
            paper="https://arxiv.org/abs/2408.13656", params=(SPARSITY, _scope("model"), KEEP_TIES),
-           apply=step("masks:localize_stitch", "thr"), ranks=step("masks:localize_ranks", "sparsity n"),
-           fused="fused:localize_stitch", trim="magnitude", keep_base=EMBEDDINGS,
+           apply=masks.localize_stitch, ranks=masks.localize_ranks,
+           fused=fused.localize_stitch, trim=Trim("magnitude"), keep_base=EMBEDDINGS_AND_HEAD,
            grid={"sparsity": [0.1, 0.2, 0.3, 0.4]}, bench={}),
     # -- data-aware: statistics of each expert on its own data (mbmerge stats)
     Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
            "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
-           apply=step("data_aware:fisher", "weights stat"), needs_base=False, keep_base=EMBEDDINGS,
+           apply=data_aware.fisher, needs_base=False, keep_base=EMBEDDINGS_AND_HEAD,
            data_statistic=DataStatistic("fisher", False, True, ("samples", "fisher"))),
     Method(name="regmean", summary="per linear layer the weights minimising the experts' output gaps on their "
            "data (Grams)", paper="https://arxiv.org/abs/2212.09849", params=(REDUCTION, SAMPLES),
-           apply=step("data_aware:regmean", "proj"), reduce=step("data_aware:regmean_projections", "stat reduction"),
-           span="row", needs_base=False, keep_base=EMBEDDINGS,
+           apply=data_aware.regmean, reduce=data_aware.regmean_projections,
+           span="row", needs_base=False, keep_base=EMBEDDINGS_AND_HEAD,
            data_statistic=DataStatistic("gram", True, False, ("samples",))),
     Method(name="regmean_plusplus", summary="RegMean with each expert's Grams taken on its data as the merged "
            "model carries it, layer by layer", paper="https://github.com/uiuctml/MergeBench/pull/8",
-           params=(REDUCTION_PP, SAMPLES), apply=step("data_aware:regmean", "proj"),
-           reduce=step("data_aware:regmean_projections", "stat reduction"), span="row", needs_base=False,
-           keep_base=EMBEDDINGS, data_statistic=DataStatistic("gram_plusplus", True, False, ("samples", "reduction"))),
+           params=(REDUCTION_PP, SAMPLES), apply=data_aware.regmean,
+           reduce=data_aware.regmean_projections, span="row", needs_base=False,
+           keep_base=EMBEDDINGS_AND_HEAD, data_statistic=DataStatistic("gram_plusplus", True, False, ("samples", "reduction"))),
     Method(name="localize_stitch_trained", summary="Localize-and-Stitch with masks trained on each expert's data, "
            "overlaps averaged", paper="https://arxiv.org/abs/2408.13656",
            params=(SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES),
-           apply=step("data_aware:localize_stitch_trained", "stat"), keep_base=EMBEDDINGS,
+           apply=data_aware.localize_stitch_trained, keep_base=EMBEDDINGS_AND_HEAD,
            data_statistic=DataStatistic("mask", False, True, ("sparsity", "sigmoid_bias", "lr", "epochs", "l1",
                                                               "samples")),
            # MergeBench's lr 1e8 acts on a sum of raw gradients over ~500 steps of a 2B model; one step of 1e8
@@ -253,7 +247,7 @@ REGISTRY = {m.name: m for m in [
 # A benchmark's choices at once; user parameters win. keep_base: the default --keep-base.
 PROTOCOLS = {
     "mergebench": {"sparsify_scope": "model", "aggregate": "sum", "rescale": "inverse", "keep_ties": True,
-                   "keep_base": EMBEDDINGS},
+                   "keep_base": EMBEDDINGS_AND_HEAD},
 }
 
 

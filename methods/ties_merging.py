@@ -9,22 +9,31 @@
 
 The top k_i is found exactly by radix select (methods/ranking.py), over the tensor (mergekit's scope,
 the default) or over the whole model (sparsify_scope='model', the TIES paper and MergeBench); thr
-holds it as each chunk's Cut.
+holds it as each chunk's Cut. The election and the merge are the family's (task_vectors.py).
 """
 import torch
 
-from ._blocks import deltas, disjoint_merge, elect, top_k, trim
+from . import _blocks, task_vectors
 from .ranking import Cut, Rank
 
 
 def ranks(*, density: list[float], n: int) -> list[list[Rank]]:
     """Per expert, the set kept: the top k_i; [] (keep everything) where rho_i = 1."""
-    return [[] if rho >= 1 else [Rank(top_k(rho, n))] for rho in density]
+    return [[] if rho >= 1 else [Rank(_blocks.top_k(rho, n))] for rho in density]
 
 
-def apply(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float,
-          consensus: str, aggregate: str, thr: list[list[Cut]]) -> torch.Tensor:
-    es = [trim(d, t).mul_(w) for d, t, w in zip(deltas(b, xs), thr, weights)]
-    s = elect(es, consensus)
-    m = disjoint_merge(es, weights, s, aggregate)
-    return m.mul_(scale).add_(b)
+def trim(ds: list[torch.Tensor], *, thr: list[list[Cut]]) -> list[torch.Tensor]:
+    """trim(d_i, rho_i): d_i on its top k_i, thr_i's Cut (thr_i = []: all of d_i)."""
+    return [_blocks.trim(d, t) for d, t in zip(ds, thr)]
+
+
+def fused_trim(b, xs, *, thr: list[list[Cut]]) -> dict:
+    """trim as kernels.delta_merge's band with no upper bound."""
+    return {"trim": "band", **_blocks.cut_bounds([t[0] if t else None for t in thr], "lo")}
+
+
+def apply(b: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], scale: float, consensus: str,
+          aggregate: str, thr: list[list[Cut]]) -> torch.Tensor:
+    """TIES on one chunk, outside the table (the row `ties` runs the same): tests/test_kernels_fused.py."""
+    return task_vectors.apply(b, xs, trim=lambda ds: trim(ds, thr=thr), elect="sign", weights=weights, scale=scale,
+                              consensus=consensus, aggregate=aggregate)

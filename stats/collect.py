@@ -27,15 +27,16 @@ from ..engine.inputs.read import MappedModel
 from ..engine.spec import VERSION
 from ..engine.inputs.stats_folders import STATS_CARD
 from ..common.cache import cache_dir
+from ..common.quiet import quiet_transformers
 from ..common.threads import model_threads, threads_for, torch_threads
-from ..eval.zoo import quiet_transformers
 from ..common.errors import MissingTensor
-from ..methods import EMBEDDINGS, collection_params
+from ..common.roles import EMBEDDINGS_AND_HEAD
+from ..methods import collection_params
 from . import data as datasets
 from .fisher import fisher
 from .gram import gram
 from .mask import train_mask
-from .store import StatsWriter
+from .writer import StatsWriter
 
 KINDS = ("fisher", "gram", "mask")
 BATCH = {"fisher": 1, "gram": 8, "mask": 8}  # fisher: one example per backward, the exact per-example Fisher
@@ -71,7 +72,8 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         with quiet_transformers():  # loaded in the collecting dtype: a cast afterwards would hold both copies
             net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model, torch_dtype=torch_dtype)
         net.to(dev).eval()
-        names = [n for n, t in net.named_parameters() if t.is_floating_point() and not re.search(EMBEDDINGS, n)]
+        names = [n for n, t in net.named_parameters()
+                 if t.is_floating_point() and not re.search(EMBEDDINGS_AND_HEAD, n)]
         with model_threads(net):    # a small model's eager ops on one thread: no collapse beside a busy core
             if kind == "fisher":
                 info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import torch
+
+from ..common.domains import ALL
 from ..common.errors import BadParameter
 from ..common.names import DOMAIN_ALIASES as ALIASES, HUB_ID
-from ..eval import zoo
-from ..eval.domains import ALL
 
 # (prompt field, response field), tried in order on the first row: the MergeBench *_val sets' schemas
 SCHEMAS = (("instruction", "output"),    # instruction_val (alpaca keys)
@@ -83,7 +84,7 @@ def default_template(source: str) -> str:
 def render(ex: Example, template: str) -> tuple[str, str]:
     """(prompt text, response text) of EX in TEMPLATE."""
     if template == "zoo":
-        return ex.prompt, " " + ex.response  # as mbmerge.eval.zoo.sequence joins them
+        return ex.prompt, " " + ex.response  # as the zoo's training (eval/zoo.py sequence) joins them
     if template == "alpaca":
         return ALPACA.format(prompt=ex.prompt), ex.response
     if template == "plain":
@@ -109,12 +110,11 @@ def tokenize(examples: list[Example], tokenizer, *, template: str,
 
 def batches(seqs: list[tuple[list[int], list[int]]], batch_size: int,
             pad_id: int) -> Callable[[], Iterator[dict]]:
-    """A zero-argument callable giving a fresh iterator of right-padded batches of SEQS, in order."""
+    """A zero-argument callable giving a fresh iterator of right-padded batches of SEQS, in order:
+    input_ids (PAD_ID after each sequence), attention_mask, labels (-100 after each sequence)."""
     def run() -> Iterator[dict]:
         for start in range(0, len(seqs), batch_size):
-            b = zoo.batch_of(seqs, list(range(start, min(start + batch_size, len(seqs)))))
-            b["input_ids"].masked_fill_(b["attention_mask"] == 0, pad_id)  # batch_of pads with the zoo's id
-            yield b
+            yield _padded(seqs[start:start + batch_size], pad_id)
     return run
 
 
@@ -130,6 +130,16 @@ def describe(source: str, examples: list[Example], *, split: str, n: int, seed: 
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _padded(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    T = max(len(x) for x, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id)                        # [batch, T]
+    labels = torch.full((len(seqs), T), -100)                       # [batch, T]
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)            # [batch, T]
+    for r, (x, y) in enumerate(seqs):
+        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def _zoo_domain(source: str) -> str | None:

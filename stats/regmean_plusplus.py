@@ -110,7 +110,7 @@ class Skeleton:
 
     def __init__(self, base: Path, config, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
-        from ..eval.zoo import quiet_transformers
+        from ..common.quiet import quiet_transformers
         one = copy.deepcopy(config)
         one.num_hidden_layers = 1
         if isinstance(getattr(one, "layer_types", None), list):

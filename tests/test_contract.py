@@ -1,6 +1,7 @@
-"""The method contract (methods/contract.py) holds: each row's stated arguments are exactly what its
-functions take, the fused adapters take apply's arguments and out_dtype, every method has a library
-function that shadows no module, and method parameters never collide with MergeSpec's fields."""
+"""The method contract (methods/contract.py) holds: each row's functions take only what the engine makes
+available to them, the task-arithmetic members state their trim and election and get the family's apply
+and fused path, every method has a library function that shadows no module, and method parameters never
+collide with MergeSpec's fields."""
 import importlib
 import inspect
 import subprocess
@@ -10,37 +11,76 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 import mbmerge
+from mbmerge import kernels, methods
 from mbmerge.engine.spec import MergeSpec
 from mbmerge.methods import REGISTRY
-from mbmerge.methods.contract import CONTEXT, step
+from mbmerge.methods.contract import CONTEXT, Method, Ref, TaskArithmetic
+from mbmerge.methods.registry import SCALE, TOP_K, WEIGHTS
 
 ROWS = sorted(REGISTRY)
+MEMBERS = [n for n in ROWS if isinstance(REGISTRY[n].apply, TaskArithmetic)]
+REDUCED = {"gain", "cos", "coef", "proj", "cut", "w"}            # what the reduce functions return
 
 
-def keyword_only(fn) -> set[str]:
-    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+def required(ref: Ref) -> set[str]:
+    """The keyword-only arguments of ref's function without a default."""
+    return {p.name for p in inspect.signature(ref.fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+            and p.default is p.empty}
 
 
 @pytest.mark.parametrize("name", ROWS)
-def test_each_step_takes_what_its_function_takes(name):
+def test_each_function_takes_only_what_its_row_makes_available(name):
     m = REGISTRY[name]
-    for step in [m.apply, m.reduce, m.ranks]:
-        if step is not None:
-            assert set(step.takes) == keyword_only(step.fn), (name, step.fn.__name__)
     params = {p.name for p in m.params}
-    reduced = {"gain", "cos", "coef", "proj", "cut", "w"}            # what the reduce functions return
-    assert set(m.apply.takes) <= params | set(CONTEXT) | reduced, name
+    available = params | set(CONTEXT) | REDUCED
+    own = m.apply.trim.torch if isinstance(m.apply, TaskArithmetic) else m.apply
+    assert own is None or (callable(own.fn) and required(own) <= available), name
     if m.ranks:
-        assert set(m.ranks.takes) <= params | {"n"} and "thr" in m.apply.takes, name
+        assert required(m.ranks) <= params | {"n"} and "thr" in m.apply.takes, name
+    if m.reduce:
+        assert required(m.reduce) <= params | set(CONTEXT) | {"chunks"}, name
+    if isinstance(m.fused, Ref):
+        assert "out_dtype" in m.fused.takes and required(m.fused) <= set(m.apply.takes) | {"out_dtype"}, name
 
 
-@pytest.mark.parametrize("name", [n for n in ROWS if REGISTRY[n].fused])
-def test_fused_adapters_take_apply_arguments_and_out_dtype(name):
+@pytest.mark.parametrize("name", MEMBERS)
+def test_task_arithmetic_members_state_their_trim_and_election(name):
+    """A member's row has no apply of its own: its trim's functions, the family's arguments it elects with
+    (consensus, aggregate) or sums with (normalize), and its module as the docs' section."""
     m = REGISTRY[name]
-    drawn = {"kept"} if m.trim == "random" else set()          # the L1 pass's keep bits (dispatch.merge_chunk)
-    assert keyword_only(step(m.fused).fn) == set(m.apply.takes) | {"out_dtype"} | drawn
+    params = {p.name for p in m.params}
+    assert m.apply.elect == m.elect and m.apply.trim is m.trim and m.fused == m.apply.fused
+    assert (m.ranks, m.reduce) == (m.trim.ranks, m.trim.reduce)
+    assert ({"consensus", "aggregate"} <= params) == (m.elect == "sign") and "weights" in params
+    assert not ({"consensus", "aggregate"} & params and "normalize" in params)
+    if m.trim.torch:
+        drawn = {"kept"} if m.trim.kind == "random" else set()     # the L1 pass's keep bits (dispatch.merge_chunk)
+        assert set(m.trim.fused.takes) == set(m.trim.torch.takes) | drawn
+        assert m.apply.fn.__module__ == f"mbmerge.methods.{m.trim.torch.module}"
+    else:
+        assert m.apply.fn.__module__ == "mbmerge.methods.task_vectors"
+
+
+def test_a_new_member_is_a_row(monkeypatch):
+    """magnitude pruning without election (TIES's trim, summed): b + lam * sum_i w_i trim(d_i), by the torch
+    apply and by the fused kernel path (the compiled loops, where built) alike."""
+    calls = []
+    run = kernels.delta_merge
+    monkeypatch.setattr(kernels, "delta_merge", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    row = Method(name="top_k_sum", summary="", paper="", params=(WEIGHTS, SCALE) + REGISTRY["ties"].params[1:2],
+                 trim=TOP_K)
+    b = torch.zeros(6)
+    xs = [torch.tensor([1.0, -4.0, 0.5, 3.0, 0.0, -2.0]), torch.tensor([-0.5, 2.0, 5.0, -0.25, 1.0, 0.75])]
+    p = methods.resolve_params(row, 2, {"weights": [1.0, 0.5], "density": 0.5, "scale": 2.0})
+    want = 2 * (torch.tensor([0.0, -4.0, 0.0, 3.0, 0.0, -2.0]) + 0.5 * torch.tensor([0.0, 2.0, 5.0, 0.0, 1.0, 0.0]))
+    for impl in ("torch", "auto"):
+        with kernels.using(impl):
+            reduced = methods.reductions(row, p, lambda: [(b, xs, 0)], "w", (6,))
+            assert torch.equal(methods.apply_chunk(row, p, reduced, b, xs, 0, "w", (6,)), want), impl
+    assert len(calls) == (1 if kernels.fused(torch.device("cpu")) else 0)
 
 
 def test_every_method_is_a_library_function_and_every_module_a_module():

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mbmerge.bin.cli import cli
 from mbmerge.bin.demo import MICRO, five_expert_methods
-from mbmerge.eval.domains import DOMAINS
+from mbmerge.common.domains import DOMAINS
 
 
 @pytest.fixture(scope="module")

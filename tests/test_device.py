@@ -51,7 +51,7 @@ def _feed(out: Output):
 @pytest.mark.parametrize("threaded", [False, True])
 def test_writes_and_journal_keep_their_order(threaded):
     rec = Recorder()
-    out = Output(rec.write, rec.done, threaded, torch.device("cpu"))
+    out = Output(rec.write, rec.done, threaded=threaded, device=torch.device("cpu"))
     _feed(out)
     out.close()
     expected = []
@@ -63,7 +63,7 @@ def test_writes_and_journal_keep_their_order(threaded):
 
 def test_a_writer_error_reaches_the_caller_once_and_nothing_after_it_is_journaled():
     rec = Recorder(fail_at=4)   # the second tensor's first write fails
-    out = Output(rec.write, rec.done, True, torch.device("cpu"))
+    out = Output(rec.write, rec.done, threaded=True, device=torch.device("cpu"))
     with pytest.raises(OSError, match="Input/output error"):
         _feed(out)
         out.close()
@@ -80,7 +80,8 @@ def test_threaded_output_writes_the_same_bytes(wide_family, tmp_path, monkeypatc
                              out=tmp_path / name, progress=False, memory_budget="100KB", device="cpu")
     threaded = read_model(merge("threaded"))       # the default
     real = Output.__init__
-    monkeypatch.setattr(Output, "__init__", lambda self, w, d, threaded, device: real(self, w, d, False, device))
+    monkeypatch.setattr(Output, "__init__", lambda self, w, d, *, threaded, device: real(self, w, d, threaded=False,
+                                                                                      device=device))
     sync = read_model(merge("sync"))
     assert sync.keys() == threaded.keys()
     assert all(torch.equal(sync[k], threaded[k]) for k in sync)

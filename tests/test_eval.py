@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
-from mbmerge.bin.evaluate import evaluate as eval_cmd
-from mbmerge.eval import domains, harness, registry, tasks
+from mbmerge.bin.eval import evaluate as eval_cmd
+from mbmerge.common import domains
+from mbmerge.eval import domain_tasks, harness, tasks
 from mbmerge.eval.metrics import forgetting, normalised_performance
 
 
@@ -35,7 +36,7 @@ def test_forgetting_by_hand():
 
 
 def test_domain_scores_mean_of_tasks():
-    t1, t2, t3 = (registry.Task(n, "acc,none") for n in ("t1", "t2", "t3"))
+    t1, t2, t3 = (domain_tasks.Task(n, "acc,none") for n in ("t1", "t2", "t3"))
     p = {"x": (t1, t2), "y": (t3,)}
     assert harness.domain_scores(p, {"t1": 0.2, "t2": 0.6, "t3": None}) == {"x": pytest.approx(0.4), "y": None}
 
@@ -83,7 +84,7 @@ class Echo:
 def test_generated_tasks_load_in_lm_eval(tmp_path):
     from lm_eval.tasks import TaskManager
     names = tasks.write_tasks(tmp_path, [*domains.DOMAINS.values(), domains.GENERAL], n=4)
-    assert set(names) == {*registry.MERGEBENCH_DOMAINS, "general"}
+    assert set(names) == {*domain_tasks.MERGEBENCH_DOMAINS, "general"}
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     assert set(names.values()) <= set(tm.all_tasks)
     task = tm.load([names["math"]])["tasks"][names["math"]]
@@ -98,9 +99,9 @@ def test_generated_tasks_load_in_lm_eval(tmp_path):
 
 def test_zoo_domains_end_to_end(tiny, tmp_path):
     """lm-eval scores every zoo domain (+ general) on a random model: numbers in [0, 1]."""
-    p = registry.plan("zoo", zoo_tasks=registry.zoo_tasks_dir(n=3))
+    p = domain_tasks.plan("zoo", zoo_tasks=domain_tasks.zoo_tasks_dir(n=3))
     scores = harness.evaluate(tiny[0], family="zoo", limit=2, zoo_tasks=p["math"][0].include)
-    assert set(scores) == {*registry.MERGEBENCH_DOMAINS, "general"}
+    assert set(scores) == {*domain_tasks.MERGEBENCH_DOMAINS, "general"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 
@@ -108,7 +109,7 @@ def test_checker_scores_the_generation(tiny, tmp_path):
     """Pass 1 records what the model generates; pass 2 asks for exactly that: score 1 (and 0 before)."""
     seen = {}
     first = tasks.write_tasks(tmp_path / "t1", [Echo("echo", seen=seen)], n=3)
-    t1 = registry.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t1"))
+    t1 = domain_tasks.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t1"))
     assert harness.evaluate_tasks(tiny[0], [t1], add_bos_token=True, cache=False) == {t1.name: 0.0}
     assert len(seen) == 3
     answers = tuple(domains.first_line(seen[f"{i} + {i} ="]) for i in range(3))
@@ -120,7 +121,7 @@ def test_checker_scores_the_generation(tiny, tmp_path):
                                  AutoTokenizer.from_pretrained(tiny[0]), list(seen), 6)
     assert [domains.first_line(c) for c in ref] == [domains.first_line(c) for c in seen.values()]
     tasks.write_tasks(tmp_path / "t2", [Echo("echo", answers=answers)], n=3)
-    t2 = registry.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t2"))
+    t2 = domain_tasks.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t2"))
     assert harness.evaluate_tasks(tiny[0], [t2], add_bos_token=True, cache=False) == {t2.name: 1.0}
 
 
@@ -129,12 +130,12 @@ def test_ranges_of_examples_score_what_their_examples_score(tiny, tmp_path):
     lm-eval's limit from 0 and its samples after; known per-example scores: right on 0, 3, 4, 8."""
     seen = {}
     names = tasks.write_tasks(tmp_path / "t1", [Echo("echo", seen=seen)], n=10)
-    t1 = registry.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t1"))
+    t1 = domain_tasks.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t1"))
     harness.evaluate_tasks(tiny[0], [t1], add_bos_token=True, batch_size=1, cache=False)
     right = {0, 3, 4, 8}
     answers = tuple(domains.first_line(seen[f"{i} + {i} ="]) if i in right else "?" for i in range(10))
     tasks.write_tasks(tmp_path / "t2", [Echo("echo", answers=answers)], n=10)
-    t2 = registry.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t2"))
+    t2 = domain_tasks.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t2"))
     ranges = [(0, 10), (0, 4), (4, 10), (2, 7), (9, 10), (5, 5), (0, None)]
     got = harness.evaluate_ranges(tiny[0], [(t2, a, b) for a, b in ranges], add_bos_token=True, batch_size=1)
     want = [sum(i in right for i in range(a, b or 10)) / ((b or 10) - a) if b is None or b > a else None
@@ -147,7 +148,7 @@ def test_cache_prevents_second_run(tiny, tmp_path, monkeypatch):
     calls = []
     real = lm_eval.simple_evaluate
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["tasks"]) or real(**kw))
-    zt = registry.zoo_tasks_dir(n=3)
+    zt = domain_tasks.zoo_tasks_dir(n=3)
     first = harness.evaluate(tiny[0], domains=["math"], general=False, limit=2, zoo_tasks=zt)
     again = harness.evaluate(tiny[0], domains=["math"], general=False, limit=2, zoo_tasks=zt)
     assert first == again and len(calls) == 1
@@ -193,7 +194,7 @@ def test_dry_run_zoo():
     res = CliRunner().invoke(eval_cmd, ["some/model", "--family", "zoo", "--zoo", "Z", "--limit", "5", "--dry-run"])
     assert "add_bos_token=True" in res.output
     assert res.exit_code == 0, res.output
-    for d in (*registry.MERGEBENCH_DOMAINS, "general"):
+    for d in (*domain_tasks.MERGEBENCH_DOMAINS, "general"):
         assert f"mbmerge_zoo_{d}" in res.output
     assert "limit=5 " in res.output and "apply_chat_template=False" in res.output and "Z/math" in res.output
 
@@ -202,7 +203,7 @@ def test_dry_run_gemma():
     res = CliRunner().invoke(eval_cmd, ["m", "--family", "gemma-2-2b", "--dry-run"])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    heads = (*registry.MERGEBENCH_DOMAINS, "general")
+    heads = (*domain_tasks.MERGEBENCH_DOMAINS, "general")
     tasks_ = {ln.split()[1] for ln in lines if ln.split() and ln.split()[0] in heads}
     assert tasks_ == {"gsm8k_cot", "hendrycks_math", "ifeval", "humaneval_plus", "mbpp_plus", "toxigen",
                       "truthfulqa_mc2",
@@ -217,14 +218,14 @@ def test_dry_run_gemma():
 def test_real_registry_names_exist_in_lm_eval():
     from lm_eval.tasks import TaskManager
     known = set(TaskManager().all_tasks)
-    names = {t.name for ts in registry.MERGEBENCH.values() for t in ts}
+    names = {t.name for ts in domain_tasks.MERGEBENCH.values() for t in ts}
     assert names - known == set()
-    assert registry.expert_ref("Llama-3.2-3B", "coding") == "MergeBench/Llama-3.2-3B_coding"
+    assert domain_tasks.expert_ref("Llama-3.2-3B", "coding") == "MergeBench/Llama-3.2-3B_coding"
 
 
 def test_code_tasks_are_opt_in(tiny, monkeypatch):
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    coding = registry.plan("gemma-2-2b", ["coding"], general=False)["coding"]
+    coding = domain_tasks.plan("gemma-2-2b", ["coding"], general=False)["coding"]
     assert harness.evaluate_tasks(tiny[0], coding) == {"humaneval_plus": None, "mbpp_plus": None}
     assert harness.domain_scores({"coding": coding}, {"humaneval_plus": None, "mbpp_plus": None}) == {"coding": None}
 

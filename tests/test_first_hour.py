@@ -187,7 +187,7 @@ def test_bench_kernels_figures_are_shares_a_copy_can_reach(tmp_path, run_main):
 STORE = """
 import sys, time
 from pathlib import Path
-from mbmerge.tune.store import ScoreStore
+from mbmerge.tune.database import ScoreStore
 url, who, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 store = ScoreStore(url)
 while not go.exists():
@@ -201,7 +201,7 @@ store.put({"both": {"score": 0.25 if who == "a" else 0.75, "examples": 4, "merge
 
 def test_two_processes_storing_scores_keep_all_of_them(tmp_path):
     import subprocess
-    from mbmerge.tune.store import ScoreStore
+    from mbmerge.tune.database import ScoreStore
     url, go = f"sqlite:///{tmp_path / 'tune.db'}", tmp_path / "go"
     writers = [subprocess.Popen([sys.executable, "-c", STORE, url, who, str(go)], stderr=subprocess.PIPE,
                                 text=True, cwd=tmp_path) for who in ("a", "b")]

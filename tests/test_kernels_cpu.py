@@ -2,8 +2,11 @@
 method's merge bit for bit with its torch method, on one thread and several, at odd sizes and offsets;
 the radix histograms against torch.bincount; tie counts and positions, DELLA's keep rates and the
 Philox uniforms against references written here; the non-finite counts; the fallback when the
-library is missing. (Whole merges, compiled against torch, byte for byte: test_all_methods.py and
+library is missing; cpu.py's ctypes mirrors of the C argument structs against the layout the C file
+compiled. (Whole merges, compiled against torch, byte for byte: test_all_methods.py and
 test_exact_density.py.)"""
+import ctypes
+
 import pytest
 import torch
 
@@ -286,6 +289,46 @@ def test_non_finite_values_are_counted_where_they_are():
     big = torch.full((100,), 3e38)                        # finite float32, Inf once cast to bf16 or summed
     _, bad = cpu.delta_merge(None, [big, big], weights=[1.0, 1.0], scale=1.0, out_dtype=torch.bfloat16)
     assert bad[0] > 0 and bad[1:] == [0, 0, 0]
+
+
+def compiled_layout() -> dict[str, tuple[int, list[tuple[str, int, int, str]]]]:
+    """cpu_merge.c's argument structs as compiled (its arg_layout): name -> (size, [(field, offset, size,
+    kind)] in declaration order), kind i or u (a signed or unsigned integer), f (a float) or p (a pointer)."""
+    out = ctypes.POINTER
+    row = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32, out(ctypes.c_char_p), out(ctypes.c_char_p),
+                           out(ctypes.c_int64), out(ctypes.c_int64), out(ctypes.c_char))(("arg_layout", cpu.library()))
+    struct, field, offset, size, kind = (ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_int64(), ctypes.c_int64(),
+                                         ctypes.c_char())
+    layout, k = {}, 0
+    while row(k, *map(ctypes.byref, (struct, field, offset, size, kind))):
+        name = struct.value.decode()
+        if kind.value == b"s":
+            layout[name] = (size.value, [])
+        else:
+            layout[name][1].append((field.value.decode(), offset.value, size.value, kind.value.decode()))
+        k += 1
+    return layout
+
+
+def kind_of(ctype) -> str:
+    """A ctypes field type as arg_layout's kinds name C's."""
+    if ctype is ctypes.c_void_p or issubclass(ctype, ctypes._Pointer):
+        return "p"
+    return {ctypes.c_int32: "i", ctypes.c_int64: "i", ctypes.c_uint64: "u", ctypes.c_float: "f",
+            ctypes.c_double: "f"}.get(ctype, "?")
+
+
+def test_the_ctypes_structs_mirror_the_c_structs_field_by_field():
+    compiled = compiled_layout()
+    mirrors = {"".join(w.title() for w in name.split("_")): name for name in compiled}    # merge_args: MergeArgs
+    ours = {k for k, v in vars(cpu).items()
+            if isinstance(v, type) and issubclass(v, ctypes.Structure) and v.__module__ == cpu.__name__}
+    assert ours == set(mirrors), "every argument struct of cpu_merge.c has one ctypes mirror in cpu.py, and no other"
+    for cls_name, c_name in mirrors.items():
+        mirror, (size, fields) = getattr(cpu, cls_name), compiled[c_name]
+        got = [(f, getattr(mirror, f).offset, getattr(mirror, f).size, kind_of(t)) for f, t in mirror._fields_]
+        assert got == fields, f"cpu.{cls_name} is not cpu_merge.c's {c_name}"
+        assert ctypes.sizeof(mirror) == size, cls_name
 
 
 def test_without_the_library_mbmerge_says_so_once_and_merges_with_torch(monkeypatch, capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import mbmerge
-from mbmerge.eval.domains import DOMAINS
+from mbmerge.common.domains import DOMAINS
 from mbmerge.eval.zoo import sequence
 from conftest import read_model
 

@@ -10,7 +10,7 @@ import torch
 
 from mbmerge.common.errors import BadParameter
 from mbmerge.eval import zoo
-from mbmerge.eval.domains import ALL
+from mbmerge.common.domains import ALL
 from mbmerge.stats.data import Example, batches, default_template, describe, load_examples, render, tokenize
 
 

@@ -350,7 +350,7 @@ def test_two_processes_on_one_study_neither_lose_nor_repeat_a_trial(micro_zoo, t
 
 HOLD = """
 import sys, time
-from mbmerge.tune.store import mutex
+from mbmerge.tune.database import mutex
 url, log = sys.argv[1], sys.argv[2]
 for _ in range(25):
     with mutex(url, "test"):
@@ -430,8 +430,8 @@ def test_the_command_says_its_errors_in_one_line_and_writes_nothing(micro_zoo, t
 def test_a_group_of_tasks_scored_whole_gives_its_score():
     """A group of tasks (mmlu_stem) is one range with no example count: its score stands as it is, and
     the job's seconds are shared out whole."""
-    from mbmerge.eval.registry import Task
-    from mbmerge.tune.evaluate import _combine, bounds, entries
+    from mbmerge.eval.domain_tasks import Task
+    from mbmerge.tune.rungs import _combine, bounds, entries
     group, single = Task("mmlu_stem", "acc,none", 0), Task("lambada_openai", "acc,none", 0)
     assert bounds(group, None, (1.0,)) == [0, None]
     with pytest.raises(mbmerge.MbmergeError, match="mmlu_stem is a group of tasks"):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mbmerge
-from mbmerge.engine.output.place import verify as verify_mod
+from mbmerge.engine.output import verify as verify_mod
 from mbmerge.common.errors import BadModel
 from mbmerge.engine.output.verify import sha256_files, verify
 

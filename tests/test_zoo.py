@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mbmerge.eval.domains import ALL, DOMAINS, GENERAL, LEXICONS, REFUSAL, SPLITS
+from mbmerge.common.domains import ALL, DOMAINS, GENERAL, LEXICONS, REFUSAL, SPLITS
 from mbmerge.eval.zoo import MODELS, SIZES, VERSIONS, build_zoo, greedy_scores, load_record, margins_table
 
 

@@ -3,35 +3,35 @@ TIES merge (per-tensor top-p, mass sign, sum of s-scaled agreeing deltas, embedd
 base) with per-layer overrides, scored on the validation split through the tuning cache; the final
 Mix is merged into the output folder, whose tune.json records every decision and the time split.
 """
-import re
 import time
 from pathlib import Path
 
+from ..common import roles
 from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.inputs.index import TensorIndex
 from . import runners
 from .best import save_record
-from .evaluate import Evaluator
+from .database import ScoreStore
 from .hi_merging import Mix, hi_merging
+from .rungs import Evaluator
 from .score import Candidate, Validation
 from .search import expert_domains
-from .store import ScoreStore
 
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TIES_SUM = {"aggregate": "sum", "consensus": "sum", "sparsify_scope": "tensor", "scale": 1.0}
 
 
 def n_layers(folder: Path) -> int:
-    """Transformer blocks of a model folder: the `layers.N.` indices of its tensor names."""
-    found = {int(m.group(1)) for name in TensorIndex.from_folder(folder).tensors if (m := LAYER.search(name))}
+    """Decoder layers of a model folder (common/roles.py reads them from its tensor names)."""
+    found = roles.layer_count(TensorIndex.from_folder(folder).tensors)
     if not found:
-        raise BadParameter(f"{folder}: no tensor named like 'layers.N.'; Hi-Merging works on transformer blocks")
-    return max(found) + 1
+        raise BadParameter(f"{folder}: no tensor named like a decoder layer's ('layers.N.', 'h.N.'); Hi-Merging "
+                           f"works on transformer blocks")
+    return found
 
 
 def layer_regex(layer: int) -> str:
-    return rf"(?:^|\.)layers\.{layer}\."
+    return roles.layer_pattern(layer)
 
 
 def candidate(mix: Mix, experts: list[str], base: str | None, layers: int) -> Candidate:

@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common import VERSION
 from ..engine import api
 from ..eval import harness
-from ..eval.registry import Task
+from ..eval.domain_tasks import Task
 from .score import Candidate, Validation
 
 SCRATCH = "MBMERGE_SCRATCH"     # where a worker writes its merges (default: the system's temporary folder)
@@ -27,7 +28,6 @@ class Job:
 def run_job(job: Job) -> dict:
     """{"scores": one per request, "merge_seconds", "validation_seconds", "version"}; the merge's
     folder is deleted whatever happens."""
-    from .. import __version__
     if job.threads:
         import torch
         torch.set_num_threads(job.threads)
@@ -42,6 +42,6 @@ def run_job(job: Job) -> dict:
         scores = harness.evaluate_ranges(folder, job.requests, batch_size=job.v.batch_size, device=job.v.device,
                                          add_bos_token=harness.bos_token(job.v.family))
         return {"scores": scores, "merge_seconds": merged - started,
-                "validation_seconds": time.perf_counter() - merged, "version": __version__}
+                "validation_seconds": time.perf_counter() - merged, "version": VERSION}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Successive halving as an Optuna pruner: a trial's intermediate value at rung r is its NP on the
-first share of the validation examples (tune.evaluate's fractions); at each rung the best 1/ETA of
+first share of the validation examples (tune.rungs' fractions); at each rung the best 1/ETA of
 every trial that reached it go on, the rest are pruned.
 
 Optuna's own SuccessiveHalvingPruner is asynchronous: a trial is judged against those that reached

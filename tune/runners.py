@@ -9,9 +9,10 @@ import logging
 import os
 import tempfile
 
+from ..common import VERSION
 from ..common.errors import BadParameter, MbmergeError
-from .evaluate import JobFailed
 from .jobs import run_job
+from .rungs import JobFailed
 
 
 class Local:
@@ -56,7 +57,6 @@ class RayRunner:
 
     def map(self, jobs):
         from ray.exceptions import RayTaskError
-        from .. import __version__
         threads = max(1, int(self.cpus))
         pending = {self.remote.remote(_threads(job, threads)): i for i, job in enumerate(jobs)}
         while pending:
@@ -73,8 +73,8 @@ class RayRunner:
             except self.ray.exceptions.RayError as e:     # the worker died (killed, out of memory, node lost)
                 yield i, JobFailed(f"Ray worker died ({type(e).__name__}) after {self.retries} retries")
                 continue
-            if result["version"] != __version__:
-                raise BadParameter(f"a Ray node runs mbmerge {result['version']}, this driver {__version__}: "
+            if result["version"] != VERSION:
+                raise BadParameter(f"a Ray node runs mbmerge {result['version']}, this driver {VERSION}: "
                                    f"install the same version on every node")
             yield i, result
 

@@ -18,17 +18,17 @@ from ..engine import api
 from ..engine.inputs.index import TensorIndex
 from ..engine.journal import input_identity
 from ..engine.spec import MergeSpec
-from ..eval import harness, registry
-from ..eval.registry import Task
+from ..eval import domain_tasks, harness
+from ..eval.domain_tasks import Task
 from ..eval.tasks import tasks_digest
-from ..stats.prepare import complete, with_family
+from ..library import complete, with_family
 
 
 @dataclass(frozen=True)
 class Validation:
     """How candidates are scored: domains[i] is expert i's own domain (its validation task)."""
     domains: tuple[str, ...]
-    family: str = registry.ZOO
+    family: str = domain_tasks.ZOO
     limit: int | None = None
     batch_size: int = 64
     device: str = "cpu"
@@ -46,7 +46,7 @@ class Validation:
         """{domain: its validation tasks} of `domains` (default: all of ours); one line for a domain
         that is not one, or that has no validation task in the family."""
         try:
-            return registry.plan(self.family, list(domains or self.domains), general=False, split="validation")
+            return domain_tasks.plan(self.family, list(domains or self.domains), general=False, split="validation")
         except ValueError as e:
             raise BadParameter(f"--validate: {e}") from None
 

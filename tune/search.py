@@ -1,9 +1,9 @@
 """`mbmerge tune`: the best parameters of a method on validation data, searched by an Optuna study.
 
-The study lives in the tuning database (tune.store: SQLite in the mbmerge cache, or any URL), named
+The study lives in the tuning database (tune.database: SQLite in the mbmerge cache, or any URL), named
 by everything that fixes its scores, so a rerun of the same command resumes it and several processes
 or machines can share it. Trials are claimed in batches (tune.study); a batch's candidates are
-merged and scored rung by rung (tune.evaluate: all examples, or growing shares under successive
+merged and scored rung by rung (tune.rungs: all examples, or growing shares under successive
 halving, tune.pruning), in this process or as Ray tasks (tune.runners). With nothing left to claim,
 a driver waits for the trials other processes still run; then the best completed trial is merged
 again into the output folder (tune.best), with a table of every trial (tune.record) and MergeBench's
@@ -20,13 +20,13 @@ from optuna.trial import TrialState
 from ..common.errors import BadParameter, MbmergeError
 from ..common.names import domain_names
 from . import best as best_out, runners
-from .evaluate import Evaluator
+from .database import ScoreStore, default_url
 from .pruning import ETA, HALVING, fractions, pruner
 from .record import params_text, searched, study_record
+from .rungs import Evaluator
 from .score import Candidate, Validation, domain_np, model_key, normalised
 from .space import Space, point_key
 from .study import claim, heartbeats, open_study, wait_for_others
-from .store import ScoreStore, default_url
 
 SEARCH_TRIALS = 20     # a TPE or CMA-ES study's default budget
 

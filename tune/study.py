@@ -2,7 +2,7 @@
 so that processes and machines sharing a study neither lose nor duplicate one, and kept alive by
 heartbeats so that the trials of a process that died are failed and claimed again.
 
-Claims happen under a mutex (tune.store.mutex): a grid's points that have no running, finished or
+Claims happen under a mutex (tune.database.mutex): a grid's points that have no running, finished or
 waiting trial are enqueued and asked for at once; a search sampler asks while fewer than its budget of
 trials are running or done. A trial that fails (a worker that died for good) frees its point for the
 next run, not this one. With nothing left to claim, a driver waits for the trials other processes
@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ..common.errors import BadParameter
 from .record import params_text
 from .space import Space, point_key
-from .store import engine, mutex, retrying
+from .database import engine, mutex, retrying
 
 HEARTBEAT = 15         # seconds between a running trial's heartbeats
 GRACE = 60             # a running trial with no heartbeat for this long belongs to a process that died

@@ -25,17 +25,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ...common import VERSION
 from ...common.errors import BadParameter, ShapeMismatch
+from ...common.roles import EMBEDDINGS, VOCABULARY
 from ..inputs.header import encode_header
 from ..inputs.index import TensorIndex
-from ...common import VERSION
-from ..output.place import check_location, discard, output_lock, partial_folder, publish
 from ..inputs.read import MappedModel
 from ..inputs.side_files import is_tokenizer_file, side_files
-from ..inputs.tied import EMBEDDINGS, HEAD
+from ..output.place import check_location, discard, output_lock, partial_folder, publish
 
 PREFIX = "base_model.model."
-VOCAB = (*EMBEDDINGS, HEAD)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +70,7 @@ def extract_lora(base: Path, model: Path, out: Path, options: Options = Options(
     for name, e in m_ix.tensors.items():
         if name not in b_ix.tensors:
             raise ShapeMismatch(f"model {model}: tensor {name} is not in base {base}")
-        if name not in VOCAB and e.shape != b_ix.tensors[name].shape:
+        if name not in VOCABULARY and e.shape != b_ix.tensors[name].shape:
             raise ShapeMismatch(f"model {model}: tensor {name} {list(e.shape)} vs base "
                                 f"{list(b_ix.tensors[name].shape)}")
     with output_lock(out):
@@ -111,7 +110,7 @@ def _extract(base: Path, model: Path, out: Path, b_ix, m_ix, options: Options, o
     return Path(out)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Found:
     """What the tensors became: LoRA ranks and errors, modules saved whole, tensors left out as unchanged."""
     ranks: dict = field(default_factory=dict)
@@ -164,7 +163,7 @@ def _what(name: str, e, b, options: Options) -> str:
     short = module.split(".")[-1]
     if module in options.modules_to_save or short in options.modules_to_save:
         return "whole"
-    if name in VOCAB and (not options.embed_lora or e.shape != b.shape):
+    if name in VOCABULARY and (not options.embed_lora or e.shape != b.shape):
         return "whole"                                  # a resized vocabulary has no delta to decompose
     if options.include and not any(re.search(r, module) for r in options.include):
         return "skip"

@@ -35,7 +35,7 @@ def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LowRank:
     """One targeted weight: its A [r, in] and B [out, r] entries, the scale, and whether it is an embedding."""
     a: TensorEntry
@@ -93,7 +93,7 @@ def read_adapter(folder: Path, model: TensorIndex, role: str) -> Adapter:
         r = p["A"].shape[0]
         alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-        low = LowRank(p["A"], p["B"], scale, p["embedding"])
+        low = LowRank(a=p["A"], b=p["B"], scale=scale, embedding=p["embedding"])
         _check_shapes(where, target, whole.get(target, model.tensors[target]).shape, low)
         lows[target] = low
     for target, e in whole.items():

@@ -7,6 +7,7 @@ the chunks in flight whatever the model size, and the next chunk is read ahead b
 """
 import mmap
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,3 +83,18 @@ class MappedModel:
             except BufferError:  # a view is still alive somewhere; the GC will unmap it
                 pass
         self._maps = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Readers:
+    """A merge's inputs, opened: the base's reader (None without a base), the experts' with their roles,
+    and a data-aware method's statistics, one per expert."""
+    base: MappedModel | None
+    experts: list[MappedModel]
+    roles: list[str]
+    statistics: list[MappedModel] = field(default_factory=list)
+
+    def close(self) -> None:
+        for r in [self.base, *self.experts, *self.statistics]:
+            if r is not None:
+                r.close()

@@ -17,7 +17,7 @@ HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", 
                 "adapter_config.json"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Source:
     """A resolved model: what the user wrote, where it lies, its hub revision if any, and the LoRA adapter
     folded into it, if any (mergekit's `model+adapter`, or an adapter folder given for the base)."""
@@ -43,7 +43,7 @@ def resolve(ref: str, role: str, base_ref: str | None = None) -> Source:
     if len(refs := parts(ref)) == 2:                   # mergekit's model+adapter
         return replace(resolve(refs[0], role, base_ref), ref=ref, adapter=resolve(refs[1], role).path)
     repo = hub_repo(ref, role, base_ref)
-    return Source(ref, Path(ref), None, role) if repo is None else _download(repo, role, ref)
+    return Source(ref=ref, path=Path(ref), revision=None, role=role) if repo is None else _download(repo, role, ref)
 
 
 def parts(ref: str) -> list[str]:
@@ -92,4 +92,4 @@ def _download(repo: str, role: str, ref: str) -> Source:
         raise UnknownExpert(f"{_who(role, ref)}: not a local folder, and hub repo {repo} could not be "
                             f"downloaded ({type(e).__name__}: {why[:200]})") from None
     path = Path(path)
-    return Source(ref, path, path.name, role)
+    return Source(ref=ref, path=path, revision=path.name, role=role)

@@ -5,16 +5,15 @@ one virtual model: a TensorIndex whose tensors carry the output's names and lie 
 model slice s takes at position j. Embeddings come from the first slice's sources and the other tensors
 outside the layers from the last slice's, as mergekit plans them. Reads headers, never tensor data.
 """
-import re
 from dataclasses import replace
 
+from ...common import roles
 from ...common.errors import BadParameter
-from ...common.roles import EMBEDDING, LAYER
 from .index import TensorIndex
 
 
 def layer_count(index: TensorIndex) -> int:
-    return max((int(m.group(1)) for n in index.tensors if (m := LAYER.search(n))), default=-1) + 1
+    return roles.layer_count(index.tensors)
 
 
 def virtual_inputs(slices: list, indexes: dict[str, TensorIndex]) -> list[TensorIndex]:
@@ -35,17 +34,16 @@ def _position(slices: list, indexes: dict, j: int) -> TensorIndex:
     for sources in slices:
         ref, first, end = sources[j]
         index = indexes[ref]
-        for k in range(end - first):
-            inside = re.compile(rf"\.layers\.{first + k}\.")
+        for k in range(end - first):     # layer by layer: the output's files in order of first use
             for name, e in index.tensors.items():
-                if m := inside.search(name):
-                    renamed = f"{name[:m.start()]}.layers.{out_layer + k}.{name[m.end():]}"
+                if roles.layer_of(name) == first + k:
+                    renamed = roles.renumbered(name, out_layer + k)
                     tensors[renamed] = replace(e, name=renamed, file=e.file.absolute())
         out_layer += end - first
     for sources, pre in ((slices[0], True), (slices[-1], False)):
         index = indexes[sources[j][0]]
         for name, e in index.tensors.items():
-            if not LAYER.search(name) and bool(EMBEDDING.search(name)) == pre:
+            if roles.layer_of(name) is None and roles.before_layers(name) == pre:
                 tensors[name] = replace(e, file=e.file.absolute())
     files = tuple(dict.fromkeys(str(e.file) for e in tensors.values()))    # in order of first use
     first_model = indexes[slices[0][j][0]]

@@ -8,10 +8,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ...common.roles import EMBEDDINGS, HEAD, ties_head
 from .index import TensorIndex
-
-HEAD = "lm_head.weight"
-EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight")
 
 
 def reconcile(ref: TensorIndex, experts: list[tuple[str, TensorIndex]]) -> tuple[list[TensorIndex], list[str]]:
@@ -31,9 +29,9 @@ def reconcile(ref: TensorIndex, experts: list[tuple[str, TensorIndex]]) -> tuple
 
 
 def _ties(folder: Path) -> bool:
-    """Whether a model's config ties its head to its embedding (transformers' default where it does not say)."""
+    """Whether a model's config ties its head to its embedding (common/roles.py: ties_head)."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("tie_word_embeddings", True) is not False
+    return isinstance(config, dict) and ties_head(config)

@@ -7,17 +7,16 @@ from dataclasses import replace
 
 import torch
 
+from ...common.roles import VOCABULARY
 from .header import DTYPES, TensorEntry
 from .index import TensorIndex
 from .read import MappedModel
-from .tied import EMBEDDINGS, HEAD
 from .vocabulary import Vocabulary
 
-VOCAB_TENSORS = (*EMBEDDINGS, HEAD, "embed_out.weight")   # indexed by token id along their first axis
 
 
 def vocab_tensors(index: TensorIndex) -> list[str]:
-    return [n for n in VOCAB_TENSORS if n in index.tensors and len(index.tensors[n].shape) == 2]
+    return [n for n in VOCABULARY if n in index.tensors and len(index.tensors[n].shape) == 2]
 
 
 def reshaped(index: TensorIndex, rows: int) -> TensorIndex:

@@ -38,7 +38,7 @@ from ..inputs.resolve import hub_repo, parts
 MODEL_KEYS = {"base_model", "model", "tokenizer_source", "source", "chat_template"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     """One document: its name (None for the final merge), number in the file (from 1), output
     folder, the stages it uses, and mbmerge.merge's keyword arguments (all but out)."""
@@ -98,7 +98,8 @@ def load_stages(path, out=None, intermediate_dir=None) -> list[Stage]:
         # the recipe beside each output: the final merge's is the whole file (it reruns every stage), a
         # named stage's its own document, with the stages it uses as their folders
         config = Path(path).read_text(encoding="utf-8") if name is None else yaml.safe_dump(recipe, sort_keys=False)
-        stages[name] = Stage(name, k, target, needs[name], {**_read(recipe, where), "config": config})
+        stages[name] = Stage(name=name, document=k, out=target, needs=needs[name],
+                             merge={**_read(recipe, where), "config": config})
     ordered = [stages[name] for name in order]
     _check_apart(path, ordered)
     return ordered

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ... import methods
 from ...common.errors import BadParameter
-from ...common.roles import EMBEDDING, LAYER
+from ...common.roles import before_layers, layer_of
 from ...methods.contract import REQUIRED
 
 PER_MODEL = {"weight", "density", "gamma", "epsilon", "scale"}   # scale: passthrough's
@@ -36,12 +36,12 @@ def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[
     applies where it is a substring of the name), translated as load_recipe does, tensors that take the
     same values under one pattern of their exact names."""
     method = methods.REGISTRY[method_name]
-    layer = [int(m.group(1)) if (m := LAYER.search(n)) else None for n in names]
+    layer = [layer_of(n) for n in names]
     total = max([i for i in layer if i is not None], default=0) + 1
     slices, groups = layered["slices"], {}
     for name, i in zip(names, layer):
         if i is None:   # mergekit plans embeddings with the first slice, the other tensors with the last
-            s, t = slices[0 if EMBEDDING.search(name) else -1], 0.0
+            s, t = slices[0 if before_layers(name) else -1], 0.0
         else:
             s = next(s for s in slices if s["count"] is None or s["first"] <= i < s["first"] + s["count"])
             count = total if s["count"] is None else s["count"]

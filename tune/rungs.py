@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass
 
 from ..common.errors import BadParameter
-from ..eval.registry import Task
+from ..eval.domain_tasks import Task
+from .database import ScoreStore
 from .jobs import Job
 from .score import Validation, model_key, score_key, task_identity
-from .store import ScoreStore
 
 ALL = (1.0,)
 

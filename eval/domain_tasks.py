@@ -21,7 +21,7 @@ bigcode-evaluation-harness (temperature 0.2, 10 samples); lm-eval's humaneval_pl
 are greedy pass@1 at their default shots (0 and 3), and humaneval's metric loads HF `evaluate`'s
 code_eval (from the Hub on first use).
 
-The zoo family uses the tasks eval.tasks generates from eval.domains (metric `score`, the
+The zoo family uses the tasks eval.tasks generates from common.domains (metric `score`, the
 domain's checker). Knows nothing of models or of running lm-eval.
 """
 from dataclasses import dataclass
@@ -95,10 +95,11 @@ def base_ref(family: str) -> str:
 
 def zoo_tasks_dir(n: int = ZOO_EXAMPLES, seed: int = 0, split: str = "test") -> Path:
     """The zoo's generated lm-eval tasks (of one split of its domains), written on first use under
-    the cache, in a folder named by eval/domains.py's digest (a changed domain gets fresh tasks)."""
+    the cache, in a folder named by common/domains.py's digest (a changed domain gets fresh tasks)."""
     import hashlib
+    from ..common import domains
     from ..common.cache import cache_dir
-    from . import domains, tasks
+    from . import tasks
     version = hashlib.sha256(Path(domains.__file__).read_bytes() + Path(tasks.__file__).read_bytes()).hexdigest()[:12]
     folder = cache_dir() / "eval-tasks" / f"zoo-{version}-n{n}-s{seed}{'' if split == 'test' else '-' + split}"
     if not (folder / f"{tasks.task_name(GENERAL)}.yaml").exists():

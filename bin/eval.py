@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from ..eval import harness, registry
+from ..eval import domain_tasks, harness
 from ..eval.report import eval_table
 
 
 @click.command("eval")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--domains", help="Comma-separated MergeBench domains [default: all five].")
-@click.option("--family", default=registry.ZOO, show_default=True,
-              help=f"Task registry and comparison models: {', '.join(registry.families())}.")
+@click.option("--family", default=domain_tasks.ZOO, show_default=True,
+              help=f"Domain tasks and comparison models: {', '.join(domain_tasks.families())}.")
 @click.option("--zoo", type=click.Path(file_okay=False, path_type=Path),
               help="Zoo folder (base/, one folder a domain) [default: the built zoo under the cache].")
 @click.option("--limit", type=float, help="Examples per task (lm-eval --limit; < 1 is a fraction).")
@@ -30,25 +30,25 @@ def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_te
              verbose):
     """Evaluate MODEL_DIR: per-domain scores, normalised performance vs the experts, forgetting vs the base."""
     try:
-        family = registry.family_of(family)
+        family = domain_tasks.family_of(family)
         doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-        plan = registry.plan(family, doms)
+        plan = domain_tasks.plan(family, doms)
     except ValueError as e:
         raise click.UsageError(str(e))
     limit = int(limit) if limit is not None and limit >= 1 else limit
-    zoo = zoo or (_default_zoo() if family == registry.ZOO else None)
+    zoo = zoo or (_default_zoo() if family == domain_tasks.ZOO else None)
     if dry_run:
-        compared = [d for d in plan if d != registry.GENERAL]
+        compared = [d for d in plan if d != domain_tasks.GENERAL]
         base, experts = harness.comparison_refs(family, compared, zoo or Path("<zoo>"))
         click.echo(f"lm-eval model=hf pretrained={model_dir} device={device} batch_size={batch_size} limit={limit} "
                    f"apply_chat_template={chat_template} fewshot_as_multiturn={chat_template} "
                    f"add_bos_token={harness.bos_token(family)} log_samples=False")
-        click.echo(registry.describe(plan))
+        click.echo(domain_tasks.describe(plan))
         click.echo(f"experts: {', '.join(f'{d}={r}' for d, r in experts.items())}\nbase: {base}")
         return
     if not model_dir.is_dir():
         raise click.UsageError(f"{model_dir}: no such folder")
-    if family == registry.ZOO and zoo is None:
+    if family == domain_tasks.ZOO and zoo is None:
         raise click.UsageError("no zoo found: build it with `mbmerge zoo` or pass --zoo DIR")
     rep = harness.report(model_dir, family=family, domains=doms, zoo=zoo, limit=limit, batch_size=batch_size,
                          device=device, chat_template=chat_template, verbose=verbose,

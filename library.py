@@ -1,18 +1,18 @@
-"""A merge as users ask for it, completed for the engine, which knows no workloads and collects
-nothing: domain experts with no base refer to the built-in family (the mini zoo, trained on first
-use), and a data-aware method's statistics are collected from each expert's data (cached) unless
-given as folders. mbmerge.merge() is `merge` here; the command line, tune and demo complete their
-specs here too.
+"""The library entry, `mbmerge.merge`: a merge as users ask for it, completed for the engine, which
+knows no workloads and collects nothing. Domain experts with no base refer to the built-in family (the
+mini zoo, eval/zoo.py, trained on first use), and a data-aware method's statistics are collected from
+each expert's data (stats/, cached) unless given as folders. It sits above stats/ and eval/, siblings
+that do not import each other; the command line, tune and the demo complete their specs here too.
 """
 import os
 from dataclasses import replace
 from pathlib import Path
 
-from .. import methods
-from ..common.errors import BadParameter
-from ..common.names import ZOO_SIZES, domain_names
-from ..engine import MergeSpec, run, sources, spec_from
-from ..engine import fingerprint as engine_fingerprint
+from . import methods
+from .common.errors import BadParameter
+from .common.names import ZOO_SIZES, domain_names
+from .engine import MergeSpec, run, sources, spec_from
+from .engine import fingerprint as engine_fingerprint
 
 
 def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) -> Path:
@@ -77,7 +77,7 @@ def with_family(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
 def default_family(size: str | None = None, progress: bool = True) -> Path:
     """The mini zoo's Llama family of this size (default MBMERGE_ZOO_SIZE, else full), trained once
     into the cache on first use."""
-    from ..eval.zoo import build_zoo   # torch training code: imported only when the zoo is needed
+    from .eval.zoo import build_zoo   # torch training code: imported only when the zoo is needed
     size = size or os.environ.get("MBMERGE_ZOO_SIZE") or "full"
     if size not in ZOO_SIZES:
         raise BadParameter(f"zoo size {size!r}: choose {', '.join(ZOO_SIZES)}")
@@ -105,7 +105,7 @@ def collect_statistics(method: str, experts: list[Path], data: list[str], *, bas
     m = methods.get(method)
     if len(data) != len(experts):
         raise BadParameter(f"{len(data)} data source(s) for {len(experts)} experts; give one per expert")
-    from .collect import collect_cached, collect_plusplus_cached  # runs models: transformers is imported only here
+    from .stats.collect import collect_cached, collect_plusplus_cached  # runs models: transformers comes in here
     p = methods.resolve_params(m, len(experts), params or {})
     p = {k: v for k, v in p.items() if k in m.data_statistic.collect}
     if m.data_statistic.kind == "gram_plusplus":       # every expert's Grams depend on the others': collected at once
