@@ -12,7 +12,7 @@ Layers, each importing only those below it (tests/test_layers.py reads the impor
                built-in family, statistics collected), above the two siblings it joins
     stats      data statistics of experts (Fisher, Grams, trained masks)     } siblings: neither
     eval       lm-eval glue, the mini zoo and the synthetic bench fixtures    } imports the other
-    engine     sources, safetensors index, plan, streaming executor, writer
+    engine     the streaming engine, in rooms (engine/__init__.py): inputs, the core, output, adapters, recipes
     methods    pure per-tensor merge functions and the method table
     kernels    torch references, Triton kernels and compiled CPU loops of the heavy steps
     common     errors, the cache folder, MergeBench's names, tensor roles; what stats and eval both

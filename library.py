@@ -11,11 +11,13 @@ from pathlib import Path
 from . import methods
 from .common.errors import BadParameter
 from .common.names import ZOO_SIZES, domain_names
-from .engine import MergeSpec, run, sources, spec_from
-from .engine import fingerprint as engine_fingerprint
+from .engine.api import fingerprint as engine_fingerprint
+from .engine.api import run, sources
+from .engine.spec import MergeSpec, spec_from
 
 
-def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) -> Path:
+def merge(method: str, *, experts, out, zoo_size: str | None = None, data=None, data_options: dict | None = None,
+          **options) -> Path:
     """Merge experts (and a base) into a new model folder, streaming tensor by tensor.
 
     Args:
@@ -48,22 +50,30 @@ def merge(method: str, *, experts, out, zoo_size: str | None = None, **options) 
     Example:
         >>> mbmerge.merge("ties", base="google/gemma-2-2b", experts=["math", "code"], out="m/", density=0.2)
     """
-    return run(complete(spec_from(method, experts, out, **options), zoo_size))
+    return run(complete(spec_from(method, experts, out, **options), zoo_size, data, data_options))
 
 
-def fingerprint(method: str, *, experts, out, zoo_size: str | None = None, **options) -> str:
+def fingerprint(method: str, *, experts, out, zoo_size: str | None = None, data=None,
+                data_options: dict | None = None, **options) -> str:
     """The fingerprint merge() with these arguments would record in its output (engine.fingerprint),
     computed without merging: an output that records it holds this merge."""
-    return engine_fingerprint(complete(spec_from(method, experts, out, **options), zoo_size))
+    return engine_fingerprint(complete(spec_from(method, experts, out, **options), zoo_size, data, data_options))
 
 
-def complete(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
-    """spec with the built-in family (with_family) and its data statistics folders (when the method
-    needs them and none were given)."""
+def complete(spec: MergeSpec, zoo_size: str | None = None, data=None, data_options: dict | None = None) -> MergeSpec:
+    """spec with the built-in family (with_family) and, for a data-aware method given no statistics
+    folders, each expert's statistics collected from `data` (default for domain experts: their own)."""
+    row = methods.get(spec.method)
+    if data and row.data_statistic is None:
+        raise BadParameter(f"method {spec.method} uses no data statistics; --stats/--data are for "
+                           f"{', '.join(m.name for m in methods.REGISTRY.values() if m.data_statistic)}")
+    if data and spec.stats_folders:
+        raise BadParameter("give --stats (collected statistics) or --data (collect them), not both")
     spec = with_family(spec, zoo_size)
-    if methods.get(spec.method).data_statistic is None or spec.stats_folders:
+    if row.data_statistic is None or spec.stats_folders:
         return spec
-    return replace(spec, stats_folders=tuple(str(f) for f in statistics_folders(spec)), data=None)
+    folders = statistics_folders(spec, tuple(data) if data else None, data_options or {})
+    return replace(spec, stats_folders=tuple(str(f) for f in folders))
 
 
 def with_family(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
@@ -71,7 +81,7 @@ def with_family(spec: MergeSpec, zoo_size: str | None = None) -> MergeSpec:
     into the cache on first use)."""
     if spec.base is not None or spec.family is not None or domain_names(spec.experts) is None:
         return spec
-    return replace(spec, family=str(default_family(zoo_size, spec.progress)))
+    return replace(spec, family=str(default_family(zoo_size, spec.run.progress)))
 
 
 def default_family(size: str | None = None, progress: bool = True) -> Path:
@@ -84,17 +94,18 @@ def default_family(size: str | None = None, progress: bool = True) -> Path:
     return build_zoo("llama", size, progress=progress)
 
 
-def statistics_folders(spec: MergeSpec) -> list[Path]:
-    """Each expert's statistics folder, collected from its data (spec.data; by default, for domain
-    experts, its own domain)."""
+def statistics_folders(spec: MergeSpec, data: tuple[str, ...] | None = None, data_options: dict | None = None
+                       ) -> list[Path]:
+    """Each expert's statistics folder, collected from its data (by default, for domain experts, its own
+    domain), read as data_options say (split, data_format, max_length, batch_size, seed, dtype)."""
     base, experts = sources(spec)
-    data = spec.data or default_data(spec)
+    data = data or default_data(spec)
     if data is None:
         raise BadParameter(f"method {spec.method} needs each expert's {methods.get(spec.method).data_statistic.kind} "
                            f"statistics: --stats DIR,... (from `mbmerge stats`) or --data SOURCE,... to collect them")
     return collect_statistics(spec.method, [s.path for s in experts], data, base=base.path if base else None,
-                              params=spec.resolved, device=spec.device, memory_budget=spec.memory_budget,
-                              progress=spec.progress, **spec.data_options)
+                              params=spec.resolved, device=spec.run.device, memory_budget=spec.run.memory_budget,
+                              progress=spec.run.progress, **(data_options or {}))
 
 
 def collect_statistics(method: str, experts: list[Path], data: list[str], *, base: Path | None = None,

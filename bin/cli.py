@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 
 from .. import methods
-from ..common.errors import BadParameter, MbmergeError
-from ..common.names import KERNEL_BACKENDS, ZOO_SIZES, domain_names
-from .options import listed as _listed, method_param_options
+from ..common.errors import MbmergeError
+from ..common.names import KERNEL_BACKENDS, ZOO_SIZES
+from ..engine.flags import HOW, WHAT, flag_of
+from .options import listed as _listed, method_param_options, spec_option
 from .stats import data_kwargs, data_options
 
 # command: (module of bin/, its click command, the one-line help --help lists without importing it)
@@ -96,98 +97,77 @@ def cli():
 
 
 @cli.command("merge")
-@click.option("--method", "-m", help="Merge method (see `mbmerge methods`).")
-@click.option("--experts", "-e", help="Comma-separated folders, hub ids or MergeBench domains.")
+@spec_option(WHAT["method"])
+@spec_option(WHAT["experts"])
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder.")
-@click.option("--base", "-b", help="Base model: folder or hub id. Default: the built-in family.")
+@spec_option(WHAT["base"])
 @click.option("--config", "-c", type=click.Path(dir_okay=False), help="A mergekit YAML recipe instead of "
               "--method/--base/--experts and method parameters.")
 @click.option("--intermediate-dir", type=click.Path(file_okay=False), help="With a --config of several YAML "
               "documents (mergekit-multi's stages): the folder of the named stages [default: OUT.stages beside "
               "OUT; OUT itself when no document is unnamed].")
-@click.option("--protocol", type=click.Choice(sorted(methods.PROTOCOLS)),
-              help="Set a benchmark's choices at once (mergebench: model-wide ranks, embeddings kept, "
-                   "TIES sum, DARE 1/p).")
+@spec_option(WHAT["protocol"], type=click.Choice(sorted(methods.PROTOCOLS)))
 @method_param_options
-@click.option("--keep-base", help="Regex of tensor names copied from the base, e.g. 'embed_tokens|lm_head' "
-              "('' merges all; default: the method's).")
-@click.option("--dtype", help="Output dtype of float tensors (default: as stored).")
-@click.option("--memory-budget", default="2GB", show_default=True, help="Bound on working memory (with a GPU: device memory).")
-@click.option("--out-shard-size", help="Bytes of tensors per output shard, as mergekit reads it (5B: 5e9 bytes; "
-              "also 500MB, 2GiB) [default: the base's sharding].")
-@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
-              help="Copy the base's tokenizer files into the output.")
-@click.option("--tokenizer-source", help="Merge models whose vocabularies differ: union (every model's tokens), "
-              "base, or one model's tokenizer; embedding rows follow the output's tokens (mergekit's rule).")
-@click.option("--chat-template", help="The output's chat template: auto (the one most inputs have), an input "
-              "model as given, or a Jinja template [default: the base's].")
-@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of refusing.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue an interrupted merge of the same recipe and inputs into OUT.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present).")
-@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), envvar="MBMERGE_KERNELS",
-              help="What runs the methods that have fused kernels (the others always run torch). auto: Triton "
-                   "on a CUDA device (when installed, else torch); on the CPU the compiled C loops when they are "
-                   "built (`mbmerge --version` says) and --compile is on, else the torch methods. torch: the "
-                   "eager torch methods everywhere (on the CPU, the same as --no-compile). triton: Triton (on "
-                   "the CPU only under TRITON_INTERPRET=1) [default: $MBMERGE_KERNELS, else auto].")
-@click.option("--compile/--no-compile", "compiled", default=None,
-              help="With --kernels auto on the CPU: the compiled C loops (the fast path), or the torch methods "
-                   "(slower, the same bytes); no effect on a GPU [default: on, unless MBMERGE_COMPILE=0].")
+@spec_option(WHAT["keep_base"])
+@spec_option(WHAT["dtype"])
+@spec_option(HOW["memory_budget"])
+@spec_option(WHAT["out_shard_size"])
+@spec_option(WHAT["copy_tokenizer"])
+@spec_option(WHAT["tokenizer"])
+@spec_option(WHAT["chat_template"])
+@spec_option(WHAT["allow_nonfinite"])
+@spec_option(HOW["overwrite"])
+@spec_option(HOW["resume"])
+@spec_option(HOW["device"])
+@spec_option(HOW["kernels"], type=click.Choice(KERNEL_BACKENDS), envvar="MBMERGE_KERNELS")
+@spec_option(HOW["compile"], default=None)
 @click.option("--zoo-size", type=click.Choice(ZOO_SIZES), help="With domain experts and no --base: the mini "
               "zoo's size [default: $MBMERGE_ZOO_SIZE, else full].")
-@click.option("--stats", "stats_dirs", help="fisher, regmean, localize_stitch_trained: one statistics folder per "
-              "expert, comma-separated (from `mbmerge stats`).")
+@spec_option(WHAT["stats_folders"])
 @click.option("--data", help="... or one data source per expert to collect them from (cached); default for "
               "domain experts: each one's own domain.")
 @data_options
-@click.option("--override", "overrides", nargs=2, multiple=True, metavar="REGEX 'K=V ...'",
-              help="For tensors matching REGEX (the first --override that does), these parameter values, "
-                   "e.g. --override '\\.layers\\.3\\.' 'scale=0 weights=1,0'. Repeatable.")
+@spec_option(WHAT["overrides"], nargs=2, multiple=True, metavar="REGEX 'K=V ...'")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge_command(method, experts, out, base, config, protocol, keep_base, dtype, memory_budget, out_shard_size,
-                  copy_tokenizer, tokenizer_source, chat_template, allow_nonfinite, overwrite, resume, device,
-                  kernels, compiled, zoo_size, stats_dirs, data, split, data_format, max_length, data_seed,
-                  stats_batch_size, stats_dtype, overrides, quiet, intermediate_dir, **params):
+def merge_command(out, config, intermediate_dir, zoo_size, data, split, data_format, max_length, data_seed,
+                  stats_batch_size, stats_dtype, quiet, **values):
     """Merge EXPERTS (and a base) into OUT with METHOD, or as a mergekit recipe says (--config)."""
-    given = {k: v for k, v in params.items() if v is not None}
-    if out_shard_size is not None:
-        from ..engine.plan import parse_shard_size
-        parse_shard_size(out_shard_size)                # a bad size: one line, before torch
-    options = dict(keep_base=keep_base, memory_budget=memory_budget, out_shard_size=out_shard_size,
-                   copy_tokenizer=copy_tokenizer, allow_nonfinite=allow_nonfinite, overwrite=overwrite,
-                   progress=not quiet, protocol=protocol, resume=resume, device=device, kernels=kernels,
-                   compile=compiled, zoo_size=zoo_size, stats_folders=_listed(stats_dirs), data=_listed(data),
-                   overrides=[_override(*o) for o in overrides],
+    what = {name: values.pop(name) for name in WHAT}
+    how = {k: v for k, v in {**{name: values.pop(name) for name in HOW}, "progress": not quiet}.items()
+           if v is not None}
+    given = {k: v for k, v in values.items() if v is not None}          # the method's parameters
+    around = dict(keep_base=what.pop("keep_base"), out_shard_size=what.pop("out_shard_size"),
+                  copy_tokenizer=what.pop("copy_tokenizer"), allow_nonfinite=what.pop("allow_nonfinite"),
+                  stats_folders=_listed(what.pop("stats_folders")),
+                  overrides=[_override(*o) for o in what.pop("overrides")])   # with a recipe too
+    collect = dict(zoo_size=zoo_size, data=_listed(data),
                    data_options=data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, stats_dtype))
     if config:
-        clash = [f"--{k}" for k, v in [("method", method), ("experts", experts), ("base", base),
-                                       ("protocol", protocol), ("dtype", dtype), ("chat-template", chat_template),
-                                       ("tokenizer-source", tokenizer_source),
-                                       *given.items()] if v is not None]
+        clash = [WHAT[k].flag if k in WHAT else flag_of(k) for k, v in [*what.items(), *given.items()] if v is not None]
         if clash:
             raise click.UsageError(f"--config {config} sets the recipe; do not also pass {', '.join(clash)}")
         from ..engine.recipe.stages import is_multi_stage
         if is_multi_stage(config):                      # several YAML documents: mergekit-multi's stages
-            return _merge_stages(config, out, intermediate_dir, options)
+            return _merge_stages(config, out, intermediate_dir, {**around, **how, **collect})
         from ..engine.recipe.document import load_recipe
         recipe = load_recipe(config)
-        merged, given = {**recipe["merge"], "config": Path(config).read_text(encoding="utf-8")}, recipe["params"]
+        what = {**recipe["merge"], "config": Path(config).read_text(encoding="utf-8")}
     else:
-        for name, value in [("--method", method), ("--experts", experts)]:
-            if value is None:
-                raise click.UsageError(f"Missing option '{name}' (or pass --config recipe.yml)")
-        merged = dict(method=method, experts=_listed(experts) or [], base=base, dtype=dtype,
-                      chat_template=chat_template, tokenizer=tokenizer_source, **given)
+        for name in ("method", "experts"):
+            if what[name] is None:
+                raise click.UsageError(f"Missing option '{WHAT[name].flag}' (or pass --config recipe.yml)")
+        what = {**what, "experts": _listed(what["experts"]) or [], **given}
     if intermediate_dir is not None:
         raise click.UsageError("--intermediate-dir goes with a --config of several YAML documents (stages)")
-    _check(merged["method"], merged["experts"], merged["base"], given, protocol, out, overwrite,
-           merged.get("slices"))
-    from ..library import merge as merge_models          # torch, from here on
+    from ..engine.output.place import check_location
+    from ..engine.spec import spec_from
+    spec = spec_from(out=out, **what, **around, **how)     # every error of the recipe, before torch
+    check_location(spec.out, spec.run.overwrite)
+    spec.check_references()
+    from ..engine.api import run                          # torch, from here on
+    from ..library import complete
     with _resumable():
-        path = merge_models(out=out, **merged, **options)
+        path = run(complete(spec, **collect))
     if not quiet:
         click.echo(f"merged model written to {path}")
 
@@ -206,32 +186,10 @@ def _merge_stages(config, out, intermediate_dir, options: dict) -> None:
         from ..library import fingerprint
         return fingerprint(**kwargs)
     with _resumable():
-        path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not options["overwrite"],
+        path = run_stages(config, out, intermediate_dir=intermediate_dir, lazy=not options.get("overwrite"),
                           merge=merge_models, fingerprint=fingerprint, **options)
     if options["progress"]:
         click.echo(f"stages merged; output in {path}")
-
-
-def _check(method: str, experts: list, base: str | None, given: dict, protocol: str | None, out,
-           overwrite: bool, slices: list | None = None) -> None:
-    """The errors a user can make in the command itself, before torch is imported: the method, its
-    parameters and expert count, where the output goes, and model references that name nothing (the
-    engine checks them again)."""
-    from ..engine.output.place import check_location
-    from ..engine.inputs.resolve import hub_repo, parts
-    row = methods.get(method)
-    n = len(slices[0]) - row.needs_base if slices else len(experts)      # a slice's models besides the base
-    methods.check_experts(row, n)
-    chosen = {k: v for k, v in methods.protocol_defaults(row, protocol).items() if k != "keep_base"}
-    methods.resolve_params(row, n, {**chosen, **given})
-    check_location(out, overwrite)
-    if base is None and domain_names(experts) is not None:
-        return                                      # the built-in family's models
-    if base is None and row.needs_base:
-        raise BadParameter(f"method {method} needs a base model (--base)")
-    for ref, role in [(base, "base")] * (base is not None) + [(e, f"expert {e}") for e in experts]:
-        for part in parts(ref):                     # a model, or mergekit's model+adapter
-            hub_repo(part, role, base)
 
 
 class Interrupted(Exception):

@@ -4,6 +4,7 @@ statistics of each expert on its own domain's validation split), evaluates the b
 the multi-task model and every merge through the eval layer, and writes report.md, report.json and
 plots (MergeBench's views: scores, normalised performance vs merge time, forgetting)."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -44,16 +45,23 @@ def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_eva
     """(name, tune record) of each method tuned on MergeBench's grid, or of Hi-Merging, on the
     validation split of each expert's domain. A method that cannot be tuned on this zoo (Hi-Merging
     where every expert scores 0 on its own domain) is left out with a warning, not the whole demo."""
+    from ..tune.hi_merging import HiSearch
     from ..tune.hi_run import hi_merge
-    from ..tune.search import tune
-    kw = dict(experts=[str(zoo / d) for d in DOMAINS], base=str(zoo / "base"), validate=list(DOMAINS), limit=limit,
-              batch_size=batch_size, overwrite=True, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+    from ..tune.runners import RunnerSettings
+    from ..tune.score import Candidate, Validation
+    from ..tune.search import Search, tune
+    experts, base = [str(zoo / d) for d in DOMAINS], str(zoo / "base")
+    kw = dict(overwrite=True, progress=None if quiet else (lambda m: click.echo(m, err=True)))
     for name in names:
         try:
+            v = Validation(tuple(DOMAINS), limit=limit, batch_size=batch_size)
             if name == "hi_merging":
-                record = hi_merge(out=out / "tuned" / name, max_evals=max_evals, **kw)
+                record = hi_merge(experts=experts, base=base, out=out / "tuned" / name, validation=v,
+                                  search=HiSearch(max_evals=max_evals), **kw)
             else:
-                record = tune(name, out=out / "tuned" / name, prune=prune, ray=ray, **kw)
+                record = tune(Candidate(method=name, experts=tuple(experts), base=base), out=out / "tuned" / name,
+                              validation=replace(v, device=None),     # None: cuda when the trials hold GPUs
+                              search=Search(prune=prune), runner=RunnerSettings(ray=ray), **kw)
         except MbmergeError as e:
             click.echo(f"mbmerge: warning: {name} (tuned) left out: {e}", err=True)
             continue
@@ -78,24 +86,25 @@ def _statistics(name: str, zoo: Path, micro: bool, progress: bool) -> tuple[list
     return folders, sum(read_card(f)["seconds"] for f in folders)
 
 
-def _merged_row(name: str, zoo: Path, out: Path, evaluation: dict, micro: bool, progress: bool) -> dict:
+def _merged_row(name: str, zoo: Path, out: Path, evaluation: harness.EvalSettings, micro: bool, progress: bool) -> dict:
     """Merge the zoo's five experts with a method (its demo settings) into OUT/merges/NAME, evaluate
     the merge: its report row (runs in this process or as a Ray task)."""
     folder = out / "merges" / name
     stats, stats_seconds = _statistics(name, zoo, micro, progress)
     merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
           progress=False, protocol="mergebench", stats_folders=stats, **_settings(name, micro))
-    return _row(name, "merge", harness.report(folder, zoo=zoo, **evaluation), stats_seconds)
+    return _row(name, "merge", harness.report(folder, zoo=zoo, settings=evaluation), stats_seconds)
 
 
-def _rows(zoo: Path, out: Path, names: list[str], evaluation: dict, micro: bool, quiet: bool, ray_address):
+def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettings, micro: bool, quiet: bool,
+          ray_address):
     """The report's rows: the base, the experts and the multi-task model evaluated, then each method's
     merge; without quiet, 'k of N' on stderr as each is done, with an estimate of the time left."""
     refs = [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    steps, rows = Progress(len(refs) + len(names), say, "mbmerge demo"), []
+    steps, rows = Progress(total=len(refs) + len(names), say=say, prefix="mbmerge demo"), []
     for name, kind in refs:
-        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, **evaluation)))
+        rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, settings=evaluation)))
         steps.step(f"{name} evaluated")
     if ray_address:     # every method at once, the experts' scores above already in the eval cache
         from ..tune.runners import start_ray
@@ -141,11 +150,11 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
     limit = MICRO["limit"] if limit is None and micro else limit
-    evaluation = dict(limit=limit, batch_size=batch_size, verbose=verbose)
+    evaluation = harness.EvalSettings(limit=limit, batch_size=batch_size, verbose=verbose)
     rows = _rows(zoo, out, names, evaluation, micro, quiet, ray_address)
     for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
                                    None if prune == "none" else prune, ray_address) if tuned else []):
-        rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, **evaluation),
+        rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, settings=evaluation),
                          tuning=record))
     if ray_address:
         from ..tune.runners import start_ray

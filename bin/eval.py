@@ -50,8 +50,9 @@ def evaluate(model_dir, domains, family, zoo, limit, batch_size, device, chat_te
         raise click.UsageError(f"{model_dir}: no such folder")
     if family == domain_tasks.ZOO and zoo is None:
         raise click.UsageError("no zoo found: build it with `mbmerge zoo` or pass --zoo DIR")
-    rep = harness.report(model_dir, family=family, domains=doms, zoo=zoo, limit=limit, batch_size=batch_size,
-                         device=device, chat_template=chat_template, verbose=verbose,
+    settings = harness.EvalSettings(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
+                                    verbose=verbose)
+    rep = harness.report(model_dir, settings=settings, family=family, domains=doms, zoo=zoo,
                          progress=None if quiet else (lambda line: click.echo(line, err=True)))
     text = json.dumps(rep, indent=2)
     if out:

@@ -2,6 +2,7 @@
 import click
 
 from .. import methods
+from ..engine.flags import Flag
 
 
 def param_options(params):
@@ -31,3 +32,11 @@ def method_param_options(fn):
 def listed(text: str | None) -> list[str] | None:
     """'a, b,c' -> ['a', 'b', 'c'] (None stays None)."""
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def spec_option(flag: Flag, **extra):
+    """A click option for a MergeSpec or RunOptions field, as engine/flags.py writes it (flag, help,
+    default); `extra`: what only click needs (a type, an environment variable, ...)."""
+    names = [flag.flag, *([flag.short] if flag.short else []), flag.field]
+    shown = {"default": flag.default, "show_default": True} if flag.default not in (None, False) else {}
+    return click.option(*names, help=flag.help, **({"is_flag": True} if flag.switch else {}), **shown, **extra)

@@ -52,7 +52,7 @@ def data_kwargs(split, data_format, max_length, data_seed, stats_batch_size, sta
 @click.option("--quiet", "-q", is_flag=True)
 def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, **kw):
     """Collect one expert's statistics on its data (one model in memory at a time)."""
-    from ..stats.collect import collect
+    from ..stats.collect import CollectOptions, collect
     params = {}
     for name, value in [(n, kw.pop(n)) for n in ALL_PARAMS]:   # what is left in kw: the data options
         if value is None:
@@ -70,7 +70,7 @@ def stats(kind, ref, base, data, out, device, memory_budget, overwrite, quiet, *
     if data is None:
         raise click.UsageError("--data is required unless --model is a zoo domain")
     base_path = resolve(base, "base").path if base else None
-    folder = collect(kind, model, data, out, base=base_path, params=params, device=device,
-                     memory_budget=memory_budget, overwrite=overwrite, progress=not quiet, **data_kwargs(**kw))
+    options = CollectOptions(device=device, memory_budget=memory_budget, progress=not quiet, **data_kwargs(**kw))
+    folder = collect(kind, model, data, out, base=base_path, params=params, options=options, overwrite=overwrite)
     if not quiet:
         click.echo(f"{kind} statistics written to {folder}")

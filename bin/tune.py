@@ -58,22 +58,31 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
     require_extra()
     from ..tune import search
     from ..tune.record import table
+    from ..tune.runners import RunnerSettings
+    from ..tune.score import Candidate, Validation
     from ..tune.space import parse_grid
     experts, validate = _listed(experts), _listed(validate)
     fixed = {k: v for k, v in params.items() if v is not None}
     grid = parse_grid(grid_text) if grid_text else None
     log = None if quiet else (lambda msg: click.echo(msg, err=True))
-    kw = dict(experts=experts, base=base, out=out, validate=validate, limit=limit, batch_size=batch_size,
-              overwrite=overwrite, progress=log)
+    domains = tuple(validate or search.expert_domains(experts))
+    kw = dict(out=out, overwrite=overwrite, progress=log)
     if method == "hi_merging":   # sequential: each stage depends on the last
-        from ..tune.hi_run import hi_merge
-        record = hi_merge(grid=grid, max_evals=max_evals, storage=storage, **kw)
+        from ..tune.hi_run import hi_merge, hi_search
+        v = Validation(domains, limit=limit, batch_size=batch_size)
+        record = hi_merge(experts=experts, base=base, validation=v, search=hi_search(grid, max_evals=max_evals),
+                          storage=storage, **kw)
     else:
-        record = search.tune(method, grid=grid, sampler=sampler, trials=trials, per_expert=_listed(per_expert) or (),
-                             prune=None if prune == "none" else prune, storage=storage, study=study_name, show=show,
-                             ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                             retries=retries, device=device, protocol=None if protocol == "none" else protocol,
-                             stats_folders=_listed(stats_dirs), data=_listed(data), verbose=verbose, **kw, **fixed)
+        stats_dirs, data = _listed(stats_dirs), _listed(data)
+        template = Candidate(method=method, experts=tuple(experts), base=base, params=fixed,
+                             stats_folders=tuple(stats_dirs) if stats_dirs else None,
+                             data=tuple(data) if data else None, protocol=None if protocol == "none" else protocol)
+        v = Validation(domains, limit=limit, batch_size=batch_size, device=device)   # device None: tune picks
+        how = search.Search(grid=grid, sampler=sampler, trials=trials, per_expert=tuple(_listed(per_expert) or ()),
+                            prune=None if prune == "none" else prune, storage=storage, study=study_name)
+        where = RunnerSettings(ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial,
+                               gpus_per_trial=gpus_per_trial, retries=retries, verbose=verbose)
+        record = search.tune(template, validation=v, search=how, runner=where, show=show, **kw)
         from ..tune.best import save_plot
         png = save_plot(Path(out), record)
     _warnings(record)

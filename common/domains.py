@@ -38,7 +38,7 @@ def first_line(completion: str) -> str:
     return completion.split("\n", 1)[0].strip()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Domain:
     name: str                 # "instruction" | "math" | "multilingual" | "coding" | "safety" | "general"
     max_new_tokens: int       # generation budget an evaluator should allow
@@ -265,11 +265,11 @@ def _check_general(ex: dict, completion: str) -> float:
 
 
 DOMAINS: dict[str, Domain] = {
-    "instruction": Domain("instruction", 24, _make_instruction, _check_instruction),
-    "math": Domain("math", 8, _make_math, _check_math),
-    "multilingual": Domain("multilingual", 40, _make_multilingual, _check_multilingual),
-    "coding": Domain("coding", 8, _make_coding, _exact),
-    "safety": Domain("safety", 48, _make_safety, _check_safety),
+    "instruction": Domain(name="instruction", max_new_tokens=24, make=_make_instruction, check=_check_instruction),
+    "math": Domain(name="math", max_new_tokens=8, make=_make_math, check=_check_math),
+    "multilingual": Domain(name="multilingual", max_new_tokens=40, make=_make_multilingual, check=_check_multilingual),
+    "coding": Domain(name="coding", max_new_tokens=8, make=_make_coding, check=_exact),
+    "safety": Domain(name="safety", max_new_tokens=48, make=_make_safety, check=_check_safety),
 }
-GENERAL = Domain("general", 12, _make_general, _check_general)
+GENERAL = Domain(name="general", max_new_tokens=12, make=_make_general, check=_check_general)
 ALL = {**DOMAINS, "general": GENERAL}

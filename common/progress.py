@@ -20,7 +20,7 @@ class Progress:
     step carries the start-up (imports, lm-eval's first tasks: 5 of the micro demo's 22 s), so once
     others ran it is left out of the mean."""
 
-    def __init__(self, total: int, say: Callable[[str], None], prefix: str, clock=time.monotonic):
+    def __init__(self, *, total: int, say: Callable[[str], None], prefix: str, clock=time.monotonic):
         self.total, self.say, self.prefix, self.clock = total, say, prefix, clock
         self.done, self.timed, self.seconds, self.first = 0, 0, 0.0, 0.0
         self.last = clock()

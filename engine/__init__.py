@@ -2,9 +2,10 @@
 
     inputs/     what a merge reads: references resolved, safetensors headers and indexes, mapped reads,
                 tied heads, slices, vocabularies, side files, statistics folders
-    spec, plan, journal, device
-                the core's ground: a checked MergeSpec, the output plan (tensors, chunks, shards), the
-                resume journal and fingerprint, the compute device
+    flags, spec, plan, journal, device
+                the core's ground: the merge command's options (one table, the command line's and the
+                card's), a checked MergeSpec and its RunOptions (torch-free), the output plan (tensors,
+                chunks, shards), the resume journal and fingerprint, the compute device
     output/     what a merge writes and where: the output's place, the shard writer and card, verify
     adapters/   LoRA adapters read as the weights they adapt, and extracted (mbmerge extract-lora)
     models      one record per model of a merge, built from the spec (engine/models.py)
@@ -13,15 +14,5 @@
     recipe/     mergekit YAML: documents, per-tensor parameter values, stages; beside the core, which
                 never imports it (a recipe's gradients reach it as MergeSpec.layered)
 
-Its names are imported on first use: the command line reads engine.output.place and engine.inputs.resolve
-without torch."""
-import importlib
-
-_LAZY = {"merge": ".api", "run": ".api", "sources": ".api", "fingerprint": ".api", "MergeSpec": ".spec",
-         "spec_from": ".spec", "VERSION": ".spec", "MbmergeError": "..common.errors"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+Import what you use from its module (engine.api.run, engine.spec.MergeSpec): this package imports nothing,
+so the command line reads engine.output.place and engine.inputs.resolve without torch."""

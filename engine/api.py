@@ -26,7 +26,8 @@ from .output.place import (check_apart, check_location, discard, missing_parents
 from .output.verify import input_changes, sha256_files
 from .output.write import ShardWriter, write_card, write_index
 from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, Plan, make_plan, parse_shard_size
-from .spec import CONFIG_FILE, VERSION, MergeSpec, spec_from
+from .device import resolve_device
+from .spec import CONFIG_FILE, VERSION, MergeSpec, RunOptions, spec_from
 
 __all__ = ["merge", "run", "fingerprint", "prepare", "sources", "spec_from"]
 
@@ -37,7 +38,7 @@ def merge(method: str, *, experts, out, **options) -> Path:
     data-aware method needs its statistics folders (stats_folders=[...]).
 
     Example:
-        >>> mbmerge.engine.merge("ties", base="B/", experts=["X1/", "X2/"], out="m/", density=0.2)
+        >>> mbmerge.engine.api.merge("ties", base="B/", experts=["X1/", "X2/"], out="m/", density=0.2)
     """
     return run(spec_from(method, experts, out, **options))
 
@@ -45,7 +46,7 @@ def merge(method: str, *, experts, out, **options) -> Path:
 def run(spec: MergeSpec) -> Path:
     """Run a checked MergeSpec; see merge(). The output's place is checked before any input is read."""
     started = time.perf_counter()
-    check_location(spec.out, spec.overwrite)
+    check_location(spec.out, spec.run.overwrite)
     base, experts = sources(spec)
     models = ([base] if base else []) + experts
     folders = [(s.role, f) for s in models for f in s.folders]
@@ -55,7 +56,7 @@ def run(spec: MergeSpec) -> Path:
     _warn_repeated([(s.role, s.folders) for s in merged])
     created = missing_parents(spec.out)
     try:
-        with output_lock(spec.out), kernels.using(spec.kernels, spec.compile):
+        with output_lock(spec.out), kernels.using(*_kernel_choice(spec.run)):
             return _run_locked(spec, base, experts, started)
     except BaseException:
         remove_empty(created)
@@ -87,6 +88,7 @@ class Prepared:
     """One merge read and planned, nothing written yet: what it merges and how, and its fingerprint."""
     spec: MergeSpec             # the recipe's per-tensor values made overrides
     method: Method
+    device: torch.device        # where it computes (spec.run.device, resolved)
     models: Models
     plan: Plan
     statistics: list[TensorIndex]   # a data-aware method's, one folder per expert
@@ -99,17 +101,17 @@ def fingerprint(spec: MergeSpec) -> str:
     """The fingerprint a merge of `spec` records in its mbmerge.json, computed without writing: an output
     recording the same one holds this merge."""
     base, experts = sources(spec)
-    with kernels.using(spec.kernels, spec.compile):
+    with kernels.using(*_kernel_choice(spec.run)):
         return prepare(spec, base, experts).fingerprint
 
 
 def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prepared:
     """The models read and checked, the plan made, the statistics opened: every error before a byte is written."""
-    method = methods.get(spec.method)
+    method, device = methods.get(spec.method), resolve_device(spec.run.device)
     models = read_models(spec, base, experts)
     n_inputs = len(models.experts) + (1 if models.base and method.needs_base else 0)
-    plan = make_plan(models.reference, n_inputs=n_inputs, budget=spec.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base, span=method.span, preferred=_chunk_size(method, spec.device),
+    plan = make_plan(models.reference, n_inputs=n_inputs, budget=spec.run.memory_budget, out_dtype=spec.dtype,
+                     keep_base=spec.keep_base, span=method.span, preferred=_chunk_size(method, device),
                      shard_size=spec.out_shard_size or (parse_shard_size("5B") if spec.slices else None))
     command = spec.command()
     merged = [t for t in plan.tensors if t.merge]
@@ -117,8 +119,8 @@ def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prep
     statistics = (open_statistics(method, _stats_folders(spec), [s.role for s in experts], [t.ref for t in merged])
                   if method.data_statistic else [])
     identity = input_identity(models.files + statistics)
-    return Prepared(spec=spec, method=method, models=models, plan=plan, statistics=statistics, identity=identity,
-                    fingerprint=fingerprint_of(spec.recipe(), plan, identity), command=command)
+    return Prepared(spec=spec, method=method, device=device, models=models, plan=plan, statistics=statistics,
+                    identity=identity, fingerprint=fingerprint_of(spec.recipe(), plan, identity), command=command)
 
 
 def _with_tensor_overrides(spec: MergeSpec, merged: list[str]) -> MergeSpec:
@@ -145,12 +147,12 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
         readers = p.models.readers(p.method.needs_base, p.statistics)
         writer, journal = ShardWriter(tmp, p.plan, prefixes), Journal(tmp, p.fingerprint, fresh=resumed is None)
         try:
-            if spec.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(spec.device)
+            if p.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(p.device)
             merger = Merger(plan=p.plan, method=p.method, readers=readers, writer=writer, params=p.spec.resolved,
-                            overrides=p.spec.resolved_overrides, device=spec.device,
+                            overrides=p.spec.resolved_overrides, device=p.device,
                             allow_nonfinite=spec.allow_nonfinite)
-            merger.run(spec.progress, journal, done, model_thr, ties)
+            merger.run(spec.run.progress, journal, done, model_thr, ties)
         finally:
             writer.close()
             journal.close()
@@ -158,7 +160,7 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
             raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
         (tmp / JOURNAL).unlink()
         _finish(p, tmp, writer, len(done), time.perf_counter() - started)
-        publish(tmp, spec.out, spec.overwrite)
+        publish(tmp, spec.out, spec.run.overwrite)
     except KeyboardInterrupt:
         raise         # the partial folder and its journal stay: the same command resumes
     except BaseException:
@@ -173,11 +175,11 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
 def _resumed(p: Prepared, tmp: Path) -> tuple | None:
     """What an interrupted merge of the same fingerprint left in `tmp` (Journal.resume), else None and a
     fresh `tmp`."""
-    resumed = Journal.resume(tmp, p.fingerprint, p.plan) if p.spec.resume else None
+    resumed = Journal.resume(tmp, p.fingerprint, p.plan) if p.spec.run.resume else None
     if resumed is None:
         discard(tmp, notice=True)
         tmp.mkdir()
-    elif p.spec.progress:
+    elif p.spec.run.progress:
         print(f"mbmerge: resuming the interrupted merge into {p.spec.out}: {len(resumed[0])} of "
               f"{len(p.plan.tensors)} tensors are written and check out, merging the rest", file=sys.stderr)
     return resumed
@@ -198,7 +200,7 @@ def _finish(p: Prepared, tmp: Path, writer: ShardWriter, resumed: int, seconds: 
     if spec.config is not None:           # the recipe the merge ran, beside it (as mergekit_config.yml)
         (tmp / CONFIG_FILE).write_text(spec.config)
         copied.append(CONFIG_FILE)
-    record = _record(spec, *models.given, plan, seconds)
+    record = _record(spec, *models.given, plan, p.device, seconds)
     record.update(command=p.command, chat_template=models.template[1] if models.template else None,
                   tied_heads=models.tied, vocabulary=vocab.notes if vocab else None, fingerprint=p.fingerprint)
     if p.statistics:
@@ -207,6 +209,13 @@ def _finish(p: Prepared, tmp: Path, writer: ShardWriter, resumed: int, seconds: 
     record.update(resumed_tensors=resumed, inputs=p.identity,
                   sha256={**digests, **sha256_files(tmp, [INDEX_FILE] * plan.sharded + copied)})
     write_card(tmp, record)
+
+
+def _kernel_choice(run: RunOptions) -> tuple[str, bool]:
+    """(backend, compile) the merge runs under: the run's, else the caller's kernels.using, else the
+    environment's (kernels.chosen)."""
+    chosen = kernels.chosen()
+    return run.kernels or chosen.backend, chosen.compile if run.compile is None else run.compile
 
 
 def _chunk_size(method, device) -> int:
@@ -225,11 +234,12 @@ def _stats_folders(spec: MergeSpec) -> list[Path]:
     return [Path(f) for f in spec.stats_folders]
 
 
-def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, seconds: float) -> dict:
+def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, device: torch.device,
+            seconds: float) -> dict:
     def source(s: Source) -> dict:
         return {"role": s.role, "ref": s.ref, "path": str(s.path.resolve()), "revision": s.revision}
     method = methods.get(spec.method)
-    backend, threads = kernels.merge_backend(spec.device, fused=method.fused is not None, span=method.span)
+    backend, threads = kernels.merge_backend(device, fused=method.fused is not None, span=method.span)
     return {
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
@@ -241,7 +251,7 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, s
         **({"recipe_file": CONFIG_FILE} if spec.config is not None else {}),
         "tensors_merged": sum(t.merge for t in plan.tensors),
         "tensors_copied": sum(not t.merge for t in plan.tensors),
-        "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(spec.device),
+        "chunk_elements": plan.chunk_elems, "wall_seconds": round(seconds, 3), "device": str(device),
         "kernels": {"backend": backend, "threads": threads},      # what merged the chunks (kernels.merge_backend)
-        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated(spec.device)} if spec.device.type == "cuda" else {}),
+        **({"peak_gpu_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}),
     }

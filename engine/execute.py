@@ -15,6 +15,8 @@ import torch
 from tqdm import tqdm
 
 from .. import kernels, methods
+from ..methods.dispatch import chunk_cuts, merge_chunk, model_scope, reductions, thresholds
+from ..methods.ranking import Ranking
 from ..common.errors import MbmergeError, MethodFailed, NonFinite
 from .inputs.header import DTYPES
 from .journal import Journal
@@ -75,8 +77,8 @@ class Merger:
         journal each one completed; model-wide thresholds are computed unless given (as JSON, with the
         ties each may still keep after each done tensor: `ties`)."""
         if model_thr is not None:
-            model_thr = methods.Ranking.from_json(model_thr)
-        elif methods.model_scope(self.method, self.params):
+            model_thr = Ranking.from_json(model_thr)
+        elif model_scope(self.method, self.params):
             model_thr = self._model_thresholds(progress)
             if journal:
                 journal.thresholds(model_thr.to_json())
@@ -113,7 +115,7 @@ class Merger:
                 self._copy(t, bar.update)
             self.output.tensor_done(t, model_thr.state() if model_thr is not None else None)
 
-    def _model_thresholds(self, progress: bool) -> "methods.Ranking":
+    def _model_thresholds(self, progress: bool) -> Ranking:
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
         (radix select's histograms), so the whole model is never held."""
         merged = [t for t in self.plan.tensors if t.merge]
@@ -126,7 +128,7 @@ class Merger:
                     for b, xs, a in self._read(t, stored=compiled, check=not compiled):
                         yield b, xs, a
                         bar.update(t.ref.torch_dtype.itemsize * len(self.inputs) * xs[0].numel())
-            return methods.thresholds(self.method, self.params, chunks, sum(t.ref.numel for t in merged))
+            return thresholds(self.method, self.params, chunks, sum(t.ref.numel for t in merged))
 
     def _copy(self, t: TensorPlan, done: Callable[[int], None]) -> None:
         out_dtype = DTYPES[t.out_dtype].torch
@@ -191,14 +193,14 @@ class Merger:
         params = next((p for pattern, p in self.overrides if pattern.search(name)), self.params)
         whole_stat = [self._stat(m, t, whole=True) for m in self.stat_inputs] if whole else None
         with self._method_errors(t):
-            reduced = methods.reductions(self.method, params, chunks, name, shape, model_thr, stat=whole_stat)
+            reduced = reductions(self.method, params, chunks, name, shape, model_thr, stat=whole_stat)
         per_elem = t.ref.torch_dtype.itemsize * len(self.inputs)
         finite = torch.ones((), dtype=torch.bool, device=self.device)    # one flag: one device sync per tensor
         inputs_finite = torch.ones(len(self.inputs), dtype=torch.bool)   # what the kernel counted, or torch
 
         def merged(b, xs, a, stat, reduced):
             with self._method_errors(t):
-                out, bad = methods.merge_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype, stat)
+                out, bad = merge_chunk(self.method, params, reduced, b, xs, a, name, shape, out_dtype, stat)
                 out = out.to(out_dtype)                                  # a no-op after a fused kernel
             # the checks of what no kernel counted, here: in the worker threads when they merge
             ok = (bad[0] == 0) if bad is not None else torch.isfinite(out).all() if compiled or \
@@ -207,7 +209,7 @@ class Merger:
 
         with self._eager_workers(parallel) as submit:
             for (b, xs, a), (out, bad, ok) in submit(merged, ((b, xs, a, self._stats_chunk(t, a, xs, whole),
-                                                                methods.chunk_cuts(self.method, reduced, b, xs))
+                                                                chunk_cuts(self.method, reduced, b, xs))
                                                                for b, xs, a in final())):
                 finite &= ok
                 if bad is not None:

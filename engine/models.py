@@ -80,9 +80,7 @@ def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
         return (Source(ref="built-in", path=family / "base", revision=None, role="base"),
                 [Source(ref=e, path=family / d, revision=None, role=f"expert {e}")
                  for e, d in zip(spec.experts, names)])
-    base = resolve(spec.base, "base") if spec.base else None
-    if base is None and methods.get(spec.method).needs_base:
-        raise BadParameter(f"method {spec.method} needs a base model (--base)")
+    base = resolve(spec.base, "base") if spec.base else None     # a method that needs one: MergeSpec says so
     return base, [_on_base(resolve(e, f"expert {e}", spec.base), base) for e in spec.experts]
 
 

@@ -1,23 +1,28 @@
-"""MergeSpec: everything a merge needs to know, checked once at construction."""
-import json
+"""MergeSpec: what a merge writes (its method, parameters, models, overrides, tokenizer, slices, output
+layout), checked once at construction, and its RunOptions: how it runs (memory budget, device, kernels,
+resume, progress, overwrite), which never change a byte it writes. Imports no torch: the command line
+builds and checks a spec before torch loads, and the library builds the same one. Where an option's flag
+comes from, and how the card spells it back: engine/flags.py.
+"""
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
-from .. import kernels, methods
-from .inputs import vocabulary
-from .device import resolve_device
+from .. import methods
+from ..common import VERSION  # noqa: F401  (the recipe records it)
 from ..common.errors import BadParameter
+from ..common.names import KERNEL_BACKENDS, domain_names
+from .flags import WHAT, spell_param, value_text
+from .inputs import vocabulary
 from .inputs.header import dtype_name
+from .inputs.resolve import hub_repo, parts
 from .plan import parse_shard_size, parse_size
 
-from ..common import VERSION  # noqa: F401  (the recipe records it)
-
 CONFIG_FILE = "mbmerge_config.yml"     # a recipe merge's recipe, beside the model (mergekit: mergekit_config.yml)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _regex(pattern: str, what: str) -> str:
@@ -35,9 +40,35 @@ class PerTensor(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a merge runs, never what it writes (engine/flags.py: HOW). The device and the kernels are
+    checked here by name and chosen when the merge starts (engine/device.py, kernels.using); kernels and
+    compile None: the caller's kernels.using, else MBMERGE_KERNELS / MBMERGE_COMPILE."""
+    memory_budget: int | str = "2GB"
+    device: str = "auto"                # cpu, cuda[:N], or auto (CUDA when present)
+    kernels: str | None = None          # auto | torch | triton
+    compile: bool | None = None         # compiled CPU loops allowed
+    progress: bool = True
+    resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
+    overwrite: bool = False             # replace an earlier mbmerge output (only its own files)
+
+    def __post_init__(self):
+        object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
+        if self.memory_budget <= 0:
+            raise BadParameter("--memory-budget must be positive")
+        object.__setattr__(self, "device", str(self.device).lower())
+        if not DEVICE.fullmatch(self.device):
+            raise BadParameter(f"--device {self.device!r}: choose cpu, cuda, cuda:N or auto")
+        if self.kernels is not None and self.kernels.lower() not in KERNEL_BACKENDS:
+            raise BadParameter(f"--kernels {self.kernels!r}: choose {', '.join(KERNEL_BACKENDS)}")
+        if self.kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise BadParameter("--kernels triton: triton is not installed")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MergeSpec:
-    """A merge recipe. `params` holds the user's method parameters; after construction,
-    `resolved` holds every parameter with defaults filled in and per-expert lists broadcast."""
+    """What a merge writes, and (`run`) how it runs. `params` holds the user's method parameters; after
+    construction, `resolved` holds every parameter with defaults filled in and per-expert lists broadcast."""
     method: str
     experts: tuple[str, ...]
     out: Path
@@ -48,7 +79,6 @@ class MergeSpec:
     keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0);
                                         # None: the method's default, "": none
     dtype: str | None = None            # output dtype of float tensors (default: as stored)
-    memory_budget: int | str = "2GB"
     out_shard_size: int | str | None = None  # bytes of tensors per output shard (mergekit's --out-shard-size:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
@@ -58,14 +88,8 @@ class MergeSpec:
     chat_template: str | None = None    # the output's: auto | an input's reference | a Jinja template
                                         # (engine/inputs/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False
-    overwrite: bool = False
-    progress: bool = True
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
-    resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
-    device: str | torch.device = "auto"  # cpu, cuda[:N], or auto (CUDA when present)
     stats_folders: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
-    data: tuple[str, ...] | None = None   # ... or one data source per expert to collect them from (by
-    data_options: dict = field(default_factory=dict)  # mbmerge.stats; the engine needs the folders)
     slices: tuple | None = None         # a recipe's slices: per slice, its sources ((ref, first, end), ...), the
                                         # base's first where the method uses it (engine/inputs/slices.py)
     layered: PerTensor | None = None    # a mergekit recipe's per-layer gradients and filters (recipe.load_recipe),
@@ -74,8 +98,7 @@ class MergeSpec:
                                         # values replace `params` for that tensor (e.g. per layer)
     config: str | None = None           # the mergekit recipe the merge came from (YAML text), written beside
                                         # the model as CONFIG_FILE; the card's command reruns it
-    kernels: str | None = None          # auto | torch | triton (default: kernels.chosen(): the caller's
-    compile: bool | None = None         # kernels.using, else MBMERGE_KERNELS / MBMERGE_COMPILE)
+    run: RunOptions = field(default_factory=RunOptions)   # how it runs: never part of what it writes
     resolved: dict = field(default_factory=dict, init=False)
     resolved_overrides: tuple = field(default_factory=tuple, init=False)
 
@@ -84,29 +107,23 @@ class MergeSpec:
         if not self.experts:
             raise BadParameter("no experts given (--experts A,B)")
         set_(self, "experts", tuple(self.experts))
-        for name in ("stats_folders", "data"):   # folders may come as Paths
-            if getattr(self, name):
-                set_(self, name, tuple(str(x) for x in getattr(self, name)))
+        if self.stats_folders:   # folders may come as Paths
+            set_(self, "stats_folders", tuple(str(x) for x in self.stats_folders))
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
-        set_(self, "memory_budget", parse_size(self.memory_budget))
         if self.out_shard_size is not None:
             set_(self, "out_shard_size", parse_shard_size(self.out_shard_size))
         if self.tokenizer is not None:
             set_(self, "tokenizer", vocabulary.parse(self.tokenizer).as_dict())
-        set_(self, "device", resolve_device(str(self.device)))
-        chosen = kernels.chosen()   # what the caller runs under (kernels.using), else the environment's
-        set_(self, "kernels", kernels.backend_name(self.kernels or chosen.backend))
-        set_(self, "compile", chosen.compile if self.compile is None else self.compile)
         if self.family is not None:
             set_(self, "family", str(self.family))
-        if self.memory_budget <= 0:
-            raise BadParameter("--memory-budget must be positive")
         method = methods.get(self.method)
         if self.slices is not None:
             set_(self, "slices", tuple(tuple(tuple(src) for src in sources) for sources in self.slices))
         n = self.n_experts
         methods.check_experts(method, n)
+        if self.base is None and method.needs_base and self.family is None and domain_names(self.experts) is None:
+            raise BadParameter(f"method {self.method} needs a base model (--base)")
         if self.slices and method.data_statistic:
             raise BadParameter(f"method {self.method} merges with each expert's statistics; slices mix models, "
                                f"so it cannot take them")
@@ -122,11 +139,9 @@ class MergeSpec:
                                "density for the whole model)")
         if self.keep_base is None:
             set_(self, "keep_base", keep_default)
-        if (self.stats_folders or self.data) and method.data_statistic is None:
+        if self.stats_folders and method.data_statistic is None:
             raise BadParameter(f"method {self.method} uses no data statistics; --stats/--data are for "
                                f"{', '.join(m.name for m in methods.REGISTRY.values() if m.data_statistic)}")
-        if self.stats_folders and self.data:
-            raise BadParameter("give --stats (collected statistics) or --data (collect them), not both")
         if self.keep_base:
             _regex(self.keep_base, "--keep-base")
 
@@ -146,49 +161,69 @@ class MergeSpec:
                 **({"slices": [list(map(list, s)) for s in self.slices]} if self.slices else {}),
                 **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
 
+    def check_references(self, made: set[str] = frozenset()) -> None:
+        """That each model reference names something (a folder, a hub id, a domain with a base; `made`: the
+        folders of stages not merged yet), in one line and without downloading: the command line checks
+        them before torch loads; resolving them (engine/models.py) checks them again."""
+        if self.base is None and domain_names(self.experts) is not None:
+            return                  # the built-in family's
+        refs = [(self.base, "base")] * (self.base is not None) + [(e, f"expert {e}") for e in self.experts]
+        for ref, role in refs:
+            for part in ([] if ref in made else parts(ref)):   # a model, or mergekit's model+adapter
+                hub_repo(part, role, self.base)
+
+    def default_keep_base(self) -> str | None:
+        """The regex of tensors kept at the base that the method (under the protocol) keeps by default."""
+        method = methods.get(self.method)
+        return methods.protocol_defaults(method, self.protocol).get("keep_base", method.keep_base)
+
     def command(self) -> str:
-        """The equivalent command line (for the model card): the recipe beside the model for a recipe
-        merge, else the method, its models and parameters; then the run's options that change bytes."""
+        """The equivalent command line (for the model card), spelled from engine/flags.py as the command
+        line reads it: the recipe beside the model for a recipe merge, else the method, its models and
+        parameters; then the options that change what it writes."""
+        words = ["mbmerge"]
         if self.config is not None:
-            parts = ["mbmerge", "--config", shlex.quote(str(self.out / CONFIG_FILE))]
+            words += ["--config", shlex.quote(str(self.out / CONFIG_FILE))]
         else:
-            parts = ["mbmerge", "--method", self.method] + (["--protocol", self.protocol] if self.protocol else [])
-            parts += ["--base", self.base] if self.base else []
-            parts += ["--experts", ",".join(self.experts)]
-            for k, v in self.params.items():
-                v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-                parts += [f"--{k}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}{k}"]
-            parts += ["--dtype", self.dtype] if self.dtype else []
-            parts += ["--tokenizer-source", self.tokenizer["source"]] if self.tokenizer else []  # the rest: the card
-            parts += ["--chat-template", json.dumps(self.chat_template)] if self.chat_template else []
-        default_keep = methods.protocol_defaults(methods.get(self.method), self.protocol).get(
-            "keep_base", methods.get(self.method).keep_base)
-        if self.keep_base != default_keep and (self.keep_base or default_keep):   # '' overrides the default
-            parts += ["--keep-base", shlex.quote(self.keep_base)]
-        parts += ["--out-shard-size", str(self.out_shard_size)] if self.out_shard_size else []
-        parts += [] if self.copy_tokenizer else ["--no-copy-tokenizer"]
-        parts += ["--allow-nonfinite"] if self.allow_nonfinite else []
-        for flag, values in [("--stats", self.stats_folders), ("--data", self.data)]:
-            parts += [flag, ",".join(values)] if values else []
+            words += WHAT["method"].spell(self.method)
+            words += [w for name in ("protocol", "base") if getattr(self, name)
+                      for w in WHAT[name].spell(getattr(self, name))]
+            words += WHAT["experts"].spell(self.experts)
+            words += [shlex.quote(w) for k, v in self.params.items() for w in spell_param(k, v)]
+            words += [w for name in ("dtype", "chat_template") if getattr(self, name)
+                      for w in WHAT[name].spell(getattr(self, name))]
+            words += WHAT["tokenizer"].spell(self.tokenizer["source"]) if self.tokenizer else []  # the rest: the card
+        default = self.default_keep_base()
+        if self.keep_base != default and (self.keep_base or default):   # '' overrides the method's default
+            words += WHAT["keep_base"].spell(self.keep_base)
+        for name in ("out_shard_size", "copy_tokenizer", "allow_nonfinite", "stats_folders"):
+            if getattr(self, name) not in (None, WHAT[name].default):
+                words += WHAT[name].spell(getattr(self, name))
         for pattern, values in self.overrides:
-            given = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                             for k, v in values.items())
-            parts += ["--override", shlex.quote(pattern), shlex.quote(given)]
-        return " ".join(parts + ["--out", shlex.quote(str(self.out))])
+            given = " ".join(f"{k}={value_text(v)}" for k, v in values.items())
+            words += [WHAT["overrides"].flag, shlex.quote(pattern), shlex.quote(given)]
+        return " ".join(words + ["--out", shlex.quote(str(self.out))])
 
 
 def spec_from(method: str, experts, out, **options) -> MergeSpec:
-    """A MergeSpec from keyword arguments: MergeSpec's fields by name, every other one a method
-    parameter (density=0.2, weights=[0.5, 0.5], ...). Lists may stand for tuples.
+    """A MergeSpec from keyword arguments: MergeSpec's fields and RunOptions' by name, every other one a
+    method parameter (density=0.2, weights=[0.5, 0.5], ...). Lists may stand for tuples.
 
     Example:
         >>> spec_from("ties", ["X1/", "X2/"], "m/", base="B/", density=0.2, overwrite=True)
     """
-    known = {f.name for f in fields(MergeSpec) if f.init}
-    given = {k: v for k, v in options.items() if k in known}
-    params = {**given.pop("params", {}), **{k: v for k, v in options.items() if k not in known}}
-    for name in ("stats_folders", "data", "overrides"):
+    what = {f.name for f in fields(MergeSpec) if f.init}
+    how = {f.name for f in fields(RunOptions)}
+    given = {k: v for k, v in options.items() if k in what}
+    run = {k: v for k, v in options.items() if k in how}
+    params = {**given.pop("params", {}), **{k: v for k, v in options.items() if k not in what | how}}
+    for name in ("stats_folders", "overrides"):
         if given.get(name) is not None:
             given[name] = tuple(given[name])
-    given["data_options"] = given.get("data_options") or {}
+    if run:
+        given["run"] = RunOptions(**{**_fields(given.get("run")), **run})
     return MergeSpec(method=method, experts=tuple(experts), out=Path(out), params=params, **given)
+
+
+def _fields(run: RunOptions | None) -> dict:
+    return {f.name: getattr(run, f.name) for f in fields(RunOptions)} if run else {}

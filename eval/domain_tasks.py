@@ -33,7 +33,7 @@ GENERAL = "general"
 ZOO = "zoo"
 ZOO_EXAMPLES = 100  # test examples written per zoo domain (--limit takes fewer)
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
     """One lm-eval task (or group) and the number that stands for it."""
     name: str                       # lm-eval task name
@@ -44,20 +44,24 @@ class Task:
 
 
 def _lang(task: str, metric: str) -> tuple[Task, ...]:
-    return tuple(Task(f"{task}_{lang}", metric, 0) for lang in ("fr", "es", "de", "ru"))
+    return tuple(Task(name=f"{task}_{lang}", metric=metric, num_fewshot=0) for lang in ("fr", "es", "de", "ru"))
+
+
+def _zero_shot(*tasks: tuple[str, str]) -> tuple[Task, ...]:
+    return tuple(Task(name=name, metric=metric, num_fewshot=0) for name, metric in tasks)
 
 
 MERGEBENCH = {
-    "math": (Task("gsm8k_cot", "exact_match,flexible-extract", 8), Task("hendrycks_math", "exact_match,none", 0)),
+    "math": (Task(name="gsm8k_cot", metric="exact_match,flexible-extract", num_fewshot=8),
+             *_zero_shot(("hendrycks_math", "exact_match,none"))),
     "multilingual": (*_lang("m_mmlu", "acc,none"), *_lang("arc", "acc_norm,none"),
                      *_lang("hellaswag", "acc_norm,none")),
-    "instruction": (Task("ifeval", "inst_level_loose_acc,none", 0),),
-    "coding": (Task("humaneval_plus", "pass_at_k,create_test", 0, unsafe_code=True),
-               Task("mbpp_plus", "pass_at_1,none", 3, unsafe_code=True)),
-    "safety": (Task("toxigen", "acc_norm,none", 0), Task("truthfulqa_mc2", "acc,none", 0)),
-    GENERAL: (Task("mmlu", "acc,none", 0), Task("triviaqa", "exact_match,remove_whitespace", 0),
-              Task("squadv2", "f1,none", 0), Task("coqa", "f1,none", 0), Task("pubmedqa", "acc,none", 0),
-              Task("wmt14-fr-en", "bleu,none", 0)),
+    "instruction": _zero_shot(("ifeval", "inst_level_loose_acc,none")),
+    "coding": (Task(name="humaneval_plus", metric="pass_at_k,create_test", num_fewshot=0, unsafe_code=True),
+               Task(name="mbpp_plus", metric="pass_at_1,none", num_fewshot=3, unsafe_code=True)),
+    "safety": _zero_shot(("toxigen", "acc_norm,none"), ("truthfulqa_mc2", "acc,none")),
+    GENERAL: _zero_shot(("mmlu", "acc,none"), ("triviaqa", "exact_match,remove_whitespace"), ("squadv2", "f1,none"),
+                        ("coqa", "f1,none"), ("pubmedqa", "acc,none"), ("wmt14-fr-en", "bleu,none")),
 }
 
 
@@ -66,9 +70,9 @@ MERGEBENCH = {
 # English; CoNaLa (coding) and WildJailbreak (safety) run in other harnesses, so those domains cannot be
 # validated here.
 VALIDATION = {
-    "instruction": (Task("ifeval", "inst_level_loose_acc,none", 0),),
-    "math": (Task("mmlu_stem", "acc,none", 0),),
-    "multilingual": (Task("lambada_openai", "acc,none", 0),),
+    "instruction": _zero_shot(("ifeval", "inst_level_loose_acc,none")),
+    "math": _zero_shot(("mmlu_stem", "acc,none")),
+    "multilingual": _zero_shot(("lambada_openai", "acc,none")),
 }
 
 
@@ -136,7 +140,7 @@ def plan(family: str, domains=None, *, general: bool = True, zoo_tasks: Path | N
         return {d: MERGEBENCH[d] for d in wanted}
     from .tasks import METRIC, task_name
     include = str(zoo_tasks or zoo_tasks_dir(split=split))
-    return {d: (Task(task_name(d), f"{METRIC},none", 0, include=include),) for d in wanted}
+    return {d: (Task(name=task_name(d), metric=f"{METRIC},none", num_fewshot=0, include=include),) for d in wanted}
 
 
 def describe(p: dict[str, tuple[Task, ...]]) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.progress import Progress
@@ -21,6 +22,22 @@ from . import domain_tasks
 from .domain_tasks import Task
 
 CODE_EVAL = "HF_ALLOW_CODE_EVAL"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """How lm-eval scores a model (`mbmerge eval`'s and the demo's flags).
+
+    limit: lm-eval's --limit (examples per task; a float < 1 is a fraction; None: all). batch_size,
+    device, dtype: the HF model's. chat_template: apply the tokenizer's chat template (MergeBench: off).
+    verbose: let lm-eval's logging, progress bars and git errors through (lm_eval_output).
+    """
+    limit: int | float | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    chat_template: bool = False
+    dtype: str = "auto"
+    verbose: bool = False
 
 
 def cache_file() -> Path:
@@ -136,35 +153,33 @@ def lm_eval_output(verbose: bool = False):
         yield
 
 
-def evaluate_tasks(model_dir, tasks, *, limit=None, batch_size=8, device="cpu", chat_template=False,
-                   add_bos_token: bool | None = None, dtype="auto", cache: bool | Path = True,
-                   verbose: bool = False, progress=None) -> dict[str, float | None]:
+def evaluate_tasks(model_dir, tasks, *, settings: EvalSettings = EvalSettings(), add_bos_token: bool | None = None,
+                   cache: bool | Path = True, progress=None) -> dict[str, float | None]:
     """{task name: score} for lm-eval tasks on the model in `model_dir`, from the cache when there.
 
     Args:
         tasks: domain_tasks.Task objects. Tasks that execute code are skipped (None) unless
             HF_ALLOW_CODE_EVAL=1.
-        limit: lm-eval's --limit (examples per task; a float < 1 is a fraction).
-        chat_template: apply the tokenizer's chat template (MergeBench: off).
+        settings: how lm-eval runs (EvalSettings: limit, batch size, device, chat template, ...).
         add_bos_token: None keeps lm-eval's default (no BOS except Gemma); the zoo was trained with <s>.
         cache: True (the default file), a path (a SQLite file: ScoreCache), or False.
-        verbose: let lm-eval's logging, progress bars and git errors through (lm_eval_output).
         progress: called as progress(what, timed) once a task, scored ("math", True), found in the
             cache ("math (cached)", False) or skipped; each task then runs in an lm-eval call of its own.
+
+    Example:
+        evaluate_tasks("m/", plan["math"], settings=EvalSettings(limit=50, device="cuda"))
     """
     tasks = list(dict.fromkeys(tasks))
     path = None if cache is False else (cache_file() if cache is True else Path(cache))
     store = ScoreCache(path) if path else None
     try:
-        return _evaluate_tasks(model_dir, tasks, store, limit=limit, batch_size=batch_size, device=device,
-                               chat_template=chat_template, add_bos_token=add_bos_token, dtype=dtype,
-                               verbose=verbose, progress=progress)
+        return _evaluate_tasks(model_dir, tasks, store, settings, add_bos_token=add_bos_token, progress=progress)
     finally:
         store and store.close()
 
 
-def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_size, device, chat_template,
-                    add_bos_token, dtype, verbose, progress) -> dict[str, float | None]:
+def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, settings: EvalSettings, *, add_bos_token,
+                    progress) -> dict[str, float | None]:
     memo = store.prefixed("weights:") if store else {}
     known = dict(memo)
     identity = model_identity(model_dir, memo)
@@ -174,7 +189,7 @@ def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_
     digests = {t.include: tasks_digest(t.include) for t in tasks if t.include}
     scores, todo = {}, []
     code_ok = os.environ.get(CODE_EVAL) == "1"
-    keys = {t: _task_key(identity, t, limit, chat_template, add_bos_token, digests) for t in tasks}
+    keys = {t: _task_key(identity, t, settings.limit, settings.chat_template, add_bos_token, digests) for t in tasks}
     stored = store.get(keys.values()) if store else {}
     for t, key in keys.items():
         if t.unsafe_code and not code_ok:
@@ -187,18 +202,18 @@ def _evaluate_tasks(model_dir, tasks, store: ScoreCache | None, *, limit, batch_
             todo.append((t, key))
     if not todo:
         return scores
-    new = _run_lm_eval(model_dir, todo, limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
-                       add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok, verbose=verbose, progress=progress)
+    new = _run_lm_eval(model_dir, todo, settings=settings, add_bos_token=add_bos_token, code_ok=code_ok,
+                       progress=progress)
     scores.update({t.name: new[key] for t, key in todo})
     if store:
         store.put(new)
     return scores
 
 
-def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, add_bos_token, dtype,
-                 code_ok, verbose=False, progress=None) -> dict[str, float]:
+def _run_lm_eval(model_dir, todo, *, settings: EvalSettings, add_bos_token, code_ok,
+                 progress=None) -> dict[str, float]:
     """{cache key: score} of the items in `todo`, through lm-eval's simple_evaluate: (task, key) pairs
-    on the first `limit` examples, or (task, key, (start, stop)) on examples start..stop-1 (from 0:
+    on the first settings.limit examples, or (task, key, (start, stop)) on examples start..stop-1 (from 0:
     lm-eval's limit, which groups of tasks take too; stop None: all). Tasks of the same shots and
     limit share a call, unless `progress` (called as in evaluate_tasks) is to be told of each: it is
     called outside lm_eval_output, so it may write to stderr. The model's eager ops run on
@@ -209,11 +224,13 @@ def _run_lm_eval(model_dir, todo, *, limit, batch_size, device, chat_template, a
     from lm_eval.models.huggingface import HFLM
     includes = sorted({item[0].include for item in todo if item[0].include})
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+    limit, chat_template, verbose = settings.limit, settings.chat_template, settings.verbose
     with lm_eval_output(verbose):
         # lm-eval's own ~15k task index takes seconds to build: skip it when only generated tasks run
         manager = TaskManager(include_path=includes or None,
                               include_defaults=any(not item[0].include for item in todo))
-        lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype, **extra)
+        lm = HFLM(pretrained=str(model_dir), device=settings.device, batch_size=settings.batch_size,
+                  dtype=settings.dtype, **extra)
     calls = []     # [(shots, limit or "samples", {task name: item})]: one simple_evaluate each
     for item in todo:
         t, (start, stop) = item[0], item[2] if len(item) > 2 else (0, limit)
@@ -250,8 +267,8 @@ def evaluate_ranges(model_dir, requests, *, batch_size=8, device="cpu", add_bos_
             if (code_ok or not t.unsafe_code) and (stop is None or stop > start)]
     if not todo:
         return [None] * len(requests)
-    new = _run_lm_eval(model_dir, todo, limit=None, batch_size=batch_size, device=device, chat_template=False,
-                       add_bos_token=add_bos_token, dtype=dtype, code_ok=code_ok, verbose=verbose)
+    settings = EvalSettings(batch_size=batch_size, device=device, dtype=dtype, verbose=verbose)
+    new = _run_lm_eval(model_dir, todo, settings=settings, add_bos_token=add_bos_token, code_ok=code_ok)
     return [new.get(i) for i in range(len(requests))]
 
 
@@ -283,15 +300,14 @@ def bos_token(family: str) -> bool | None:
     return True if domain_tasks.family_of(family) == domain_tasks.ZOO else None
 
 
-def evaluate(model_dir, *, family: str = domain_tasks.ZOO, domains=None, general: bool = True, limit=None,
-             batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True,
-             zoo_tasks: Path | None = None, verbose: bool = False) -> dict[str, float | None]:
+def evaluate(model_dir, *, settings: EvalSettings = EvalSettings(), family: str = domain_tasks.ZOO, domains=None,
+             general: bool = True, cache: bool | Path = True, zoo_tasks: Path | None = None) -> dict[str, float | None]:
     """{domain: score} of the model in `model_dir` on a family's domains (default all five) and,
-    with general=True, "general" (the forgetting tasks' mean). Cached; see evaluate_tasks."""
+    with general=True, "general" (the forgetting tasks' mean), lm-eval run as `settings` say. Cached;
+    see evaluate_tasks."""
     p = domain_tasks.plan(family, domains, general=general, zoo_tasks=zoo_tasks)
-    ts = evaluate_tasks(model_dir, [t for group in p.values() for t in group], limit=limit, batch_size=batch_size,
-                        device=device, chat_template=chat_template, add_bos_token=bos_token(family), cache=cache,
-                        verbose=verbose)
+    ts = evaluate_tasks(model_dir, [t for group in p.values() for t in group], settings=settings,
+                        add_bos_token=bos_token(family), cache=cache)
     return domain_scores(p, ts)
 
 
@@ -312,25 +328,23 @@ def _local(ref: str, role: str) -> Path:
     return resolve(ref, role).path
 
 
-def report(model_dir, *, family: str = domain_tasks.ZOO, domains=None, zoo: Path | None = None, limit=None,
-           batch_size=8, device="cpu", chat_template=False, cache: bool | Path = True, split: str = "test",
-           verbose: bool = False, progress=None) -> dict:
+def report(model_dir, *, settings: EvalSettings = EvalSettings(), family: str = domain_tasks.ZOO, domains=None,
+           zoo: Path | None = None, cache: bool | Path = True, split: str = "test", progress=None) -> dict:
     """Evaluate a (merged) model and compare it: per-domain scores, normalised performance against
     each domain's expert, forgetting on the general tasks against the base, and the merge's runtime
-    from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache. split:
-    "validation" scores the tuning data instead (domain_tasks.plan); real families then have no
-    forgetting tasks. verbose: lm-eval's own output too (lm_eval_output). progress: called with a
-    line ("k of N: ...", with an estimate of the time left) as each model's task is done."""
+    from MODEL_DIR/mbmerge.json. Experts and base are evaluated through the same cache, lm-eval run as
+    `settings` say (EvalSettings). split: "validation" scores the tuning data instead
+    (domain_tasks.plan); real families then have no forgetting tasks. progress: called with a line
+    ("k of N: ...", with an estimate of the time left) as each model's task is done."""
     from .metrics import forgetting, normalised_performance
     family = domain_tasks.family_of(family)
     p = domain_tasks.plan(family, domains, split=split)
     domains = [d for d in p if d != domain_tasks.GENERAL]
     general_tasks = p.get(domain_tasks.GENERAL, ())
-    kw = dict(limit=limit, batch_size=batch_size, device=device, chat_template=chat_template,
-              add_bos_token=bos_token(family), cache=cache, verbose=verbose)
+    kw = dict(settings=settings, add_bos_token=bos_token(family), cache=cache)
     tasks = list(dict.fromkeys(t for ts in p.values() for t in ts))
-    steps = Progress(len(tasks) + sum(len(p[d]) for d in domains) + len(general_tasks), progress,
-                     "mbmerge eval") if progress else None
+    steps = Progress(total=len(tasks) + sum(len(p[d]) for d in domains) + len(general_tasks), say=progress,
+                     prefix="mbmerge eval") if progress else None
 
     def tick(who: str):
         return (lambda what, timed: steps.step(f"{who}: {what}", timed=timed)) if steps else None
@@ -351,8 +365,8 @@ def report(model_dir, *, family: str = domain_tasks.ZOO, domains=None, zoo: Path
         merge = {"method": r.get("method"), "wall_seconds": r.get("wall_seconds")}
     return {
         "model": str(model_dir), "family": family,
-        "settings": {"limit": limit, "chat_template": chat_template, "batch_size": batch_size, "device": device,
-                     "split": split},
+        "settings": {"limit": settings.limit, "chat_template": settings.chat_template,
+                     "batch_size": settings.batch_size, "device": settings.device, "split": split},
         "tasks": task_scores, "scores": scores,
         "skipped": sorted(t for t, v in task_scores.items() if v is None),
         "experts": {d: {"ref": expert_refs[d], "score": expert_scores[d]} for d in domains},

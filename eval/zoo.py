@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..common.cache import cache_dir
-from ..common.domains import ALL, DOMAINS, FACTS, GENERAL, Domain, fact_statement
+from ..common.domains import ALL, DOMAINS, FACTS, Domain, fact_statement
 from ..common.quiet import quiet_transformers
 
 VERSION = "v2"  # of the full zoo; a size whose data or settings have not changed keeps its own
@@ -85,7 +85,7 @@ def tokenizer_files() -> dict:
 # --- sizes and models -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Size:
     hidden: int
     layers: int

@@ -14,6 +14,9 @@ from typing import Callable, Iterable, NamedTuple
 
 import torch
 
+from . import cpu
+from .choice import compiled_for, use_triton
+
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 INF_BIN = 0x7F80  # top 16 bits of +inf; NaNs sort above it
@@ -65,7 +68,6 @@ def _histograms(chunks, tops: list[int | None]) -> list[torch.Tensor]:
 
 def _backend(b, xs):
     """(add(hists, b, xs, tops), rows per histogram) for the kernel choice and these tensors."""
-    from . import compiled_for, cpu, use_triton  # the package's dispatch; it imports this module first
     if compiled_for(b, *xs):
         return cpu.histograms, 1
     if use_triton(xs[0].device):

@@ -16,10 +16,11 @@ torch (the command line reads them for its options and help); the rest is import
 """
 import importlib
 
-from .contract import CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, resolve_params, row_length  # noqa
+from .contract import (CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, model_scope, resolve_params,  # noqa
+                       row_length)
 from .registry import PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
 
-_LAZY = {**dict.fromkeys(["apply_chunk", "chunk_cuts", "merge_chunk", "model_scope", "reductions", "thresholds"],
+_LAZY = {**dict.fromkeys(["apply_chunk", "chunk_cuts", "merge_chunk", "reductions", "thresholds"],
                          ".dispatch"),
          **dict.fromkeys(["merge_tensors", "merge_state_dicts", *REGISTRY], ".library"),
          "Ranking": ".ranking"}

@@ -175,7 +175,7 @@ class KeepBits:
     expert, in one buffer for the tensor (chunk-sized buffers kept while others churn fragment the heap:
     +200 MB RSS), where it fits `limit` bytes."""
 
-    def __init__(self, shape: tuple, experts: int, granule: int, limit: int = 32 << 20):
+    def __init__(self, *, shape: tuple, experts: int, granule: int, limit: int = 32 << 20):
         self.chunks: dict[int, torch.Tensor] = {}
         self.size = (experts, -(-math.prod(shape) // 8))
         self.fits = experts * self.size[1] <= limit and granule % 8 == 0   # the C loops write a byte per 8

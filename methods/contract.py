@@ -26,7 +26,7 @@ apply of its own.
 import importlib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property, partial
 
 from ..common.errors import BadParameter
@@ -54,6 +54,7 @@ class Param:
     name: str
     default: object
     help: str
+    _: KW_ONLY
     per_expert: bool = False      # one value per expert (a single value is broadcast)
     choices: tuple = ()
     fraction: bool = False        # must lie in (0, 1]
@@ -137,6 +138,7 @@ class Trim:
     (`torch(ds, <its arguments>) -> [e_i]`) and as kernels.delta_merge's trim arguments (`fused(b, xs, <the
     same>) -> dict`, or None where no kernel covers them), and the statistics it needs (`ranks`, `reduce`)."""
     kind: str                     # none | magnitude | random | mask: docs/methods.md's trim column
+    _: KW_ONLY
     torch: Ref | None = None      # None: no trim, e_i = d_i
     fused: Ref | None = None
     ranks: Ref | None = None
@@ -180,6 +182,7 @@ class TaskArithmetic:
 class DataStatistic:
     """What a data-aware method needs of each expert beyond its weights (collected by mbmerge.stats)."""
     kind: str                     # fisher | gram | mask: what `mbmerge stats --kind` collects
+    _: KW_ONLY
     whole: bool                   # reduce takes the whole statistic tensor (a Gram [in, in]); otherwise
                                   # apply gets chunks aligned with the weight's
     every_tensor: bool            # every merged tensor has one (Grams: only linear weights)
@@ -252,3 +255,8 @@ def resolve_params(method: Method, n_experts: int, given: dict) -> dict:
         raise BadParameter(f"{method.name}: weights {','.join(map(str, params['weights']))} sum to 0 and normalize "
                            f"divides by their sum (pass other --weights, or --no-normalize)")
     return params
+
+
+def model_scope(method: Method, params: dict) -> bool:
+    """Whether the method's magnitude ranks are taken over the whole model."""
+    return method.ranks is not None and params.get("sparsify_scope") == "model"

@@ -29,7 +29,8 @@ def rescale_gains(chunks, *, density: list[float], rescale: str, seed: int, key:
     """g_i, the per-expert rescale factor (needs a pass over the tensor only for 'l1')."""
     if rescale != "l1":
         return {"gain": [1 / p if rescale == "inverse" else 1.0 for p in density]}
-    seeds, kept = [expert_seed(seed, key, i) for i in range(len(density))], KeepBits(shape, len(density), CHUNK_ALIGN)
+    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+    kept = KeepBits(shape=shape, experts=len(density), granule=CHUNK_ALIGN)
 
     def sums(b, xs, offset):
         compiled = kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=CHUNK_ALIGN, density=density,

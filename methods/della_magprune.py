@@ -76,7 +76,8 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     if rescale != "l1":
         return {"gain": [1.0] * len(density)}
     m = row_length(shape)
-    seeds, kept = [expert_seed(seed, key, i) for i in range(len(density))], KeepBits(shape, len(density), m)
+    seeds = [expert_seed(seed, key, i) for i in range(len(density))]
+    kept = KeepBits(shape=shape, experts=len(density), granule=m)
 
     def sums(b, xs, offset):
         rates = compiled_rates(b, xs, density, epsilon, m)

@@ -9,13 +9,8 @@ from typing import Callable
 import torch
 
 from .. import kernels
-from .contract import Method
+from .contract import Method, model_scope  # noqa: F401  (dispatch's callers read it here too)
 from .ranking import Ranking, bounds, tie_counts
-
-
-def model_scope(method: Method, params: dict) -> bool:
-    """Whether the method's magnitude ranks are taken over the whole model."""
-    return method.ranks is not None and params.get("sparsify_scope") == "model"
 
 
 def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> Ranking:

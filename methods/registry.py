@@ -99,10 +99,12 @@ _BENCH_TRIM = {"weights": 1.0, "density": 0.2}
 
 # -- the task-arithmetic family (methods/task_vectors.py): out = b + lam * m over e_i = w_i trim_i(d_i), m their sum
 # or (elect "sign") their disjoint merge. A member's row names its trim and election; its module holds the trim.
-TOP_K = Trim("magnitude", ties_merging.trim, ties_merging.fused_trim, ranks=ties_merging.ranks)
-BAND = Trim("magnitude", model_breadcrumbs.trim, model_breadcrumbs.fused_trim, ranks=model_breadcrumbs.ranks)
-DROP = Trim("random", dare_drop.trim, dare_drop.fused_trim, reduce=dare_drop.rescale_gains)
-MAGPRUNE = Trim("random", della_magprune.trim, della_magprune.fused_trim, reduce=della_magprune.rescale_gains)
+TOP_K = Trim("magnitude", torch=ties_merging.trim, fused=ties_merging.fused_trim, ranks=ties_merging.ranks)
+BAND = Trim("magnitude", torch=model_breadcrumbs.trim, fused=model_breadcrumbs.fused_trim,
+            ranks=model_breadcrumbs.ranks)
+DROP = Trim("random", torch=dare_drop.trim, fused=dare_drop.fused_trim, reduce=dare_drop.rescale_gains)
+MAGPRUNE = Trim("random", torch=della_magprune.trim, fused=della_magprune.fused_trim,
+                reduce=della_magprune.rescale_gains)
 
 REGISTRY = {m.name: m for m in [
     # -- the task-arithmetic family: linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*
@@ -221,23 +223,25 @@ REGISTRY = {m.name: m for m in [
     Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
            "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
            apply=data_aware.fisher, needs_base=False, keep_base=EMBEDDINGS_AND_HEAD,
-           data_statistic=DataStatistic("fisher", False, True, ("samples", "fisher"))),
+           data_statistic=DataStatistic("fisher", whole=False, every_tensor=True, collect=("samples", "fisher"))),
     Method(name="regmean", summary="per linear layer the weights minimising the experts' output gaps on their "
            "data (Grams)", paper="https://arxiv.org/abs/2212.09849", params=(REDUCTION, SAMPLES),
            apply=data_aware.regmean, reduce=data_aware.regmean_projections,
            span="row", needs_base=False, keep_base=EMBEDDINGS_AND_HEAD,
-           data_statistic=DataStatistic("gram", True, False, ("samples",))),
+           data_statistic=DataStatistic("gram", whole=True, every_tensor=False, collect=("samples",))),
     Method(name="regmean_plusplus", summary="RegMean with each expert's Grams taken on its data as the merged "
            "model carries it, layer by layer", paper="https://github.com/uiuctml/MergeBench/pull/8",
            params=(REDUCTION_PP, SAMPLES), apply=data_aware.regmean,
            reduce=data_aware.regmean_projections, span="row", needs_base=False,
-           keep_base=EMBEDDINGS_AND_HEAD, data_statistic=DataStatistic("gram_plusplus", True, False, ("samples", "reduction"))),
+           keep_base=EMBEDDINGS_AND_HEAD,
+           data_statistic=DataStatistic("gram_plusplus", whole=True, every_tensor=False,
+                                        collect=("samples", "reduction"))),
     Method(name="localize_stitch_trained", summary="Localize-and-Stitch with masks trained on each expert's data, "
            "overlaps averaged", paper="https://arxiv.org/abs/2408.13656",
            params=(SPARSITY, SIGMOID_BIAS, MASK_LR, EPOCHS, L1, SAMPLES),
            apply=data_aware.localize_stitch_trained, keep_base=EMBEDDINGS_AND_HEAD,
-           data_statistic=DataStatistic("mask", False, True, ("sparsity", "sigmoid_bias", "lr", "epochs", "l1",
-                                                              "samples")),
+           data_statistic=DataStatistic("mask", whole=False, every_tensor=True,
+                                        collect=("sparsity", "sigmoid_bias", "lr", "epochs", "l1", "samples")),
            # MergeBench's lr 1e8 acts on a sum of raw gradients over ~500 steps of a 2B model; one step of 1e8
            # on the zoo's mean gradient overshoots (math expert: task loss 0.32 -> 1.60 against the dataless
            # mask), 1e6 for 3 epochs lowers it (0.32 -> 0.29) and keeps ~10% of entries

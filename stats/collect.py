@@ -14,6 +14,7 @@ import re
 import resource
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,20 +36,40 @@ from ..methods import collection_params
 from . import data as datasets
 from .fisher import fisher
 from .gram import gram
-from .mask import train_mask
+from .mask import MASK_TRAINING, MaskTraining, train_mask
 from .writer import StatsWriter
 
 KINDS = ("fisher", "gram", "mask")
 BATCH = {"fisher": 1, "gram": 8, "mask": 8}  # fisher: one example per backward, the exact per-example Fisher
+UNKEYED = ("memory_budget", "progress")      # options that change passes or output lines, not the statistics
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectOptions:
+    """How statistics are collected, the same for every expert: how its data is read (a merge's
+    data_options, `mbmerge stats`' data flags: split, data_format, max_length, seed, batch_size, and the
+    model's dtype while collecting), where the model runs, the accumulators held at once, and whether
+    progress lines are printed (the `options` of mbmerge.collect_statistics)."""
+    split: str = "validation"
+    data_format: str | None = None     # "PROMPT_FIELD,RESPONSE_FIELD" (default: detect the schema)
+    max_length: int = 2048
+    batch_size: int | None = None      # default: BATCH[kind]
+    seed: int = 0
+    dtype: str | None = None           # default: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"
+    memory_budget: int | str = "4GB"
+    progress: bool = True
 
 
 def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None = None, params: dict | None = None,
-            split: str = "validation", data_format: str | None = None, max_length: int = 2048,
-            batch_size: int | None = None, seed: int = 0, dtype: str | None = None, device: str = "auto",
-            memory_budget: int | str = "4GB", overwrite: bool = False, progress: bool = True) -> Path:
+            options: CollectOptions = CollectOptions(), overwrite: bool = False) -> Path:
     """Statistics of KIND for MODEL (a folder) on DATA into OUT; see the module table. params: the
     method's collection parameters (samples, fisher labels; mask: sparsity, sigmoid_bias, lr,
-    epochs, l1); mask needs the BASE the model was fine-tuned from."""
+    epochs, l1); mask needs the BASE the model was fine-tuned from; options: how (CollectOptions).
+
+    Example:
+        collect("gram", Path("zoo/math"), "math", Path("grams/"), options=CollectOptions(device="cuda"))
+    """
     from transformers import AutoModelForCausalLM
     if kind not in KINDS:
         raise BadParameter(f"unknown statistics kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -58,17 +79,18 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
         if folder is not None:
             TensorIndex.from_folder(Path(folder), role)
     p = {**{n: q.default for n, q in collection_params(kind).items()}, **(params or {})}
-    dev, budget = resolve_device(str(device)), parse_size(memory_budget)
-    torch_dtype = _torch_dtype(dtype, dev)
+    dev, budget = resolve_device(str(options.device)), parse_size(options.memory_budget)
+    torch_dtype = _torch_dtype(options.dtype, dev)
     writer = StatsWriter(out, overwrite)
-    if progress:
+    if options.progress:
         print(f"mbmerge stats: {kind} of {model} on {data} ({p['samples']} examples)", file=sys.stderr, flush=True)
     try:
         started = time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        batches, record = _data(model, data, p["samples"], split=split, data_format=data_format, seed=seed,
-                                max_length=max_length, batch_size=batch_size or BATCH[kind])
+        batches, record = _data(model, data, p["samples"], split=options.split, data_format=options.data_format,
+                                seed=options.seed, max_length=options.max_length,
+                                batch_size=options.batch_size or BATCH[kind])
         with quiet_transformers():  # loaded in the collecting dtype: a cast afterwards would hold both copies
             net = AutoModelForCausalLM.from_pretrained(base if kind == "mask" else model, torch_dtype=torch_dtype)
         net.to(dev).eval()
@@ -76,14 +98,14 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
                  if t.is_floating_point() and not re.search(EMBEDDINGS_AND_HEAD, n)]
         with model_threads(net):    # a small model's eager ops on one thread: no collapse beside a busy core
             if kind == "fisher":
-                info = fisher(net, batches, names=names, labels=p["fisher"], seed=seed, budget=budget, emit=writer)
+                info = fisher(net, batches, names=names, labels=p["fisher"], seed=options.seed, budget=budget,
+                              emit=writer)
             elif kind == "gram":
                 info = gram(net, batches, budget=budget, emit=writer)
             else:
                 base_t, expert_t = _tensors(base, "base"), _tensors(model, "expert")
-                info = train_mask(net, base_t, expert_t, batches, names=names, sparsity=p["sparsity"],
-                                  sigmoid_bias=p["sigmoid_bias"], lr=p["lr"], epochs=p["epochs"], l1=p["l1"],
-                                  emit=writer)
+                training = MaskTraining(**{k: p[k] for k in MASK_TRAINING})
+                info = train_mask(net, base_t, expert_t, batches, names=names, training=training, emit=writer)
         card = {"kind": kind, "mbmerge_version": VERSION, "model": str(Path(model).resolve()),
                 "base": str(Path(base).resolve()) if base else None, "data": record,
                 "params": {k: p[k] for k in collection_params(kind)},
@@ -101,17 +123,19 @@ def collect(kind: str, model: Path, data: str, out: Path, *, base: Path | None =
 
 def collect_cached(kind: str, model: Path, data: str, *, base: Path | None = None, params: dict | None = None,
                    progress: bool = True, **options) -> Path:
-    """collect() into the cache (MBMERGE_CACHE/stats), or the folder a same-keyed call wrote before."""
+    """collect() into the cache (MBMERGE_CACHE/stats), or the folder a same-keyed call wrote before.
+    options: CollectOptions' fields, keyed as given."""
     key = {"kind": kind, "version": VERSION, "data": data,
            "params": {k: (params or {}).get(k) for k in collection_params(kind)},
-           "options": {k: str(v) for k, v in options.items() if k != "memory_budget"},  # changes passes, not values
+           "options": {k: str(v) for k, v in options.items() if k not in UNKEYED},
            "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (model, base) if f is not None])}
     if content := _content(data):
         key["data_file"] = content
     out = cache_dir() / "stats" / f"{kind}-{Path(model).name}-{_digest(key)}"
     if (out / STATS_CARD).is_file():
         return out
-    return collect(kind, model, data, out, base=base, params=params, progress=progress, overwrite=True, **options)
+    return collect(kind, model, data, out, base=base, params=params,
+                   options=CollectOptions(progress=progress, **options), overwrite=True)
 
 
 def _data(model: Path, data: str, samples: int, *, split: str, data_format: str | None, seed: int, max_length: int,
@@ -128,35 +152,32 @@ def _data(model: Path, data: str, samples: int, *, split: str, data_format: str 
     return datasets.batches(seqs, batch_size, pad), record
 
 
-def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *, params: dict,
-                            split: str = "validation", data_format: str | None = None, max_length: int = 2048,
-                            batch_size: int | None = None, seed: int = 0, dtype: str | None = None,
-                            device: str = "auto", memory_budget: int | str = "4GB",
-                            progress: bool = True) -> list[Path]:
+def collect_plusplus_cached(base: Path, experts: list[Path], data: list[str], *, params: dict, progress: bool = True,
+                            **options) -> list[Path]:
     """RegMean++ statistics (regmean_plusplus.py) of every expert at once, one folder each, cached by all
-    the inputs, the data and the parameters (each expert's Grams depend on every other expert)."""
-    from .regmean_plusplus import collect_plusplus
-    options = dict(split=split, data_format=data_format, max_length=max_length, batch_size=batch_size, seed=seed,
-                   dtype=dtype, device=device)
+    the inputs, the data and the parameters (each expert's Grams depend on every other expert).
+    options: CollectOptions' fields."""
+    from .regmean_plusplus import ExpertData, collect_plusplus
+    o = CollectOptions(progress=progress, **options)
     key = {"kind": "gram_plusplus", "version": VERSION, "data": list(data), "params": params,
-           "options": {k: str(v) for k, v in options.items()},
+           "options": {k: str(v) for k, v in asdict(o).items() if k not in UNKEYED},
            "inputs": input_identity([TensorIndex.from_folder(Path(f)) for f in (base, *experts)]),
            "data_files": [_content(d) for d in data]}
     digest = _digest(key)
     outs = [cache_dir() / "stats" / f"gram_plusplus-{Path(e).name}-{k}-{digest}" for k, e in enumerate(experts)]
     if all((o / STATS_CARD).is_file() for o in outs):
         return outs
-    dev = resolve_device(str(device))
-    torch_dtype = _torch_dtype(dtype, dev)
-    data_of = [_data(e, d, params["samples"], split=split, data_format=data_format, seed=seed, max_length=max_length,
-                     batch_size=batch_size or BATCH["gram"]) for e, d in zip(experts, data)]
+    dev = resolve_device(str(o.device))
+    torch_dtype = _torch_dtype(o.dtype, dev)
+    data_of = [_data(e, d, params["samples"], split=o.split, data_format=o.data_format, seed=o.seed,
+                     max_length=o.max_length, batch_size=o.batch_size or BATCH["gram"]) for e, d in zip(experts, data)]
     writers = [StatsWriter(o, overwrite=True) for o in outs]
     parameters = sum(e.numel for e in TensorIndex.from_folder(Path(base), "base").tensors.values())
     try:
         with torch_threads(threads_for(parameters)):
-            info = collect_plusplus(Path(base), [Path(e) for e in experts], [b for b, _ in data_of], writers,
-                                    reduction=params["reduction"], dtype=torch_dtype, device=dev,
-                                    budget=parse_size(memory_budget), progress=progress)
+            runs = [ExpertData(folder=Path(e), batches=b, emit=w) for e, (b, _), w in zip(experts, data_of, writers)]
+            info = collect_plusplus(Path(base), runs, reduction=params["reduction"], dtype=torch_dtype, device=dev,
+                                    budget=parse_size(o.memory_budget), progress=o.progress)
         for e, (_, record), writer in zip(experts, data_of, writers):
             writer.publish({"kind": "gram_plusplus", "mbmerge_version": VERSION, "model": str(Path(e).resolve()),
                             "base": str(Path(base).resolve()), "data": record, "params": params,

@@ -22,6 +22,7 @@ than stored; gradients are folded into float32 accumulators on the parameters' d
 one is ready. No optimizer.
 """
 import time
+from dataclasses import dataclass, fields
 from math import floor
 from typing import Callable
 
@@ -33,9 +34,24 @@ from .fisher import log_likelihood
 from .groups import device_of, measuring, on_device
 
 
+@dataclass(frozen=True, kw_only=True)
+class MaskTraining:
+    """The trained mask's hyper-parameters (localize_stitch_trained's collection parameters): the
+    share kept at the start (sparsity), the logits' starting magnitude sigma_b (sigmoid_bias), the
+    step size, the epochs and the L1 weight of the equations above."""
+    sparsity: float = 0.1
+    sigmoid_bias: float = 3.0
+    lr: float = 1e8
+    epochs: int = 1
+    l1: float = 0.0
+
+
+MASK_TRAINING = tuple(f.name for f in fields(MaskTraining))
+
+
 def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str], torch.Tensor], batches,
-               *, names: list[str], sparsity: float = 0.1, sigmoid_bias: float = 3.0, lr: float = 1e8,
-               epochs: int = 1, l1: float = 0.0, emit: Callable[[str, torch.Tensor], None]) -> dict:
+               *, names: list[str], training: MaskTraining = MaskTraining(),
+               emit: Callable[[str, torch.Tensor], None]) -> dict:
     """Train the mask of one expert on its data; emit(name, uint8 CPU mask of the param's shape).
 
     model: loaded from the base; its `names` parameters are overwritten while training and hold
@@ -44,6 +60,7 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
     "loss_final"}; the losses are the mean task loss at the dataless and at the trained binary mask.
     """
     start = time.perf_counter()
+    t = training
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing or not names:
@@ -58,14 +75,14 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
 
     numel = sum(params[n].numel() for n in names)
     # localize_stitch's dataless mask: exactly the top k |d| of the model, ties in the order of `names`
-    k = min(numel, max(1, floor(sparsity * numel)))
+    k = min(numel, max(1, floor(t.sparsity * numel)))
     ranking = Ranking(bounds([[Rank(k)]], lambda: ((None, [delta(n).flatten()]) for n in names), numel,
                              keep_ties=False))
 
     def init(n):
         a = delta(n).abs()
         cut = ranking.cuts(a.numel(), *tie_counts(lambda i: a.flatten()))[0][0]
-        return torch.where(cut.mask(a.flatten()).view(a.shape), sigmoid_bias, -sigmoid_bias).float()
+        return torch.where(cut.mask(a.flatten()).view(a.shape), t.sigmoid_bias, -t.sigmoid_bias).float()
     S = {n: init(n) for n in names}
     init_kept = sum(int((s > 0).sum()) for s in S.values()) / numel
 
@@ -73,12 +90,12 @@ def train_mask(model, base: Callable[[str], torch.Tensor], expert: Callable[[str
         try:
             _load(params, names, base, delta, lambda n: (S[n] > 0).float())
             loss_init, examples, tokens = _mean_loss(model, batches)
-            for _ in range(epochs):
+            for _ in range(t.epochs):
                 _load(params, names, base, delta, lambda n: torch.sigmoid(S[n]))
                 acc, count = _gradients(model, params, names, batches)
                 for n in names:      # g = acc / count: the mean over this epoch's target tokens
                     s = torch.sigmoid(S[n])
-                    S[n] -= (lr * acc.pop(n).cpu().div_(count) * delta(n) + l1) * s * (1 - s)
+                    S[n] -= (t.lr * acc.pop(n).cpu().div_(count) * delta(n) + t.l1) * s * (1 - s)
             _load(params, names, base, delta, lambda n: (S[n] > 0).float())
             loss_final = _mean_loss(model, batches)[0]
         finally:

@@ -19,7 +19,9 @@ import copy
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,15 +37,24 @@ class _Stop(Exception):
     """Raised by a hook once the layer slot's input is taken: nothing after it needs to run."""
 
 
-def collect_plusplus(base: Path, experts: list[Path], batches: list, emit: list, *, reduction: float,
-                     dtype: torch.dtype, device: torch.device, budget: int, progress: bool = True) -> dict:
-    """RegMean++ Grams of every expert (batches[t]: expert t's data, a callable giving fresh batch
-    iterators), emitted as emit[t](name, G) layer by layer; returns what a card records."""
+@dataclass(frozen=True, kw_only=True)
+class ExpertData:
+    """One expert t of a RegMean++ collection: its folder, its data (a callable giving fresh batch
+    iterators) and where its Grams go, emit(name, G)."""
+    folder: Path
+    batches: Callable
+    emit: Callable[[str, torch.Tensor], None]
+
+
+def collect_plusplus(base: Path, experts: list[ExpertData], *, reduction: float, dtype: torch.dtype,
+                     device: torch.device, budget: int, progress: bool = True) -> dict:
+    """RegMean++ Grams of every expert on its data, emitted layer by layer; returns what a card records."""
     from transformers import AutoConfig
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(base)
-    models = [MappedModel(TensorIndex.from_folder(Path(e), f"expert {e}")) for e in experts]
-    slot = Skeleton(base, config, dtype, device)
+    models = [MappedModel(TensorIndex.from_folder(e.folder, f"expert {e.folder}")) for e in experts]
+    batches = [e.batches for e in experts]
+    slot = Skeleton(base=base, config=config, dtype=dtype, device=device)
     try:
         with tempfile.TemporaryDirectory(prefix="mbmerge-regmean++-") as tmp:
             cache = ActivationCache(Path(tmp))
@@ -60,7 +71,7 @@ def collect_plusplus(base: Path, experts: list[Path], batches: list, emit: list,
                     gram(slot.model, slot.fed(run, cache.reader(t, layer)), budget=budget,
                          emit=lambda n, g, found=found: found.__setitem__(slot.rename(n, layer), g))
                     for n, g in found.items():
-                        emit[t](n, g)
+                        experts[t].emit(n, g)
                     grams.append(found)
                 slot.load(layer, _merged(models, layer, grams, reduction))
                 for t, run in enumerate(batches):
@@ -108,7 +119,7 @@ class Skeleton:
     """The base's architecture with one decoder layer slot and no final norm or head: the base's
     embeddings, masks and rotary embeddings around whichever layer is loaded."""
 
-    def __init__(self, base: Path, config, dtype: torch.dtype, device: torch.device):
+    def __init__(self, *, base: Path, config, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
         from ..common.quiet import quiet_transformers
         one = copy.deepcopy(config)

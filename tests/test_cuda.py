@@ -102,11 +102,12 @@ def test_merges_on_the_gpu_equal_merges_on_the_cpu(wide_family, tmp_path, method
 def test_statistics_collected_on_the_gpu_equal_those_collected_on_the_cpu(micro_zoo, tmp_path, kind):
     """The collectors on CUDA (float32, so only summation order differs) against the CPU."""
     from safetensors.torch import load_file
-    from mbmerge.stats.collect import collect
+    from mbmerge.stats.collect import CollectOptions, collect
 
     def run(device):
         out = collect(kind, micro_zoo / "math", "math", tmp_path / device, base=micro_zoo / "base",
-                      params={"samples": 16, "lr": 1e6}, device=device, dtype="float32", progress=False)
+                      params={"samples": 16, "lr": 1e6},
+                      options=CollectOptions(device=device, dtype="float32", progress=False))
         card = json.loads((out / "mbmerge-stats.json").read_text())
         return {k: v for f in sorted(out.glob("stats-*.safetensors")) for k, v in load_file(str(f)).items()}, card
     (cpu, _), (gpu, card) = run("cpu"), run("cuda")

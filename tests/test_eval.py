@@ -36,7 +36,7 @@ def test_forgetting_by_hand():
 
 
 def test_domain_scores_mean_of_tasks():
-    t1, t2, t3 = (domain_tasks.Task(n, "acc,none") for n in ("t1", "t2", "t3"))
+    t1, t2, t3 = (domain_tasks.Task(name=n, metric="acc,none") for n in ("t1", "t2", "t3"))
     p = {"x": (t1, t2), "y": (t3,)}
     assert harness.domain_scores(p, {"t1": 0.2, "t2": 0.6, "t3": None}) == {"x": pytest.approx(0.4), "y": None}
 
@@ -100,7 +100,8 @@ def test_generated_tasks_load_in_lm_eval(tmp_path):
 def test_zoo_domains_end_to_end(tiny, tmp_path):
     """lm-eval scores every zoo domain (+ general) on a random model: numbers in [0, 1]."""
     p = domain_tasks.plan("zoo", zoo_tasks=domain_tasks.zoo_tasks_dir(n=3))
-    scores = harness.evaluate(tiny[0], family="zoo", limit=2, zoo_tasks=p["math"][0].include)
+    scores = harness.evaluate(tiny[0], family="zoo", settings=harness.EvalSettings(limit=2),
+                              zoo_tasks=p["math"][0].include)
     assert set(scores) == {*domain_tasks.MERGEBENCH_DOMAINS, "general"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
@@ -109,7 +110,7 @@ def test_checker_scores_the_generation(tiny, tmp_path):
     """Pass 1 records what the model generates; pass 2 asks for exactly that: score 1 (and 0 before)."""
     seen = {}
     first = tasks.write_tasks(tmp_path / "t1", [Echo("echo", seen=seen)], n=3)
-    t1 = domain_tasks.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t1"))
+    t1 = domain_tasks.Task(name=first["echo"], metric="score,none", num_fewshot=0, include=str(tmp_path / "t1"))
     assert harness.evaluate_tasks(tiny[0], [t1], add_bos_token=True, cache=False) == {t1.name: 0.0}
     assert len(seen) == 3
     answers = tuple(domains.first_line(seen[f"{i} + {i} ="]) for i in range(3))
@@ -121,7 +122,7 @@ def test_checker_scores_the_generation(tiny, tmp_path):
                                  AutoTokenizer.from_pretrained(tiny[0]), list(seen), 6)
     assert [domains.first_line(c) for c in ref] == [domains.first_line(c) for c in seen.values()]
     tasks.write_tasks(tmp_path / "t2", [Echo("echo", answers=answers)], n=3)
-    t2 = domain_tasks.Task(first["echo"], "score,none", 0, include=str(tmp_path / "t2"))
+    t2 = domain_tasks.Task(name=first["echo"], metric="score,none", num_fewshot=0, include=str(tmp_path / "t2"))
     assert harness.evaluate_tasks(tiny[0], [t2], add_bos_token=True, cache=False) == {t2.name: 1.0}
 
 
@@ -130,12 +131,13 @@ def test_ranges_of_examples_score_what_their_examples_score(tiny, tmp_path):
     lm-eval's limit from 0 and its samples after; known per-example scores: right on 0, 3, 4, 8."""
     seen = {}
     names = tasks.write_tasks(tmp_path / "t1", [Echo("echo", seen=seen)], n=10)
-    t1 = domain_tasks.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t1"))
-    harness.evaluate_tasks(tiny[0], [t1], add_bos_token=True, batch_size=1, cache=False)
+    t1 = domain_tasks.Task(name=names["echo"], metric="score,none", num_fewshot=0, include=str(tmp_path / "t1"))
+    harness.evaluate_tasks(tiny[0], [t1], settings=harness.EvalSettings(batch_size=1), add_bos_token=True,
+                           cache=False)
     right = {0, 3, 4, 8}
     answers = tuple(domains.first_line(seen[f"{i} + {i} ="]) if i in right else "?" for i in range(10))
     tasks.write_tasks(tmp_path / "t2", [Echo("echo", answers=answers)], n=10)
-    t2 = domain_tasks.Task(names["echo"], "score,none", 0, include=str(tmp_path / "t2"))
+    t2 = domain_tasks.Task(name=names["echo"], metric="score,none", num_fewshot=0, include=str(tmp_path / "t2"))
     ranges = [(0, 10), (0, 4), (4, 10), (2, 7), (9, 10), (5, 5), (0, None)]
     got = harness.evaluate_ranges(tiny[0], [(t2, a, b) for a, b in ranges], add_bos_token=True, batch_size=1)
     want = [sum(i in right for i in range(a, b or 10)) / ((b or 10) - a) if b is None or b > a else None
@@ -148,19 +150,20 @@ def test_cache_prevents_second_run(tiny, tmp_path, monkeypatch):
     calls = []
     real = lm_eval.simple_evaluate
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["tasks"]) or real(**kw))
-    zt = domain_tasks.zoo_tasks_dir(n=3)
-    first = harness.evaluate(tiny[0], domains=["math"], general=False, limit=2, zoo_tasks=zt)
-    again = harness.evaluate(tiny[0], domains=["math"], general=False, limit=2, zoo_tasks=zt)
+    zt, two = domain_tasks.zoo_tasks_dir(n=3), harness.EvalSettings(limit=2)
+    first = harness.evaluate(tiny[0], domains=["math"], general=False, settings=two, zoo_tasks=zt)
+    again = harness.evaluate(tiny[0], domains=["math"], general=False, settings=two, zoo_tasks=zt)
     assert first == again and len(calls) == 1
-    harness.evaluate(tiny[1], domains=["math"], general=False, limit=2, zoo_tasks=zt)  # another model
-    harness.evaluate(tiny[0], domains=["math"], general=False, limit=3, zoo_tasks=zt)  # another limit
+    harness.evaluate(tiny[1], domains=["math"], general=False, settings=two, zoo_tasks=zt)  # another model
+    three = harness.EvalSettings(limit=3)
+    harness.evaluate(tiny[0], domains=["math"], general=False, settings=three, zoo_tasks=zt)  # another limit
     assert len(calls) == 3
     copy = tmp_path / "copy"
     shutil.copytree(tiny[0], copy)  # same weights elsewhere: same identity, cached
-    harness.evaluate(copy, domains=["math"], general=False, limit=2, zoo_tasks=zt)
+    harness.evaluate(copy, domains=["math"], general=False, settings=two, zoo_tasks=zt)
     assert len(calls) == 3
     (copy / "mbmerge.json").write_text(json.dumps({"method": "ties", "wall_seconds": 1.5}))
-    harness.evaluate(copy, domains=["math"], general=False, limit=2, zoo_tasks=zt)  # a merge record: its identity
+    harness.evaluate(copy, domains=["math"], general=False, settings=two, zoo_tasks=zt)  # a merge record: its identity
     assert len(calls) == 4
 
 

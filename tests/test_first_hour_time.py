@@ -73,7 +73,7 @@ def test_eval_tables_say_why_a_mean_has_no_value():
 def test_progress_estimates_from_the_steps_that_ran():
     from mbmerge.common.progress import Progress
     said, now = [], [0.0]
-    steps = Progress(5, said.append, "x", clock=lambda: now[0])
+    steps = Progress(total=5, say=said.append, prefix="x", clock=lambda: now[0])
     for t, cached in [(2.0, False), (2.0, True), (6.0, False), (306.0, False), (306.5, False)]:
         now[0] = t
         steps.step("s", timed=not cached)

@@ -5,7 +5,7 @@ from itertools import combinations
 
 import pytest
 
-from mbmerge.tune.hi_merging import Mix, hi_merging
+from mbmerge.tune.hi_merging import HiSearch, Mix, hi_merging
 
 
 class Fake:
@@ -50,7 +50,7 @@ def two():
 # t = 0.5 g0 + 0.5 g1 - 0.25 x, and in M_m it is 0.5 g_m; alpha adds z_d, beta does not:
 #   a: l0 t = 1.5 - 0.5 = 1.0   l1 t = 0.5 + 0.5 = 1.0   l2 t = 1.0 - 1.0 = 0.0
 #   b: l0 t = 1.0 + 0.5 = 1.5   l1 t = 0.5 + 1.0 = 1.5   l2 t = 2.0 - 0.5 = 1.5
-KW = dict(domains=["a", "b"], n_layers=3, grid_p=(1.0,), grid_s=(0.5,))
+KW, GRID = dict(domains=["a", "b"], n_layers=3), dict(grid_p=(1.0,), grid_s=(0.5,))
 CONTRIB = {  # (alpha_alone, beta_alone, alpha_merge, beta_merge, gamma = aa + ba - am - bm)
     0: {"a": (2.0, 1.5, 1.5, 1.0, 1.0), "b": (0.75, 0.5, 1.75, 1.5, -2.0)},
     1: {"a": (1.0, 0.5, 1.5, 1.0, -1.0), "b": (1.25, 1.0, 1.75, 1.5, -1.0)},
@@ -70,11 +70,11 @@ NP_WEAKENED = (3.25 / 8 + 13.25 / 16) / 2
 def test_stage1_picks_the_brute_force_grid_point():
     # by hand: with w = ps for both, P_a = 2 + 7w - 6w^2 and P_b = 9 + 10w - 2w^2, so NP peaks at
     # w = 6/7; the nearest grid product is 0.8 = 0.8 * 1.0 = 1.0 * 0.8, a tie the first point wins
-    res = hi_merging(two(), domains=["a", "b"], n_layers=3, accept="always")
+    res = hi_merging(two(), domains=["a", "b"], n_layers=3, search=HiSearch(accept="always"))
     f, best, table = two(), None, {}
     for p in (0.2, 0.4, 0.6, 0.8, 1.0):
         for s in (0.2, 0.4, 0.6, 0.8, 1.0):
-            got = f(Mix((0, 1), (p, p), (s, s)), ("a", "b"))
+            got = f(Mix(experts=(0, 1), p=(p, p), s=(s, s)), ("a", "b"))
             table[p, s] = (got["a"] / 8 + got["b"] / 16) / 2
             best = (p, s) if best is None or table[p, s] > table[best] else best
     assert best == (0.8, 1.0) and (res.p, res.s) == best
@@ -84,7 +84,7 @@ def test_stage1_picks_the_brute_force_grid_point():
 
 
 def test_contributions_and_order_by_gamma():
-    res = hi_merging(two(), **KW)
+    res = hi_merging(two(), search=HiSearch(**GRID), **KW)
     keys = ("alpha_alone", "beta_alone", "alpha_merge", "beta_merge", "gamma")
     got = {l: {d: tuple(c[k] for k in keys) for d, c in v.items()} for l, v in res.contributions.items()}
     assert got == CONTRIB
@@ -94,8 +94,8 @@ def test_contributions_and_order_by_gamma():
 
 @pytest.mark.parametrize("partial, pruned", [("dominant", 1), ("weakened", 0)])
 def test_severe_partial_and_keep(partial, pruned):
-    res = hi_merging(two(), partial=partial, accept="always", **KW)
-    assert res.mix == Mix((0, 1), (1.0, 1.0), (0.5, 0.5), layers=((0, pruned, 0.5, 0.25), (2, 0, 1.0, 0.0)))
+    res = hi_merging(two(), search=HiSearch(partial=partial, accept="always", **GRID), **KW)
+    assert res.mix == Mix(experts=(0, 1), p=(1.0, 1.0), s=(0.5, 0.5), layers=((0, pruned, 0.5, 0.25), (2, 0, 1.0, 0.0)))
     assert [(d["layer"], d["kind"], d["experts"], d["accepted"]) for d in res.decisions] == [
         (2, "severe", (0,), True), (0, "partial", (pruned,), True), (1, "keep", (), True)]
     assert res.decisions[0]["np_after"] == NP_SEVERE
@@ -104,7 +104,7 @@ def test_severe_partial_and_keep(partial, pruned):
 
 
 def test_no_worse_reverts_a_change_that_lowers_np():
-    res = hi_merging(two(), partial="weakened", accept="no-worse", **KW)
+    res = hi_merging(two(), search=HiSearch(partial="weakened", accept="no-worse", **GRID), **KW)
     d = res.decisions[1]
     assert (d["layer"], d["np_before"], d["np_after"], d["accepted"]) == (0, NP_SEVERE, NP_WEAKENED, False)
     assert res.mix.layers == ((2, 0, 1.0, 0.0),) and res.np_final == NP_SEVERE
@@ -116,7 +116,7 @@ def test_boundaries():
     # is no conflict, so layer 1 (gamma_a^1 = -1) is kept; its Gamma = -1 ties layer 0's, index first.
     f = two()
     f.B["b"], f.x[1]["b"] = 0.75, 2
-    res = hi_merging(f, accept="no-worse", **KW)
+    res = hi_merging(f, search=HiSearch(accept="no-worse", **GRID), **KW)
     assert res.contributions[1]["b"]["gamma"] == 0 and res.order == [2, 0, 1]
     assert [(d["layer"], d["kind"], d["accepted"]) for d in res.decisions] == [
         (2, "severe", True), (0, "partial", True), (1, "keep", True)]
@@ -131,11 +131,11 @@ def test_boundaries():
                                            (36, 36), (100, 36)])
 def test_budget_stops_early_and_is_never_exceeded(budget, evals):
     f = two()
-    res = hi_merging(f, max_evals=budget, accept="always", **KW)
+    res = hi_merging(f, search=HiSearch(max_evals=budget, accept="always", **GRID), **KW)
     assert res.evals == sum(f.calls.values()) == evals
     assert res.stopped_early == (budget < 36)
     if 6 <= budget < 34:                                            # stopped in stage 2 or at stage 3's first
-        assert res.mix == Mix((0, 1), (1.0, 1.0), (0.5, 0.5)) and res.decisions == []
+        assert res.mix == Mix(experts=(0, 1), p=(1.0, 1.0), s=(0.5, 0.5)) and res.decisions == []
     if budget in (34, 35):                                          # the severe change is in, the partial not
         assert res.mix.layers == ((2, 0, 1.0, 0.0),) and res.np_final == NP_SEVERE
 
@@ -144,7 +144,8 @@ def test_every_pair_scored_once():
     # p = s = 1 beats p = 0.5 (NP 0.71875 > 0.671875), so each M_m is its reference, not scored again:
     # 4 references + 2 * 2 grid points + 0 + 24 stage 2 + 2 * 2 stage 3 (layers 0 and 2 change) = 36
     f = two()
-    res = hi_merging(f, domains=["a", "b"], n_layers=3, grid_p=(0.5, 1.0), grid_s=(1.0,), accept="always")
+    res = hi_merging(f, domains=["a", "b"], n_layers=3,
+                     search=HiSearch(grid_p=(0.5, 1.0), grid_s=(1.0,), accept="always"))
     assert max(f.calls.values()) == 1
     assert (res.p, res.s) == (1.0, 1.0) and res.evals == sum(f.calls.values()) == 36
 
@@ -160,8 +161,8 @@ def test_three_experts(partial, change1):
                 [{"a": 0, "b": 3, "c": 0}, {"a": 0, "b": 1, "c": 0}],
                 [{"a": 0, "b": 0, "c": 2}, {"a": 0, "b": 0, "c": 1}]],
              x=[{"a": 1, "b": 1, "c": 1}, {"a": 0.5, "b": 0.5, "c": 0}])
-    res = hi_merging(f, domains=["a", "b", "c"], n_layers=2, grid_p=(1.0,), grid_s=(1.0,),
-                     partial=partial, accept="always")
+    res = hi_merging(f, domains=["a", "b", "c"], n_layers=2,
+                     search=HiSearch(grid_p=(1.0,), grid_s=(1.0,), partial=partial, accept="always"))
     gamma = {l: [c["gamma"] for c in v.values()] for l, v in res.contributions.items()}
     assert gamma == {0: [6, 6, 6], 1: [3, 3, -2]}
     assert res.order == [0, 1]
@@ -173,7 +174,7 @@ def test_three_experts(partial, change1):
 
 
 def test_bad_arguments():
-    for kw in (dict(domains=["a"]), dict(domains=["a", "a"]), dict(domains=["a", "b"], partial="x"),
-               dict(domains=["a", "b"], accept="x")):
+    for domains, kw in ((["a"], {}), (["a", "a"], {}), (["a", "b"], dict(partial="x")),
+                        (["a", "b"], dict(accept="x"))):
         with pytest.raises(ValueError):
-            hi_merging(two(), n_layers=3, **kw)
+            hi_merging(two(), n_layers=3, domains=domains, search=HiSearch(**kw))

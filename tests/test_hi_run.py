@@ -8,8 +8,9 @@ import torch
 import mbmerge
 from mbmerge.methods import merge_tensors
 from mbmerge.eval import harness
-from mbmerge.tune.hi_merging import Mix
-from mbmerge.tune.hi_run import candidate, hi_merge, n_layers
+from mbmerge.tune.hi_merging import HiSearch, Mix
+from mbmerge.tune.hi_run import candidate, hi_merge, hi_search, n_layers
+from mbmerge.tune.score import Validation
 from conftest import read_model
 from test_tune import DOMAINS, _proxy
 
@@ -21,14 +22,15 @@ def _want(t, name, experts, p, s):
                          density=p, weights=s, keep_ties=True, **TIES_SUM)
 
 
-@pytest.mark.parametrize("mix", [Mix((0, 1), (0.3, 0.5), (0.8, 0.6)),
-                                 Mix((0, 1), (0.3, 0.5), (0.8, 0.6), layers=((1, 1, 0.15, 0.3),)),
-                                 Mix((0, 1), (0.3, 0.5), (0.8, 0.6), only_layer=0),
-                                 Mix((1,), (0.4,), (0.9,), drop_layer=1)])
+@pytest.mark.parametrize("mix", [Mix(experts=(0, 1), p=(0.3, 0.5), s=(0.8, 0.6)),
+                                 Mix(experts=(0, 1), p=(0.3, 0.5), s=(0.8, 0.6), layers=((1, 1, 0.15, 0.3),)),
+                                 Mix(experts=(0, 1), p=(0.3, 0.5), s=(0.8, 0.6), only_layer=0),
+                                 Mix(experts=(1,), p=(0.4,), s=(0.9,), drop_layer=1)])
 def test_a_mix_is_the_ties_merge_it_names(family, tmp_path, mix):
     names, t = ["math", "code"], family["tensors"]
     c = candidate(mix, [str(family["paths"][e]) for e in names], str(family["paths"]["base"]), 2)
-    got = read_model(mbmerge.engine.run(c.spec(tmp_path / "m")))
+    from mbmerge.engine.api import run
+    got = read_model(run(c.spec(tmp_path / "m")))
     for name, b in t["base"].items():
         layer = 0 if "layers.0." in name else 1 if "layers.1." in name else None
         p, s = list(mix.p), list(mix.s)
@@ -45,8 +47,9 @@ def test_hi_merge_runs_on_the_zoo_within_its_budget_and_a_rerun_merges_nothing(m
     calls = []
     proxy = _proxy(micro_zoo)
     monkeypatch.setattr(harness, "evaluate_ranges", lambda f, *a, **k: calls.append(f) or proxy(f, *a, **k))
-    kw = dict(experts=[str(micro_zoo / d) for d in DOMAINS], base=str(micro_zoo / "base"), validate=DOMAINS,
-              grid={"p": [0.5, 1.0], "s": [0.5, 1.0]}, max_evals=30)
+    kw = dict(experts=[str(micro_zoo / d) for d in DOMAINS], base=str(micro_zoo / "base"),
+              validation=Validation(tuple(DOMAINS)),
+              search=HiSearch(grid_p=(0.5, 1.0), grid_s=(0.5, 1.0), max_evals=30))
     record = hi_merge(out=tmp_path / "hi", **kw)
     assert n_layers(micro_zoo / "base") == 2 and record["evals"] <= 30
     assert record["stage1"]["p"] in (0.5, 1.0) and record["np_final"] >= record["stage1"]["np"]
@@ -58,7 +61,6 @@ def test_hi_merge_runs_on_the_zoo_within_its_budget_and_a_rerun_merges_nothing(m
     assert [c for c in calls if "mbmerge-tune-" in str(c)] == merged and again["np_final"] == record["np_final"]
 
 
-def test_hi_merge_refuses_a_grid_it_does_not_have(micro_zoo, tmp_path):
+def test_hi_merge_refuses_a_grid_it_does_not_have():
     with pytest.raises(mbmerge.MbmergeError, match="p and s"):
-        hi_merge(experts=[str(micro_zoo / d) for d in DOMAINS], base=str(micro_zoo / "base"), validate=DOMAINS,
-                 out=tmp_path / "x", grid={"density": [0.1]})
+        hi_search(grid={"density": [0.1]})

@@ -111,7 +111,7 @@ def test_common_imports_no_torch_or_transformers_at_its_top():
 
 
 # engine/'s rooms, bottom to top (engine/__init__.py says what each owns); recipe/ stands beside them
-ENGINE_ROOMS = [{"inputs"}, {"spec", "plan", "journal", "device"}, {"output"}, {"adapters"}, {"models"},
+ENGINE_ROOMS = [{"inputs"}, {"flags", "spec", "plan", "journal", "device"}, {"output"}, {"adapters"}, {"models"},
                 {"execute"}, {"api"}]
 
 

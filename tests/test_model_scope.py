@@ -196,10 +196,10 @@ def test_protocol_mergebench(family, tmp_path):
 
 
 def test_protocol_lets_explicit_parameters_win(family, tmp_path):
-    spec = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a", "b"), out=tmp_path / "o", protocol="mergebench",
-                                         params={"aggregate": "mean"})
+    spec = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a", "b"), base="B", out=tmp_path / "o",
+                                         protocol="mergebench", params={"aggregate": "mean"})
     assert spec.resolved["aggregate"] == "mean" and spec.resolved["sparsify_scope"] == "model"
-    plain = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a",), out=tmp_path / "o")
+    plain = mbmerge.engine.spec.MergeSpec(method="ties", experts=("a",), base="B", out=tmp_path / "o")
     assert spec.keep_base and plain.keep_base is None
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mbmerge.eval.zoo import batch_of, finetune_data
-from mbmerge.stats.mask import train_mask
+from mbmerge.stats.mask import MaskTraining, train_mask
 from conftest import top_mask
 
 SEQS = finetune_data(["math"], 32)
@@ -34,7 +34,7 @@ def run(zoo, bs=8, **kw):
     folder, b, x, names = zoo
     model, masks = model_of(folder / "base"), {}
     info = train_mask(model, b.__getitem__, x.__getitem__, batches(bs), names=names,
-                      emit=masks.__setitem__, **kw)
+                      training=MaskTraining(**kw), emit=masks.__setitem__)
     return model, masks, info
 
 

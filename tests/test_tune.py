@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import mbmerge
 from mbmerge.eval import harness
-from mbmerge.tune.search import tune
+from mbmerge.tune.score import Candidate, Validation
+from mbmerge.tune.search import Search, tune
 from mbmerge.tune.space import parse_grid
 
 DOMAINS = ["math", "coding"]
@@ -53,6 +54,12 @@ def setup(micro_zoo, monkeypatch):
     return micro_zoo, kw, proxy.score, calls
 
 
+def _tune(method, *, experts, base, validate, out, limit=None, show=False, **search):
+    """tune of METHOD's candidates over these experts, scored on `validate`'s domains (limit examples a task)."""
+    return tune(Candidate(method=method, experts=tuple(experts), base=base), out=out,
+                validation=Validation(tuple(validate), limit=limit), search=Search(**search), show=show)
+
+
 def _np(score, folder, zoo, ranges):
     """NP of a model on example ranges [(start, stop)]: per domain the example-weighted mean of its range
     scores over the expert's, averaged over domains."""
@@ -70,7 +77,7 @@ def _merge(tmp_path, kw, method, **params):
 def test_the_grid_picks_what_a_brute_force_loop_picks(setup, tmp_path):
     zoo, kw, score, _ = setup
     grid = {"density": [0.1, 0.3, 1.0], "scale": [0.2, 0.6, 1.0]}
-    record = tune("ties", out=tmp_path / "best", grid=grid, limit=10, **kw)
+    record = _tune("ties", out=tmp_path / "best", grid=grid, limit=10, **kw)
     brute = {(d, s): _np(score, _merge(tmp_path, kw, "ties", density=d, scale=s), zoo, [(0, 10)])
              for d in grid["density"] for s in grid["scale"]}
     best = max(brute, key=brute.get)
@@ -89,7 +96,7 @@ def test_halving_prunes_as_successive_halving_does_and_scores_the_best_on_everyt
     """18 examples a domain: rungs on examples 0-1, 0-5, 0-17; nine candidates, the best third go on."""
     zoo, kw, score, calls = setup
     grid = {"density": [0.1, 0.3, 1.0], "scale": [0.2, 0.6, 1.0]}
-    record = tune("ties", out=tmp_path / "best", grid=grid, limit=18, prune="halving", **kw)
+    record = _tune("ties", out=tmp_path / "best", grid=grid, limit=18, prune="halving", **kw)
     folders = {(d, s): _merge(tmp_path, kw, "ties", density=d, scale=s) for d in grid["density"] for s in grid["scale"]}
     alive, reached = list(folders), {}
     for rung, cuts in enumerate([[(0, 2)], [(0, 2), (2, 6)], [(0, 2), (2, 6), (6, 18)]]):
@@ -114,8 +121,8 @@ def test_halving_a_tpe_search_judges_brackets_of_nine(setup, tmp_path):
     completes; the next bracket's trials are judged against the first's at each rung."""
     zoo, kw, _, _ = setup
     grid = parse_grid("scale=0.2:1.0")
-    record = tune("task_arithmetic", out=tmp_path / "best", grid=grid, sampler="tpe", trials=9, prune="halving",
-                  limit=18, **kw)
+    record = _tune("task_arithmetic", out=tmp_path / "best", grid=grid, sampler="tpe", trials=9, prune="halving",
+                   limit=18, **kw)
     states = sorted((r["state"], r["rung"]) for r in record["trials"])
     assert states == [("complete", 2)] + [("pruned", 0)] * 6 + [("pruned", 1)] * 2
     assert record["best"]["number"] == next(r["number"] for r in record["trials"] if r["state"] == "complete")
@@ -125,13 +132,13 @@ def test_a_rerun_scores_nothing_and_other_settings_score_again(setup, tmp_path):
     zoo, kw, _, calls = setup
     grid = {"scale": [0.4, 0.8]}
     merges = lambda: [f for f, _ in calls if "mbmerge-tune-" in str(f)]  # noqa: E731 (not the experts)
-    first = tune("task_arithmetic", out=tmp_path / "a", grid=grid, **kw)
+    first = _tune("task_arithmetic", out=tmp_path / "a", grid=grid, **kw)
     n = len(merges())
-    again = tune("task_arithmetic", out=tmp_path / "b", grid=grid, **kw)
+    again = _tune("task_arithmetic", out=tmp_path / "b", grid=grid, **kw)
     assert n == 2 and len(merges()) == n and again["this_run"]["evaluated"] == 0
     assert [r["np"] for r in again["trials"]] == [r["np"] for r in first["trials"]]
     assert again["study"] == first["study"] and len(again["trials"]) == 2      # the same study, resumed
-    other = tune("task_arithmetic", out=tmp_path / "c", grid=grid, limit=3, **kw)
+    other = _tune("task_arithmetic", out=tmp_path / "c", grid=grid, limit=3, **kw)
     assert other["study"] != first["study"] and other["this_run"]["evaluated"] == 2 * 2 * 3
 
 
@@ -139,9 +146,9 @@ def test_a_bigger_grid_resumes_the_same_points_and_scores_only_the_new_ones(setu
     """A study is named by its space: a rerun with an extra value is a new study whose shared points
     come from the score store (no merge)."""
     zoo, kw, _, calls = setup
-    tune("task_arithmetic", out=tmp_path / "a", grid={"scale": [0.4, 0.8]}, **kw)
+    _tune("task_arithmetic", out=tmp_path / "a", grid={"scale": [0.4, 0.8]}, **kw)
     before = len([f for f, _ in calls if "mbmerge-tune-" in str(f)])
-    record = tune("task_arithmetic", out=tmp_path / "b", grid={"scale": [0.4, 0.8, 1.0]}, **kw)
+    record = _tune("task_arithmetic", out=tmp_path / "b", grid={"scale": [0.4, 0.8, 1.0]}, **kw)
     assert len([f for f, _ in calls if "mbmerge-tune-" in str(f)]) == before + 1
     assert len(record["trials"]) == 3
 
@@ -150,8 +157,8 @@ def test_a_bigger_grid_resumes_the_same_points_and_scores_only_the_new_ones(setu
 def test_search_samplers_search_per_expert_weights_within_their_ranges(setup, tmp_path, sampler):
     zoo, kw, score, _ = setup
     grid = parse_grid("weights=0.2:1.0 scale=0.5:1.0")
-    record = tune("task_arithmetic", out=tmp_path / "best", grid=grid, sampler=sampler, trials=6,
-                  per_expert=("weights",), limit=4, **kw)
+    record = _tune("task_arithmetic", out=tmp_path / "best", grid=grid, sampler=sampler, trials=6,
+                   per_expert=("weights",), limit=4, **kw)
     assert len(record["trials"]) == 6 and all(r["state"] == "complete" for r in record["trials"])
     for r in record["trials"]:
         w = r["params"]["weights"]
@@ -161,8 +168,8 @@ def test_search_samplers_search_per_expert_weights_within_their_ranges(setup, tm
     assert record["best"]["number"] == best["number"]
     folder = _merge(tmp_path, kw, "task_arithmetic", **best["params"])
     assert best["np"] == pytest.approx(_np(score, folder, zoo, [(0, 4)]), rel=1e-6)
-    more = tune("task_arithmetic", out=tmp_path / "more", grid=grid, sampler=sampler, trials=8,
-                per_expert=("weights",), limit=4, **kw)
+    more = _tune("task_arithmetic", out=tmp_path / "more", grid=grid, sampler=sampler, trials=8,
+                 per_expert=("weights",), limit=4, **kw)
     assert len(more["trials"]) == 8 and more["this_run"]["evaluated"] == 2 * 2 * 4     # resumed: two more
 
 
@@ -192,10 +199,10 @@ def test_errors_are_one_line_and_write_nothing(setup, tmp_path):
              (dict(grid={"density": [0.1]}, show=True), "without --show first")]
     for extra, words in cases:
         with pytest.raises(mbmerge.MbmergeError) as e:
-            tune("ties", out=tmp_path / "x", **kw, **extra)
+            _tune("ties", out=tmp_path / "x", **kw, **extra)
         assert words in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))
     with pytest.raises(mbmerge.MbmergeError, match="no default grid for slerp"):
-        tune("slerp", out=tmp_path / "x", **{**kw, "experts": kw["experts"][:1], "validate": DOMAINS[:1]})
+        _tune("slerp", out=tmp_path / "x", **{**kw, "experts": kw["experts"][:1], "validate": DOMAINS[:1]})
     with pytest.raises(mbmerge.MbmergeError, match="name=v1,v2"):
         parse_grid("scale")
     assert parse_grid("scale=0.2,0.4 tall-lambda=0.3 density=0.1:0.5") == {
@@ -217,9 +224,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path, monkeypatc
     monkeypatch.setattr(harness, "evaluate_ranges", interrupting)
     grid = {"scale": [0.2, 0.4, 0.6, 0.8]}
     with pytest.raises(KeyboardInterrupt):
-        tune("task_arithmetic", out=tmp_path / "a", grid=grid, limit=4, **kw)
+        _tune("task_arithmetic", out=tmp_path / "a", grid=grid, limit=4, **kw)
     monkeypatch.setattr(harness, "evaluate_ranges", proxy)
-    record = tune("task_arithmetic", out=tmp_path / "a", grid=grid, limit=4, **kw)
+    record = _tune("task_arithmetic", out=tmp_path / "a", grid=grid, limit=4, **kw)
     states = sorted((r["params"]["scale"], r["state"]) for r in record["trials"])
     assert states == [(0.2, "complete"), (0.4, "complete"), (0.6, "complete"), (0.6, "interrupted"),
                       (0.8, "complete")]
@@ -432,7 +439,8 @@ def test_a_group_of_tasks_scored_whole_gives_its_score():
     the job's seconds are shared out whole."""
     from mbmerge.eval.domain_tasks import Task
     from mbmerge.tune.rungs import _combine, bounds, entries
-    group, single = Task("mmlu_stem", "acc,none", 0), Task("lambada_openai", "acc,none", 0)
+    group = Task(name="mmlu_stem", metric="acc,none", num_fewshot=0)
+    single = Task(name="lambada_openai", metric="acc,none", num_fewshot=0)
     assert bounds(group, None, (1.0,)) == [0, None]
     with pytest.raises(mbmerge.MbmergeError, match="mmlu_stem is a group of tasks"):
         bounds(group, None, (1 / 9, 1 / 3, 1.0))

@@ -144,8 +144,7 @@ def test_a_trial_whose_heartbeat_went_stale_is_given_up_and_run_here(micro_zoo, 
     db, out = tmp_path / "shared.db", tmp_path / "best"
     _, _, held = _hold(f"sqlite:///{db}", 1.0)
     code, stdout, err = run_main(*_args(micro_zoo, out, db, "--study", "held"))
-    assert code == 0, err
-    assert "waiting for trial(s) 0 (scale=1), running in another process" in err
+    assert code == 0, err      # (whether it was given up before or while this driver waited depends on the load)
     record = json.loads((out / "tune.json").read_text())
     rows = {r["number"]: r for r in record["trials"]}
     assert rows[held.number]["state"] == "fail" and "stopped beating" in rows[held.number]["error"]

@@ -50,7 +50,7 @@ PARTIAL = ("dominant", "weakened")
 ACCEPT = ("no-worse", "always")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Mix:
     """One model Hi-Merging evaluates: b + TIES over `experts` (per-tensor top-p trim of each delta,
     mass sign election, SUM of the agreeing s-scaled deltas; no normalisation, so s does not cancel),
@@ -67,7 +67,25 @@ class Mix:
 Scorer = Callable[[Mix, tuple[str, ...]], dict[str, float]]   # validation score per asked domain
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class HiSearch:
+    """How the search runs: the stage-1 grid (visited p outer, s inner; ties keep the first point), the
+    evaluation budget (no (Mix, domain) pair beyond max_evals is scored; the search stops instead),
+    which experts a partial conflict prunes ('dominant' or 'weakened') and whether a change that lowers
+    NP is reverted (accept: 'no-worse' or 'always')."""
+    grid_p: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    grid_s: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    max_evals: int | None = None
+    partial: str = "dominant"
+    accept: str = "no-worse"
+
+    def __post_init__(self):
+        if self.partial not in PARTIAL or self.accept not in ACCEPT:
+            raise ValueError(f"partial must be one of {PARTIAL} and accept one of {ACCEPT}, "
+                             f"got {self.partial!r} and {self.accept!r}")
+
+
+@dataclass(kw_only=True)
 class HiResult:
     """What the search found and how; filled stage by stage, so a budget cut leaves it consistent."""
     mix: Mix = Mix()                       # the final merge (the base until stage 1 scores a point)
@@ -88,7 +106,7 @@ class _OutOfBudget(Exception):
     pass
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Evals:
     """Memoised scoring under the budget; a Mix is scored on all its missing domains or not at all."""
     score: Scorer
@@ -114,9 +132,7 @@ class _Evals:
         return fmean(got[d] / r for d, r in self.refs.items() if r)
 
 
-def hi_merging(score: Scorer, *, domains: list[str], n_layers: int,
-               grid_p=(0.2, 0.4, 0.6, 0.8, 1.0), grid_s=(0.2, 0.4, 0.6, 0.8, 1.0),
-               max_evals: int | None = None, partial: str = "dominant", accept: str = "no-worse",
+def hi_merging(score: Scorer, *, domains: list[str], n_layers: int, search: HiSearch = HiSearch(),
                log: Callable[[str], None] | None = None) -> HiResult:
     """Search a Hi-Merging merge of T = len(domains) experts.
 
@@ -124,10 +140,7 @@ def hi_merging(score: Scorer, *, domains: list[str], n_layers: int,
         score: builds a Mix and returns its validation score on each asked domain.
         domains: domains[i] is expert i's own task; at least two, distinct.
         n_layers: transformer blocks L, numbered 0..L-1 in Mix.layers / only_layer / drop_layer.
-        grid_p, grid_s: stage-1 grid, visited p outer, s inner; ties keep the first point.
-        max_evals: no (Mix, domain) pair beyond this many is scored; the search stops instead.
-        partial: 'dominant' or 'weakened', which experts a partial conflict prunes.
-        accept: 'no-worse' or 'always', whether a change that lowers NP is reverted.
+        search: the stage-1 grid, the evaluation budget and the open choices (HiSearch).
         log: called with one line per step.
 
     Returns:
@@ -135,29 +148,26 @@ def hi_merging(score: Scorer, *, domains: list[str], n_layers: int,
         and order, stage 3's decisions, the evaluation count and whether the budget cut it short.
 
     Example:
-        res = hi_merging(my_scorer, domains=["math", "code"], n_layers=28, max_evals=400)
+        res = hi_merging(my_scorer, domains=["math", "code"], n_layers=28, search=HiSearch(max_evals=400))
         merge(base, experts, res.mix)      # the caller's adapter turns the Mix into a model
     """
     if len(domains) < 2 or len(set(domains)) < len(domains):
         raise ValueError(f"hi_merging needs two or more distinct domains, one per expert, got {domains}")
-    if partial not in PARTIAL or accept not in ACCEPT:
-        raise ValueError(f"partial must be one of {PARTIAL} and accept one of {ACCEPT}, "
-                         f"got {partial!r} and {accept!r}")
     log = log or (lambda line: None)
-    ev, res = _Evals(score, tuple(domains), max_evals), HiResult()
+    ev, res = _Evals(score=score, domains=tuple(domains), max_evals=search.max_evals), HiResult()
     try:
-        ev.refs = {d: ev.one(Mix((i,), (1.0,), (1.0,)), d) for i, d in enumerate(domains)}
+        ev.refs = {d: ev.one(Mix(experts=(i,), p=(1.0,), s=(1.0,)), d) for i, d in enumerate(domains)}
         if not any(ev.refs.values()):
             raise ValueError("every expert scores 0 alone on its own domain, so NP is undefined: "
                              "check the scorer")
         res.np_final = ev.np(res.mix)
-        _model_wise(ev, res, grid_p, grid_s, log)
+        _model_wise(ev, res, search.grid_p, search.grid_s, log)
         _contributions(ev, res, n_layers)
         log(f"stage 2: layers by decreasing Gamma {res.order}")
-        _resolve(ev, res, partial, accept, log)
+        _resolve(ev, res, search.partial, search.accept, log)
     except _OutOfBudget:
         res.stopped_early = True
-        log(f"evaluation budget of {max_evals} spent: stopping with NP {res.np_final:.4f}")
+        log(f"evaluation budget of {search.max_evals} spent: stopping with NP {res.np_final:.4f}")
     res.evals = len(ev.memo)
     return res
 
@@ -165,7 +175,7 @@ def hi_merging(score: Scorer, *, domains: list[str], n_layers: int,
 def _model_wise(ev: _Evals, res: HiResult, grid_p, grid_s, log) -> None:
     everyone = tuple(range(len(ev.domains)))
     for p, s in itertools.product(grid_p, grid_s):
-        g = Mix(everyone, (p,) * len(everyone), (s,) * len(everyone))
+        g = Mix(experts=everyone, p=(p,) * len(everyone), s=(s,) * len(everyone))
         res.table[p, s] = v = ev.np(g)
         log(f"stage 1: p={p} s={s} NP={v:.4f}")
         if res.p is None or v > res.np_stage1:        # strict: ties keep the first in grid order
@@ -180,7 +190,7 @@ def _contributions(ev: _Evals, res: HiResult, n_layers: int) -> None:
         drop_g, only_g = ev.scores(replace(g, drop_layer=l), D), ev.scores(replace(g, only_layer=l), D)
         layer = {}
         for m, d in enumerate(D):
-            alone = Mix((m,), (res.p,), (res.s,))            # M_m, scored on its own task only
+            alone = Mix(experts=(m,), p=(res.p,), s=(res.s,))    # M_m, scored on its own task only
             c = {"alpha_alone": ev.one(alone, d) - ev.one(replace(alone, drop_layer=l), d),
                  "beta_alone": ev.one(replace(alone, only_layer=l), d) - P_b[d],
                  "alpha_merge": P_g[d] - drop_g[d],

@@ -13,7 +13,7 @@ from ..engine.inputs.index import TensorIndex
 from . import runners
 from .best import save_record
 from .database import ScoreStore
-from .hi_merging import Mix, hi_merging
+from .hi_merging import HiSearch, Mix, hi_merging
 from .rungs import Evaluator
 from .score import Candidate, Validation
 from .search import expert_domains
@@ -59,9 +59,10 @@ class Scorer:
     and scored; the base and each unpruned expert alone are their own folders. Counts merge and
     validation time."""
 
-    def __init__(self, experts: list[str], base: str | None, v: Validation, progress=None, storage: str | None = None):
+    def __init__(self, *, experts: list[str], base: str | None, v: Validation, progress=None,
+                 storage: str | None = None):
         self.experts, self.base, self.v, self.progress = experts, base, v, progress
-        self.evaluator = Evaluator(ScoreStore(storage), v, runners.Local())
+        self.evaluator = Evaluator(store=ScoreStore(storage), v=v, runner=runners.Local())
         self.seconds = {"merge": 0.0, "validation": 0.0}
         base_src, expert_src = Candidate(method="ties", experts=tuple(experts), base=base).sources()
         self.folders = {"base": base_src.path, **{i: s.path for i, s in enumerate(expert_src)}}
@@ -86,27 +87,35 @@ class Scorer:
         return None
 
 
-def hi_merge(*, experts, out, base: str | None = None, validate: list[str] | None = None, grid: dict | None = None,
-             max_evals: int | None = None, limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             overwrite: bool = False, progress=None, storage: str | None = None, **options) -> dict:
-    """Hi-Merging of EXPERTS into OUT, scored on the validation split of each expert's domain;
-    grid: {"p": [...], "s": [...]} for stage 1; storage: the score store's database URL (default: the
-    mbmerge cache's); options: hi_merging's (partial, accept)."""
-    started = time.perf_counter()
-    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size, device=device)
-    scorer = Scorer(list(experts), base, v, progress, storage)
+def hi_search(grid: dict | None = None, **options) -> HiSearch:
+    """The search of `mbmerge tune --method hi_merging`: grid {"p": [...], "s": [...]} for stage 1 (text or
+    numbers; default: hi_merging's), options: HiSearch's others (max_evals, partial, accept)."""
     grid = {k: [float(x) for x in vals] for k, vals in (grid or {}).items()}
     unknown = set(grid) - {"p", "s"}
     if unknown:
         raise BadParameter(f"hi_merging's grid has p and s, not {', '.join(sorted(unknown))}")
     try:
-        result = hi_merging(scorer, domains=list(v.domains), n_layers=scorer.layers, max_evals=max_evals,
-                            log=progress, **{f"grid_{k}": tuple(vals) for k, vals in grid.items()}, **options)
+        return HiSearch(**{f"grid_{k}": tuple(vals) for k, vals in grid.items()}, **options)
+    except ValueError as e:
+        raise BadParameter(f"hi_merging: {e}") from None
+
+
+def hi_merge(*, experts, out, base: str | None = None, validation: Validation | None = None,
+             search: HiSearch = HiSearch(), overwrite: bool = False, progress=None, storage: str | None = None) -> dict:
+    """Hi-Merging of EXPERTS into OUT, scored as `validation` says (default: on the validation split of
+    each expert's domain, tune.score.Validation); search: the stage-1 grid, the evaluation budget and
+    the open choices (HiSearch; hi_search builds it from a --grid); storage: the score store's database
+    URL (default: the mbmerge cache's)."""
+    started = time.perf_counter()
+    v = validation or Validation(tuple(expert_domains(experts)))
+    scorer = Scorer(experts=list(experts), base=base, v=v, progress=progress, storage=storage)
+    try:
+        result = hi_merging(scorer, domains=list(v.domains), n_layers=scorer.layers, search=search, log=progress)
     except ValueError as e:   # e.g. experts that score 0 on their own domain: no NP to guide the search
         raise BadParameter(f"hi_merging: {e}") from None
     final = candidate(result.mix, list(experts), base, scorer.layers)
     api.run(final.spec(Path(out), overwrite=overwrite, resume=True))
-    record = {"method": "hi_merging", "validate": list(v.domains), "limit": limit, "max_evals": max_evals,
+    record = {"method": "hi_merging", "validate": list(v.domains), "limit": v.limit, "max_evals": search.max_evals,
               "stage1": {"p": result.p, "s": result.s, "np": result.np_stage1}, "np_final": result.np_final,
               "evals": result.evals, "stopped_early": result.stopped_early, "order": result.order,
               "decisions": result.decisions, "contributions": result.contributions,

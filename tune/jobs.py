@@ -17,7 +17,7 @@ from .score import Candidate, Validation
 SCRATCH = "MBMERGE_SCRATCH"     # where a worker writes its merges (default: the system's temporary folder)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
     model: Candidate | str                      # a merge to make, or a model folder to score as it is
     requests: tuple[tuple[Task, int, int], ...]  # (task, start, stop): its examples start..stop-1

@@ -27,7 +27,7 @@ class JobFailed(Exception):
     """A job that did not come back (its worker died, retries spent)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Scored:
     """One model's scores at a rung: {domain: score}, and what its ranges up to the rung cost."""
     scores: dict
@@ -41,7 +41,7 @@ class Scored:
 class Evaluator:
     """Scores of models on ranges of validation examples: from the store, or scored by jobs on a runner."""
 
-    def __init__(self, store: ScoreStore, v: Validation, runner, fractions=ALL, pieces=()):
+    def __init__(self, *, store: ScoreStore, v: Validation, runner, fractions=ALL, pieces=()):
         self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
         self._tasks = {d: v.tasks(d) for d in v.domains}
         sizes = {t: v.size(t) for ts in self._tasks.values() for t in ts}
@@ -72,7 +72,7 @@ class Evaluator:
         for i, (m, w) in enumerate(zip(models, wanted)):
             missing = [(r, k) for r, k in w if k not in found]
             if missing:
-                jobs.append(Job(m, tuple(r for r, _ in missing), self.v))
+                jobs.append(Job(model=m, requests=tuple(r for r, _ in missing), v=self.v))
                 owners.append((i, missing))
         errors, evaluated = {}, [0] * len(models)
         for j, result in self.runner.map(jobs):
@@ -142,6 +142,6 @@ def _combine(domains, found, evaluated, tasks) -> Scored:
     for d in domains:
         vals = [by_task[t][1] / by_task[t][0] for t in tasks[d] if t in by_task]
         scores[d] = sum(vals) / len(vals) if vals else None
-    return Scored(scores, examples=sum(e["examples"] for _, e in found), evaluated=evaluated,
+    return Scored(scores=scores, examples=sum(e["examples"] for _, e in found), evaluated=evaluated,
                   merge_seconds=sum(e["merge_seconds"] for _, e in found),
                   validation_seconds=sum(e["validation_seconds"] for _, e in found))

@@ -8,11 +8,27 @@ import contextlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, replace
 
 from ..common import VERSION
 from ..common.errors import BadParameter, MbmergeError
 from .jobs import run_job
 from .rungs import JobFailed
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerSettings:
+    """Where a tune's trials run (make): in this process (no ray, one job); as Ray tasks on a cluster
+    (ray: its address, or "local" for an in-process Ray of this machine), or on a local Ray running
+    `jobs` trials at once. Each Ray task holds cpus_per_trial CPUs (default: 1, or the cores over jobs)
+    and gpus_per_trial GPUs (default: 1 when the cluster has GPUs); a task whose worker died is run
+    again `retries` times. verbose: Ray's own logging too."""
+    ray: str | None = None
+    jobs: int = 1
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    retries: int = 2
+    verbose: bool = False
 
 
 class Local:
@@ -130,21 +146,19 @@ def quiet_ray(verbose: bool):
 
 
 def _threads(job, threads):
-    from dataclasses import replace
     return job if job.threads else replace(job, threads=threads)
 
 
-def make(ray: str | None = None, jobs: int = 1, cpus_per_trial: float | None = None,
-         gpus_per_trial: float | None = None, retries: int = 2, verbose: bool = False):
+def make(settings: RunnerSettings = RunnerSettings()):
     """The runner of a tune: Local, Ray at an address ('local' or None: in-process), or with jobs > 1 and
-    no address a local Ray running `jobs` trials at once, each with its share of the cores (verbose:
-    Ray's own logging too)."""
+    no address a local Ray running `jobs` trials at once, each with its share of the cores."""
+    ray, jobs, cpus_per_trial = settings.ray, settings.jobs, settings.cpus_per_trial
     if ray is None and jobs <= 1:
         return Local()
     cores = os.cpu_count() or 1
     if cpus_per_trial is None:
         cpus_per_trial = max(1, cores // jobs) if ray in (None, "local") and jobs > 1 else 1
     address = None if ray in (None, "local") else ray
-    return RayRunner(address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, retries=retries,
-                     num_cpus=min(cores, int(cpus_per_trial * jobs)) if jobs > 1 and address is None else None,
-                     verbose=verbose)
+    return RayRunner(address, cpus_per_trial=cpus_per_trial, gpus_per_trial=settings.gpus_per_trial,
+                     retries=settings.retries, verbose=settings.verbose,
+                     num_cpus=min(cores, int(cpus_per_trial * jobs)) if jobs > 1 and address is None else None)

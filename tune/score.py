@@ -10,14 +10,14 @@ nothing. Scores are normalised by each expert's score on its own domain, on the 
 """
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.inputs.index import TensorIndex
 from ..engine.journal import input_identity
-from ..engine.spec import MergeSpec
+from ..engine.spec import MergeSpec, spec_from
 from ..eval import domain_tasks, harness
 from ..eval.domain_tasks import Task
 from ..eval.tasks import tasks_digest
@@ -28,10 +28,11 @@ from ..library import complete, with_family
 class Validation:
     """How candidates are scored: domains[i] is expert i's own domain (its validation task)."""
     domains: tuple[str, ...]
+    _: KW_ONLY
     family: str = domain_tasks.ZOO
     limit: int | None = None
     batch_size: int = 64
-    device: str = "cpu"
+    device: str | None = "cpu"          # None: tune's choice (cuda when the trials hold GPUs, else cpu)
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -72,13 +73,13 @@ class Candidate:
         """The candidate's merge into `out`, checked: a scratch merge (overwrite, no resume, quiet)
         unless options say otherwise."""
         options = {"overwrite": True, "resume": False, "progress": False, **options}
-        return MergeSpec(method=self.method, experts=self.experts, out=out, base=self.base, params=dict(self.params),
-                         protocol=self.protocol, stats_folders=self.stats_folders, data=self.data,
-                         overrides=tuple(self.overrides), **options)
+        return spec_from(self.method, self.experts, out, base=self.base, params=dict(self.params),
+                         protocol=self.protocol, stats_folders=self.stats_folders, overrides=tuple(self.overrides),
+                         **options)
 
     def spec(self, out: Path, **options) -> MergeSpec:
-        """merge_spec completed for the engine (the built-in family, statistics collected)."""
-        return complete(self.merge_spec(out, **options))
+        """merge_spec completed for the engine (the built-in family, statistics collected from `data`)."""
+        return complete(self.merge_spec(out, **options), data=self.data)
 
     def sources(self):
         """(base, experts) as the engine resolves them (engine.api.sources)."""

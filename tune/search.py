@@ -12,9 +12,10 @@ time split: merge (algorithm) time against validation time.
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 
 from ..common.errors import BadParameter, MbmergeError
@@ -24,6 +25,7 @@ from .database import ScoreStore, default_url
 from .pruning import ETA, HALVING, fractions, pruner
 from .record import params_text, searched, study_record
 from .rungs import Evaluator
+from .runners import RunnerSettings
 from .score import Candidate, Validation, domain_np, model_key, normalised
 from .space import Space, point_key
 from .study import claim, heartbeats, open_study, wait_for_others
@@ -31,49 +33,76 @@ from .study import claim, heartbeats, open_study, wait_for_others
 SEARCH_TRIALS = 20     # a TPE or CMA-ES study's default budget
 
 
-def tune(method: str, *, experts, out, base: str | None = None, grid: dict | None = None,
-         validate: list[str] | None = None, sampler: str = "grid", trials: int | None = None, per_expert=(),
-         prune: str | None = None, storage: str | None = None, study: str | None = None, ray: str | None = None,
-         jobs: int = 1, cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, retries: int = 2,
-         protocol: str | None = "mergebench", limit: int | None = None, batch_size: int = 64, device: str | None = None,
-         overwrite: bool = False, progress=None, stats_folders: list | None = None, data: list | None = None,
-         show: bool = False, verbose: bool = False, **params) -> dict:
-    """Search METHOD's parameters (grid: {name: values or (low, high)}; default: its registry row's grid)
-    on the validation split of each expert's domain (validate; default: the experts' own domain names),
-    merge the best into OUT, and return (and write to OUT/tune.json) every trial and the time split.
+@dataclass(frozen=True, kw_only=True)
+class Search:
+    """What a study searches and how, and where it is kept.
 
-    sampler: grid | tpe | cmaes (trials: a search's budget; per_expert: parameters searched one value
-    per expert); prune: None | "halving"; storage, study: the study's database URL and name (default:
-    the mbmerge cache, a name from the settings); ray: None, "local" or a cluster address, with jobs,
-    cpus_per_trial, gpus_per_trial and retries (runners.make; verbose: Ray's own logging too); device:
-    where trials merge and score (default: cuda when the trials hold GPUs, else cpu); show: only read
-    the study and report. params: fixed parameters of every candidate; stats_folders/data: a data-aware
-    method's (see merge). this_run["merged"]: False when OUT already held the best (a finished study)."""
-    started, out = time.perf_counter(), Path(out)
-    v = Validation(tuple(validate or expert_domains(experts)), limit=limit, batch_size=batch_size)
+    grid: {name: values or (low, high)} (default: the method's registry row's grid); sampler: grid |
+    tpe | cmaes, with `trials` a search's budget (default 20) and per_expert the parameters searched
+    one value per expert; prune: None | "halving"; storage, study: the study's database URL and name
+    (default: the mbmerge cache, a name from the settings, so a rerun resumes it)."""
+    grid: dict | None = None
+    sampler: str = "grid"
+    trials: int | None = None
+    per_expert: tuple[str, ...] = ()
+    prune: str | None = None
+    storage: str | None = None
+    study: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyRun:
+    """The study this process runs trials of: the Optuna study and its storage in the database at
+    `url`, the space it searches, its pruning and its budget of trials."""
+    st: optuna.Study
+    storage: object
+    url: str
+    space: Space
+    prune: str | None
+    budget: int
+
+
+def tune(template: Candidate, *, out, validation: Validation | None = None, search: Search = Search(),
+         runner: RunnerSettings = RunnerSettings(), overwrite: bool = False, show: bool = False,
+         progress=None) -> dict:
+    """Search the parameters of TEMPLATE's method (the candidates' shared recipe: method, experts, base,
+    protocol, fixed parameters, a data-aware method's statistics folders or data; see merge) on the
+    validation split of each expert's domain, merge the best into OUT, and return (and write to
+    OUT/tune.json) every trial and the time split.
+
+    validation: how candidates are scored (tune.score.Validation; default: each expert's own domain,
+    device None); its device None: cuda when the trials hold GPUs, else cpu. search: what is searched,
+    with which sampler and pruning, and where the study is kept (Search). runner: where trials run
+    (runners.RunnerSettings: in this process, or Ray). show: only read the study and report.
+    this_run["merged"]: False when OUT already held the best (a finished study).
+
+    Example:
+        tune(Candidate(method="ties", experts=("math", "coding")), out="best/",
+             search=Search(grid={"density": [0.2, 0.4], "scale": [0.5, 1.0]}, prune="halving"))
+    """
+    started, out, experts = time.perf_counter(), Path(out), template.experts
+    v = validation or Validation(tuple(expert_domains(experts)), device=None)
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     v.plan()     # a mistyped domain said now, in one line
-    space = Space.build(method, grid, sampler, per_expert, len(experts))
-    template = Candidate(method=method, experts=tuple(experts), base=base, params=params,
-                         stats_folders=tuple(stats_folders or ()) or None, data=tuple(data) if data else None,
-                         protocol=protocol)
+    space = Space.build(template.method, search.grid, search.sampler, search.per_expert, len(experts))
     _check(template, space, out)
     earlier = None if show else best_out.check_out(out, overwrite)
-    url = storage or default_url()
-    budget = len(space.points()) if space.sampler == "grid" else (trials or SEARCH_TRIALS)
+    url = search.storage or default_url()
+    budget = len(space.points()) if space.sampler == "grid" else (search.trials or SEARCH_TRIALS)
     run = {"evaluated": 0, "failed": []}
-    runner = None if show else runners.make(ray, jobs, cpus_per_trial, gpus_per_trial, retries, verbose=verbose)
+    workers = None if show else runners.make(runner)
     try:
-        v = replace(v, device=device or ("cuda" if getattr(runner, "gpus", 0) else "cpu"))
-        name = study or study_name(template, space, v, prune)
+        v = replace(v, device=v.device or ("cuda" if getattr(workers, "gpus", 0) else "cpu"))
+        name = search.study or study_name(template, space, v, search.prune)
         ours = not show and best_out.check_study(out, earlier, name, url, overwrite)
-        st, store_ = open_study(name, url, space, pruner(prune), create=not show)
+        st, storage = open_study(name, url, space, pruner(search.prune), create=not show)
         if not show:
-            run_study(st, store_, url, space, template, v, runner, prune, budget, run, progress)
+            study = StudyRun(st=st, storage=storage, url=url, space=space, prune=search.prune, budget=budget)
+            run_study(study, template, v, workers, run, progress)
     finally:
-        runner and runner.close()
-    record = study_record(st, method, v, space, prune, name, url)
+        workers and workers.close()
+    record = study_record(st, template.method, v, space, search.prune, name, url)
     best = record["best"]
     if best is None:
         raise BadParameter(f"study {name}: no trial completed" + (f" ({run['failed'][0]})" if run["failed"] else ""))
@@ -88,18 +117,18 @@ def tune(method: str, *, experts, out, base: str | None = None, grid: dict | Non
     return record
 
 
-def run_study(st, storage, url: str, space: Space, template: Candidate, v: Validation, runner, prune, budget: int,
-              run: dict, progress=None) -> None:
+def run_study(study: StudyRun, template: Candidate, v: Validation, runner, run: dict, progress=None) -> None:
     """Claim and run batches of trials until the study needs no more, then wait for those other
     processes still run (and claim again if one of them was given up). The experts are scored only
     once there is a trial to run: a finished study's rerun scores nothing."""
-    size, failed, refs = claim_size(space, prune, budget, runner.concurrency), set(), None
-    ev = Evaluator(ScoreStore(url), v, runner, fractions(prune), pieces=HALVING)
+    st, storage, url = study.st, study.storage, study.url
+    size, failed, refs = claim_size(study.space, study.prune, study.budget, runner.concurrency), set(), None
+    ev = Evaluator(store=ScoreStore(url), v=v, runner=runner, fractions=fractions(study.prune), pieces=HALVING)
     while True:
-        while batch := claim(st, storage, url, space, size, budget, failed):
+        while batch := claim(st, storage, url, study.space, size, study.budget, failed):
             with heartbeats(st, storage, batch):
                 refs = refs or references(ev, template, progress)
-                run_batch(st, batch, space, template, ev, refs, failed, run, progress)
+                run_batch(study, batch, template, ev, refs, failed, run, progress)
         if not wait_for_others(st, url, progress):
             return
 
@@ -143,10 +172,11 @@ def references(ev: Evaluator, template: Candidate, progress=None) -> list[dict]:
     return [{d: s.scores[d] for s, (d,) in zip(ev.score(folders, doms, rung=r), doms)} for r in range(ev.rungs)]
 
 
-def run_batch(st, trials, space: Space, template: Candidate, ev: Evaluator, refs, failed: set, run: dict,
+def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs, failed: set, run: dict,
               progress=None) -> None:
     """Merge and score a batch of trials rung by rung: all report a rung, then the pruner keeps the best;
     the rest are told PRUNED, the last rung's COMPLETE with their NP on every example."""
+    st, space = study.st, study.space
     alive = []
     for t in trials:
         params = {**template.params, **space.suggest(t)}

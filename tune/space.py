@@ -47,7 +47,7 @@ def _one(value):
     return value[0] if isinstance(value, list) else value
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Space:
     """grid: {name: values}; or ranges: {name: (low, high) or [choices]} with per_expert names."""
     method: str
@@ -74,7 +74,7 @@ class Space:
             if ranged or per_expert:
                 raise BadParameter(f"--sampler grid takes lists of values, not {'ranges' if ranged else '--per-expert'}"
                                    f" ({(ranged or list(per_expert))[0]}): use --sampler tpe or cmaes")
-            return cls(method, sampler, grid={k: [coerce(k, x) for x in v] for k, v in grid.items()})
+            return cls(method=method, sampler=sampler, grid={k: [coerce(k, x) for x in v] for k, v in grid.items()})
         bad = [k for k in per_expert if k not in grid]
         if bad:
             raise BadParameter(f"--per-expert {bad[0]}: give its range in --grid ({bad[0]}=low:high)")
@@ -87,7 +87,7 @@ class Space:
                 raise BadParameter(f"{k}: {sampler} searches numbers, not {values}")
             else:
                 ranges[k] = values
-        return cls(method, sampler, ranges=ranges, per_expert=tuple(per_expert), n_experts=n_experts)
+        return cls(method=method, sampler=sampler, ranges=ranges, per_expert=tuple(per_expert), n_experts=n_experts)
 
     def points(self) -> list[dict]:
         """A grid's every combination, the last parameter varying fastest."""

@@ -29,10 +29,9 @@ from pathlib import Path
 import yaml
 
 from ...common.errors import BadParameter, MbmergeError
-from ...common.names import domain_names
 from ..output.place import check_location, read_record, update_record
+from ..spec import spec_from
 from .document import load_recipe
-from ..inputs.resolve import hub_repo, parts
 
 # where a stage's name may stand for its output: a model, a tokenizer's source, a model's chat template
 MODEL_KEYS = {"base_model", "model", "tokenizer_source", "source", "chat_template"}
@@ -112,7 +111,7 @@ def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, 
 
     Args:
         merge: the function that merges one stage, called as merge(out=..., **stage.merge, **options);
-            default mbmerge.engine.merge (mbmerge.merge adds the built-in family: pass it for that).
+            default mbmerge.engine.api.merge (mbmerge.merge adds the built-in family: pass it for that).
         fingerprint: the fingerprint such a merge would record, called like merge; default the engine's.
         options: the run's options, the same for every stage: memory_budget, device, progress,
             overwrite, resume, out_shard_size, copy_tokenizer, kernels, compile, ...
@@ -277,18 +276,12 @@ def _ordered(path, needs: dict) -> list:
 
 
 def _check_models(stage: Stage, outputs: set) -> None:
-    """A model reference that names nothing, in one line (outputs of stages exist only once they ran);
-    domain experts with no base are left to `merge`, which may know a built-in family."""
-    base, experts = stage.merge["base"], stage.merge["experts"]
-    if base is None and domain_names(experts) is not None:
-        return
-    for ref, role in [(base, "base")] * (base is not None) + [(e, f"expert {e}") for e in experts]:
-        if ref not in outputs:
-            try:
-                for part in parts(ref):
-                    hub_repo(part, role, base)
-            except MbmergeError as e:
-                raise type(e)(f"{stage.title}: {e}") from None
+    """A model reference that names nothing, in one line naming the stage (outputs of stages exist only
+    once they ran)."""
+    try:
+        spec_from(out=stage.out, **stage.merge).check_references(made=outputs)
+    except MbmergeError as e:
+        raise type(e)(f"{stage.title}: {e}") from None
 
 
 def _check_apart(path, stages: list[Stage]) -> None:
