@@ -8,8 +8,9 @@ Layers, each importing only those below it (tests/test_layers.py reads the impor
 
     bin        the `mbmerge` command (click)
     tune       evaluation-guided search: grids, Hi-Merging
-    library    the library entry (library.py): mbmerge.merge, a merge completed for the engine (the
-               built-in family, statistics collected), above the two siblings it joins
+    library    the library entries (library.py): mbmerge.merge, a merge completed for the engine (the
+               built-in family, statistics collected), and mbmerge.moe, a Mixture of Experts (its routers
+               from stats/), above the two siblings it joins
     stats      data statistics of experts (Fisher, Grams, trained masks)     } siblings: neither
     eval       lm-eval glue, the mini zoo and the synthetic bench fixtures    } imports the other
     engine     the streaming engine, in rooms (engine/__init__.py): inputs, the core, output, adapters, recipes
@@ -24,7 +25,7 @@ import importlib
 
 from .common import VERSION as __version__  # noqa: F401
 
-_ATTRIBUTES = {"merge": ".library", "collect_statistics": ".library", "MergeSpec": ".engine.spec",
+_ATTRIBUTES = {"merge": ".library", "moe": ".library", "collect_statistics": ".library", "MergeSpec": ".engine.spec",
                "MbmergeError": ".common.errors"}
 _SUBPACKAGES = ("bin", "common", "engine", "eval", "kernels", "methods", "stats", "tune")
 

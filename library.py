@@ -1,18 +1,25 @@
-"""The library entry, `mbmerge.merge`: a merge as users ask for it, completed for the engine, which
-knows no workloads and collects nothing. Domain experts with no base refer to the built-in family (the
+"""The library entries, `mbmerge.merge` and `mbmerge.moe`: a merge (or a Mixture of Experts) as users ask for it,
+completed for the engine, which knows no workloads and collects nothing. Domain experts with no base refer to the built-in family (the
 mini zoo, eval/zoo.py, trained on first use), and a data-aware method's statistics are collected from
 each expert's data (stats/, cached) unless given as folders. It sits above stats/ and eval/, siblings
 that do not import each other; the command line, tune and the demo complete their specs here too.
 """
 import os
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import methods
 from .common.errors import BadParameter
-from .common.names import ZOO_SIZES, domain_names
+from .common.names import DOMAIN_ALIASES, ZOO_SIZES, domain_names, is_domain
 from .engine.api import fingerprint as engine_fingerprint
 from .engine.api import run, sources
+from .engine.device import resolve_device
+from .engine.moe.assemble import MoeRun, Routers, assemble
+from .engine.moe.inputs import read_inputs
+from .engine.moe.recipe import PROMPTED, MoeExpert, MoeRecipe, check_routing
+from .engine.output.place import check_location
 from .engine.spec import MergeSpec, spec_from
 
 
@@ -136,3 +143,55 @@ def default_data(spec: MergeSpec) -> tuple[str, ...] | None:
     if names is None:
         return None
     return tuple(names) if spec.base is None else tuple(f"MergeBench/{d}_val" for d in names)
+
+
+def moe(recipe: MoeRecipe, out, options: MoeRun = MoeRun(), *, family: Path | None = None, prompts: int = 16,
+        allow_all_same: bool = False) -> Path:
+    """Build a Mixture of Experts from dense experts (mergekit-moe's recipe, engine/moe/recipe.py): the base's
+    attention, norms and embeddings, each expert's MLP, routers from the prompts (stats/routers.py).
+
+    Experts named by MergeBench domain ("math", "coding") with no prompts route by `prompts` examples of their
+    domain's validation split; with no base (recipe.base None) they are the experts of `family` (default: the
+    built-in family, the mini zoo of $MBMERGE_ZOO_SIZE).
+    Example:
+        >>> r = mbmerge.engine.moe.recipe.read_recipe("moe.yml")
+        >>> mbmerge.moe(r, "moe/")
+    """
+    check_location(Path(out), options.run.overwrite)          # before the routers' forward passes
+    if recipe.base is None:
+        family = family or default_family(None, options.run.progress)
+    recipe = with_domain_prompts(recipe, family, prompts)
+    check_routing(recipe, allow_all_same)
+    inputs = read_inputs(recipe)
+    if inputs.sources[0].adapter and recipe.gate_mode in PROMPTED:
+        raise BadParameter(f"base {recipe.base} has a LoRA adapter: the routers read the base's own weights; fold "
+                           f"the adapter in first (mbmerge --method linear --experts {recipe.base} --out DIR)")
+    from .stats.routers import degenerate_layers, gate_vectors       # transformers comes in here
+    started = time.perf_counter()
+    rows = gate_vectors(recipe.gate_mode, inputs.sources[0].path, [(e.positive, e.negative) for e in recipe.gated],
+                        seed=options.seed, device=str(resolve_device(options.run.device)), progress=options.run.progress)
+    alike = tuple(degenerate_layers(rows)) if recipe.gate_mode in PROMPTED else ()
+    if alike:
+        print(f"mbmerge: warning: the router rows of {len(alike)} of {inputs.layers} layers are nearly alike (e.g. "
+              f"layer {alike[0]}): the prompts may be too similar, and some experts will be underused", file=sys.stderr)
+    return assemble(inputs, Routers(rows, time.perf_counter() - started, alike), Path(out), options)
+
+
+def with_domain_prompts(recipe: MoeRecipe, family: Path | None = None, prompts: int = 16) -> MoeRecipe:
+    """recipe whose domain experts without prompts have `prompts` of their domain's validation prompts
+    (rendered as the models were trained on them): the zoo's domains for a built-in `family` (whose base and
+    experts replace a missing base and the domain names), MergeBench's `_val` sets for a hub base."""
+    family = family if recipe.base is None else None
+
+    def filled(e: MoeExpert) -> MoeExpert:
+        if not is_domain(e.source) or os.path.exists(e.source):
+            return e
+        domain = DOMAIN_ALIASES[e.source.lower()]
+        data = domain if family else f"MergeBench/{domain}_val"
+        if not e.positive:
+            from .stats.data import default_template, load_examples, render
+            examples = load_examples(data, split="validation", n=prompts)
+            e = replace(e, positive=tuple(render(x, default_template(data))[0] for x in examples))
+        return replace(e, source=str(family / domain)) if family else e
+    return replace(recipe, base=str(family / "base") if family else recipe.base,
+                   experts=tuple(map(filled, recipe.experts)), shared_experts=tuple(map(filled, recipe.shared_experts)))

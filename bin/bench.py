@@ -8,13 +8,11 @@ GB/s, that process's peak RSS (wait4 ru_maxrss) and the peak GPU memory mbmerge 
 mbmerge.json. The I/O floor, reading every input once from the page cache and writing one output-sized
 file, is the time no merge can beat on this machine. Prints a table and writes JSON and a PNG of input GB/s per method (bench_plot.py).
 """
-import contextlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ from ..engine.recipe.document import to_mergekit
 from ..common.cache import cache_dir
 from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
 from .bench_plot import plot
+from .bench_timing import GB, busy_processes, floor_row, mbmerge_head, time_tool
+from .bench_tools import TOOL_CASES, tool_case
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
 # case: (method, parameters): each method's bench case (its registry row), and variants. A case whose
@@ -36,9 +36,7 @@ EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
 VARIANTS = {"ties_model_scope": ("ties", {"density": 0.2, "sparsify_scope": "model"})}
 CASES = {**{m.name: (m.name, m.bench) for m in mbmerge_methods.REGISTRY.values() if m.bench is not None}, **VARIANTS}
 DEFAULT_CASES = "linear,task_arithmetic,ties,dare_ties"
-BLOCK = 64 << 20
 SHARD_BYTES = {"custom": 200 << 20}  # named models: 1 GiB shards
-GB = 1e9
 
 
 def count(n: float) -> str:
@@ -97,61 +95,6 @@ def check_disk(cache: Path, tag: str, cfg: dict, n_experts: int, built: bool) ->
                    f"({what}, bf16); {free / GB:.3g} GB free", err=True)
 
 
-def warm(files):
-    """Read every file once, into the page cache."""
-    buf = bytearray(BLOCK)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-
-
-def io_floor(files, out_bytes, tmp: Path) -> float:
-    """Seconds to read `files` from the warm page cache and write one `out_bytes` file."""
-    warm(files)
-    os.sync()
-    block, t = bytes(BLOCK), time.perf_counter()
-    warm(files)
-    with open(tmp / "floor.bin", "wb", buffering=0) as fh:
-        for off in range(0, out_bytes, BLOCK):
-            fh.write(block[:min(BLOCK, out_bytes - off)])
-    elapsed = time.perf_counter() - t
-    (tmp / "floor.bin").unlink()
-    return elapsed
-
-
-# Runs argv[1:] and prints "wall_s maxrss_KiB exit_code". It runs in a fresh small interpreter because
-# ru_maxrss counts the memory of the process that exec'd the command: a child spawned straight from this
-# process would report this process's peak (measured: `python -c pass` from a parent that had held 2 GB: 2.1 GB).
-LAUNCHER = ("import os, subprocess, sys, time; t = time.perf_counter(); "
-            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); _, status, ru = os.wait4(p.pid, 0); "
-            "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))")
-
-
-@contextlib.contextmanager
-def busy_processes(n: int):
-    """n processes spinning on the CPU while the block runs."""
-    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for p in spinning:
-            p.kill()
-            p.wait()
-
-
-def timed_run(cmd, files, out: Path) -> tuple[float, float]:
-    """(wall s, peak RSS GB) of one process, started from a warm cache with no dirty pages pending."""
-    shutil.rmtree(out, ignore_errors=True)
-    warm(files)
-    os.sync()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
-    wall, maxrss, code = done.stdout.split() if done.returncode == 0 else (0, 0, "?")
-    if code != "0":
-        raise click.ClickException(f"{cmd[0]} failed (exit {code}):\n{done.stderr[-2000:]}")
-    return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
-
-
 def recipe_params(case: str) -> tuple[dict, dict] | None:
     """The case's mergekit (per-model, global) parameters; None where mergekit cannot run it."""
     method, params = CASES[case]
@@ -164,8 +107,7 @@ def recipe_params(case: str) -> tuple[dict, dict] | None:
 
 
 def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str, union: bool = False):
-    exe = Path(sys.executable).with_name("mbmerge")
-    head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
+    head = mbmerge_head()
     tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else [])]
     if recipe:
         return head + ["--config", str(recipe), *tail]
@@ -190,40 +132,24 @@ def write_recipe(case, fx, experts, folder: Path, union: bool = False) -> Path:
     return path
 
 
-def best_of(repeat, cmd, files, out):
-    """min wall, max peak RSS, every wall over `repeat` runs, and the last run's mbmerge.json ({} if none);
-    the output is then removed, so at most one exists at a time."""
-    runs = [timed_run(cmd, files, out) for _ in range(repeat)]
-    card = json.loads((out / "mbmerge.json").read_text()) if (out / "mbmerge.json").is_file() else {}
-    shutil.rmtree(out, ignore_errors=True)
-    return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
-
-
 def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path, union: bool = False) -> dict:
+    if case in TOOL_CASES:
+        return tool_case(case, fx, experts, mergekit, repeat, device, tmp)
     method = CASES[case][0]
     experts = experts[:mbmerge_methods.get(method).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
     files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
-    in_bytes, out_bytes = sum(f.stat().st_size for f in files), sum(f.stat().st_size for f in shards["base"])
-    row = {"method": case, "input_GB": in_bytes / GB,
-           "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
-    row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
+    row = floor_row(case, files, sum(f.stat().st_size for f in shards["base"]), repeat, tmp)
     recipe = write_recipe(case, fx, experts, tmp, union) if recipe_params(case) else None
     cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device, union)
-    row["mbmerge_s"], row["mbmerge_rss_GB"], row["mbmerge_walls"], card = best_of(repeat, cmd, files, tmp / "mb")
+    card = time_tool(row, "mbmerge", repeat, cmd, files, tmp / "mb")
     row["mbmerge_device"] = card.get("device")
-    row["mbmerge_in_GBps"] = row["input_GB"] / row["mbmerge_s"]
-    row["x_floor"] = row["mbmerge_s"] / row["floor_s"]
-    row["floor_pct"] = 100 / row["x_floor"]
     if "peak_gpu_bytes" in card:                                  # recorded by CUDA runs
         row["mbmerge_gpu_GB"] = card["peak_gpu_bytes"] / GB
     if mergekit and recipe:
         cuda = ["--cuda"] if device == "cuda" or device == "auto" and torch.cuda.is_available() else []
         cmd = [mergekit, str(recipe), str(tmp / "mk"), "--no-copy-tokenizer", *cuda]
-        row["mergekit_s"], row["mergekit_rss_GB"], row["mergekit_walls"], _ = best_of(repeat, cmd, files, tmp / "mk")
-        row["mergekit_in_GBps"] = row["input_GB"] / row["mergekit_s"]
-        row["speedup"] = row["mergekit_s"] / row["mbmerge_s"]
-        row["rss_ratio"] = row["mbmerge_rss_GB"] / row["mergekit_rss_GB"]
+        time_tool(row, "mergekit", repeat, cmd, files, tmp / "mk")
     return row
 
 
@@ -279,7 +205,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 
 @click.command("bench")
 @click.option("--methods", default=DEFAULT_CASES, show_default=True,
-              help=f"Cases to time, or 'all': {', '.join(CASES)}. Those mergekit has run from one recipe in both tools.")
+              help=f"Cases to time, or 'all': {', '.join([*CASES, *TOOL_CASES])}. Those mergekit has run from one "
+              f"recipe in both tools; moe and tokensurgeon run mbmerge's and mergekit's commands.")
 @click.option("--model", default="custom", show_default=True, type=click.Choice([*MODELS, "custom"]),
               help="Tensor shapes of a MergeBench base, or 'custom': a Llama sized by --hidden/--layers/--vocab.")
 @click.option("--layers", type=click.IntRange(1), help="Decoder layers [default: the model's real count; custom: 16].")
@@ -307,8 +234,9 @@ def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, repeat
           json_path, plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
-    if unknown := [m for m in methods if m not in CASES]:
-        raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join(CASES)}", param_hint="--methods")
+    if unknown := [m for m in methods if m not in CASES and m not in TOOL_CASES]:
+        raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join([*CASES, *TOOL_CASES])}",
+                                 param_hint="--methods")
     if model != "custom" and (hidden or vocab):
         raise click.UsageError(f"--hidden and --vocab size --model custom; {model} has its own")
     cfg = model_config(model, layers, hidden=hidden or 1024, vocab=vocab or 32000)

@@ -30,8 +30,11 @@ COMMANDS = {
              "experts, forgetting vs the base."),
     "extract-lora": ("extract_lora", "extract_lora", "Extract a LoRA adapter (a PEFT folder) from a base and a "
                      "fine-tuned model, by truncated SVD."),
+    "moe": ("moe", "moe", "Build a Mixture of Experts from dense experts (a mergekit-moe recipe, or domain names)."),
     "methods": ("method_docs", "list_methods", "List the merge methods and their parameters."),
     "stats": ("stats", "stats", "Collect one expert's statistics on its data (one model in memory at a time)."),
+    "tokensurgeon": ("tokensurgeon", "tokensurgeon", "Give a model another model's tokenizer: shared tokens' rows "
+                     "moved, new tokens' rows approximated (mergekit-tokensurgeon's options)."),
     "tune": ("tune", "tune", "Score candidate merges on validation data and write the best."),
     "verify": ("verify", "verify", "Check DIR, a merged output: valid headers, sha256 as in mbmerge.json, "
                "finite tensors."),

@@ -96,13 +96,30 @@ def _merged_row(name: str, zoo: Path, out: Path, evaluation: harness.EvalSetting
     return _row(name, "merge", harness.report(folder, zoo=zoo, settings=evaluation), stats_seconds)
 
 
+def _moe_row(zoo: Path, out: Path, evaluation: harness.EvalSettings) -> dict | None:
+    """The five experts routed instead of merged: a MoE (top-2, each expert routed by the hidden states of its
+    domain's validation prompts) in OUT/moe, its report row; None, with a warning, where no MoE architecture
+    takes the zoo's models (Gemma-2)."""
+    from ..engine.moe.assemble import MoeRun
+    from ..engine.moe.recipe import MoeExpert, MoeRecipe
+    from ..engine.spec import RunOptions
+    from ..library import moe
+    recipe = MoeRecipe(base=None, experts=tuple(MoeExpert(source=d) for d in DOMAINS), experts_per_token=2)
+    try:
+        moe(recipe, out / "moe", MoeRun(run=RunOptions(overwrite=True, progress=False)), family=zoo)
+    except MbmergeError as e:
+        click.echo(f"mbmerge: warning: the MoE row is left out: {e}", err=True)
+        return None
+    return _row("moe (top-2 of 5)", "moe", harness.report(out / "moe", zoo=zoo, settings=evaluation))
+
+
 def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettings, micro: bool, quiet: bool,
-          ray_address):
+          ray_address, with_moe: bool = True):
     """The report's rows: the base, the experts and the multi-task model evaluated, then each method's
-    merge; without quiet, 'k of N' on stderr as each is done, with an estimate of the time left."""
+    merge and the MoE; without quiet, 'k of N' on stderr as each is done, with an estimate of the time left."""
     refs = [("base", "base"), *[(d, "expert") for d in DOMAINS], ("multitask", "multitask")]
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    steps, rows = Progress(total=len(refs) + len(names), say=say, prefix="mbmerge demo"), []
+    steps, rows = Progress(total=len(refs) + len(names) + with_moe, say=say, prefix="mbmerge demo"), []
     for name, kind in refs:
         rows.append(_row(name, kind, harness.report(zoo / name, zoo=zoo, settings=evaluation)))
         steps.step(f"{name} evaluated")
@@ -113,9 +130,10 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
         merged = ray.get([task.remote(name, zoo, out, evaluation, micro, False) for name in names])
     else:
         merged = (_merged_row(name, zoo, out, evaluation, micro, not quiet) for name in names)
-    for row in merged:
-        rows.append(row)
-        steps.step(f"{row['model']}: normalised performance {np_text(row, rows, list(DOMAINS))}")
+    for row in [*merged, _moe_row(zoo, out, evaluation) if with_moe else None]:
+        if row is not None:
+            rows.append(row)
+            steps.step(f"{row['model']}: normalised performance {np_text(row, rows, list(DOMAINS))}")
     return rows
 
 
@@ -139,10 +157,12 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
               help="Merge and evaluate the methods, and run the tuning trials, as Ray tasks: bare --ray on a local "
               "Ray, --ray ADDRESS on a cluster (the output folder must be one every node writes).")
+@click.option("--moe/--no-moe", "with_moe", default=True, show_default=True,
+              help="Also route the five experts as a Mixture of Experts (top-2, mbmerge moe): its row beside the merges.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
 def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, prune, ray_address,
-         quiet, verbose):
+         with_moe, quiet, verbose):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
     if tuned or ray_address:
         from ..tune import require_extra
@@ -151,7 +171,7 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
     names = five_expert_methods() if names == "all" else names.split(",")
     limit = MICRO["limit"] if limit is None and micro else limit
     evaluation = harness.EvalSettings(limit=limit, batch_size=batch_size, verbose=verbose)
-    rows = _rows(zoo, out, names, evaluation, micro, quiet, ray_address)
+    rows = _rows(zoo, out, names, evaluation, micro, quiet, ray_address, with_moe)
     for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
                                    None if prune == "none" else prune, ray_address) if tuned else []):
         rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, settings=evaluation),

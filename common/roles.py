@@ -26,6 +26,7 @@ EMBEDDINGS_AND_HEAD = (r"(^|\.)(embed_tokens|lm_head|embed_in|embed_out|wte|wpe|
 
 _LAYER = re.compile(r"(?:^|\.)(layers|h)\.(\d+)\.")
 _TOWER = re.compile(r"(?:^|\.)(vision_tower|vision_model|visual|audio_tower|multi_modal_projector)\.")
+_DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 # mergekit's weights before the layers: the token (and GPT-2's position) embeddings
 _BEFORE_LAYERS = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings)\.|^backbone\.embeddings\.")
 
@@ -36,6 +37,13 @@ def layer_of(name: str) -> int | None:
         return None
     m = _LAYER.search(name)
     return int(m.group(2)) if m else None
+
+
+def dense_mlp(name: str) -> tuple[int, str] | None:
+    """(layer, projection) of a Llama-style decoder's dense MLP weight (`model.layers.3.mlp.up_proj.weight`:
+    Llama, Mistral, Qwen2, Qwen3, what a MoE takes its experts from), else None."""
+    m = _DENSE_MLP.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def layer_count(names) -> int:

@@ -8,8 +8,12 @@
                 chunks, shards), the resume journal and fingerprint, the compute device
     output/     what a merge writes and where: the output's place, the shard writer and card, verify
     adapters/   LoRA adapters read as the weights they adapt, and extracted (mbmerge extract-lora)
+    transplant/ a model given another model's tokenizer (mbmerge tokensurgeon): tokens matched, rows rebuilt
     models      one record per model of a merge, built from the spec (engine/models.py)
     execute     the executor: chunks read, merged by the method, written
+    moe/        Mixtures of Experts from dense experts (mbmerge moe): mergekit-moe's recipe, the output
+                architectures, each output tensor's source, the streaming assembly and card; routers come in
+                as tensors (stats/routers.py computes them)
     api         one merge as a story: models -> plan -> executor -> finish (run, merge, fingerprint)
     recipe/     mergekit YAML: documents, per-tensor parameter values, stages; beside the core, which
                 never imports it (a recipe's gradients reach it as MergeSpec.layered)

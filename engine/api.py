@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import kernels, methods
-from ..common.errors import BadParameter, InputChanged
+from ..common.errors import BadParameter
 from ..methods import Method
 from .execute import Merger
 from .inputs import chat_template, side_files
@@ -18,12 +18,13 @@ from .inputs.index import INDEX_FILE, TensorIndex
 from .inputs.resolve import Source
 from .inputs.slices import layer_count
 from .inputs.stats_folders import open_statistics, read_card
-from .journal import JOURNAL, Journal, input_identity
+from .journal import Journal, input_identity
 from .journal import fingerprint as fingerprint_of
 from .models import Models, read_models, sources
-from .output.place import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder,
-                           publish, remove_empty)
-from .output.verify import input_changes, sha256_files
+from .output.partial import kept_for_resume, resumed_or_fresh, written
+from .output.place import (check_apart, check_location, missing_parents, output_lock, partial_folder, publish,
+                           remove_empty)
+from .output.verify import sha256_files
 from .output.write import ShardWriter, write_card, write_index
 from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, Plan, make_plan, parse_shard_size
 from .device import resolve_device
@@ -140,49 +141,31 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
     for note in [] if spec.dtype else p.models.float_width_notes():
         print(f"mbmerge: notice: {note}", file=sys.stderr)
     tmp = partial_folder(spec.out)
-    resumed = _resumed(p, tmp)
+    resumed = resumed_or_fresh(tmp, p.fingerprint, p.plan, spec.run.resume,
+                               spec.run.progress and f"merge into {spec.out}")
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
     readers = None
     try:
-        readers = p.models.readers(p.method.needs_base, p.statistics)
-        writer, journal = ShardWriter(tmp, p.plan, prefixes), Journal(tmp, p.fingerprint, fresh=resumed is None)
-        try:
-            if p.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(p.device)
-            merger = Merger(plan=p.plan, method=p.method, readers=readers, writer=writer, params=p.spec.resolved,
-                            overrides=p.spec.resolved_overrides, device=p.device,
-                            allow_nonfinite=spec.allow_nonfinite)
-            merger.run(spec.run.progress, journal, done, model_thr, ties)
-        finally:
-            writer.close()
-            journal.close()
-        if changed := input_changes(p.identity):
-            raise InputChanged(f"input {min(changed)} changed while it was being merged; nothing was written")
-        (tmp / JOURNAL).unlink()
-        _finish(p, tmp, writer, len(done), time.perf_counter() - started)
-        publish(tmp, spec.out, spec.run.overwrite)
-    except KeyboardInterrupt:
-        raise         # the partial folder and its journal stay: the same command resumes
-    except BaseException:
-        discard(tmp)
-        raise
+        with kept_for_resume(tmp):
+            readers = p.models.readers(p.method.needs_base, p.statistics)
+            writer, journal = ShardWriter(tmp, p.plan, prefixes), Journal(tmp, p.fingerprint, fresh=resumed is None)
+            try:
+                if p.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(p.device)
+                merger = Merger(plan=p.plan, method=p.method, readers=readers, writer=writer, params=p.spec.resolved,
+                                overrides=p.spec.resolved_overrides, device=p.device,
+                                allow_nonfinite=spec.allow_nonfinite)
+                merger.run(spec.run.progress, journal, done, model_thr, ties)
+            finally:
+                writer.close()
+                journal.close()
+            written(tmp, p.identity, "it was being merged")
+            _finish(p, tmp, writer, len(done), time.perf_counter() - started)
+            publish(tmp, spec.out, spec.run.overwrite)
     finally:
         if readers is not None:
             readers.close()
     return spec.out
-
-
-def _resumed(p: Prepared, tmp: Path) -> tuple | None:
-    """What an interrupted merge of the same fingerprint left in `tmp` (Journal.resume), else None and a
-    fresh `tmp`."""
-    resumed = Journal.resume(tmp, p.fingerprint, p.plan) if p.spec.run.resume else None
-    if resumed is None:
-        discard(tmp, notice=True)
-        tmp.mkdir()
-    elif p.spec.run.progress:
-        print(f"mbmerge: resuming the interrupted merge into {p.spec.out}: {len(resumed[0])} of "
-              f"{len(p.plan.tensors)} tensors are written and check out, merging the rest", file=sys.stderr)
-    return resumed
 
 
 def _finish(p: Prepared, tmp: Path, writer: ShardWriter, resumed: int, seconds: float) -> None:

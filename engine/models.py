@@ -81,10 +81,10 @@ def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
                 [Source(ref=e, path=family / d, revision=None, role=f"expert {e}")
                  for e, d in zip(spec.experts, names)])
     base = resolve(spec.base, "base") if spec.base else None     # a method that needs one: MergeSpec says so
-    return base, [_on_base(resolve(e, f"expert {e}", spec.base), base) for e in spec.experts]
+    return base, [on_base(resolve(e, f"expert {e}", spec.base), base) for e in spec.experts]
 
 
-def _on_base(s: Source, base: Source | None) -> Source:
+def on_base(s: Source, base: Source | None) -> Source:
     """An expert given as a LoRA adapter folder alone adapts the base."""
     if s.adapter is not None or not lora.is_adapter(s.path):
         return s
@@ -98,7 +98,7 @@ def read_models(spec: MergeSpec, base: Source | None, experts: list[Source]) -> 
     """Every model of the merge, indexed and checked: its adapter folded in, the slices' virtual models,
     tied heads reconciled, the output vocabulary and chat template chosen, the experts' tensors agreeing
     with the reference's (in one line, naming the first disagreements, otherwise)."""
-    stored = [_stored(s) for s in ([base] if base else []) + experts]
+    stored = [stored_model(s) for s in ([base] if base else []) + experts]
     side = stored[0].stored.folder
     side_files.check(side, "base" if base else experts[0].role)
     files = [m.stored for m in stored] + [m.adapter.index for m in stored if m.adapter]
@@ -123,7 +123,7 @@ def read_models(spec: MergeSpec, base: Source | None, experts: list[Source]) -> 
                   tied=tied, vocab=vocab, template=template)
 
 
-def _stored(s: Source) -> Model:
+def stored_model(s: Source) -> Model:
     """A model as its folder holds it, its LoRA adapter (if any) folded into the index it is merged by."""
     index = TensorIndex.from_folder(s.path, s.role)
     if s.adapter is None:

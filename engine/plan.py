@@ -4,7 +4,7 @@ cut into, and where every output tensor's bytes go. Knows nothing of the methods
 """
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..common.errors import BadParameter
 from ..methods import CHUNK_ALIGN, row_length
@@ -124,19 +124,33 @@ def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | 
             by_shard = {SINGLE_FILE: by_shard[ref.shards[0]]}
     else:
         by_shard = _reshard(entries, [e.numel * DTYPES[kinds[e.name][0]].itemsize for e in entries], shard_size)
+    chunks = {e.name: _chunks(e, step, span if kinds[e.name][1] else "element", budget, n_inputs) for e in entries}
+    plan = _laid_out(by_shard, kinds, chunks, step, budget)
+    return replace(plan, sharded=plan.sharded or (shard_size is None and ref.sharded))  # an index, as the reference has one
+
+
+def assembly_plan(entries: list[TensorEntry], dtypes: list[str], *, budget: int, shard_size: int) -> Plan:
+    """The plan of tensors each copied (cast) from one source, in the order given and under the entries' names
+    (a renamed source entry, or a computed tensor's), into shards of at most shard_size bytes (mbmerge moe)."""
+    step = chunk_elems(budget, 1, COMPILED_CHUNK)
+    kinds = {e.name: (d, False) for e, d in zip(entries, dtypes)}
+    by_shard = _reshard(entries, [e.numel * DTYPES[d].itemsize for e, d in zip(entries, dtypes)], shard_size)
+    return _laid_out(by_shard, kinds, {e.name: _chunks(e, step, "element", budget, 1) for e in entries}, step, budget)
+
+
+def _laid_out(by_shard: dict[str, list[TensorEntry]], kinds: dict, chunks: dict, step: int, budget: int) -> Plan:
+    """Each shard's header and each tensor's place in it: kinds {name: (output dtype, merged?)}."""
     shards, tensors = [], []
     for name, entries in by_shard.items():
         header, offsets = encode_header([(e.name, kinds[e.name][0], e.shape) for e in entries], {"format": "pt"})
         size = len(header)
         for e, off in zip(entries, offsets):
             dtype, merge = kinds[e.name]
-            chunks = _chunks(e, step, span if merge else "element", budget, n_inputs)
-            tensors.append(TensorPlan(name=e.name, ref=e, out_dtype=dtype, merge=merge, chunks=chunks, shard=name,
-                                      out_offset=len(header) + off))
+            tensors.append(TensorPlan(name=e.name, ref=e, out_dtype=dtype, merge=merge, chunks=chunks[e.name],
+                                      shard=name, out_offset=len(header) + off))
             size += tensors[-1].out_nbytes
         shards.append(ShardPlan(name, header, size))
-    sharded = len(shards) > 1 or (shard_size is None and ref.sharded)   # an index, as the reference has one
-    return Plan(tensors=tuple(tensors), shards=tuple(shards), sharded=sharded, chunk_elems=step, budget=budget)
+    return Plan(tensors=tuple(tensors), shards=tuple(shards), sharded=len(shards) > 1, chunk_elems=step, budget=budget)
 
 
 def _reshard(entries: list[TensorEntry], sizes: list[int], limit: int) -> dict[str, list[TensorEntry]]:

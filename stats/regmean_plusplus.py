@@ -15,7 +15,6 @@ expert's model once over its data: twice the layer forwards (the expert's layer 
 the activations written and read again at every layer, and each layer merged twice (here, to carry
 the activations on; in the engine, which writes the output from these Grams).
 """
-import copy
 import sys
 import tempfile
 import time
@@ -26,15 +25,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..common.errors import BadModel
 from ..engine.inputs.index import TensorIndex
 from ..engine.inputs.read import MappedModel
 from ..methods import merge_tensors
 from .gram import gram
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer slot's input is taken: nothing after it needs to run."""
+from .skeleton import Skeleton, layer_tensors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +61,7 @@ def collect_plusplus(base: Path, experts: list[ExpertData], *, reduction: float,
                           file=sys.stderr, flush=True)
                 grams = []
                 for t, (m, run) in enumerate(zip(models, batches)):
-                    slot.load(layer, _layer_tensors(m, layer))
+                    slot.load(layer, layer_tensors(m, layer))
                     found = {}
                     gram(slot.model, slot.fed(run, cache.reader(t, layer)), budget=budget,
                          emit=lambda n, g, found=found: found.__setitem__(slot.rename(n, layer), g))
@@ -82,20 +77,10 @@ def collect_plusplus(base: Path, experts: list[ExpertData], *, reduction: float,
     return {"layers": config.num_hidden_layers, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _layer_tensors(m: MappedModel, layer: int) -> dict[str, torch.Tensor]:
-    """Decoder layer `layer` of a model, named as inside the layer ("self_attn.q_proj.weight")."""
-    prefix = f"model.layers.{layer}."
-    out = {n.removeprefix(prefix): m.chunk(e, 0, e.numel).float().view(e.shape)
-           for n, e in m.index.tensors.items() if n.startswith(prefix)}
-    if not out:
-        raise BadModel(f"{m.index.folder}: no tensors of decoder layer {layer} ({prefix}*)")
-    return out
-
-
 def _merged(models: list[MappedModel], layer: int, grams: list[dict], reduction: float) -> dict[str, torch.Tensor]:
     """Layer `layer` merged by RegMean with this layer's Grams, as the engine merges it from them."""
     prefix = f"model.layers.{layer}."
-    weights = [_layer_tensors(m, layer) for m in models]
+    weights = [layer_tensors(m, layer) for m in models]
     return {n: merge_tensors("regmean", None, [w[n] for w in weights], reduction=reduction,
                              stat=[g.get(prefix + n) for g in grams]).float() for n in weights[0]}
 
@@ -113,98 +98,3 @@ class ActivationCache:
     def reader(self, task: int, layer: int):
         """A callable giving batch k's activations at `layer`'s input."""
         return lambda k: load_file(str(self.folder / f"t{task}-l{layer % 2}-b{k}.safetensors"))["h"]
-
-
-class Skeleton:
-    """The base's architecture with one decoder layer slot and no final norm or head: the base's
-    embeddings, masks and rotary embeddings around whichever layer is loaded."""
-
-    def __init__(self, *, base: Path, config, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoModelForCausalLM
-        from ..common.quiet import quiet_transformers
-        one = copy.deepcopy(config)
-        one.num_hidden_layers = 1
-        if isinstance(getattr(one, "layer_types", None), list):
-            one.layer_types = one.layer_types[:1]
-        with quiet_transformers():
-            self.model = AutoModelForCausalLM.from_config(one, torch_dtype=dtype)
-        embed = self.model.get_input_embeddings()
-        base_index = TensorIndex.from_folder(Path(base), "base")
-        name = next(n for n in base_index.tensors if n.endswith("embed_tokens.weight"))
-        m = MappedModel(base_index)
-        try:
-            e = base_index.tensors[name]
-            embed.weight.data.copy_(m.chunk(e, 0, e.numel).view(e.shape))
-        finally:
-            m.close()
-        self.model.model.norm = torch.nn.Identity()
-        self.model.lm_head = torch.nn.Identity()
-        self.config = copy.deepcopy(config)      # each loaded layer takes the full model's settings for its index
-        self.config._attn_implementation = self.model.config._attn_implementation
-        self.dtype, self.device = dtype, device
-        self.model.to(device).eval()
-
-    @property
-    def layer(self) -> torch.nn.Module:
-        return self.model.model.layers[0]
-
-    def load(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Layer `index` of the full model (its attention type, its index) with these weights."""
-        layer = type(self.layer)(self.config, index)
-        layer.load_state_dict(tensors)
-        self.model.model.layers[0] = layer.to(self.device, self.dtype).eval()
-
-    @staticmethod
-    def rename(name: str, index: int) -> str:
-        return name.replace("model.layers.0.", f"model.layers.{index}.", 1)
-
-    def inputs(self, run):
-        """The layer slot's input on each batch (a generator): the embeddings' output, layer 0's input."""
-        out = []
-
-        def take(module, args, kwargs):
-            out.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
-            raise _Stop
-        yield from self._taken(run(), self.layer.register_forward_pre_hook(take, with_kwargs=True), out)
-
-    def fed(self, run, read):
-        """run's batches, the layer slot fed batch k's cached activations `read(k)` in place of its input."""
-        def feed(module, args, kwargs):
-            h = read(feed.k).to(self.device, self.dtype)
-            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-        def batches():
-            handle = self.layer.register_forward_pre_hook(feed, with_kwargs=True)
-            try:
-                for k, batch in enumerate(run()):
-                    feed.k = k
-                    yield batch
-            finally:
-                handle.remove()
-        return batches
-
-    def outputs(self, run, read):
-        """The loaded layer's output on each batch's cached input (a generator)."""
-        out = []
-
-        def take(module, args, output):
-            out.append((output[0] if isinstance(output, tuple) else output).detach().cpu())
-            raise _Stop
-        yield from self._taken(self.fed(run, read)(), self.layer.register_forward_hook(take), out)
-
-    def _taken(self, batches, handle, out: list):
-        """Each batch run until the hook behind `handle` takes its tensor into `out` (and stops the forward),
-        that tensor yielded; the hook removed at the end."""
-        try:
-            for batch in batches:
-                try:
-                    self._forward(batch)
-                except _Stop:
-                    yield out.pop()
-        finally:
-            handle.remove()
-
-    def _forward(self, batch: dict) -> None:
-        with torch.no_grad():
-            self.model(input_ids=batch["input_ids"].to(self.device),
-                       attention_mask=batch["attention_mask"].to(self.device), use_cache=False)

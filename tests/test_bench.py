@@ -128,7 +128,8 @@ def test_bench_refuses_a_fixture_the_disk_cannot_hold(run_main, tmp_path, monkey
 
 def test_device_flag_and_peak_gpu_from_the_card(tmp_path):
     import sys
-    from mbmerge.bin.bench import best_of, mbmerge_cmd, table
+    from mbmerge.bin.bench import mbmerge_cmd, table
+    from mbmerge.bin.bench_timing import best_of
     recipe = tmp_path / "ties.yml"
     assert "--device" not in mbmerge_cmd("ties", tmp_path, ["math"], tmp_path / "o", recipe, "auto")
     assert mbmerge_cmd("ties", tmp_path, ["math"], tmp_path / "o", recipe, "cuda")[-2:] == ["--device", "cuda"]

@@ -39,17 +39,20 @@ def test_demo_on_the_micro_zoo(micro_demo):
                                                 "forgetting.png", "merges"}
     rows = _rows(micro_demo)
     names = five_expert_methods()
-    assert list(rows) == ["base", *DOMAINS, "multitask", *names]
+    assert list(rows) == ["base", *DOMAINS, "multitask", *names, "moe (top-2 of 5)"]
     assert rows["regmean"]["stats_seconds"] > 0 and rows["ties"]["stats_seconds"] is None   # Grams on each domain
     assert all(0 <= v <= 1 for r in rows.values() for v in r["scores"].values() if v is not None)
-    for name in names:
+    for name in [*names, "moe (top-2 of 5)"]:
         r = rows[name]
-        assert r["kind"] == "merge" and r["merge_seconds"] > 0
+        assert r["kind"] == ("moe" if name.startswith("moe") else "merge") and r["merge_seconds"] > 0
         ratios = [r["scores"][d] / rows[d]["scores"][d] for d in DOMAINS if rows[d]["scores"][d]]
         assert r["normalised"] == pytest.approx(sum(ratios) / len(ratios))
         base = rows["base"]["general"]
         assert r["forgetting"] == ((base - r["general"]) / base if base else None)
+    for name in names:
         assert json.loads((out / "merges" / name / "mbmerge.json").read_text())["method"] == name
+    moe = json.loads((out / "moe" / "mbmerge.json").read_text())
+    assert moe["kind"] == "moe" and len(moe["experts"]) == len(DOMAINS)
     assert "| localize_stitch | merge |" in (out / "report.md").read_text()
     assert f"report: {out / 'report.md'}" in micro_demo["stdout"]
 

@@ -69,15 +69,16 @@ def is_multi_stage(path) -> bool:
     return len(docs) > 1 or any(isinstance(d, dict) and "name" in d for d in docs)
 
 
-def load_stages(path, out=None, intermediate_dir=None) -> list[Stage]:
+def load_stages(path, out=None, intermediate_dir=None, until: int | None = None) -> list[Stage]:
     """The stages of a multi-document recipe in the order they run, each recipe read and checked;
-    BadParameter in one line naming the file and document for anything wrong.
+    BadParameter in one line naming the file and document for anything wrong. `until`: only the first
+    `until` documents are merges (mbmerge moe reads the last one itself).
 
     Example:
         >>> [s.title for s in load_stages("multi.yml", "merged/")]
         ['stage math_code', 'final merge']
     """
-    docs = _documents(path)
+    docs = documents(path)[:until]
     named = [d.get("name") for _, d in docs]
     if None in named and out is None:
         raise BadParameter(f"{path}: document {docs[named.index(None)][0]} is the final merge (it has no "
@@ -104,7 +105,7 @@ def load_stages(path, out=None, intermediate_dir=None) -> list[Stage]:
     return ordered
 
 
-def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, fingerprint=None,
+def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, fingerprint=None, until=None,
                **options) -> Path:
     """Merge every stage of the recipe at `path` in order (see the module docstring); returns `out`,
     or the intermediate folder when no document is unnamed.
@@ -113,12 +114,13 @@ def run_stages(path, out=None, *, intermediate_dir=None, lazy=True, merge=None, 
         merge: the function that merges one stage, called as merge(out=..., **stage.merge, **options);
             default mbmerge.engine.api.merge (mbmerge.merge adds the built-in family: pass it for that).
         fingerprint: the fingerprint such a merge would record, called like merge; default the engine's.
+        until: only the first `until` documents are stages (load_stages).
         options: the run's options, the same for every stage: memory_budget, device, progress,
             overwrite, resume, out_shard_size, copy_tokenizer, kernels, compile, ...
     Example:
         >>> run_stages("multi.yml", "merged/", merge=mbmerge.merge, memory_budget="4GB")
     """
-    stages = load_stages(path, out, intermediate_dir)
+    stages = load_stages(path, out, intermediate_dir, until)
     clash = sorted(set(options) & {k for s in stages for k in s.merge})
     if clash:
         raise BadParameter(f"{path}: {', '.join(clash)} is set by each document's recipe, not for the whole run")
@@ -186,7 +188,7 @@ def _replaces(stage: Stage, why: str, overwrite: bool) -> bool:
     return overwrite or stage.name is not None or why not in CHANGED
 
 
-def _documents(path) -> list[tuple[int, dict]]:
+def documents(path) -> list[tuple[int, dict]]:
     """(number from 1, mapping) of each non-empty document, names checked."""
     try:
         with open(path) as f:

@@ -1,0 +1,108 @@
+"""How `mbmerge bench` times a tool: each run its own process from a warm page cache (wall time and that
+process's peak RSS), the best of a few runs, and the I/O floor (reading every input once from the page cache
+and writing one output-sized file: the time no tool can beat on this machine)."""
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+BLOCK = 64 << 20
+GB = 1e9
+
+
+def warm(files):
+    """Read every file once, into the page cache."""
+    buf = bytearray(BLOCK)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def io_floor(files, out_bytes, tmp: Path) -> float:
+    """Seconds to read `files` from the warm page cache and write one `out_bytes` file."""
+    warm(files)
+    os.sync()
+    block, t = bytes(BLOCK), time.perf_counter()
+    warm(files)
+    with open(tmp / "floor.bin", "wb", buffering=0) as fh:
+        for off in range(0, out_bytes, BLOCK):
+            fh.write(block[:min(BLOCK, out_bytes - off)])
+    elapsed = time.perf_counter() - t
+    (tmp / "floor.bin").unlink()
+    return elapsed
+
+
+# Runs argv[1:] and prints "wall_s maxrss_KiB exit_code". It runs in a fresh small interpreter because
+# ru_maxrss counts the memory of the process that exec'd the command: a child spawned straight from this
+# process would report this process's peak (measured: `python -c pass` from a parent that had held 2 GB: 2.1 GB).
+LAUNCHER = ("import os, subprocess, sys, time; t = time.perf_counter(); "
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); _, status, ru = os.wait4(p.pid, 0); "
+            "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))")
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning on the CPU while the block runs."""
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in spinning:
+            p.kill()
+            p.wait()
+
+
+def timed_run(cmd, files, out: Path) -> tuple[float, float]:
+    """(wall s, peak RSS GB) of one process, started from a warm cache with no dirty pages pending."""
+    shutil.rmtree(out, ignore_errors=True)
+    warm(files)
+    os.sync()
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    wall, maxrss, code = done.stdout.split() if done.returncode == 0 else (0, 0, "?")
+    if code != "0":
+        raise click.ClickException(f"{cmd[0]} failed (exit {code}):\n{done.stderr[-2000:]}")
+    return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
+
+
+def best_of(repeat, cmd, files, out):
+    """min wall, max peak RSS, every wall over `repeat` runs, and the last run's mbmerge.json ({} if none);
+    the output is then removed, so at most one exists at a time."""
+    runs = [timed_run(cmd, files, out) for _ in range(repeat)]
+    card = json.loads((out / "mbmerge.json").read_text()) if (out / "mbmerge.json").is_file() else {}
+    shutil.rmtree(out, ignore_errors=True)
+    return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
+
+
+def mbmerge_head() -> list[str]:
+    """The mbmerge command of this interpreter's environment."""
+    exe = Path(sys.executable).with_name("mbmerge")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
+
+
+def floor_row(case: str, files, out_bytes: int, repeat: int, tmp: Path) -> dict:
+    """A case's row begun: its input size and I/O floor (the best of at least three)."""
+    row = {"method": case, "input_GB": sum(f.stat().st_size for f in files) / GB,
+           "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
+    row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
+    return row
+
+
+def time_tool(row: dict, tool: str, repeat: int, cmd, files, out: Path) -> dict:
+    """`tool`'s figures (tool_s, tool_rss_GB, tool_walls, tool_in_GBps) added to the row; the speed-up and the
+    RSS ratio once both mbmerge and mergekit have run. Returns the last run's mbmerge.json."""
+    row[f"{tool}_s"], row[f"{tool}_rss_GB"], row[f"{tool}_walls"], card = best_of(repeat, cmd, files, out)
+    row[f"{tool}_in_GBps"] = row["input_GB"] / row[f"{tool}_s"]
+    if tool == "mbmerge":
+        row["x_floor"] = row["mbmerge_s"] / row["floor_s"]
+        row["floor_pct"] = 100 / row["x_floor"]
+    if "mbmerge_s" in row and "mergekit_s" in row:
+        row["speedup"] = row["mergekit_s"] / row["mbmerge_s"]
+        row["rss_ratio"] = row["mbmerge_rss_GB"] / row["mergekit_rss_GB"]
+    return card
