@@ -95,7 +95,7 @@ def transplant_fixture(fx: Path) -> tuple[Path, Path]:
     write_family(tmp / "donor-family", llama_config(512, 2, vocab + DONOR_ADDS + 2), [], 1 << 30)
     (tmp / "donor-family" / "base").rename(tmp / "donor")
     (tmp / "donor-family").rmdir()
-    texts = _corpus()
+    texts = _corpus(min(24 << 20, 800 * (vocab + DONOR_ADDS)))     # ~800 characters a token: all merges learnt
     _train_tokenizer(tmp / "model", texts, vocab, ["<|endoftext|>"])
     _train_tokenizer(tmp / "donor", texts, vocab + DONOR_ADDS + 2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     (tmp / "done").touch()
@@ -104,7 +104,7 @@ def transplant_fixture(fx: Path) -> tuple[Path, Path]:
     return out / "model", out / "donor"
 
 
-def _corpus(limit: int = 24 << 20) -> list[str]:
+def _corpus(limit: int) -> list[str]:
     """The text of the standard library's .py files, sorted by path, up to `limit` characters."""
     texts, size = [], 0
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):

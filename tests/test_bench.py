@@ -113,6 +113,23 @@ def test_bench_writes_json_and_png(run_main, tmp_path):
     assert "| ties |" in out and "x I/O floor" in out
 
 
+def test_bench_times_mergekits_other_tools(run_main, tmp_path):
+    """moe and tokensurgeon cases: rows with the floor and mbmerge's figures; the transplant fixture's model is the
+    base's tensors with a BPE tokenizer of its vocab_size, its donor's tokenizer another, longer one."""
+    from transformers import AutoTokenizer
+    code, out, err = run_main("bench", "--hidden", "64", "--layers", "2", "--vocab", "300", "--methods",
+                              "moe_cheap_embed,tokensurgeon_mean", "--cache", tmp_path, "--vs", "none")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "custom-h64-l2-v300-e2.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["moe_cheap_embed", "tokensurgeon_mean"]
+    assert all(r["mbmerge_s"] > 0 and r["floor_s"] > 0 and "mergekit_s" not in r for r in rows)
+    fx = tmp_path / "custom-h64-l2-v300-e2-transplant"
+    model, donor = (AutoTokenizer.from_pretrained(fx / m) for m in ("model", "donor"))
+    assert len(model) == 300 and len(donor) == 300 + 1002 and model.convert_ids_to_tokens(0) == "<|endoftext|>"
+    assert (fx / "model" / "model-00001-of-00001.safetensors").stat().st_ino == \
+        (tmp_path / "custom-h64-l2-v300-e2" / "base" / "model-00001-of-00001.safetensors").stat().st_ino     # hard-linked
+
+
 def test_bench_refuses_a_fixture_the_disk_cannot_hold(run_main, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 20 * 10**9, 20 * 10**9))
@@ -158,3 +175,22 @@ def test_added_tokens_family_and_the_bench_merging_its_union(run_main, tmp_path)
     assert len(tok) == 131 and tok.convert_tokens_to_ids("<|math_2|>") == 130
     assert json.loads((fx / "code" / "config.json").read_text())["vocab_size"] == 131
     assert "| linear |" in out
+
+
+def test_bench_times_fp8_experts_beside_bf16(run_main, tmp_path):
+    """--quantized fp8: a copy of the fixture with FP8 block-quantized experts (e4m3 + weight_scale_inv per 64x64
+    block at this size), built once beside it; each method's row, then its row on the FP8 experts."""
+    code, out, err = run_main("bench", "--hidden", "64", "--layers", "2", "--vocab", "300", "--methods", "ties",
+                              "--quantized", "fp8", "--cache", tmp_path, "--vs", "none")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "custom-h64-l2-v300-e2.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ties", "ties[fp8 experts]"]
+    assert rows[1]["mbmerge_s"] > 0 and rows[1]["input_GB"] < rows[0]["input_GB"]   # FP8 experts: fewer bytes
+    math = read(tmp_path / "custom-h64-l2-v300-e2-fp8" / "math")
+    plain = read(tmp_path / "custom-h64-l2-v300-e2" / "math")
+    w = "model.layers.1.mlp.gate_proj.weight"                                        # [128, 64]: 2 x 1 blocks
+    assert math[w].dtype == torch.float8_e4m3fn and math[w + "_scale_inv"].shape == (2, 1)
+    back = math[w].float().view(2, 64, 64) * math[w + "_scale_inv"].view(2, 1, 1)
+    assert torch.allclose(back.view(128, 64), plain[w].float(), rtol=0.07, atol=1e-6)    # e4m3: 3 mantissa bits
+    assert torch.equal(math["model.norm.weight"], plain["model.norm.weight"])
+    assert "| ties[fp8 experts] |" in out

@@ -69,10 +69,10 @@ def test_micro_experts_beat_the_base_so_every_merge_has_an_np(micro_demo):
 
 def test_the_micro_demo_says_k_of_n_with_an_estimate(micro_demo):
     lines = [ln for ln in micro_demo["stderr"].splitlines() if ln.startswith("mbmerge demo: ")]
-    names = ["base", *DOMAINS, "multitask", *five_expert_methods()]
+    names = ["base", *DOMAINS, "multitask", *five_expert_methods(), "moe (top-2 of 5)"]
     assert len(lines) == len(names)
     for k, (line, name) in enumerate(zip(lines, names), start=1):
-        m = re.fullmatch(rf"mbmerge demo: {k} of {len(names)}: {name}(?P<what>: normalised performance \S+| "
+        m = re.fullmatch(rf"mbmerge demo: {k} of {len(names)}: {re.escape(name)}(?P<what>: normalised performance \S+| "
                          r"evaluated)(?P<left>; (about \d+(\.\d)? (s|min|h)|under a second) left)?", line)
         assert m, line
         assert (m["left"] is None) == (k == len(names)), line     # an estimate until the last

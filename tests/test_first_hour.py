@@ -53,7 +53,7 @@ def test_demo_without_quiet_says_np_is_undefined(micro_zoo, tmp_path, run_main, 
     out = tmp_path / "demo"
     assert not out.exists()
     code, stdout, err = run_main("demo", "--micro", "--cache", micro_zoo.parent.parent, "--out", out,
-                                 "--methods", "linear", "--limit", 1, "--tune", "--tune-methods", "hi_merging")
+                                 "--methods", "linear", "--limit", 1, "--tune", "--tune-methods", "hi_merging", "--no-moe")
     assert code == 0, err
     assert "linear: normalised performance undefined (expert scores 0)" in err
     assert "mbmerge: warning: hi_merging (tuned) left out: hi_merging: every expert scores 0" in err
@@ -94,7 +94,7 @@ def test_tune_says_when_no_candidate_has_an_np(micro_zoo, tmp_path, run_main, ev
     (["demoo", "--micro"], "no command 'demoo'; did you mean 'demo'?"),
     (["bench_kernels"], "no command 'bench_kernels'; did you mean 'bench-kernels'?"),
     (["xyzzy"], "no command 'xyzzy' (commands: bench, bench-kernels, demo, eval, extract-lora, merge, methods, "
-                "stats, tune, verify, zoo; default: merge --method ...)"),
+                "moe, stats, tokensurgeon, tune, verify, zoo; default: merge --method ...)"),
     (["recipe.yml", "--out", "m"], "no command 'recipe.yml'; for a mergekit recipe, pass --config recipe.yml"),
 ])
 def test_a_mistyped_command_gets_the_nearest_one(tmp_path, monkeypatch, run_main, args, message):

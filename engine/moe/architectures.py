@@ -11,7 +11,7 @@ transformers 4 read, and which transformers 5 fuses into `mlp.experts.gate_up_pr
     Qwen3 MoE      qwen3                   none                    mlp.experts.E.*_proj
 
 DeepSeek MoE's config names the hub's remote code (deepseek-ai/deepseek-moe-16b-base), as mergekit's does:
-transformers loads it with trust_remote_code. Torch-free; transformers' config classes build the configs.
+transformers loads it only when the user allows remote code. Torch-free; transformers' config classes build the configs.
 """
 from dataclasses import dataclass, field
 from typing import Callable

@@ -201,6 +201,7 @@ def _finish(inputs: MoeInputs, routers: Routers, tmp: Path, plan: Plan, writer: 
     write_index(tmp, plan)
     copied = side_files.copy(inputs.models[0].stored.folder, tmp, None)     # its config.json is replaced here
     config = arch.config(inputs.config, recipe)
+    config.pop("quantization_config", None)      # quantized inputs are read dequantized (engine/inputs/quantized.py)
     dtypes = set(inputs.dtypes)
     if len(dtypes) == 1:
         name = side_files.TORCH_DTYPE[dtypes.pop()]
