@@ -234,7 +234,6 @@ def test_domain_experts_route_by_their_validation_prompts(micro_zoo, tmp_path, r
 def test_parity_with_mergekit_moe(family, tmp_path, run_main, gate_mode, architecture):
     """The experts, attention and embeddings byte for byte, the routers within bfloat16 rounding (mergekit runs
     the base in bfloat16, mbmerge in float32), the next-token logits close."""
-    from transformers import AutoModelForCausalLM
     extra = {"architecture": architecture} if architecture else {}
     yml = recipe(family, tmp_path / "moe.yml", gate_mode, experts=("math", "code") if architecture else
                  ("math", "code", "ifeval"), **extra)
@@ -242,27 +241,80 @@ def test_parity_with_mergekit_moe(family, tmp_path, run_main, gate_mode, archite
         cfg = yaml.safe_load(yml.read_text())
         cfg["shared_experts"] = [{"source_model": cfg["base_model"], "positive_prompts": ["hello"]}]
         yml.write_text(yaml.safe_dump(cfg))
+    like_mergekit(yml, tmp_path, run_main, hidden=gate_mode == "hidden")
+
+
+def like_mergekit(yml: Path, tmp_path: Path, run_main, hidden: bool = False, loads: bool = True) -> None:
+    """mbmerge moe and mergekit-moe on one recipe: the same config and tensors (as transformers loads them where it
+    loads the architecture: mergekit writes the experts fused, mbmerge as save_pretrained does; else as stored),
+    every tensor but the routers byte for byte, the routers within bfloat16 rounding (a few of its units where
+    mergekit's bfloat16 forward makes them), the next-token logits close."""
+    from transformers import AutoModelForCausalLM
     assert run_main("moe", yml, "--out", tmp_path / "ours", "-q")[0] == 0
     done = subprocess.run([MERGEKIT_MOE, str(yml), str(tmp_path / "theirs")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "theirs")
-    a, b = ours.state_dict(), theirs.state_dict()
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / m) for m in ("ours", "theirs")] if loads else None
+    a, b = (m.state_dict() for m in models) if loads else (read_model(tmp_path / m) for m in ("ours", "theirs"))
     assert a.keys() == b.keys()
     for n in a:
-        if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-            if gate_mode == "hidden":     # mergekit's bfloat16 forward: a few units of its last place (2^-8 at 0.5)
+        if n.endswith(("mlp.gate.weight", "moe.gate.weight", "shared_expert_gate.weight")):
+            if hidden:          # mergekit's bfloat16 forward: a few units of its last place (2^-8 at 0.5)
                 assert (a[n].float() - b[n].float()).abs().max() <= 4e-3, n
                 assert torch.nn.functional.cosine_similarity(a[n].float(), b[n].float()).min() > 0.9999, n
             else:
                 assert close_in_bf16(a[n], b[n]), n
         else:
             assert torch.equal(a[n], b[n]), n
-    ids = torch.tensor([[1, 5, 9, 3, 7, 22]])
-    with torch.no_grad():
-        assert torch.allclose(ours(ids).logits.float(), theirs(ids).logits.float(), atol=2e-2)
-    config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config == json.loads((tmp_path / "theirs" / "config.json").read_text())
+    ours, theirs = (json.loads((tmp_path / m / "config.json").read_text()) for m in ("ours", "theirs"))
+    for bookkeeping in ("_name_or_path", "transformers_version"):    # which writer wrote it, not the model
+        ours.pop(bookkeeping, None), theirs.pop(bookkeeping, None)
+    assert ours == theirs
+    if loads:
+        ids = torch.tensor([[1, 5, 9, 3, 7, 22]])
+        with torch.no_grad():
+            ours, theirs = (m(ids).logits.float() for m in models)
+        assert torch.allclose(ours, theirs, atol=2e-2)
+
+
+def dense_family(root: Path, model_type: str) -> dict[str, Path]:
+    """A tiny dense family built from transformers' own class (Qwen2: q/k/v biases; Qwen3: q/k norms): a base,
+    and experts math and code whose MLPs differ from the base's."""
+    import transformers
+    kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    cfg = dict(conftest_llama(), architectures=[f"{kind}ForCausalLM"], model_type=model_type, head_dim=8)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(**cfg))
+    base = {n: v.detach().clone() + 0.02 * torch.randn(v.shape) for n, v in model.state_dict().items()}
+    paths = {"base": write_model(root / "base", base, config=cfg)}
+    for seed, name in enumerate(("math", "code"), start=1):
+        g = torch.Generator().manual_seed(seed)
+        expert = {n: v + (0.05 * torch.randn(v.shape, generator=g) if ".mlp." in n else 0) for n, v in base.items()}
+        paths[name] = write_model(root / name, expert, config=cfg)
+    return paths
+
+
+def conftest_llama() -> dict:
+    from conftest import LLAMA
+    return dict(LLAMA)
+
+
+@needs_mergekit
+@pytest.mark.parametrize("model_type, architecture", [("qwen2", "qwen"), ("qwen3", "qwen3"), ("llama", "deepseek")])
+def test_parity_with_mergekit_moe_from_other_bases(tmp_path, run_main, model_type, architecture):
+    """Qwen MoE from a Qwen2 base with a gated shared expert (its q/k/v biases carried over), Qwen3 MoE from a
+    Qwen3 base (q/k norms), DeepSeek MoE with an ungated shared expert (transformers loads it only with the
+    hub's remote code, so its tensors and config are compared, not its logits)."""
+    paths = dense_family(tmp_path / "family", model_type)
+    cfg = {"base_model": str(paths["base"]), "gate_mode": "cheap_embed", "architecture": architecture,
+           "experts": [{"source_model": str(paths[e]), "positive_prompts": PROMPTS[e][0]} for e in ("math", "code")]}
+    if architecture != "qwen3":
+        cfg["shared_experts"] = [{"source_model": str(paths["base"]),
+                                  **({"positive_prompts": ["hello"]} if architecture == "qwen" else {})}]
+    (tmp_path / "moe.yml").write_text(yaml.safe_dump(cfg))
+    like_mergekit(tmp_path / "moe.yml", tmp_path, run_main, loads=architecture != "deepseek")
+    if model_type == "qwen2":
+        ours, base = read_model(tmp_path / "ours"), read_model(paths["base"])
+        assert torch.equal(ours["model.layers.1.self_attn.k_proj.bias"], base["model.layers.1.self_attn.k_proj.bias"])
 
 
 def test_an_adapter_expert_brings_its_folded_mlp(family, tmp_path, run_main):
