@@ -22,6 +22,8 @@ import torch
 
 from .. import methods as mbmerge_methods
 from ..common.errors import MbmergeError
+from ..engine.inputs.index import INDEX_FILE
+from ..engine.output import fp8
 from ..engine.recipe.document import to_mergekit
 from ..common.cache import cache_dir
 from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
@@ -77,6 +79,37 @@ def tokens_fixture(fx: Path, experts: list[str], n: int) -> Path:
         (tmp / "done").touch()
         tmp.rename(out)
     return out
+
+
+def fp8_fixture(fx: Path, experts: list[str], cfg: dict) -> Path:
+    """The fixture with its experts FP8 block-quantized as the releases store them (engine/output/fp8.py: tensor by
+    tensor, a band of rows at a time; 128x128 blocks, 64x64 where the shapes are too small), built once beside it;
+    its base is the fixture's (a link)."""
+    out = fx.with_name(f"{fx.name}-fp8")
+    if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        tmp = fx.with_name(f".build-{os.getpid()}")
+        tmp.mkdir()
+        (tmp / "base").symlink_to((fx / "base").resolve())
+        block = 128 if cfg["hidden_size"] % 128 == 0 and cfg["intermediate_size"] % 128 == 0 else 64
+        for e in experts:
+            shutil.copytree(fx / e, tmp / e)
+            shards = sorted(p.name for p in (tmp / e).glob("*.safetensors"))
+            config = fp8.quantize_folder(tmp / e, shards, (tmp / e / INDEX_FILE).exists(), block)
+            fp8.set_quantization(tmp / e, config)
+        (tmp / "done").touch()
+        tmp.rename(out)
+    return out
+
+
+def timed_rows(methods, fx, fq, experts, mergekit, repeat, device, tmp, union) -> list[dict]:
+    """Each case's row, and beside it (with `fq`, the FP8 fixture) its merge of the FP8 experts, mbmerge only."""
+    rows = []
+    for m in methods:
+        rows.append(bench_case(m, fx, experts, mergekit, repeat, device, tmp, union))
+        if fq is not None and m in CASES:
+            rows.append({**bench_case(m, fq, experts, None, repeat, device, tmp, union), "method": f"{m}[fp8 experts]"})
+    return rows
 
 
 def check_disk(cache: Path, tag: str, cfg: dict, n_experts: int, built: bool) -> None:
@@ -217,6 +250,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--added-tokens", default=0, show_default=True, type=click.IntRange(0),
               help="Each expert adds this many special tokens (more embedding and head rows; full vocabularies); "
                    "both tools merge the tokenizers' union.")
+@click.option("--quantized", type=click.Choice(["fp8"]), help="Also time each method with the experts FP8 "
+              "block-quantized (a copy of the fixture built once beside it): rows 'METHOD[fp8 experts]'.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Runs per tool; best wall kept.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Passed to mbmerge when not auto; cuda (or auto where CUDA is available) runs mergekit with --cuda.")
@@ -230,8 +265,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="PNG of input GB/s per method [default: beside the JSON].")
-def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, repeat, device, vs, mergekit, busy, cache,
-          json_path, plot_path):
+def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quantized, repeat, device, vs, mergekit, busy,
+          cache, json_path, plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES and m not in TOOL_CASES]:
@@ -245,13 +280,13 @@ def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, repeat
     fx = fixture(cache, model, cfg, n_experts)
     if added_tokens:
         fx = tokens_fixture(fx, EXPERTS[:n_experts], added_tokens)
+    fq = fp8_fixture(fx, EXPERTS[:n_experts], cfg) if quantized else None
     mergekit, mk_note = find_mergekit(vs, mergekit)
     host = machine(mergekit)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
         with busy_processes(busy):
-            rows = [bench_case(m, fx, EXPERTS[:n_experts], mergekit, repeat, device, tmp, added_tokens > 0)
-                    for m in methods]
+            rows = timed_rows(methods, fx, fq, EXPERTS[:n_experts], mergekit, repeat, device, tmp, added_tokens > 0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     host["load_avg_1m_end"], host["busy_processes"] = os.getloadavg()[0], busy

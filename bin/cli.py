@@ -113,6 +113,7 @@ def cli():
 @method_param_options
 @spec_option(WHAT["keep_base"])
 @spec_option(WHAT["dtype"])
+@spec_option(WHAT["out_quant"], type=click.Choice(WHAT["out_quant"].choices))
 @spec_option(HOW["memory_budget"])
 @spec_option(WHAT["out_shard_size"])
 @spec_option(WHAT["copy_tokenizer"])
@@ -140,6 +141,7 @@ def merge_command(out, config, intermediate_dir, zoo_size, data, split, data_for
            if v is not None}
     given = {k: v for k, v in values.items() if v is not None}          # the method's parameters
     around = dict(keep_base=what.pop("keep_base"), out_shard_size=what.pop("out_shard_size"),
+                  out_quant=what.pop("out_quant"),
                   copy_tokenizer=what.pop("copy_tokenizer"), allow_nonfinite=what.pop("allow_nonfinite"),
                   stats_folders=_listed(what.pop("stats_folders")),
                   overrides=[_override(*o) for o in what.pop("overrides")])   # with a recipe too

@@ -10,6 +10,8 @@
     adapters/   LoRA adapters read as the weights they adapt, and extracted (mbmerge extract-lora)
     transplant/ a model given another model's tokenizer (mbmerge tokensurgeon): tokens matched, rows rebuilt
     models      one record per model of a merge, built from the spec (engine/models.py)
+    modules     a `modules:` recipe's parts: each module of a multimodal model merged by its own method
+                and models through a view of its tensors, into one plan (engine/modules.py)
     execute     the executor: chunks read, merged by the method, written
     moe/        Mixtures of Experts from dense experts (mbmerge moe): mergekit-moe's recipe, the output
                 architectures, each output tensor's source, the streaming assembly and card; routers come in

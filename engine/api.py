@@ -21,10 +21,13 @@ from .inputs.stats_folders import open_statistics, read_card
 from .journal import Journal, input_identity
 from .journal import fingerprint as fingerprint_of
 from .models import Models, read_models, sources
+from .modules import Part, cut, read_parts
+from .modules import card as modules_card
 from .output.partial import kept_for_resume, resumed_or_fresh, written
 from .output.place import (check_apart, check_location, missing_parents, output_lock, partial_folder, publish,
                            remove_empty)
 from .output.verify import sha256_files
+from .output import fp8
 from .output.write import ShardWriter, write_card, write_index
 from .plan import COMPILED_CHUNK, CPU_CHUNK, GPU_CHUNK, Plan, make_plan, parse_shard_size
 from .device import resolve_device
@@ -50,11 +53,16 @@ def run(spec: MergeSpec) -> Path:
     check_location(spec.out, spec.run.overwrite)
     base, experts = sources(spec)
     models = ([base] if base else []) + experts
+    for b, e in map(sources, spec.modules):      # a modules recipe's other modules' models
+        models += ([b] if b else []) + e
     folders = [(s.role, f) for s in models for f in s.folders]
     folders += [(f"statistics of {s.role}", Path(f)) for s, f in zip(experts, spec.stats_folders or ())]
     check_apart(spec.out, folders + [(role, f) for role, folder in folders for f in _files(folder)])
     merged = ([base] if base and methods.get(spec.method).needs_base else []) + experts   # a copied base is no input
     _warn_repeated([(s.role, s.folders) for s in merged])
+    for key, method in spec.ignored:
+        print(f"mbmerge: warning: recipe key {key!r} is not a parameter of {method}; ignored, as mergekit ignores "
+              f"it", file=sys.stderr)
     created = missing_parents(spec.out)
     try:
         with output_lock(spec.out), kernels.using(*_kernel_choice(spec.run)):
@@ -96,6 +104,7 @@ class Prepared:
     identity: dict              # every input file's size, mtime and header digest
     fingerprint: str            # the recipe, the output layout and the identity (journal.fingerprint)
     command: str                # the command line that reruns it (a recipe's gradients stay in the recipe)
+    parts: list[Part]           # what each method merges (one part; a `modules:` recipe's: engine/modules.py)
 
 
 def fingerprint(spec: MergeSpec) -> str:
@@ -109,11 +118,10 @@ def fingerprint(spec: MergeSpec) -> str:
 def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prepared:
     """The models read and checked, the plan made, the statistics opened: every error before a byte is written."""
     method, device = methods.get(spec.method), resolve_device(spec.run.device)
+    if spec.module is not None:
+        return _prepare_modules(spec, base, experts, device)
     models = read_models(spec, base, experts)
-    n_inputs = len(models.experts) + (1 if models.base and method.needs_base else 0)
-    plan = make_plan(models.reference, n_inputs=n_inputs, budget=spec.run.memory_budget, out_dtype=spec.dtype,
-                     keep_base=spec.keep_base, span=method.span, preferred=_chunk_size(method, device),
-                     shard_size=spec.out_shard_size or (parse_shard_size("5B") if spec.slices else None))
+    plan = _plan(spec, Part(spec=spec, method=method, models=models), models, device)
     command = spec.command()
     merged = [t for t in plan.tensors if t.merge]
     spec = _with_tensor_overrides(spec, [t.name for t in merged])
@@ -121,7 +129,31 @@ def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prep
                   if method.data_statistic else [])
     identity = input_identity(models.files + statistics)
     return Prepared(spec=spec, method=method, device=device, models=models, plan=plan, statistics=statistics,
-                    identity=identity, fingerprint=fingerprint_of(spec.recipe(), plan, identity), command=command)
+                    identity=identity, fingerprint=fingerprint_of(spec.recipe(), plan, identity), command=command,
+                    parts=[Part(spec=spec, method=method, models=models, plan=plan)])
+
+
+def _plan(spec: MergeSpec, part: Part, whole: Models, device) -> Plan:
+    """The output's plan (whole's layout, spec's dtype and shards), chunked for the part's method and inputs."""
+    n_inputs = len(part.models.experts) + (1 if part.models.base and part.method.needs_base else 0)
+    return make_plan(whole.reference, n_inputs=n_inputs, budget=spec.run.memory_budget,
+                     out_dtype=spec.dtype or whole.out_dtypes(),
+                     keep_base=part.spec.keep_base, span=part.method.span, preferred=_chunk_size(part.method, device),
+                     shard_size=spec.out_shard_size or (parse_shard_size("5B") if spec.slices else None))
+
+
+def _prepare_modules(spec: MergeSpec, base: Source | None, experts: list[Source], device) -> Prepared:
+    """prepare() of a `modules:` recipe: each module a part of the one plan (engine/modules.py)."""
+    whole, parts = read_parts(spec, base, experts)
+    plan, parts = cut([replace(p, plan=_plan(spec, p, whole, device)) for p in parts])
+    parts = [replace(p, spec=_with_tensor_overrides(p.spec, [t.name for t in p.plan.tensors if t.merge]))
+             if p.module else p for p in parts]       # the copied tensors take no values
+    files = list({str(ix.folder.resolve()): ix for p in parts for ix in p.models.files}.values())
+    identity = input_identity(files)
+    recipe = {"parts": [{"module": p.module, **p.spec.recipe()} for p in parts]}
+    return Prepared(spec=parts[0].spec, method=parts[0].method, device=device, models=whole, plan=plan, statistics=[],
+                    identity=identity, fingerprint=fingerprint_of(recipe, plan, identity), command=spec.command(),
+                    parts=parts)
 
 
 def _with_tensor_overrides(spec: MergeSpec, merged: list[str]) -> MergeSpec:
@@ -138,24 +170,26 @@ def _with_tensor_overrides(spec: MergeSpec, merged: list[str]) -> MergeSpec:
 
 def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], started: float) -> Path:
     p = prepare(spec, base, experts)
-    for note in [] if spec.dtype else p.models.float_width_notes():
+    for note in p.models.quantized_notes() + ([] if spec.dtype else p.models.float_width_notes()):
         print(f"mbmerge: notice: {note}", file=sys.stderr)
     tmp = partial_folder(spec.out)
     resumed = resumed_or_fresh(tmp, p.fingerprint, p.plan, spec.run.resume,
                                spec.run.progress and f"merge into {spec.out}")
     done, model_thr, ties, prefixes = resumed or (set(), None, {}, None)
-    readers = None
+    readers = []
     try:
         with kept_for_resume(tmp):
-            readers = p.models.readers(p.method.needs_base, p.statistics)
+            for part in p.parts:
+                readers.append(part.models.readers(part.method.needs_base, p.statistics))
             writer, journal = ShardWriter(tmp, p.plan, prefixes), Journal(tmp, p.fingerprint, fresh=resumed is None)
             try:
                 if p.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(p.device)
-                merger = Merger(plan=p.plan, method=p.method, readers=readers, writer=writer, params=p.spec.resolved,
-                                overrides=p.spec.resolved_overrides, device=p.device,
-                                allow_nonfinite=spec.allow_nonfinite)
-                merger.run(spec.run.progress, journal, done, model_thr, ties)
+                for part, r in zip(p.parts, readers):       # a `modules:` recipe's parts in turn
+                    merger = Merger(plan=part.plan, method=part.method, readers=r, writer=writer,
+                                    params=part.spec.resolved, overrides=part.spec.resolved_overrides, device=p.device,
+                                    allow_nonfinite=spec.allow_nonfinite)
+                    merger.run(spec.run.progress, journal, done, model_thr, ties)
             finally:
                 writer.close()
                 journal.close()
@@ -163,8 +197,8 @@ def _run_locked(spec: MergeSpec, base: Source | None, experts: list[Source], sta
             _finish(p, tmp, writer, len(done), time.perf_counter() - started)
             publish(tmp, spec.out, spec.run.overwrite)
     finally:
-        if readers is not None:
-            readers.close()
+        for r in readers:
+            r.close()
     return spec.out
 
 
@@ -172,8 +206,10 @@ def _finish(p: Prepared, tmp: Path, writer: ShardWriter, resumed: int, seconds: 
     """Everything beside the tensors: the index, config and tokenizer files, the recipe, the card."""
     spec, plan, models, vocab = p.spec, p.plan, p.models, p.models.vocab
     write_index(tmp, plan)
+    out_quant = fp8.quantize_folder(tmp, [s.name for s in plan.shards], plan.sharded) if spec.out_quant else None
     copied = side_files.copy(models.side, tmp, spec.dtype, tokenizer=spec.copy_tokenizer and not vocab)
-    if spec.slices:
+    fp8.set_quantization(tmp, out_quant)        # the inputs' quantization_config does not describe the output
+    if spec.slices and spec.module is None:      # a module's slices keep the reference's layers
         side_files.set_config(tmp, "num_hidden_layers", layer_count(models.reference))
     if vocab:             # the built tokenizer, whatever copy_tokenizer says (mergekit's rule)
         copied += [Path(f).name for f in vocab.tokenizer.save_pretrained(str(tmp)) if Path(f).parent == tmp]
@@ -185,10 +221,16 @@ def _finish(p: Prepared, tmp: Path, writer: ShardWriter, resumed: int, seconds: 
         copied.append(CONFIG_FILE)
     record = _record(spec, *models.given, plan, p.device, seconds)
     record.update(command=p.command, chat_template=models.template[1] if models.template else None,
-                  tied_heads=models.tied, vocabulary=vocab.notes if vocab else None, fingerprint=p.fingerprint)
+                  tied_heads=models.tied, vocabulary=vocab.notes if vocab else None, fingerprint=p.fingerprint,
+                  quantized_inputs=models.quantized_notes(), out_quant=out_quant)
+    if spec.module is not None:
+        record["modules"] = modules_card(p.parts)
+    if spec.ignored:
+        record["ignored_parameters"] = [{"key": key, "method": method} for key, method in spec.ignored]
     if p.statistics:
         record["statistics"] = [{"path": str(ix.folder.resolve()), **read_card(ix.folder)} for ix in p.statistics]
-    digests = {s.name: writer.sha256(s.name) for s in plan.shards}   # taken while writing
+    digests = sha256_files(tmp, [s.name for s in plan.shards]) if out_quant else \
+        {s.name: writer.sha256(s.name) for s in plan.shards}         # taken while writing
     record.update(resumed_tensors=resumed, inputs=p.identity,
                   sha256={**digests, **sha256_files(tmp, [INDEX_FILE] * plan.sharded + copied)})
     write_card(tmp, record)

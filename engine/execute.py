@@ -137,6 +137,7 @@ class Merger:
             self.output.write(t, a, x.to(out_dtype, copy=True))
             self.ref.release(t.ref, a, z)
             done((z - a) * t.ref.torch_dtype.itemsize)
+        self.ref.flush()
 
     def _read(self, t: TensorPlan, stored: bool = False, check: bool = True, release: bool = True):
         """(b, xs, offset) chunks of tensor t on the device, float32 (or, with `stored`, in the
@@ -218,6 +219,8 @@ class Merger:
                     inputs_finite &= _sums_finite(b, xs)
                 self.output.write(t, a, out)
                 done(per_elem * out.numel())
+        for m in self.inputs:
+            m.flush()    # a tensor's last pages go with it: held over, they were up to 32 MB per input more
         if compiled and not self.allow_nonfinite:
             self._check_finite(t, inputs_finite.tolist())
         if not finite and not self.allow_nonfinite:   # before the tensor is journaled: nothing of it counts

@@ -58,6 +58,9 @@ WHAT = {f.field: f for f in [
     Flag(field="keep_base", flag="--keep-base", help="Regex of tensor names copied from the base, e.g. "
          "'embed_tokens|lm_head' ('' merges all; default: the method's)."),
     Flag(field="dtype", flag="--dtype", help="Output dtype of float tensors (default: as stored)."),
+    Flag(field="out_quant", flag="--out-quant", choices=("fp8",), help="Write the merged matrices quantized: fp8 "
+         "(e4m3, a weight_scale_inv per 128x128 block, as the FP8 releases and transformers' FineGrainedFP8 store "
+         "them) [default: not quantized, in --dtype]."),
     Flag(field="out_shard_size", flag="--out-shard-size", help="Bytes of tensors per output shard, as mergekit "
          "reads it (5B: 5e9 bytes; also 500MB, 2GiB) [default: the base's sharding]."),
     Flag(field="copy_tokenizer", flag="--copy-tokenizer/--no-copy-tokenizer", default=True,

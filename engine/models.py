@@ -13,6 +13,7 @@ from ..common.names import domain_names
 from .adapters import lora
 from .inputs import chat_template, side_files, vocabulary
 from .inputs.index import TensorIndex, check_agreement, float_width_notes
+from .inputs.quantized import Quantization, QuantizedModel, read_quantization
 from .inputs.read import MappedModel, Readers
 from .inputs.resolve import Source, resolve
 from .inputs.slices import virtual_inputs
@@ -30,10 +31,12 @@ class Model:
     stored: TensorIndex | None
     index: TensorIndex
     adapter: lora.Adapter | None = None
+    quantization: Quantization | None = None      # its quantized tensors, read dequantized
 
     def reader(self, vocab: vocabulary.Vocabulary | None) -> MappedModel:
-        """Its chunks: mapped from its files, its LoRA folded in, its rows in the output vocabulary."""
-        inner = lora.AdaptedModel(self.stored, self.adapter) if self.adapter else MappedModel(self.index)
+        """Its chunks: mapped from its files, its LoRA folded in, dequantized, its rows in the output vocabulary."""
+        inner = lora.AdaptedModel(self.stored, self.adapter) if self.adapter else \
+            QuantizedModel(self.stored, self.quantization, self.index) if self.quantization else MappedModel(self.index)
         return VocabularyModel(inner, self.ref, vocab) if vocab else inner
 
 
@@ -66,7 +69,21 @@ class Models:
     def float_width_notes(self) -> list[str]:
         """One line per expert stored in another float width than the reference (the base)."""
         label = "the base" if self.base else f"expert {self.experts[0].ref!r}"
-        return float_width_notes(self.reference, {m.ref: m.index for m in self.experts}, label)
+        if (self.base or self.experts[0]).quantization:      # read as float32: quantized_notes says how
+            return []
+        return float_width_notes(self.reference, {m.ref: m.index for m in self.experts if not m.quantization}, label)
+
+    def quantized_notes(self) -> list[str]:
+        """One line per model read dequantized, saying how (for the notice and the card)."""
+        return [m.quantization.note(m.role) for m in [self.base, *self.experts] if m is not None and m.quantization]
+
+    def out_dtypes(self) -> dict[str, str] | None:
+        """Output dtypes where --dtype gives none: the reference's dequantized tensors in bf16 (the dtype a
+        quantized release keeps its other tensors in), the rest as stored; None when it is not quantized."""
+        ref = self.base or self.experts[0]
+        if ref.quantization is None:
+            return None
+        return {n: "BF16" for n in ref.quantization.tensors if n in self.reference.tensors}
 
 
 def sources(spec: MergeSpec) -> tuple[Source | None, list[Source]]:
@@ -94,15 +111,20 @@ def on_base(s: Source, base: Source | None) -> Source:
     return replace(base, ref=s.ref, role=s.role, adapter=s.path)
 
 
-def read_models(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Models:
+def read_models(spec: MergeSpec, base: Source | None, experts: list[Source], view=None) -> Models:
     """Every model of the merge, indexed and checked: its adapter folded in, the slices' virtual models,
     tied heads reconciled, the output vocabulary and chat template chosen, the experts' tensors agreeing
-    with the reference's (in one line, naming the first disagreements, otherwise)."""
+    with the reference's (in one line, naming the first disagreements, otherwise). `view`: a function of
+    each Model as stored to the Model merged (one module's tensors: engine/modules.py)."""
     stored = [stored_model(s) for s in ([base] if base else []) + experts]
     side = stored[0].stored.folder
     side_files.check(side, "base" if base else experts[0].role)
     files = [m.stored for m in stored] + [m.adapter.index for m in stored if m.adapter]
+    stored = [view(m) for m in stored] if view else stored
     if spec.slices:           # the inputs become one virtual model per position of the slices
+        if any(m.quantization for m in stored):
+            raise BadParameter("quantized models with slices are not supported yet: dequantize them in a stage of "
+                               "their own first (a merge of one model with --method linear)")
         if any(m.adapter for m in stored):
             raise BadParameter("LoRA adapters with slices are not supported yet: fold the adapters in a stage of "
                                "their own first")
@@ -126,6 +148,12 @@ def read_models(spec: MergeSpec, base: Source | None, experts: list[Source]) -> 
 def stored_model(s: Source) -> Model:
     """A model as its folder holds it, its LoRA adapter (if any) folded into the index it is merged by."""
     index = TensorIndex.from_folder(s.path, s.role)
+    quantization = read_quantization(s.path, index, s.role)
+    if quantization is not None:
+        if s.adapter is not None:
+            raise BadParameter(f"{s.role}: a LoRA adapter on a quantized model ({s.path}) is not supported yet: "
+                               f"merge the adapter into a bf16 copy of the model")
+        return Model(ref=s.ref, role=s.role, stored=index, index=quantization.view(index), quantization=quantization)
     if s.adapter is None:
         return Model(ref=s.ref, role=s.role, stored=index, index=index)
     adapter = lora.read_adapter(s.adapter, index, s.role)

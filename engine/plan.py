@@ -105,12 +105,12 @@ def _chunks(e: TensorEntry, step: int, span: str, budget: int, n_inputs: int) ->
     return tuple((a, min(a + step, e.numel)) for a in range(0, e.numel, step))
 
 
-def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | None = None,
+def make_plan(ref: TensorIndex, *, n_inputs: int, budget: int, out_dtype: str | dict[str, str] | None = None,
               keep_base: str | None = None, preferred: int = CPU_CHUNK, span: str = "element",
               shard_size: int | None = None) -> Plan:
     """Plan the merge of every tensor of `ref` (whose folder fixes names and shapes, and the sharding
     unless `shard_size` bytes per output shard is given); `span` is what one chunk of a merged tensor
-    must hold whole (see Method.span)."""
+    must hold whole (see Method.span); `out_dtype` a dict: per tensor, the others as stored."""
     step = chunk_elems(budget, n_inputs, preferred)
     keep = re.compile(keep_base) if keep_base else None
     rank = {ref.folder / s: k for k, s in enumerate(ref.shards)}
@@ -169,13 +169,14 @@ def _reshard(entries: list[TensorEntry], sizes: list[int], limit: int) -> dict[s
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _kind(e: TensorEntry, out_dtype: str | None, keep) -> tuple[str, bool]:
+def _kind(e: TensorEntry, out_dtype: str | dict | None, keep) -> tuple[str, bool]:
     """(output dtype, merged?): floats are merged unless --keep-base matches; others are copied."""
-    if e.dtype in UNSUPPORTED:
-        raise BadParameter(f"{e.file}: tensor {e.name} is {e.dtype}; quantized inputs are not "
-                           f"supported, merge the bf16/fp16 originals")
+    if e.dtype in UNSUPPORTED:     # quantized tensors come dequantized (engine/inputs/quantized.py)
+        raise BadParameter(f"{e.file}: tensor {e.name} is {e.dtype} with no quantization_config in config.json "
+                           f"saying how it is scaled; merge the bf16/fp16 originals")
     if e.dtype not in FLOAT_DTYPES:
         return e.dtype, False
-    return out_dtype or e.dtype, not (keep and keep.search(e.name))
+    chosen = out_dtype.get(e.name) if isinstance(out_dtype, dict) else out_dtype
+    return chosen or e.dtype, not (keep and keep.search(e.name))
 
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from .. import methods
 from ..common import VERSION  # noqa: F401  (the recipe records it)
+from ..common import roles
 from ..common.errors import BadParameter
 from ..common.names import KERNEL_BACKENDS, domain_names
 from .flags import WHAT, spell_param, value_text
@@ -79,6 +80,7 @@ class MergeSpec:
     keep_base: str | None = None        # regex of tensor names copied from the base (or expert 0);
                                         # None: the method's default, "": none
     dtype: str | None = None            # output dtype of float tensors (default: as stored)
+    out_quant: str | None = None        # "fp8": merged matrices written FP8 with block scales (engine/output/fp8.py)
     out_shard_size: int | str | None = None  # bytes of tensors per output shard (mergekit's --out-shard-size:
                                         # "5B" is 5e9); None: the reference model's sharding
     copy_tokenizer: bool = True         # copy the reference model's tokenizer files into the output
@@ -96,6 +98,12 @@ class MergeSpec:
                                         # made overrides once the tensors are known (recipe.tensor_overrides)
     overrides: tuple = ()               # ((regex of tensor names, {param: value}), ...): the first match's
                                         # values replace `params` for that tensor (e.g. per layer)
+    ignored: tuple = ()                 # a recipe's parameters its method does not take ((key, method), ...): left
+                                        # out, as mergekit leaves them, with a warning; the card lists them
+    module: str | None = None           # the module of the models it merges (common/roles.py MODULES: a recipe's
+                                        # `modules:`); None: every tensor
+    modules: tuple = ()                 # with `module`, the other modules of the output, each a MergeSpec (given as
+                                        # merge()'s keyword arguments) of its own method and models (engine/modules.py)
     config: str | None = None           # the mergekit recipe the merge came from (YAML text), written beside
                                         # the model as CONFIG_FILE; the card's command reruns it
     run: RunOptions = field(default_factory=RunOptions)   # how it runs: never part of what it writes
@@ -111,6 +119,8 @@ class MergeSpec:
             set_(self, "stats_folders", tuple(str(x) for x in self.stats_folders))
         set_(self, "out", Path(self.out))
         set_(self, "dtype", dtype_name(self.dtype))
+        if self.out_quant not in (None, *WHAT["out_quant"].choices):
+            raise BadParameter(f"--out-quant {self.out_quant!r}: choose {', '.join(WHAT['out_quant'].choices)}")
         if self.out_shard_size is not None:
             set_(self, "out_shard_size", parse_shard_size(self.out_shard_size))
         if self.tokenizer is not None:
@@ -144,6 +154,9 @@ class MergeSpec:
                                f"{', '.join(m.name for m in methods.REGISTRY.values() if m.data_statistic)}")
         if self.keep_base:
             _regex(self.keep_base, "--keep-base")
+        set_(self, "ignored", tuple(tuple(k) for k in self.ignored))
+        set_(self, "modules", tuple(m if isinstance(m, MergeSpec) else _part(self, m) for m in self.modules))
+        _check_modules(self)
 
     @property
     def n_experts(self) -> int:
@@ -157,9 +170,12 @@ class MergeSpec:
         return {"mbmerge_version": VERSION, "method": self.method, "params": self.resolved, "base": self.base,
                 "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
                 "allow_nonfinite": self.allow_nonfinite, "out_shard_size": self.out_shard_size,
+                **({"out_quant": self.out_quant} if self.out_quant else {}),
                 **({"tokenizer": self.tokenizer} if self.tokenizer else {}),
                 **({"slices": [list(map(list, s)) for s in self.slices]} if self.slices else {}),
-                **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {})}
+                **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {}),
+                **({"module": self.module} if self.module else {}),
+                **({"modules": [m.recipe() for m in self.modules]} if self.modules else {})}
 
     def check_references(self, made: set[str] = frozenset()) -> None:
         """That each model reference names something (a folder, a hub id, a domain with a base; `made`: the
@@ -171,6 +187,8 @@ class MergeSpec:
         for ref, role in refs:
             for part in ([] if ref in made else parts(ref)):   # a model, or mergekit's model+adapter
                 hub_repo(part, role, self.base)
+        for m in self.modules:
+            m.check_references(made)
 
     def default_keep_base(self) -> str | None:
         """The regex of tensors kept at the base that the method (under the protocol) keeps by default."""
@@ -196,13 +214,38 @@ class MergeSpec:
         default = self.default_keep_base()
         if self.keep_base != default and (self.keep_base or default):   # '' overrides the method's default
             words += WHAT["keep_base"].spell(self.keep_base)
-        for name in ("out_shard_size", "copy_tokenizer", "allow_nonfinite", "stats_folders"):
+        for name in ("out_quant", "out_shard_size", "copy_tokenizer", "allow_nonfinite", "stats_folders"):
             if getattr(self, name) not in (None, WHAT[name].default):
                 words += WHAT[name].spell(getattr(self, name))
         for pattern, values in self.overrides:
             given = " ".join(f"{k}={value_text(v)}" for k, v in values.items())
             words += [WHAT["overrides"].flag, shlex.quote(pattern), shlex.quote(given)]
         return " ".join(words + ["--out", shlex.quote(str(self.out))])
+
+
+def _part(spec: MergeSpec, kw: dict) -> MergeSpec:
+    """Another module's MergeSpec, from merge()'s keyword arguments: the output's place and dtype are spec's."""
+    kw = dict(kw)
+    return spec_from(kw.pop("method"), kw.pop("experts"), spec.out, dtype=spec.dtype, **kw)
+
+
+def _check_modules(spec: MergeSpec) -> None:
+    """A spec of modules names each once (common/roles.py MODULES), and has no statistics, tokenizer or model scope."""
+    names = [spec.module, *[m.module for m in spec.modules]]
+    if spec.module is None:
+        if spec.modules:
+            raise BadParameter("modules given without the first one's module name (module=...)")
+        return
+    for name in names:
+        if roles.MODULES.get(name) != name:
+            raise BadParameter(f"module {name!r}: choose {', '.join(sorted(set(roles.MODULES.values())))}")
+    if len(set(names)) < len(names):
+        raise BadParameter(f"module {max(names, key=names.count)!r} is given twice")
+    for part in (spec, *spec.modules):
+        if part.stats_folders or methods.get(part.method).data_statistic or part.tokenizer or \
+                methods.model_scope(methods.get(part.method), part.resolved):
+            raise BadParameter(f"module {part.module}: merging modules with data statistics, a tokenizer source "
+                               f"or model-wide ranks is not supported; merge the whole model")
 
 
 def spec_from(method: str, experts, out, **options) -> MergeSpec:

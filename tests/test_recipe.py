@@ -137,7 +137,7 @@ REFUSED = {
         merge_method: slerp
         base_model: {base}
         modules: {{text: {{slices: [{{sources: [{{model: {base}, layer_range: [0, 2]}}]}}]}}}}
-        """, "'modules' is not supported (mbmerge merges one stack of layers"),
+        """, "'modules.text' is not a module mbmerge knows; choose text_decoder"),
     "tokenizer twice": (two_experts("ties", "tokenizer: {{source: union}}\ntokenizer_source: base"),
                         "'tokenizer' and 'tokenizer_source' are both set"),
     "tokenizer block as a word": (two_experts("ties", "tokenizer: union"), "'tokenizer' must be a mapping"),
@@ -176,8 +176,6 @@ REFUSED = {
     "no base": ("merge_method: ties\nmodels: [{{model: {math}, parameters: {{weight: 1}}}}]\n",
                 "'base_model' is missing (ties needs a base model)"),
     "no models": ("merge_method: ties\nbase_model: {base}\n", "'models' must be a list"),
-    "unknown parameter": (two_experts("ties", "parameters: {{densty: 0.5}}"),
-                          "'parameters.densty' is not a parameter of this mergekit method"),
     "global at model level": ("""
         merge_method: ties
         base_model: {base}

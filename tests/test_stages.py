@@ -139,8 +139,8 @@ REFUSED = {
     "bad later stage": (linear("a", "{math}", "{code}") + "---\n" + linear(None, "a", "{code}", extra="t: 0.5\n"),
                         "document 2 (the final merge): key 't' is not supported"),
     "bad parameter": (linear("a", "{math}", "{code}") + "---\n"
-                      + linear(None, "a", "{code}", extra="parameters: {{densty: 0.5}}\n"),
-                      "document 2 (the final merge): key 'parameters.densty' is not a parameter"),
+                      + linear(None, "a", "{code}", extra="parameters: {{normalize: maybe}}\n"),
+                      "document 2 (the final merge): key 'parameters.normalize' = 'maybe' is not a boolean"),
     "duplicate names": (linear("a", "{math}", "{code}") + "---\n" + linear("a", "{math}", "{ifeval}"),
                         "document 2: name 'a' is already document 1's"),
     "two unnamed": (linear(None, "{math}", "{code}") + "---\n" + linear(None, "{math}", "{ifeval}"),

@@ -65,6 +65,9 @@ class VocabularyModel:
     def prefetch(self, entry: TensorEntry, *args) -> None:
         self.inner.prefetch(self.sources.get(entry.name, entry), *args)
 
+    def flush(self) -> None:
+        self.inner.flush()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -107,6 +107,8 @@ def write_card(folder: Path, record: dict) -> None:
     base_line = f"base_model: {record['base']['ref']}\n" if record["base"] and record["base"]["revision"] else ""
     heads = "".join(f"- {note}\n" for note in record.get("tied_heads") or [])
     heads = f"## Tied and untied heads\n\n{heads}\n" if heads else ""
+    heads = _modules(record) + _ignored(record) + heads
+    heads += _quantization(record)
     (folder / "README.md").write_text(
         f"---\n{base_line}library_name: transformers\ntags:\n- merge\n- mbmerge\n---\n\n"
         f"# Merged model\n\nMerged with mbmerge {record['mbmerge_version']} using "
@@ -115,6 +117,35 @@ def write_card(folder: Path, record: dict) -> None:
         f"## Parameters\n\n{params}\n\n"
         f"Output dtype: {record['dtype']}. Tensors kept from the base: "
         f"`{record['keep_base'] or 'none'}`.\n\n{heads}Reproduce with:\n\n```\n{record['command']}\n```\n")
+
+
+def _quantization(record: dict) -> str:
+    """The card's section on quantized inputs (read dequantized) and a quantized output, if any."""
+    lines = [f"- {note}\n" for note in record.get("quantized_inputs") or []]
+    q = record.get("out_quant")
+    if q:
+        kept = ", ".join(q["modules_to_not_convert"]) or "none"
+        lines.append(f"- written as FP8 {q['fmt']} with a weight_scale_inv per {q['weight_block_size']} block of "
+                     f"each merged matrix (quantization_config in config.json); left unquantized: {kept}\n")
+    elif lines:
+        lines.append(f"- written unquantized, in {record['dtype']} (dequantized tensors of a quantized reference "
+                     f"in bfloat16 unless --dtype); config.json has no quantization_config\n")
+    return f"## Quantization\n\n{''.join(lines)}\n" if lines else ""
+
+
+def _modules(record: dict) -> str:
+    """The card's section on a `modules:` recipe: each module's method and models, or where it was copied from."""
+    lines = [f"- {m['module']}: **{m['method']}** of {', '.join(f'`{e}`' for e in m['experts'])}"
+             + (f" on `{m['base']}`" if m["base"] else "") + "".join(f"\n  - {n}" for n in m.get("renamed", []))
+             if "module" in m else
+             f"- {', '.join(m['modules'])}: copied from `{m['copied_from']}`" for m in record.get("modules") or []]
+    return "## Modules\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
+def _ignored(record: dict) -> str:
+    """The card's section on the recipe's parameters that their method does not take (left out, as mergekit does)."""
+    lines = [f"- `{i['key']}`: not a parameter of {i['method']}" for i in record.get("ignored_parameters") or []]
+    return "## Ignored recipe parameters\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
 def _kernels(record: dict) -> str:

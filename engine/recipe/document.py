@@ -32,19 +32,21 @@ LoRA references, parameters unknown to mergekit's method, values mbmerge's metho
 (checked at every point of a gradient and under every filter), and unknown keys. Knows nothing of
 tensors or files besides the recipe.
 """
+from dataclasses import dataclass
+
 import yaml
 
 from ... import methods
+from ...common import roles
 from ...common.errors import BadParameter
 from ..inputs import vocabulary
 from ..inputs.header import dtype_name
-from .values import PER_MODEL, Layered, at, fail, params_of, points, tensor_overrides, to_mergekit, values
+from .values import PER_MODEL, Layered, Reading, at, fail, params_of, points, tensor_overrides, to_mergekit, values
 
 __all__ = ["load_recipe", "merge_kwargs", "tensor_overrides", "to_mergekit"]
 
-KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-        "tokenizer", "chat_template"}
-WHY = {"modules": "mbmerge merges one stack of layers; use 'models' or 'slices'"}
+KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+        "tokenizer_source", "tokenizer", "chat_template"}
 
 
 def load_recipe(path) -> dict:
@@ -56,6 +58,9 @@ def load_recipe(path) -> dict:
                     layers, where the recipe has gradients or filters},
          "layered": the recipe's gradients and filters for merge(layered=...), or None,
          "chat_template": for merge(chat_template=...), or None,
+         "ignored": [(key, method name), ...] of parameters the method does not take, left out,
+         "module": None, or with `modules:` the first module's name (the keys above are its merge's), and
+         "modules": [{"module": name, "method", "base", "experts", "params", "layered", "slices"}, ...] the others',
          "merge": all of these as mbmerge.merge's keyword arguments}.
     Example:
         >>> r = load_recipe("ties.yml")
@@ -63,30 +68,12 @@ def load_recipe(path) -> dict:
     """
     try:
         cfg = _read(path)
-        name = cfg.get("merge_method")
-        known = [m.name for m in methods.REGISTRY.values() if m.mergekit is not None]
-        if name not in known:
-            fail("merge_method", "is missing" if name is None else
-                  f"= {name!r} is not supported; mbmerge runs these mergekit methods: {', '.join(known)}")
-        method = methods.REGISTRY[name]
-        spec = method.mergekit
         base = _ref("base_model", cfg["base_model"]) if cfg.get("base_model") is not None else None
-        if cfg.get("slices") is not None:
-            if cfg.get("models") is not None:
-                fail("slices", "and 'models' are both set; mergekit takes one of them")
-            slices = _slices(cfg["slices"], method, spec, base)
-        else:       # the models: form is one slice of every layer, as mergekit reads it
-            slices = [{"models": _inputs(cfg, method, spec, base), "parameters": {}, "sources": None, "first": 0,
-                       "count": None}]
-        glob = values("parameters", cfg.get("parameters"), spec, set(spec))
-        first = slices[0]
-        params = params_of(*at(first["models"], [glob, first["parameters"]], "", 0.0), method, spec)   # outside layers
-        layered = [v for d in [glob, *[d for s in slices for d in [s["parameters"], *[m[2] for m in s["models"]]]]]
-                   for v in d.values() if isinstance(v, list)]
-        for s in slices:     # mbmerge's own checks, e.g. density in (0, 1], at every point of every slice
-            for part, t in points(layered):
-                methods.resolve_params(method, len(s["models"]),
-                                       params_of(*at(s["models"], [glob, s["parameters"]], part, t), method, spec))
+        ignored = []
+        if cfg.get("modules") is not None:
+            units = _modules(cfg, base, ignored)
+        else:
+            units = [{"module": None, **_unit(cfg, _Block(cfg, "", base, ignored))}]
         dtype_key = "out_dtype" if cfg.get("out_dtype") is not None else "dtype"   # mergekit's rule
         dtype = None if cfg.get(dtype_key) is None else str(cfg[dtype_key])
         try:
@@ -96,22 +83,101 @@ def load_recipe(path) -> dict:
         tokenizer = _tokenizer(cfg)
     except BadParameter as e:
         raise BadParameter(f"{path}: {e}") from None
-    sliced = first["sources"] is not None
-    settings = Layered(name, {"parameters": glob, "slices": [
+    out = {**units[0], "modules": units[1:], "dtype": dtype, "chat_template": cfg.get("chat_template"),
+           "tokenizer": tokenizer, "ignored": list(dict.fromkeys(ignored))}
+    return {**out, "merge": merge_kwargs(out)}
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A part of a recipe merged by one method: the whole recipe, or one of its modules (`where`: its keys'
+    prefix, 'modules.NAME.'); `ignored` collects the parameters its method does not take."""
+    cfg: dict
+    where: str
+    base: str | None
+    ignored: list
+    parameters: object = None       # a module's own parameters (between the global ones and its slices')
+
+
+def _unit(cfg: dict, block: _Block) -> dict:
+    """One method's merge of a block: its method, base, experts, parameters, gradients and slices."""
+    at_ = block.where
+    name = block.cfg.get("merge_method", cfg.get("merge_method"))
+    known = [m.name for m in methods.REGISTRY.values() if m.mergekit is not None]
+    if name not in known:
+        fail(f"{at_}merge_method", "is missing" if name is None else
+              f"= {name!r} is not supported; mbmerge runs these mergekit methods: {', '.join(known)}")
+    method = methods.REGISTRY[name]
+    reading = Reading(method, block.ignored)
+    if block.cfg.get("slices") is not None:
+        if block.cfg.get("models") is not None:
+            fail(f"{at_}slices", "and 'models' are both set; mergekit takes one of them")
+        slices = _slices(block, reading)
+    else:       # the models: form is one slice of every layer, as mergekit reads it
+        slices = [{"models": _inputs(block, reading), "parameters": {}, "sources": None, "first": 0, "count": None}]
+    levels = [values("parameters", cfg.get("parameters"), reading),
+              values(f"{at_}parameters", block.parameters, reading)]     # the global ones, then the module's
+    layered = [v for d in [*levels, *[d for s in slices for d in [s["parameters"], *[m[2] for m in s["models"]]]]]
+               for v in d.values() if isinstance(v, list)]
+    for s in slices:     # mbmerge's own checks, e.g. density in (0, 1], at every point of every slice
+        for part, t in points(layered):
+            methods.resolve_params(method, len(s["models"]),
+                                   params_of(*at(s["models"], [*levels, s["parameters"]], part, t), method,
+                                             method.mergekit))
+    return _merge_of(name, block.base, levels, slices, bool(layered))
+
+
+def _merge_of(method: str, base: str | None, levels: list, slices: list, layered: bool) -> dict:
+    """A unit's merge as load_recipe returns it (method, base, experts, params, layered, slices)."""
+    sliced = slices[0]["sources"] is not None
+    settings = Layered(method, {"parameters": levels[0], "module": levels[1], "slices": [
         {"first": s["first"], "count": s["count"], "parameters": s["parameters"], "models": [m[2] for m in s["models"]]}
         for s in slices]}) if layered or sliced else None
     experts = list(dict.fromkeys(m[1] for s in slices for m in s["models"] if m[1] != base or not sliced)) or [base]
-    out = {"method": name, "base": base, "experts": experts, "dtype": dtype, "params": params, "layered": settings,
-           "slices": [s["sources"] for s in slices] if sliced else None, "chat_template": cfg.get("chat_template"),
-           "tokenizer": tokenizer}
-    return {**out, "merge": merge_kwargs(out)}
+    first = slices[0]
+    params = params_of(*at(first["models"], [*levels, first["parameters"]], "", 0.0), methods.REGISTRY[method],
+                       methods.REGISTRY[method].mergekit)
+    return {"method": method, "base": base, "experts": experts, "params": params, "layered": settings,
+            "slices": [s["sources"] for s in slices] if sliced else None}
+
+
+def _modules(cfg: dict, base: str | None, ignored: list) -> list[dict]:
+    """mergekit's `modules:` ({name: {models | slices, parameters}}), each read as its own merge; a module may
+    name its own merge_method (mbmerge's: mergekit 0.1.5 merges every module with the recipe's)."""
+    given = cfg["modules"]
+    if cfg.get("models") is not None or cfg.get("slices") is not None:
+        fail("modules", "and 'models' or 'slices' are both set; mergekit takes one of them")
+    if not isinstance(given, dict) or not given:
+        fail("modules", "must be a mapping {MODULE: {models: [...]} or {slices: [...]}} (e.g. text_decoder, "
+                        "vision_tower, multi_modal_projector)")
+    units = []
+    for name, block in given.items():
+        where = f"modules.{name}"
+        canonical = roles.MODULES.get(str(name))
+        if canonical is None:
+            fail(where, f"is not a module mbmerge knows; choose {', '.join(roles.MODULES)}")
+        if canonical in [u["module"] for u in units]:
+            fail(where, f"names module {canonical} again")
+        if not isinstance(block, dict) or set(block) - {"models", "slices", "parameters", "merge_method"}:
+            fail(where, "must be a mapping {models: [...] or slices: [...], parameters: {...}, merge_method: ...}"
+                        " (base_model is the recipe's)")
+        if block.get("slices") is not None and canonical != "text_decoder":
+            fail(f"{where}.slices", "are not supported: mbmerge slices the text decoder's layers only")
+        units.append({"module": canonical, **_unit(cfg, _Block(block, f"{where}.", base, ignored,
+                                                                block.get("parameters")))})
+    return units
 
 
 def merge_kwargs(recipe: dict) -> dict:
     """load_recipe's reading as the keyword arguments of mbmerge.merge (all but `out`)."""
+    more = {"module": recipe["module"], "modules": [
+        {"module": m["module"], "method": m["method"], "experts": m["experts"], "base": m["base"],
+         "layered": m["layered"], "slices": m["slices"], **m["params"]} for m in recipe["modules"]]} \
+        if recipe.get("module") else {}
     return {"method": recipe["method"], "experts": recipe["experts"], "base": recipe["base"], "dtype": recipe["dtype"],
             "layered": recipe["layered"], "slices": recipe["slices"], "chat_template": recipe["chat_template"],
-            "tokenizer": recipe["tokenizer"], **recipe["params"]}
+            "tokenizer": recipe["tokenizer"], **({"ignored": recipe["ignored"]} if recipe.get("ignored") else {}),
+            **more, **recipe["params"]}
 
 
 def _read(path) -> dict:
@@ -126,7 +192,7 @@ def _read(path) -> dict:
         raise BadParameter("not a mergekit recipe (expected a mapping with merge_method and models)")
     for key in cfg:
         if key not in KEYS:
-            fail(key, f"is not supported ({WHY.get(key, 'not a mergekit key mbmerge knows')})")
+            fail(key, "is not supported (not a mergekit key mbmerge knows)")
     if cfg.get("chat_template") is not None and not isinstance(cfg["chat_template"], str):
         fail("chat_template", "must be 'auto', a model of the recipe or a Jinja template")
     return cfg
@@ -146,27 +212,27 @@ def _tokenizer(cfg: dict) -> dict | None:
     return vocabulary.parse(value, key).as_dict()
 
 
-def _inputs(cfg: dict, method, spec: dict, base: str | None) -> list:
+def _inputs(block: _Block, reading: Reading) -> list:
     """The experts as (key, reference, per-model parameters), with mergekit's base rules."""
-    entries = cfg.get("models")
+    entries, method, base = block.cfg.get("models"), reading.method, block.base
     if not isinstance(entries, list) or not entries:
-        fail("models", "must be a list of {model: PATH, parameters: {...}}")
+        fail(f"{block.where}models", "must be a list of {model: PATH, parameters: {...}}")
     models = []
     for i, e in enumerate(entries):
-        key = f"models[{i}]"
+        key = f"{block.where}models[{i}]"
         if not isinstance(e, dict) or "model" not in e or set(e) - {"model", "parameters"}:
             fail(key, "must be a mapping {model: PATH, parameters: {...}}")
         ref = _ref(f"{key}.model", e["model"])
         if ref in [m[1] for m in models]:
             fail(f"{key}.model", f"lists {ref!r} twice")
-        models.append((key, ref, values(f"{key}.parameters", e.get("parameters"), spec, PER_MODEL)))
+        models.append((key, ref, values(f"{key}.parameters", e.get("parameters"), reading, PER_MODEL)))
     if method.needs_base:
         if base is None:
             fail("base_model", f"is missing ({method.name} needs a base model)")
         models = [m for m in models if m[1] != base]
     elif base is not None and base not in [m[1] for m in models]:
         models.append(("base_model", base, {}))    # mergekit merges an unlisted base as one more input
-    _count("models", models, method)
+    _count(f"{block.where}models", models, method)
     return models
 
 
@@ -177,16 +243,17 @@ def _count(key: str, models: list, method) -> None:
                    + (f"exactly {lo}" if lo == hi else f"at least {lo}"))
 
 
-def _slices(entries, method, spec: dict, base: str | None) -> list[dict]:
+def _slices(block: _Block, reading: Reading) -> list[dict]:
     """Each slice: its sources [(reference, first layer, end layer)], the base's first where the method
     uses it, its experts (key, reference, per-model parameters), its parameters and output layers."""
+    entries, method, base = block.cfg["slices"], reading.method, block.base
     if not isinstance(entries, list) or not entries:
-        fail("slices", "must be a list of {sources: [{model: PATH, layer_range: [FIRST, END]}, ...]}")
+        fail(f"{block.where}slices", "must be a list of {sources: [{model: PATH, layer_range: [FIRST, END]}, ...]}")
     if method.needs_base and base is None:
         fail("base_model", f"is missing ({method.name} needs a base model in every slice)")
     out, first = [], 0
     for s, e in enumerate(entries):
-        key = f"slices[{s}]"
+        key = f"{block.where}slices[{s}]"
         if not isinstance(e, dict) or not isinstance(e.get("sources"), list) or not e["sources"] \
                 or set(e) - {"sources", "parameters"}:
             fail(key, "must be a mapping {sources: [{model: PATH, layer_range: [FIRST, END]}, ...], parameters: ...}")
@@ -202,7 +269,7 @@ def _slices(entries, method, spec: dict, base: str | None) -> list[dict]:
                 fail(f"{where}.layer_range", f"= {lo_hi!r} must be [FIRST, END]: layers FIRST to END - 1, "
                                               f"0 <= FIRST < END")
             ref = _ref(f"{where}.model", src["model"])
-            sources.append((where, ref, *lo_hi, values(f"{where}.parameters", src.get("parameters"), spec, PER_MODEL)))
+            sources.append((where, ref, *lo_hi, values(f"{where}.parameters", src.get("parameters"), reading, PER_MODEL)))
         counts = {b - a for _, _, a, b, _ in sources}
         if len(counts) > 1:
             fail(key, f"has sources of {' and '.join(map(str, sorted(counts)))} layers; every source of a slice "
@@ -215,7 +282,7 @@ def _slices(entries, method, spec: dict, base: str | None) -> list[dict]:
         if out and len(models) != len(out[0]["models"]):
             fail(key, f"has {len(models)} models besides the base and slices[0] {len(out[0]['models'])}; mbmerge "
                        f"merges the same number of models in every slice")
-        out.append({"models": models, "parameters": values(f"{key}.parameters", e.get("parameters"), spec, set(spec)),
+        out.append({"models": models, "parameters": values(f"{key}.parameters", e.get("parameters"), reading),
                     "sources": [(ref, a, b) for _, ref, a, b, _ in ordered], "first": first, "count": counts.pop()})
         first += out[-1]["count"]
     return out

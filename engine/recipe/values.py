@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ... import methods
 from ...common.errors import BadParameter
-from ...common.roles import before_layers, layer_of
+from ...common.roles import before_layers, layer_of, module_layer, module_of
 from ...methods.contract import REQUIRED
 
 PER_MODEL = {"weight", "density", "gamma", "epsilon", "scale"}   # scale: passthrough's
@@ -32,22 +32,26 @@ class Layered:
 def tensor_overrides(method_name: str, layered: dict, names: list[str]) -> list[tuple[str, dict]]:
     """A recipe's per-layer gradients and filters (load_recipe's "layered") as the engine's per-tensor
     overrides: each tensor's mergekit values at its place t (layer i of L: i / (L - 1), 1 for one layer;
-    outside the layers: 0, as mergekit plans embeddings and the head) and under its name (a filter
+    outside the layers: 0, as mergekit plans embeddings and the head; unsliced, a tower's layers count within
+    their module, as mergekit plans each module of a multimodal model) and under its name (a filter
     applies where it is a substring of the name), translated as load_recipe does, tensors that take the
     same values under one pattern of their exact names."""
     method = methods.REGISTRY[method_name]
-    layer = [layer_of(n) for n in names]
-    total = max([i for i in layer if i is not None], default=0) + 1
     slices, groups = layered["slices"], {}
+    layer = [(layer_of if slices[0]["count"] is not None else module_layer)(n) for n in names]
+    totals = {}
+    for name, i in zip(names, layer):
+        totals[module_of(name)] = max(totals.get(module_of(name), 1), (i or 0) + 1)
     for name, i in zip(names, layer):
         if i is None:   # mergekit plans embeddings with the first slice, the other tensors with the last
             s, t = slices[0 if before_layers(name) else -1], 0.0
         else:
             s = next(s for s in slices if s["count"] is None or s["first"] <= i < s["first"] + s["count"])
-            count = total if s["count"] is None else s["count"]
+            count = totals[module_of(name)] if s["count"] is None else s["count"]
             t = (i - s["first"]) / (count - 1) if count > 1 else 1.0
         models = [(f"models[{k}]", "", values) for k, values in enumerate(s["models"])]
-        params = params_of(*at(models, [layered["parameters"], s["parameters"]], name, t), method, method.mergekit)
+        shared = [layered["parameters"], layered.get("module", {}), s["parameters"]]   # lowest precedence first
+        params = params_of(*at(models, shared, name, t), method, method.mergekit)
         groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(name)
     return [("^(?:" + "|".join(re.escape(n) for n in group) + ")$", params) for params, group in groups.values()]
 
@@ -92,8 +96,22 @@ def evaluate(setting, name: str, t: float):
     return (1 - (at - i)) * setting[i] + (at - i) * setting[j]
 
 
-def values(key, given, spec: dict, allowed: set) -> dict:
-    """Parameter values checked and typed; `allowed` are those that may appear at this level."""
+@dataclass(frozen=True)
+class Reading:
+    """The method a block of a recipe is read for, and the keys found so far of parameters it does not take
+    (mergekit ignores them; so does mbmerge, with a warning: [(key, method name), ...])."""
+    method: methods.Method
+    ignored: list
+
+    @property
+    def spec(self) -> dict:
+        return self.method.mergekit
+
+
+def values(key, given, reading: Reading, allowed: set | None = None) -> dict:
+    """Parameter values checked and typed; `allowed` are those that may appear at this level (None: all of
+    the method's). A parameter the method does not take is left out and noted in reading.ignored."""
+    spec = reading.spec
     if given is None:
         return {}
     if not isinstance(given, dict):
@@ -102,8 +120,9 @@ def values(key, given, spec: dict, allowed: set) -> dict:
     for name, v in given.items():
         where = f"{key}.{name}"
         if name not in spec:
-            fail(where, f"is not a parameter of this mergekit method (it takes: {', '.join(spec)})")
-        if name not in allowed:
+            reading.ignored.append((where, reading.method.name))
+            continue
+        if allowed is not None and name not in allowed:
             fail(where, "is a global parameter in mergekit (which ignores it here); move it to 'parameters'")
         out[name] = _setting(where, name, v)
     return out
