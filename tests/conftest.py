@@ -37,19 +37,20 @@ def both_impls(request):
         yield request.param
 
 
-def llama_shapes():
-    hd = H // HEADS
-    yield "model.embed_tokens.weight", (V, H)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        for n, s in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (KV * hd, H)),
-                     ("self_attn.v_proj", (KV * hd, H)), ("self_attn.o_proj", (H, H)),
-                     ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
+def llama_shapes(h=H, i=I, v=V, heads=HEADS, kv=KV, layers=L):
+    """(name, shape) of every tensor of a Llama of these sizes (the fixtures' by default)."""
+    hd = h // heads
+    yield "model.embed_tokens.weight", (v, h)
+    for k in range(layers):
+        p = f"model.layers.{k}."
+        for n, s in [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv * hd, h)),
+                     ("self_attn.v_proj", (kv * hd, h)), ("self_attn.o_proj", (h, h)),
+                     ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))]:
             yield p + n + ".weight", s
-        yield p + "input_layernorm.weight", (H,)
-        yield p + "post_attention_layernorm.weight", (H,)
-    yield "model.norm.weight", (H,)
-    yield "lm_head.weight", (V, H)
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "post_attention_layernorm.weight", (h,)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (v, h)
 
 
 def base_tensors(seed: int = 0) -> dict[str, torch.Tensor]:

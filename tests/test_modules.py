@@ -138,11 +138,7 @@ GEMMA3 = """
 
 def test_gemma3_modules_merge_each_by_its_own_method_and_load(vlms, tmp_path, run_main):
     m = vlms["gemma3"]
-    code, _, err = run_main("--config", _recipe(tmp_path, GEMMA3, **m), "--out", tmp_path / "out", "-q")
-    assert code == 0, err
-    b, a, x = (read_model(m[k]) for k in ("base", "a", "b"))
-    out = read_model(tmp_path / "out")
-    assert sorted(out) == sorted(b)
+    b, a, x, out = _merged(m, GEMMA3, tmp_path, run_main)
     for n, v in out.items():
         if n.startswith("language_model."):        # the text decoder's own layers carry the gradient: 1, 0.5, 0.2
             w = {None: 1.0, 0: 1.0, 1: 0.5, 2: 0.2}[_layer(n)]
@@ -161,6 +157,16 @@ def test_gemma3_modules_merge_each_by_its_own_method_and_load(vlms, tmp_path, ru
     assert record["modules"][2] == {"modules": ["multi_modal_projector"], "copied_from": str(m["base"])}
     assert "- vision_tower: **linear** of" in (tmp_path / "out" / "README.md").read_text()
     _text_forward(tmp_path / "out", "Gemma3ForConditionalGeneration")
+
+
+def _merged(m: dict, recipe: str, tmp_path: Path, run_main) -> tuple[dict, dict, dict, dict]:
+    """The recipe run as a user runs it: (base, a, b, output) tensors; the output has the base's names."""
+    code, _, err = run_main("--config", _recipe(tmp_path, recipe, **m), "--out", tmp_path / "out", "-q")
+    assert code == 0, err
+    b, a, x = (read_model(m[k]) for k in ("base", "a", "b"))
+    out = read_model(tmp_path / "out")
+    assert sorted(out) == sorted(b)
+    return b, a, x, out
 
 
 def _text_forward(folder: Path, cls: str) -> None:
@@ -195,11 +201,7 @@ QWEN2VL = """
 
 def test_qwen2vl_ties_language_model_projector_apart_vision_tower_kept(vlms, tmp_path, run_main):
     m = vlms["qwen2vl"]
-    code, _, err = run_main("--config", _recipe(tmp_path, QWEN2VL, **m), "--out", tmp_path / "out", "-q")
-    assert code == 0, err
-    b, a, x = (read_model(m[k]) for k in ("base", "a", "b"))
-    out = read_model(tmp_path / "out")
-    assert sorted(out) == sorted(b)
+    b, a, x, out = _merged(m, QWEN2VL, tmp_path, run_main)
     for n, v in out.items():
         if n.startswith("visual.merger."):
             want = _ta(b[n], [x[n]], [0.7])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import LLAMA, expert_tensors, read_model, write_model
+from conftest import LLAMA, expert_tensors, llama_shapes, read_model, write_model
 
 H, I, V, HEADS, KV = 128, 256, 300, 4, 2
 CFG = dict(LLAMA, hidden_size=H, intermediate_size=I, num_attention_heads=HEADS, num_key_value_heads=KV,
@@ -22,25 +22,11 @@ FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"     # gpt-oss's fused experts, [E, hidden, 2 * intermediate]
 
 
-def shapes():
-    hd = H // HEADS
-    yield "model.embed_tokens.weight", (V, H)
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for n, s in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (KV * hd, H)),
-                     ("self_attn.v_proj", (KV * hd, H)), ("self_attn.o_proj", (H, H)),
-                     ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))]:
-            yield p + n + ".weight", s
-        yield p + "input_layernorm.weight", (H,)
-        yield p + "post_attention_layernorm.weight", (H,)
-    yield "model.norm.weight", (H,)
-    yield "lm_head.weight", (V, H)
-
-
 def tiny(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: (torch.ones(s) + 0.1 * torch.randn(s, generator=g) if len(s) == 1
-                else torch.randn(s, generator=g) * 0.05).to(torch.bfloat16).float() for n, s in shapes()}
+                else torch.randn(s, generator=g) * 0.05).to(torch.bfloat16).float()
+            for n, s in llama_shapes(H, I, V, HEADS, KV, layers=2)}
 
 
 def matrices(tensors: dict) -> list[str]:
