@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..engine.inputs.index import TensorIndex
+from ..engine.inputs.quantized import open_model
 from ..engine.inputs.read import MappedModel
 from ..methods import merge_tensors
 from .gram import gram
@@ -47,7 +47,7 @@ def collect_plusplus(base: Path, experts: list[ExpertData], *, reduction: float,
     from transformers import AutoConfig
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(base)
-    models = [MappedModel(TensorIndex.from_folder(e.folder, f"expert {e.folder}")) for e in experts]
+    models = [open_model(e.folder, f"expert {e.folder}") for e in experts]
     batches = [e.batches for e in experts]
     slot = Skeleton(base=base, config=config, dtype=dtype, device=device)
     try:

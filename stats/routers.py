@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from ..common.errors import BadParameter
 from ..common.roles import EMBEDDINGS
-from ..engine.inputs.index import TensorIndex
-from ..engine.inputs.read import MappedModel
+from ..engine.inputs.quantized import open_model
+from ..engine.inputs.side_files import load_tokenizer
 from .skeleton import Skeleton, layer_tensors
 
 def gate_vectors(mode: str, base: Path, groups: list[tuple[tuple[str, ...], tuple[str, ...]]], *, seed: int = 0,
@@ -61,10 +61,9 @@ def degenerate_layers(g: torch.Tensor) -> list[int]:
 
 
 def _prompt_tokenizer(base: Path):
-    from transformers import AutoTokenizer
     from ..common.quiet import quiet_transformers
     with quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(base)
+        tok = load_tokenizer(base, "base", "the routers are made from prompts, tokenized by the base's tokenizer")
     tok.padding_side = "left"
     if tok.bos_token_id is not None:
         tok.pad_token_id = tok.bos_token_id
@@ -82,13 +81,13 @@ def _tokenized(tokenizer, prompts: tuple[str, ...]) -> dict:
 
 def _cheap_embedding(base: Path):
     """v(P) from the base's token embeddings alone, the same at every layer."""
-    index = TensorIndex.from_folder(base, "base")
-    name = next((n for n in EMBEDDINGS if n in index.tensors), None)
+    m = open_model(base, "base")
+    name = next((n for n in EMBEDDINGS if n in m.index.tensors), None)
     if name is None:
+        m.close()
         raise BadParameter(f"base {base}: no token embeddings ({', '.join(EMBEDDINGS[:2])}, ...) for cheap_embed")
-    m = MappedModel(index)
     try:
-        e = index.tensors[name]
+        e = m.index.tensors[name]
         embed = m.chunk(e, 0, e.numel).view(e.shape).to(torch.float32, copy=True)   # outlives the mapping
 
         def one(batch: dict) -> torch.Tensor:
@@ -116,7 +115,7 @@ class _HiddenStates:
         runs = [(lambda b=b: iter([b])) for b in flat]
         states = [list(slot.inputs(run))[0] for run in runs]          # the embeddings' output: layer 0's input
         picked = [[] for _ in flat]
-        m = MappedModel(TensorIndex.from_folder(self.base, "base"))
+        m = open_model(self.base, "base")
         try:
             for layer in tqdm(range(layers), desc="mbmerge moe: routers", unit="layer", disable=not self.progress,
                               file=sys.stderr):

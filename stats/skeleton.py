@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import BadModel
-from ..engine.inputs.index import TensorIndex
+from ..engine.inputs.quantized import open_model
 from ..engine.inputs.read import MappedModel
 
 
@@ -56,11 +56,10 @@ class Skeleton:
         with quiet_transformers(), _no_init():
             self.model = AutoModelForCausalLM.from_config(one, torch_dtype=dtype)
         embed = self.model.get_input_embeddings()
-        base_index = TensorIndex.from_folder(Path(base), "base")
-        name = next(n for n in base_index.tensors if n.endswith("embed_tokens.weight"))
-        m = MappedModel(base_index)
+        m = open_model(Path(base), "base")
         try:
-            e = base_index.tensors[name]
+            name = next(n for n in m.index.tensors if n.endswith("embed_tokens.weight"))
+            e = m.index.tensors[name]
             embed.weight.data.copy_(m.chunk(e, 0, e.numel).view(e.shape))
         finally:
             m.close()

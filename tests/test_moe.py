@@ -194,6 +194,14 @@ def _other_hidden(family, tmp_path) -> Path:
     return write_model(tmp_path / "narrow", t, shards=1)
 
 
+def _untokenized(family, tmp_path) -> Path:
+    """The base's weights and config, no tokenizer files."""
+    folder = write_model(tmp_path / "bare", family["tensors"]["base"], shards=1)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    return folder
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c, f, p: c.update(gate_mode="hiddn"), "gate_mode = 'hiddn': choose hidden"),
     (lambda c, f, p: c["experts"][1].pop("positive_prompts"), "experts[1] (")
@@ -202,6 +210,7 @@ def _other_hidden(family, tmp_path) -> Path:
     (lambda c, f, p: c.update(experts_per_token=4), "experts_per_token = 4 but 3 expert(s)"),
     (lambda c, f, p: c["experts"][2].update(source_model=str(_other_hidden(f, p))),
      "model.layers.0.mlp.gate_proj.weight [64, 8] vs base [64, 32]"),
+    (lambda c, f, p: c.update(base_model=str(_untokenized(f, p))), "has no tokenizer (no tokenizer.json"),
 ])
 def test_bad_recipes_are_refused_in_one_line_and_write_nothing(family, tmp_path, run_main, change, message):
     yml = recipe(family, tmp_path / "moe.yml", "hidden")

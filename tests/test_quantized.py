@@ -274,6 +274,25 @@ def test_mxfp4_expert_merges_as_its_float32_copy(mxfp4_models, tmp_path, run_mai
 
 # --- FP8 output ---------------------------------------------------------------------------------------------
 
+def test_moe_of_fp8_models_as_of_their_float32_copies(models, tmp_path, run_main):
+    """mbmerge moe with an FP8 base (its hidden routers run on the dequantized layers) and an FP8 expert writes the
+    bytes the same MoE of their float32 copies writes."""
+    import shutil
+    outs = []
+    for kind in ("fp8", "f32"):
+        base = shutil.copytree(models / f"base-{kind}", tmp_path / f"base-{kind}")
+        for f in (models / "base").glob("tokenizer*"):        # the routers tokenize prompts with the base's tokenizer
+            shutil.copy(f, base / f.name)
+        yml = tmp_path / f"{kind}.yml"
+        yml.write_text(f"base_model: {base}\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n"
+                       f"  - {{source_model: {models / f'math-{kind}'}, positive_prompts: [abc]}}\n"
+                       f"  - {{source_model: {models / 'code'}, positive_prompts: [xyz]}}\n")
+        code, _, err = run_main("moe", yml, "--out", tmp_path / kind, "-q")
+        assert code == 0, err
+        outs.append(shard_bytes(tmp_path / kind))
+    assert outs[0] == outs[1]
+
+
 def reference_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' Fp8Quantize, written plainly per 128x128 block: scale = 448 / amax, stored 1 / scale."""
     rows, cols = w.shape

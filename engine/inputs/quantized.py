@@ -243,3 +243,11 @@ class QuantizedModel(MappedModel):
     def prefetch(self, entry: TensorEntry, *args) -> None:
         t = self._part(entry)
         super().prefetch(t.q if t is not None else entry, *args)
+
+
+def open_model(folder: Path, role: str) -> MappedModel:
+    """A model folder's reader as a collector reads it (the MoE routers, RegMean++'s Grams): its tensors as
+    stored, a quantized folder's read dequantized."""
+    index = TensorIndex.from_folder(Path(folder), role)
+    quantization = read_quantization(folder, index, role)
+    return QuantizedModel(index, quantization, quantization.view(index)) if quantization else MappedModel(index)

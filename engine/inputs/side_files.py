@@ -87,3 +87,18 @@ def set_config(folder: Path, key: str, value) -> None:
     if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
         config["text_config"][key] = value
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(folder: Path, role: str, needed_for: str):
+    """The folder's tokenizer, as transformers' AutoTokenizer loads it; BadModel in one line where there is
+    none (saying what it is `needed_for`) or it does not load."""
+    folder = Path(folder)
+    if not any(is_tokenizer_file(f.name) for f in folder.iterdir() if f.is_file()):
+        raise BadModel(f"{role} {folder} has no tokenizer (no tokenizer.json, tokenizer_config.json or "
+                       f"tokenizer.model): {needed_for}")
+    import transformers
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:        # transformers raises many kinds for a folder without a usable tokenizer
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise BadModel(f"{role} {folder}: its tokenizer cannot be loaded ({why})") from None

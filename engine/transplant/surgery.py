@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ...common.errors import BadModel, BadParameter, InputChanged
@@ -19,6 +18,7 @@ from ..inputs.header import DTYPES
 from ..inputs.index import TensorIndex
 from ..inputs.read import MappedModel
 from ..inputs.resolve import Source, resolve
+from ..inputs.side_files import load_tokenizer
 from ..inputs.vocab_rows import reshaped
 from ..journal import input_identity
 from ..output.place import (check_apart, check_location, discard, missing_parents, output_lock, partial_folder,
@@ -29,7 +29,7 @@ from ..plan import Plan, make_plan
 from . import card
 from .options import NEED_DONOR_ROWS, Options
 from .rows import Rebuild
-from .tokens import Alignment, align, load_tokenizer, normalized_vocabulary
+from .tokens import Alignment, align, normalized_vocabulary
 
 COPY_CHUNK = 1 << 21       # elements per chunk of a tensor copied through
 
@@ -79,7 +79,8 @@ def prepare(model: str, donor: str, out: Path, options: Options) -> Job:
     check_apart(out, [("model", m.path), ("donor", d.path)])
     index = TensorIndex.from_folder(m.path, "model")
     card.check_side_files(m.path, d.path)
-    donor_tok, tokenizer = load_tokenizer(d.path, "donor"), load_tokenizer(m.path, "model")
+    need = "tokensurgeon gives the model the donor's tokenizer"
+    donor_tok, tokenizer = load_tokenizer(d.path, "donor", need), load_tokenizer(m.path, "model", need)
     donor_index = _donor_index(d.path, options)
     model_vocab, donor_vocab = normalized_vocabulary(tokenizer), normalized_vocabulary(donor_tok)
     vocab = []

@@ -9,31 +9,12 @@ its longest prefix the model has (prefix); the others are approximated (approxim
 never tensors; imports no torch.
 """
 from dataclasses import dataclass
-from pathlib import Path
-
-from ...common.errors import BadModel
-from ..inputs.side_files import is_tokenizer_file
 
 WORD_START, SPECIAL = "word_start", "special"
 BYTE_LEVEL = ("GPT2Tokenizer", "GPT2TokenizerFast", "OpenAIGPTTokenizer", "OpenAIGPTTokenizerFast",
               "Qwen2Tokenizer", "Qwen2TokenizerFast")
 SENTENCEPIECE = ("LlamaTokenizer", "LlamaTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "GemmaTokenizer",
                  "GemmaTokenizerFast")
-
-
-def load_tokenizer(folder: Path, role: str):
-    """The folder's tokenizer, as transformers' AutoTokenizer loads it (its class decides the word-start
-    mark); BadModel in one line where there is none or it does not load."""
-    folder = Path(folder)
-    if not any(is_tokenizer_file(f.name) for f in folder.iterdir() if f.is_file()):
-        raise BadModel(f"{role} {folder} has no tokenizer (no tokenizer.json, tokenizer_config.json or "
-                       f"tokenizer.model): tokensurgeon gives the model the donor's tokenizer")
-    import transformers
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:        # transformers raises many kinds for a folder without a usable tokenizer
-        why = " ".join(str(e).split())[:200] or type(e).__name__
-        raise BadModel(f"{role} {folder}: its tokenizer cannot be loaded ({why})") from None
 
 
 def word_start_mark(tokenizer) -> str:
