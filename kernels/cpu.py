@@ -50,6 +50,11 @@ class UniformArgs(ctypes.Structure):
                 ("out", f32p)]
 
 
+class WidenArgs(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("piece", ctypes.c_int64), ("cols", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("scols", ctypes.c_int64), ("q", ctypes.c_void_p), ("table", f32p), ("scales", f32p), ("out", f32p)]
+
+
 class RateArgs(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64), ("m", ctypes.c_int64), ("piece", ctypes.c_int64), ("b", ctypes.c_void_p),
                 ("b_dt", ctypes.c_int32), ("x", ctypes.c_void_p), ("x_dt", ctypes.c_int32), ("lo", ctypes.c_float),
@@ -104,6 +109,8 @@ def library() -> ctypes.CDLL | None:
     lib.ties.restype = ctypes.c_int64
     lib.uniforms.argtypes = [ctypes.POINTER(UniformArgs), i64p]
     lib.uniforms.restype = None
+    lib.widen_fp8.argtypes = [ctypes.POINTER(WidenArgs), i64p]
+    lib.widen_fp8.restype = None
     lib.keep_rates.argtypes = [ctypes.POINTER(RateArgs), i64p]
     lib.keep_rates.restype = ctypes.c_int64
     lib.l1_sums.argtypes = [ctypes.POINTER(MergeArgs), i64p]
@@ -298,6 +305,20 @@ def fold_sums(v: torch.Tensor, granule: int) -> torch.Tensor:
     args = FoldArgs(n=n, granule=granule, piece=max(1, PIECE // granule), v=ctypes.cast(v.data_ptr(), f32p),
                     out=ctypes.cast(out.data_ptr(), f64p))
     _run_groups(library().fold_sums, args, granules, granule, "sums over granules")
+    return out
+
+
+def widen_fp8(q: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, cols: int) -> torch.Tensor:
+    """table[q] * scales[row, column // (cols / scales' columns)] in float32 over the flat whole rows of q (bytes),
+    bit for bit dequantize.block_rows' torch product: a gather and a multiply in AVX2 on the threads."""
+    n, (rows, scols) = q.numel(), scales.shape
+    out = torch.empty(n, dtype=torch.float32)
+    assert q.dtype == torch.uint8 and q.is_contiguous() and scales.is_contiguous() and rows * cols == n
+    args = WidenArgs(n=n, piece=PIECE, cols=cols, group=cols // scols, scols=scols, q=q.data_ptr(),
+                     table=ctypes.cast(table.data_ptr(), f32p), scales=ctypes.cast(scales.data_ptr(), f32p),
+                     out=ctypes.cast(out.data_ptr(), f32p))
+    if n:
+        _run(library().widen_fp8, [args] * threads(), n)
     return out
 
 

@@ -665,6 +665,33 @@ void uniforms(const uniform_args *a, int64_t *next) {
     take_pieces(next, a->piece, a->n, uniform_piece, a, NULL);
 }
 
+/* ---- FP8 values widened and scaled (engine/inputs/dequantize.py block_rows): element i of a chunk of whole rows
+ * of `cols` is table[q[i]] * scales[row * scols + column / group], the one float32 product torch takes ---- */
+
+#define WIDEN_ARGS(F) F(int64_t, n) F(int64_t, piece) F(int64_t, cols) F(int64_t, group) F(int64_t, scols) \
+    F(const uint8_t *, q) F(const float *, table) F(const float *, scales) F(float *, out)
+typedef struct { WIDEN_ARGS(DECLARE) } widen_args;
+
+static void widen_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const widen_args *a = args;
+    for (int64_t i = first; i < stop;) {               /* a run of one scale: up to the group's or the piece's end */
+        int64_t row = i / a->cols, col = i - row * a->cols;
+        int64_t end = i + (a->group - col % a->group);
+        if (end > stop) end = stop;
+        const float s = a->scales[row * a->scols + col / a->group];
+        const __m256 vs = _mm256_set1_ps(s);
+        for (; i + V <= end; i += V) {
+            __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a->q + i)));
+            _mm256_storeu_ps(a->out + i, _mm256_mul_ps(_mm256_i32gather_ps(a->table, idx, 4), vs));
+        }
+        for (; i < end; i++) a->out[i] = a->table[a->q[i]] * s;
+    }
+}
+
+void widen_fp8(const widen_args *a, int64_t *next) {
+    take_pieces(next, a->piece, a->n, widen_piece, a, NULL);
+}
+
 /* ---- DELLA's keep rates: p(j) = lo + step * r(j), r(j) = the ascending rank of |x_j - b_j| in its row of m
  * (ties by position) / (m - 1), 1/2 if m = 1 (della_magprune._rank01), by a stable LSD radix sort per row ---- */
 
@@ -894,6 +921,9 @@ static const struct { const char *type, *field; int64_t offset, size; char kind;
 #undef S
 #define S uniform_args
     {NAME(S), "", 0, sizeof(S), 's'}, UNIFORM_ARGS(ROW)
+#undef S
+#define S widen_args
+    {NAME(S), "", 0, sizeof(S), 's'}, WIDEN_ARGS(ROW)
 #undef S
 #define S rate_args
     {NAME(S), "", 0, sizeof(S), 's'}, RATE_ARGS(ROW)

@@ -275,6 +275,18 @@ def test_uniforms_are_philox_bit_for_bit(threads):
         assert torch.equal(got.view(torch.int32), uniform_ref(seed, torch.arange(start, start + n)).view(torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_widening_is_the_torch_product_bit_for_bit(threads, dtype):
+    """Every byte (NaNs included) times its row's scale of its group of columns, as q.float() * scale."""
+    for rows, cols, group in [(3, 1000, 200), (1, 7, 7), (BIG // 256, 256, 128)]:
+        q = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(cols))
+        scales = torch.rand(rows, cols // group) * 2.0 ** torch.randint(-20, 20, (rows, cols // group))
+        want = (q.view(dtype).float().view(rows, -1, group) * scales[:, :, None]).view(-1)
+        table = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+        got = cpu.widen_fp8(q.view(-1), table, scales, cols)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_non_finite_values_are_counted_where_they_are():
     n = 5000
     b, xs = bf16_deltas(n, 3, torch.bfloat16)
