@@ -28,7 +28,7 @@ from ..engine.recipe.document import to_mergekit
 from ..common.cache import cache_dir
 from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
 from .bench_plot import plot
-from .bench_timing import GB, busy_processes, floor_row, mbmerge_head, time_tool
+from .bench_timing import GB, Timing, busy_processes, floor_row, mbmerge_head, time_tool
 from .bench_tools import TOOL_CASES, tool_case
 
 EXPERTS = ["math", "code", "ifeval", "multilingual", "safety"]
@@ -102,13 +102,13 @@ def fp8_fixture(fx: Path, experts: list[str], cfg: dict) -> Path:
     return out
 
 
-def timed_rows(methods, fx, fq, experts, mergekit, repeat, device, tmp, union) -> list[dict]:
+def timed_rows(methods, fx, fq, experts, mergekit, timing, device, tmp, union) -> list[dict]:
     """Each case's row, and beside it (with `fq`, the FP8 fixture) its merge of the FP8 experts, mbmerge only."""
     rows = []
     for m in methods:
-        rows.append(bench_case(m, fx, experts, mergekit, repeat, device, tmp, union))
+        rows.append(bench_case(m, fx, experts, mergekit, timing, device, tmp, union))
         if fq is not None and m in CASES:
-            rows.append({**bench_case(m, fq, experts, None, repeat, device, tmp, union), "method": f"{m}[fp8 experts]"})
+            rows.append({**bench_case(m, fq, experts, None, timing, device, tmp, union), "method": f"{m}[fp8 experts]"})
     return rows
 
 
@@ -165,24 +165,24 @@ def write_recipe(case, fx, experts, folder: Path, union: bool = False) -> Path:
     return path
 
 
-def bench_case(case, fx, experts, mergekit, repeat, device, tmp: Path, union: bool = False) -> dict:
+def bench_case(case, fx, experts, mergekit, timing: Timing, device, tmp: Path, union: bool = False) -> dict:
     if case in TOOL_CASES:
-        return tool_case(case, fx, experts, mergekit, repeat, device, tmp)
+        return tool_case(case, fx, experts, mergekit, timing, device, tmp)
     method = CASES[case][0]
     experts = experts[:mbmerge_methods.get(method).max_experts or None]
     shards = {m: sorted((fx / m).glob("*.safetensors")) for m in ["base", *experts]}
     files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
-    row = floor_row(case, files, sum(f.stat().st_size for f in shards["base"]), repeat, tmp)
+    row = floor_row(case, files, sum(f.stat().st_size for f in shards["base"]), timing, tmp)
     recipe = write_recipe(case, fx, experts, tmp, union) if recipe_params(case) else None
     cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device, union)
-    card = time_tool(row, "mbmerge", repeat, cmd, files, tmp / "mb")
+    card = time_tool(row, "mbmerge", timing, cmd, files, tmp / "mb")
     row["mbmerge_device"] = card.get("device")
     if "peak_gpu_bytes" in card:                                  # recorded by CUDA runs
         row["mbmerge_gpu_GB"] = card["peak_gpu_bytes"] / GB
     if mergekit and recipe:
         cuda = ["--cuda"] if device == "cuda" or device == "auto" and torch.cuda.is_available() else []
         cmd = [mergekit, str(recipe), str(tmp / "mk"), "--no-copy-tokenizer", *cuda]
-        time_tool(row, "mergekit", repeat, cmd, files, tmp / "mk")
+        time_tool(row, "mergekit", timing, cmd, files, tmp / "mk")
     return row
 
 
@@ -253,6 +253,9 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--quantized", type=click.Choice(["fp8"]), help="Also time each method with the experts FP8 "
               "block-quantized (a copy of the fixture built once beside it): rows 'METHOD[fp8 experts]'.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Runs per tool; best wall kept.")
+@click.option("--cold", is_flag=True, help="Evict the inputs from the page cache before every timed run of either "
+              "tool (posix_fadvise DONTNEED, no privileges needed); the floor then reads them from the disk and "
+              "writes the output with fsync.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Passed to mbmerge when not auto; cuda (or auto where CUDA is available) runs mergekit with --cuda.")
 @click.option("--vs", type=click.Choice(["mergekit", "none"]),
@@ -265,8 +268,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="PNG of input GB/s per method [default: beside the JSON].")
-def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quantized, repeat, device, vs, mergekit, busy,
-          cache, json_path, plot_path):
+def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quantized, repeat, cold, device, vs, mergekit,
+          busy, cache, json_path, plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES and m not in TOOL_CASES]:
@@ -286,7 +289,8 @@ def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quanti
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
     try:
         with busy_processes(busy):
-            rows = timed_rows(methods, fx, fq, EXPERTS[:n_experts], mergekit, repeat, device, tmp, added_tokens > 0)
+            rows = timed_rows(methods, fx, fq, EXPERTS[:n_experts], mergekit, Timing(repeat, cold), device, tmp,
+                              added_tokens > 0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     host["load_avg_1m_end"], host["busy_processes"] = os.getloadavg()[0], busy
@@ -294,12 +298,12 @@ def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quanti
     mk_note += f" ({host['mergekit_version']})" if host["mergekit_version"] else ""
     load = f"load {host['load_avg_1m']:.1f}" + (f", {busy} busy processes" if busy else "")
     click.echo(f"fixture {fx.name}: {count(params)} params bf16, {n_experts} experts; best wall of {repeat}, "
-               f"max RSS; {where}, {load}; device {device}; mergekit: {mk_note}\n\n"
+               f"max RSS, {'cold' if cold else 'warm'} page cache; {where}, {load}; device {device}; mergekit: {mk_note}\n\n"
                f"{table(rows)}")
     json_path = json_path or cache / f"{fx.name}.json"
     plot_path = plot_path or json_path.with_suffix(".png")
     json_path.write_text(json.dumps({"fixture": fx.name, "model": model, "layers": cfg["num_hidden_layers"],
-                                     "params": params, "experts": n_experts, "repeat": repeat, "device": device,
-                                     "machine": host, "mergekit": mergekit, "rows": rows}, indent=2))
+                                     "params": params, "experts": n_experts, "repeat": repeat, "cold": cold,
+                                     "device": device, "machine": host, "mergekit": mergekit, "rows": rows}, indent=2))
     plot(rows, plot_path, f"{fx.name}: {count(params)} params, {n_experts} experts; {where}; device {device}")
     click.echo(f"\nJSON: {json_path}\nPNG: {plot_path}")

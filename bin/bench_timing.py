@@ -1,6 +1,8 @@
-"""How `mbmerge bench` times a tool: each run its own process from a warm page cache (wall time and that
-process's peak RSS), the best of a few runs, and the I/O floor (reading every input once from the page cache
-and writing one output-sized file: the time no tool can beat on this machine)."""
+"""How `mbmerge bench` times a tool: each run its own process from a warm page cache, or with `cold` from the
+disk (the inputs evicted before every run), its wall time and that process's peak RSS, the best of a few runs;
+and the I/O floor, the time no tool can beat on this machine: reading every input once (from the page cache,
+or cold from the disk) and writing one output-sized file (cold: with fsync, as a cold run's writes reach the
+disk before the next run starts)."""
 import contextlib
 import json
 import os
@@ -8,12 +10,31 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 BLOCK = 64 << 20
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Timing:
+    repeat: int = 1          # runs per tool: the best wall and the largest peak RSS are kept
+    cold: bool = False       # every run (and the floor) starts with the inputs evicted from the page cache
+
+
+def evict(files):
+    """Drop the files' pages from the page cache (posix_fadvise DONTNEED needs no privileges; dirty pages are
+    written first, or the kernel keeps them)."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def warm(files):
@@ -25,15 +46,20 @@ def warm(files):
                 pass
 
 
-def io_floor(files, out_bytes, tmp: Path) -> float:
-    """Seconds to read `files` from the warm page cache and write one `out_bytes` file."""
+def io_floor(files, out_bytes, tmp: Path, cold: bool = False) -> float:
+    """Seconds to read `files` (from the warm page cache, or `cold` from the disk) and write one `out_bytes`
+    file (cold: fsync'd)."""
     warm(files)
+    if cold:
+        evict(files)
     os.sync()
     block, t = bytes(BLOCK), time.perf_counter()
     warm(files)
     with open(tmp / "floor.bin", "wb", buffering=0) as fh:
         for off in range(0, out_bytes, BLOCK):
             fh.write(block[:min(BLOCK, out_bytes - off)])
+        if cold:
+            os.fsync(fh.fileno())
     elapsed = time.perf_counter() - t
     (tmp / "floor.bin").unlink()
     return elapsed
@@ -59,10 +85,11 @@ def busy_processes(n: int):
             p.wait()
 
 
-def timed_run(cmd, files, out: Path) -> tuple[float, float]:
-    """(wall s, peak RSS GB) of one process, started from a warm cache with no dirty pages pending."""
+def timed_run(cmd, files, out: Path, cold: bool = False) -> tuple[float, float]:
+    """(wall s, peak RSS GB) of one process, started from a warm cache (or `cold`, with the inputs evicted) with
+    no dirty pages pending."""
     shutil.rmtree(out, ignore_errors=True)
-    warm(files)
+    evict(files) if cold else warm(files)
     os.sync()
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     wall, maxrss, code = done.stdout.split() if done.returncode == 0 else (0, 0, "?")
@@ -71,10 +98,10 @@ def timed_run(cmd, files, out: Path) -> tuple[float, float]:
     return float(wall), int(maxrss) * 1024 / 1e9                               # ru_maxrss is in KiB on Linux
 
 
-def best_of(repeat, cmd, files, out):
-    """min wall, max peak RSS, every wall over `repeat` runs, and the last run's mbmerge.json ({} if none);
+def best_of(timing: Timing, cmd, files, out):
+    """min wall, max peak RSS, every wall over `timing.repeat` runs, and the last run's mbmerge.json ({} if none);
     the output is then removed, so at most one exists at a time."""
-    runs = [timed_run(cmd, files, out) for _ in range(repeat)]
+    runs = [timed_run(cmd, files, out, timing.cold) for _ in range(timing.repeat)]
     card = json.loads((out / "mbmerge.json").read_text()) if (out / "mbmerge.json").is_file() else {}
     shutil.rmtree(out, ignore_errors=True)
     return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
@@ -86,18 +113,18 @@ def mbmerge_head() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from mbmerge.bin.cli import main; main()"]
 
 
-def floor_row(case: str, files, out_bytes: int, repeat: int, tmp: Path) -> dict:
+def floor_row(case: str, files, out_bytes: int, timing: Timing, tmp: Path) -> dict:
     """A case's row begun: its input size and I/O floor (the best of at least three)."""
     row = {"method": case, "input_GB": sum(f.stat().st_size for f in files) / GB,
-           "floor_s": min(io_floor(files, out_bytes, tmp) for _ in range(max(3, repeat)))}
+           "floor_s": min(io_floor(files, out_bytes, tmp, timing.cold) for _ in range(max(3, timing.repeat)))}
     row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
     return row
 
 
-def time_tool(row: dict, tool: str, repeat: int, cmd, files, out: Path) -> dict:
+def time_tool(row: dict, tool: str, timing: Timing, cmd, files, out: Path) -> dict:
     """`tool`'s figures (tool_s, tool_rss_GB, tool_walls, tool_in_GBps) added to the row; the speed-up and the
     RSS ratio once both mbmerge and mergekit have run. Returns the last run's mbmerge.json."""
-    row[f"{tool}_s"], row[f"{tool}_rss_GB"], row[f"{tool}_walls"], card = best_of(repeat, cmd, files, out)
+    row[f"{tool}_s"], row[f"{tool}_rss_GB"], row[f"{tool}_walls"], card = best_of(timing, cmd, files, out)
     row[f"{tool}_in_GBps"] = row["input_GB"] / row[f"{tool}_s"]
     if tool == "mbmerge":
         row["x_floor"] = row["mbmerge_s"] / row["floor_s"]

@@ -18,10 +18,10 @@ TOOL_CASES = [*MOE_CASES, *TRANSPLANT_CASES]
 DONOR_ADDS = 1000        # the donor's tokenizer: this many more merges of the same corpus, two more specials
 
 
-def tool_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
+def tool_case(case, fx, experts, mergekit, timing, device, tmp: Path) -> dict:
     if case in MOE_CASES:
-        return moe_case(case, fx, experts, mergekit, repeat, device, tmp)
-    return transplant_case(case, fx, mergekit, repeat, tmp)
+        return moe_case(case, fx, experts, mergekit, timing, device, tmp)
+    return transplant_case(case, fx, mergekit, timing, tmp)
 
 
 def _sibling(mergekit: str | None, name: str) -> Path | None:
@@ -44,34 +44,34 @@ def write_moe_recipe(case, fx, experts, folder: Path) -> Path:
     return path
 
 
-def moe_case(case, fx, experts, mergekit, repeat, device, tmp: Path) -> dict:
+def moe_case(case, fx, experts, mergekit, timing, device, tmp: Path) -> dict:
     """A MoE of the experts: the floor reads the base and the experts and writes the MoE."""
     files = [f for m in ["base", *experts] for f in _shards(fx / m)]
     cfg = json.loads((fx / "base" / "config.json").read_text())
     mlp = 3 * cfg["hidden_size"] * cfg["intermediate_size"] * cfg["num_hidden_layers"] * 2        # bf16 bytes
     out_bytes = sum(f.stat().st_size for f in _shards(fx / "base")) + (len(experts) - 1) * mlp
-    row = floor_row(case, files, out_bytes, repeat, tmp)
+    row = floor_row(case, files, out_bytes, timing, tmp)
     recipe = write_moe_recipe(case, fx, experts, tmp)
     cmd = mbmerge_head() + ["moe", str(recipe), "--out", str(tmp / "mb"), "-q",
                             *(["--device", device] * (device != "auto"))]
-    time_tool(row, "mbmerge", repeat, cmd, files, tmp / "mb")
+    time_tool(row, "mbmerge", timing, cmd, files, tmp / "mb")
     if moe := _sibling(mergekit, "mergekit-moe"):
         cmd = [str(moe), str(recipe), str(tmp / "mk"), "--device", "cuda" if device == "cuda" else "cpu"]
-        time_tool(row, "mergekit", repeat, cmd, files, tmp / "mk")
+        time_tool(row, "mergekit", timing, cmd, files, tmp / "mk")
     return row
 
 
-def transplant_case(case, fx, mergekit, repeat, tmp: Path) -> dict:
+def transplant_case(case, fx, mergekit, timing, tmp: Path) -> dict:
     """The fixture's base, given a real-size byte-level BPE tokenizer, takes a donor's: the floor reads the
     model and the donor and writes a model."""
     model, donor = transplant_fixture(fx)
     files = _shards(model) + _shards(donor)
-    row = floor_row(case, files, sum(f.stat().st_size for f in _shards(model)), repeat, tmp)
+    row = floor_row(case, files, sum(f.stat().st_size for f in _shards(model)), timing, tmp)
     method = TRANSPLANT_CASES[case]
     cmd = mbmerge_head() + ["tokensurgeon", str(model), str(donor), "--out", str(tmp / "mb"), "-a", method, "-q"]
-    time_tool(row, "mbmerge", repeat, cmd, files, tmp / "mb")
+    time_tool(row, "mbmerge", timing, cmd, files, tmp / "mb")
     if surgeon := _sibling(mergekit, "mergekit-tokensurgeon"):
-        time_tool(row, "mergekit", repeat, [str(surgeon), str(model), str(donor), str(tmp / "mk"), "-a", method],
+        time_tool(row, "mergekit", timing, [str(surgeon), str(model), str(donor), str(tmp / "mk"), "-a", method],
                   files, tmp / "mk")
     return row
 

@@ -3,9 +3,9 @@ parameter counts and transformers' own tensor names and shapes, a written family
 with experts that really differ from the base, bench writes its JSON and PNG, and refuses in one line a
 fixture the disk cannot hold."""
 import json
+import os
 import shutil
 from collections import namedtuple
-from math import prod
 from pathlib import Path
 
 import pytest
@@ -130,6 +130,38 @@ def test_bench_times_mergekits_other_tools(run_main, tmp_path):
         (tmp_path / "custom-h64-l2-v300-e2" / "base" / "model-00001-of-00001.safetensors").stat().st_ino     # hard-linked
 
 
+def _resident_pages(path) -> int:
+    """Pages of a file in the page cache: mincore(2) on a private mapping of it."""
+    import ctypes
+    import mmap
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    anchor = ctypes.c_char.from_buffer(m)
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    ok = ctypes.CDLL(None).mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) == 0
+    del anchor
+    m.close()
+    assert ok
+    return sum(v & 1 for v in vec)
+
+
+def test_cold_bench_evicts_the_inputs_and_says_so(run_main, tmp_path):
+    from mbmerge.bin.bench_timing import evict, warm
+    f = tmp_path / "input.bin"
+    f.write_bytes(os.urandom(1 << 20))
+    warm([f])
+    if _resident_pages(f) == 0:
+        pytest.skip("this file system keeps no page cache to evict (tmpfs?)")
+    evict([f])
+    assert _resident_pages(f) == 0
+    code, out, err = run_main("bench", "--hidden", "64", "--layers", "2", "--vocab", "128", "--methods", "linear",
+                              "--cache", tmp_path, "--vs", "none", "--cold")
+    assert code == 0, err
+    report = json.loads((tmp_path / "custom-h64-l2-v128-e2.json").read_text())
+    assert report["cold"] is True and report["rows"][0]["floor_s"] > 0 and "cold page cache" in out
+
+
 def test_bench_refuses_a_fixture_the_disk_cannot_hold(run_main, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 20 * 10**9, 20 * 10**9))
@@ -146,14 +178,14 @@ def test_bench_refuses_a_fixture_the_disk_cannot_hold(run_main, tmp_path, monkey
 def test_device_flag_and_peak_gpu_from_the_card(tmp_path):
     import sys
     from mbmerge.bin.bench import mbmerge_cmd, table
-    from mbmerge.bin.bench_timing import best_of
+    from mbmerge.bin.bench_timing import Timing, best_of
     recipe = tmp_path / "ties.yml"
     assert "--device" not in mbmerge_cmd("ties", tmp_path, ["math"], tmp_path / "o", recipe, "auto")
     assert mbmerge_cmd("ties", tmp_path, ["math"], tmp_path / "o", recipe, "cuda")[-2:] == ["--device", "cuda"]
     out = tmp_path / "out"
     make = (f"import json, os; os.makedirs({str(out)!r}); "
             f"json.dump({{'peak_gpu_bytes': 3e9}}, open({str(out / 'mbmerge.json')!r}, 'w'))")
-    wall, rss, walls, card = best_of(1, [sys.executable, "-c", make], [], out)
+    wall, rss, walls, card = best_of(Timing(), [sys.executable, "-c", make], [], out)
     assert card == {"peak_gpu_bytes": 3e9} and walls == [round(wall, 3)] and 0 < rss < 1 and not out.exists()
     row = {"method": "ties", "mbmerge_s": 2.0, "mbmerge_gpu_GB": 3.0, "floor_s": 0.5, "x_floor": 4.0}
     assert "| ties | — | 2.00 | — | 4.0x | — | 3.00 |" in table([row])
