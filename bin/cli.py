@@ -110,6 +110,8 @@ def cli():
               "documents (mergekit-multi's stages): the folder of the named stages [default: OUT.stages beside "
               "OUT; OUT itself when no document is unnamed].")
 @spec_option(WHAT["protocol"], type=click.Choice(sorted(methods.PROTOCOLS)))
+@spec_option(WHAT["calibrate"], type=click.Choice(sorted(methods.CALIBRATIONS)))
+@spec_option(WHAT["weights_from"], type=click.Choice(methods.WEIGHTS_FROM))
 @method_param_options
 @spec_option(WHAT["keep_base"])
 @spec_option(WHAT["dtype"])

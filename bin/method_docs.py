@@ -1,6 +1,9 @@
 """`mbmerge methods`: the method table and docs/methods.md, both generated from the registry and
 the method modules' docstrings, so the documentation cannot drift from the code."""
+import ast
+import importlib.util
 import sys
+from pathlib import Path
 from itertools import groupby
 
 import click
@@ -69,7 +72,39 @@ def markdown() -> str:
             out += [f"| `{_flag(p.name)}` | `{p.default}`{' per expert' if p.per_expert else ''} "
                     f"| {_cell(p.help)} |" for p in m.params]
             out.append("")
-    return "\n".join(out)
+    return "\n".join(out + _post_steps() + _coefficients())
+
+
+def _doc(module: str) -> tuple[str, str]:
+    """The docstring of mbmerge.methods.<module>, read from its source (importing it would import torch): its first
+    line, and the rest."""
+    source = Path(importlib.util.find_spec(f"{methods.__name__}.{module}").origin).read_text(encoding="utf-8")
+    first, _, rest = (ast.get_docstring(ast.parse(source), clean=False) or "").strip().partition("\n")
+    return first, rest
+
+
+def _text(rest: str) -> list[str]:
+    return ["```text", *[line.rstrip() for line in rest.strip("\n").splitlines()], "```", ""]
+
+
+def _coefficients() -> list[str]:
+    """docs/methods.md's section on --weights-from (NAN), from methods/coefficients.py."""
+    first, rest = _doc("coefficients")
+    return ["## Coefficients (`--weights-from`)", "", f"`--weights-from {'|'.join(methods.WEIGHTS_FROM)}` with any "
+            "method that takes `--weights` (the task-arithmetic family, linear, multislerp, ...).", "", "### nan", "",
+            first, "", *_text(rest)]
+
+
+def _post_steps() -> list[str]:
+    """docs/methods.md's section on the post-steps any method takes (--calibrate), from their modules."""
+    out = ["## Post-steps (`--calibrate`)", "", "Run on each merged tensor after any method that reads a base "
+           "(`--calibrate NAME` on the command line, `calibrate: NAME` or `calibrate: {method: NAME, ...}` in a "
+           "recipe); the tensors are then merged whole (span: tensor).", ""]
+    for name, (step, params) in methods.CALIBRATIONS.items():
+        first, rest = _doc(step.module)
+        out += [f"### {name}", "", first, "", *_text(rest), "| parameter | default | meaning |", "|---|---|---|",
+                *[f"| `{_flag(p.name)}` | `{p.default}` | {_cell(p.help)} |" for p in params], ""]
+    return out
 
 
 @click.command("methods")
@@ -90,3 +125,8 @@ def list_methods(as_markdown):
                    f"experts: {_experts(m)}]  {m.paper}")
         for p in m.params:
             click.echo(f"    {_flag(p.name):{flag_w}}  default {p.default!s:{default_w}}  {p.help}")
+    for name, (step, params) in methods.CALIBRATIONS.items():      # post-steps: --calibrate NAME
+        click.echo(f"{'--calibrate ' + name:{name_w}}  {_doc(step.module)[0]}")
+        for p in params:
+            click.echo(f"    {_flag(p.name):{flag_w}}  default {p.default!s:{default_w}}  {p.help}")
+    click.echo(f"{'--weights-from nan':{name_w}}  {_doc('coefficients')[0]}")

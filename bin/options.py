@@ -21,10 +21,11 @@ def param_options(params):
 
 
 def method_param_options(fn):
-    """One click option per method parameter in the registry (shared names share an option)."""
+    """One click option per method parameter in the registry and per calibration parameter (shared names share
+    an option)."""
     seen = {}
-    for m in methods.REGISTRY.values():
-        for p in m.params:
+    for params in [*(m.params for m in methods.REGISTRY.values()), *(c[1] for c in methods.CALIBRATIONS.values())]:
+        for p in params:
             seen.setdefault(p.name, p)
     return param_options(seen.values())(fn)
 

@@ -13,6 +13,7 @@
     modules     a `modules:` recipe's parts: each module of a multimodal model merged by its own method
                 and models through a view of its tensors, into one plan (engine/modules.py)
     execute     the executor: chunks read, merged by the method, written
+    norms       the experts' parameter norms, streamed before a merge whose weights come from them (NAN)
     moe/        Mixtures of Experts from dense experts (mbmerge moe): mergekit-moe's recipe, the output
                 architectures, each output tensor's source, the streaming assembly and card; routers come in
                 as tensors (stats/routers.py computes them)

@@ -23,6 +23,7 @@ from .journal import fingerprint as fingerprint_of
 from .models import Models, read_models, sources
 from .modules import Part, cut, read_parts
 from .modules import card as modules_card
+from .norms import expert_norms
 from .output.partial import kept_for_resume, resumed_or_fresh, written
 from .output.place import (check_apart, check_location, missing_parents, output_lock, partial_folder, publish,
                            remove_empty)
@@ -117,11 +118,13 @@ def fingerprint(spec: MergeSpec) -> str:
 
 def prepare(spec: MergeSpec, base: Source | None, experts: list[Source]) -> Prepared:
     """The models read and checked, the plan made, the statistics opened: every error before a byte is written."""
-    method, device = methods.get(spec.method), resolve_device(spec.run.device)
+    method, device = spec.row(), resolve_device(spec.run.device)
     if spec.module is not None:
         return _prepare_modules(spec, base, experts, device)
     models = read_models(spec, base, experts)
     plan = _plan(spec, Part(spec=spec, method=method, models=models), models, device)
+    if spec.weights_from:                 # NAN: a pre-pass for the experts' norms, which give the weights
+        spec = replace(spec, expert_norms=tuple(expert_norms(models, plan)))
     command = spec.command()
     merged = [t for t in plan.tensors if t.merge]
     spec = _with_tensor_overrides(spec, [t.name for t in merged])
@@ -263,10 +266,12 @@ def _record(spec: MergeSpec, base: Source | None, experts: list[Source], plan, d
             seconds: float) -> dict:
     def source(s: Source) -> dict:
         return {"role": s.role, "ref": s.ref, "path": str(s.path.resolve()), "revision": s.revision}
-    method = methods.get(spec.method)
+    method = spec.row()
     backend, threads = kernels.merge_backend(device, fused=method.fused is not None, span=method.span)
     return {
         "mbmerge_version": VERSION, "method": spec.method, "protocol": spec.protocol, "params": spec.resolved,
+        **({"calibrate": spec.calibrate} if spec.calibrate else {}),
+        **({"weights_from": spec.weights_from, "expert_norms": list(spec.expert_norms)} if spec.weights_from else {}),
         "base": source(base) if base else None, "experts": [source(s) for s in experts],
         "dtype": spec.dtype or "as stored", "keep_base": spec.keep_base, "out_shard_size": spec.out_shard_size,
         "copy_tokenizer": spec.copy_tokenizer, "shards": len(plan.shards),

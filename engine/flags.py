@@ -50,6 +50,12 @@ def spell_param(name: str, value) -> list[str]:
 
 WHAT = {f.field: f for f in [
     Flag(field="method", flag="--method", short="-m", help="Merge method (see `mbmerge methods`)."),
+    Flag(field="calibrate", flag="--calibrate", help="A post-step on each merged matrix, after any method: svc "
+         "(singular value calibration: shrinks the merged delta's singular values that several experts inflated; "
+         "--svc-alpha)."),
+    Flag(field="weights_from", flag="--weights-from", help="Set the per-expert --weights from the inputs: nan "
+         "(NAN: w_i proportional to 1 / ||x_i||, expert i's parameter norm over the merged tensors, summing to 1; a "
+         "pre-pass reads the experts once more)."),
     Flag(field="protocol", flag="--protocol", help="Set a benchmark's choices at once (mergebench: model-wide ranks, "
          "embeddings kept, TIES sum, DARE 1/p)."),
     Flag(field="base", flag="--base", short="-b", help="Base model: folder or hub id. Default: the built-in family."),

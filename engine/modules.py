@@ -88,7 +88,7 @@ def read_parts(spec: MergeSpec, base: Source | None, experts: list[Source]) -> t
                                f"module ({roles.layer_count(models.reference.tensors)} layers), the reference {ref.ref} "
                                f"has {len(wanted)} ({roles.layer_count(wanted)} layers), e.g. {differ[0]} is in one "
                                f"only; slices of a module must keep the reference's layers")
-        parts.append(Part(spec=s, method=methods.get(s.method), models=models, module=s.module, renamed=view.notes))
+        parts.append(Part(spec=s, method=s.row(), models=models, module=s.module, renamed=view.notes))
     inputs = list({s.ref: s for p in parts for s in p.models.given[1]}.values())
     whole = replace(whole, given=(base, inputs), tied=[note for p in parts for note in p.models.tied])
     return whole, parts + [Part(spec=spec, method=methods.get("passthrough"), models=whole)]

@@ -91,6 +91,9 @@ class MergeSpec:
                                         # (engine/inputs/chat_template.py); None: the reference model's, as copied
     allow_nonfinite: bool = False
     protocol: str | None = None         # e.g. "mergebench": a benchmark's parameter choices
+    calibrate: str | None = None        # a post-step on each merged tensor (methods.CALIBRATIONS: svc)
+    weights_from: str | None = None     # "nan": the weights from the experts' parameter norms (methods/coefficients.py)
+    expert_norms: tuple = ()            # with weights_from, the norms the engine's pre-pass found (engine/norms.py)
     stats_folders: tuple[str, ...] | None = None  # data-aware methods: one statistics folder per expert
     slices: tuple | None = None         # a recipe's slices: per slice, its sources ((ref, first, end), ...), the
                                         # base's first where the method uses it (engine/inputs/slices.py)
@@ -127,7 +130,7 @@ class MergeSpec:
             set_(self, "tokenizer", vocabulary.parse(self.tokenizer).as_dict())
         if self.family is not None:
             set_(self, "family", str(self.family))
-        method = methods.get(self.method)
+        method = self.row()
         if self.slices is not None:
             set_(self, "slices", tuple(tuple(tuple(src) for src in sources) for sources in self.slices))
         n = self.n_experts
@@ -147,6 +150,8 @@ class MergeSpec:
         if self.overrides and methods.model_scope(method, self.resolved):
             raise BadParameter("per-tensor overrides need --sparsify-scope tensor (model-wide ranks use one "
                                "density for the whole model)")
+        if self.weights_from is not None:
+            _weights_from(self, method)
         if self.keep_base is None:
             set_(self, "keep_base", keep_default)
         if self.stats_folders and method.data_statistic is None:
@@ -157,6 +162,10 @@ class MergeSpec:
         set_(self, "ignored", tuple(tuple(k) for k in self.ignored))
         set_(self, "modules", tuple(m if isinstance(m, MergeSpec) else _part(self, m) for m in self.modules))
         _check_modules(self)
+
+    def row(self) -> methods.Method:
+        """The method's row as this merge runs it: with the calibration step after its apply, if any."""
+        return methods.calibrated(methods.get(self.method), self.calibrate)
 
     @property
     def n_experts(self) -> int:
@@ -171,6 +180,8 @@ class MergeSpec:
                 "experts": list(self.experts), "keep_base": self.keep_base, "dtype": self.dtype,
                 "allow_nonfinite": self.allow_nonfinite, "out_shard_size": self.out_shard_size,
                 **({"out_quant": self.out_quant} if self.out_quant else {}),
+                **({"calibrate": self.calibrate} if self.calibrate else {}),
+                **({"weights_from": self.weights_from} if self.weights_from else {}),
                 **({"tokenizer": self.tokenizer} if self.tokenizer else {}),
                 **({"slices": [list(map(list, s)) for s in self.slices]} if self.slices else {}),
                 **({"overrides": [list(o) for o in self.resolved_overrides]} if self.overrides else {}),
@@ -204,7 +215,7 @@ class MergeSpec:
             words += ["--config", shlex.quote(str(self.out / CONFIG_FILE))]
         else:
             words += WHAT["method"].spell(self.method)
-            words += [w for name in ("protocol", "base") if getattr(self, name)
+            words += [w for name in ("protocol", "calibrate", "weights_from", "base") if getattr(self, name)
                       for w in WHAT[name].spell(getattr(self, name))]
             words += WHAT["experts"].spell(self.experts)
             words += [shlex.quote(w) for k, v in self.params.items() for w in spell_param(k, v)]
@@ -221,6 +232,23 @@ class MergeSpec:
             given = " ".join(f"{k}={value_text(v)}" for k, v in values.items())
             words += [WHAT["overrides"].flag, shlex.quote(pattern), shlex.quote(given)]
         return " ".join(words + ["--out", shlex.quote(str(self.out))])
+
+
+def _weights_from(spec: MergeSpec, method: methods.Method) -> None:
+    """--weights-from checked; with the pre-pass's norms (expert_norms), the weights it gives, resolved."""
+    if spec.weights_from not in methods.WEIGHTS_FROM:
+        raise BadParameter(f"--weights-from {spec.weights_from!r}: choose {', '.join(methods.WEIGHTS_FROM)}")
+    if "weights" not in {p.name for p in method.params}:
+        raise BadParameter(f"--weights-from {spec.weights_from}: method {spec.method} takes no per-expert weights")
+    if "weights" in spec.params or any("weights" in values for _, values in spec.overrides):
+        raise BadParameter(f"--weights-from {spec.weights_from} sets the weights; do not also pass --weights")
+    if spec.slices or spec.module or spec.config is not None:
+        raise BadParameter(f"--weights-from {spec.weights_from} merges whole models given on the command line; "
+                           f"a recipe, slices or modules are not supported")
+    if spec.expert_norms:
+        weights = methods.nan_weights(list(spec.expert_norms))
+        for params in [spec.resolved, *(p for _, p in spec.resolved_overrides)]:
+            params["weights"] = weights
 
 
 def _part(spec: MergeSpec, kw: dict) -> MergeSpec:

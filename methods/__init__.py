@@ -18,7 +18,9 @@ import importlib
 
 from .contract import (CHUNK_ALIGN, DataStatistic, Method, Param, check_experts, model_scope, resolve_params,  # noqa
                        row_length)
-from .registry import PROTOCOLS, REGISTRY, collection_params, get, protocol_defaults  # noqa: F401
+from .coefficients import WEIGHTS_FROM, nan_weights  # noqa: F401
+from .registry import (CALIBRATIONS, PROTOCOLS, REGISTRY, calibrated, collection_params, get,  # noqa: F401
+                       protocol_defaults)
 
 _LAZY = {**dict.fromkeys(["apply_chunk", "chunk_cuts", "merge_chunk", "reductions", "thresholds"],
                          ".dispatch"),

@@ -6,6 +6,7 @@ in chunks (float32, flat; `offset` is the element index of a chunk's first eleme
     ranks(<params>, n)              -> per expert, the ranks k of |d_i| wanted as thresholds over n
                                        elements; the engine finds them exactly (radix select) over the
                                        tensor or the model: `thr`
+    score(b, xs)                    -> the series ranks ranks in place of |d_i| (>= 0; TATR's conflict)
     reduce(chunks, <params>, <ctx>) -> {name: value}: what apply needs of the whole tensor (rescale gains,
                                        cosines, SVD projections), streamed over chunks() of (b, xs, offset)
     apply(b, xs, <params>, <reductions>, <ctx>) -> the merged float32 chunk
@@ -58,6 +59,7 @@ class Param:
     per_expert: bool = False      # one value per expert (a single value is broadcast)
     choices: tuple = ()
     fraction: bool = False        # must lie in (0, 1]
+    minimum: float | None = None  # must be at least this
     aliases: tuple = ()           # more command-line spellings
 
     def coerce(self, value, method: str):
@@ -83,6 +85,8 @@ class Param:
             raise BadParameter(f"{method}: {self.name}={value!r} must be a finite number")
         if self.choices and v not in self.choices:
             raise BadParameter(f"{method}: {self.name}={v!r}; choose one of {', '.join(self.choices)}")
+        if self.minimum is not None and v < self.minimum:
+            raise BadParameter(f"{method}: {self.name}={v} must be at least {self.minimum}")
         if self.fraction and not 0 < v <= 1:
             raise BadParameter(f"{method}: {self.name}={v} must be in (0, 1]")
         return v
@@ -179,6 +183,25 @@ class TaskArithmetic:
 
 
 @dataclass(frozen=True)
+class Calibrated:
+    """A row's apply followed by a post-step on the whole merged tensor (`step(b, xs, m, <its parameters>)`,
+    e.g. calibration.apply_svc). Called as a Ref is; docs/methods.md files it under the row's own module."""
+    apply: "Ref | TaskArithmetic"
+    step: Ref
+
+    @property
+    def fn(self):
+        return self.apply.fn
+
+    @property
+    def takes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.apply.takes + self.step.takes))
+
+    def __call__(self, b, xs, **available):
+        return self.step(b, xs, self.apply(b, xs, **available), **available)
+
+
+@dataclass(frozen=True)
 class DataStatistic:
     """What a data-aware method needs of each expert beyond its weights (collected by mbmerge.stats)."""
     kind: str                     # fisher | gram | mask: what `mbmerge stats --kind` collects
@@ -203,6 +226,7 @@ class Method:
     apply: Ref | TaskArithmetic | None = None
     reduce: Ref | None = None
     ranks: Ref | None = None
+    score: Ref | None = None             # what ranks ranks in place of |d_i|: score(b, xs) -> [series] (float32, >= 0)
     fused: Ref | None = None             # called as apply is, with out_dtype and, for trim 'random', the keep
                                          # bits an L1 pass drew (`kept`): methods/fused.py, or the family's
     span: str = "element"                # what one chunk must hold whole: element | row | tensor

@@ -14,10 +14,12 @@ from .ranking import Ranking, bounds, tie_counts
 
 
 def thresholds(method: Method, params: dict, chunks: Callable, n: int) -> Ranking:
-    """The sets of largest |d_i| method.ranks asks for, found exactly over n elements streamed as
-    chunks() of (b, xs, offset): one tensor's (scope 'tensor') or the whole model's ('model')."""
-    found = bounds(method.ranks(n=n, **params), lambda: ((b, xs) for b, xs, _ in chunks()), n,
-                   params.get("keep_ties", False))
+    """The sets of largest |d_i| (or of method.score's series: TATR's conflict) method.ranks asks for, found
+    exactly over n elements streamed as chunks() of (b, xs, offset): one tensor's (scope 'tensor') or the
+    whole model's ('model')."""
+    pairs = (lambda: ((None, method.score(b, xs)) for b, xs, _ in chunks())) if method.score else \
+        (lambda: ((b, xs) for b, xs, _ in chunks()))
+    found = bounds(method.ranks(n=n, **params), pairs, n, params.get("keep_ties", False))
     return Ranking(found)
 
 
@@ -63,7 +65,9 @@ def chunk_cuts(method: Method, reduced: dict, b, xs) -> dict:
     if not isinstance(reduced.get("thr"), Ranking):
         return reduced
     fused = method.fused is not None and kernels.fused(xs[0].device)
-    counts = (kernels.tie_counts(b, xs) if fused else None) or tie_counts(lambda i: _magnitude(b, xs[i]))
+    series = method.score(b, xs) if method.score else None
+    counts = (kernels.tie_counts(b, xs) if fused else None) or \
+        tie_counts((lambda i: series[i]) if series else (lambda i: _magnitude(b, xs[i])))
     return dict(reduced, thr=reduced["thr"].cuts(xs[0].numel(), *counts))
 
 

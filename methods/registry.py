@@ -3,11 +3,12 @@ parameters, and the benchmark protocols. Adding a method touches its own module 
 It imports no torch: the command line reads it to build its options and help, so a row points at its
 functions through Lazy modules, imported on first call (editors and type checkers see the real ones).
 """
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..common.errors import BadParameter
 from ..common.roles import EMBEDDINGS_AND_HEAD
-from .contract import NO_TRIM, REQUIRED, DataStatistic, Lazy, Method, Param, Trim
+from .contract import NO_TRIM, REQUIRED, Calibrated, DataStatistic, Lazy, Method, Param, Trim
 
 if TYPE_CHECKING:
     from . import (agent_merging, dare_drop, data_aware, della_magprune, fused, fusion_threshold, hypersphere,
@@ -57,6 +58,22 @@ RAM_R = Param("r", 0.1, "ramplus_tl: the gain 1 + r clamp(rho_i, 0, alpha) on ex
 RAM_ALPHA = Param("alpha", 0.2, "ramplus_tl: the cap on rho_i, expert i's shared over unique entries")
 COMMON_FRACTION = Param("common_fraction", 0.8, "iso_cts: fraction f of the rank given to the common subspace",
                         fraction=True)
+STEPS = Param("steps", 400, "wudi, doge_ta: Adam steps on each 2-D tensor (FusionBench's configs: 400)", minimum=0)
+WUDI_LR = Param("lr", 1e-5, "wudi: Adam's learning rate (FusionBench: 1e-5); doge_ta: its Adam's (1e-4); "
+                "localize_stitch_trained: the step on its mask logits (1e8)", minimum=0)   # the shared --lr's help
+QUANTILE = Param("quantile", 0.99, "tatr: entries whose conflict sum_{i!=j} |d_i||d_j| is at or above its q-quantile "
+                 "are dropped (FusionBench: 0.99)", fraction=True)
+TATR_KEEP_TIES = Param("keep_ties", True, "tatr: drop every entry tied at the quantile (FusionBench: Omega < t "
+                       "kept) instead of exactly n - floor(q n) entries (ties by position)")
+DOGE_DENSITY = Param("density", 0.3, "doge_ta: fraction of each expert's |d_i| kept, ranked over the whole model "
+                     "(FusionBench: K 30)", per_expert=True, fraction=True)
+SUBSPACE = Param("subspace", 6, "doge_ta: the shared subspace holds floor(r / subspace) left singular vectors",
+                 minimum=1)
+NORM_SCALE = Param("norm_scale", 0.07, "doge_ta: lam_i = norm_scale / ||d_i||_F per tensor (FusionBench: lamda)")
+DOGE_LR = Param("lr", 1e-4, "doge_ta: Adam's learning rate (FusionBench: 1e-4)", minimum=0)
+DOGE_KEEP_TIES = Param("keep_ties", True, "doge_ta: keep every |d_i| tied at the threshold (FusionBench: kthvalue, "
+                       "then >=)")
+adaptive_projection, trust_region, wudi_merging = map(Lazy, ["adaptive_projection", "trust_region", "wudi_merging"])
 # collected with the data statistics (mbmerge stats), not used by apply
 SAMPLES = Param("samples", 1000, "statistics: examples of each expert's data (MergeBench: 1000)")
 FISHER_LABELS = Param("fisher", "sampled", "fisher: labels sampled from the expert (true Fisher) or the gold "
@@ -174,6 +191,14 @@ REGISTRY = {m.name: m for m in [
     Method(name="iso_cts", summary="Iso-C on a common subspace plus per-task orthogonal subspaces",
            paper="https://arxiv.org/abs/2502.04959", params=(SCALE, COMMON_FRACTION),
            apply=svd.apply_iso_cts, span="tensor", keep_base=EMBEDDINGS_AND_HEAD),
+    Method(name="wudi", summary="per 2-D tensor, Adam steps to the delta least interfering with each task's "
+           "inputs, proxied by its d_i", paper="https://arxiv.org/abs/2503.08099", params=(SCALE, STEPS, WUDI_LR),
+           apply=wudi_merging.apply, span="tensor", keep_base=EMBEDDINGS_AND_HEAD),
+    Method(name="doge_ta", summary="task arithmetic on top-density deltas plus a correction from projected Adam "
+           "steps outside the tasks' shared subspace", paper="https://arxiv.org/abs/2501.01230",
+           params=(NORM_SCALE, DOGE_DENSITY, SUBSPACE, STEPS, DOGE_LR, _scope("model"), DOGE_KEEP_TIES),
+           apply=adaptive_projection.apply, ranks=adaptive_projection.ranks, trim=Trim("magnitude"), span="tensor",
+           keep_base=EMBEDDINGS_AND_HEAD + r"|norm|\.bias$"),   # FusionBench merges 2-D weights only
     # -- more of mergekit 0.1.5's methods: nearswap, sce, multislerp, nuslerp, karcher, ram, ramplus_tl
     Method(name="nearswap", summary="the expert where |x - b| <= t, elsewhere b moved t toward it",
            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", params=(NEARSWAP_T,),
@@ -219,6 +244,11 @@ REGISTRY = {m.name: m for m in [
            apply=masks.localize_stitch, ranks=masks.localize_ranks,
            fused=fused.localize_stitch, trim=Trim("magnitude"), keep_base=EMBEDDINGS_AND_HEAD,
            grid={"sparsity": [0.1, 0.2, 0.3, 0.4]}, bench={}),
+    Method(name="tatr", summary="task arithmetic without the entries where the experts' changes collide most "
+           "(zero-shot trust region: top 1-q of sum_(i!=j) |d_i||d_j|)",
+           paper="https://openreview.net/forum?id=q3ztjJRQuJ",
+           params=(SCALE, QUANTILE, _scope("model"), TATR_KEEP_TIES),
+           apply=trust_region.apply, ranks=trust_region.ranks, score=trust_region.conflict, trim=Trim("mask")),
     # -- data-aware: statistics of each expert on its own data (mbmerge stats)
     Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
            "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
@@ -276,3 +306,24 @@ def protocol_defaults(method: Method, protocol: str | None) -> dict:
         raise BadParameter(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     names = {p.name for p in method.params} | {"keep_base"}
     return {k: v for k, v in PROTOCOLS[protocol].items() if k in names}
+
+
+# Post-steps any method can take (--calibrate NAME): the step on each merged tensor and its parameters
+SVC_ALPHA = Param("svc_alpha", 0.1, "svc: floor alpha on each task's projection coefficient s_r^i; gamma_r = K / "
+                  "sum_i max(alpha, s_r^i) (FusionBench: 0.1 for task arithmetic, TIES, DARE, Iso-C; 1.0 for TSV)")
+CALIBRATIONS = {"svc": (Lazy("calibration").apply_svc, (SVC_ALPHA,))}
+
+
+def calibrated(method: Method, calibrate: str | None) -> Method:
+    """method's row with the post-step `calibrate` after its apply, on whole tensors (span tensor, no fused
+    kernel), and the step's parameters; the row itself for None. BadParameter for an unknown step."""
+    if calibrate is None:
+        return method
+    if calibrate not in CALIBRATIONS:
+        raise BadParameter(f"calibrate {calibrate!r} is not known; choose {', '.join(CALIBRATIONS)}")
+    if not method.needs_base:
+        raise BadParameter(f"calibrate {calibrate}: it rescales the merged delta from the base, and method "
+                           f"{method.name} reads no base (use task_arithmetic with --normalize instead)")
+    step, params = CALIBRATIONS[calibrate]
+    return replace(method, apply=Calibrated(method.apply, step), fused=None, span="tensor",
+                   params=method.params + params)

@@ -109,10 +109,12 @@ def write_card(folder: Path, record: dict) -> None:
     heads = f"## Tied and untied heads\n\n{heads}\n" if heads else ""
     heads = _modules(record) + _ignored(record) + heads
     heads += _quantization(record)
+    calibrate = f" then **{record['calibrate']}** (calibration)" if record.get("calibrate") else ""
     (folder / "README.md").write_text(
         f"---\n{base_line}library_name: transformers\ntags:\n- merge\n- mbmerge\n---\n\n"
         f"# Merged model\n\nMerged with mbmerge {record['mbmerge_version']} using "
-        f"**{record['method']}** in {record['wall_seconds']:.1f} s on {record['device']} ({_kernels(record)}).\n\n"
+        f"**{record['method']}**{calibrate} in {record['wall_seconds']:.1f} s on {record['device']} "
+        f"({_kernels(record)}).\n\n"
         f"## Inputs\n\n| role | model | revision |\n|---|---|---|\n{rows}\n\n"
         f"## Parameters\n\n{params}\n\n"
         f"Output dtype: {record['dtype']}. Tensors kept from the base: "

@@ -46,7 +46,7 @@ from .values import PER_MODEL, Layered, Reading, at, fail, params_of, points, te
 __all__ = ["load_recipe", "merge_kwargs", "tensor_overrides", "to_mergekit"]
 
 KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-        "tokenizer_source", "tokenizer", "chat_template"}
+        "tokenizer_source", "tokenizer", "chat_template", "calibrate"}
 
 
 def load_recipe(path) -> dict:
@@ -81,9 +81,11 @@ def load_recipe(path) -> dict:
         except BadParameter:
             fail(dtype_key, f"= {dtype!r}: choose bfloat16, float16, float32 or float64")
         tokenizer = _tokenizer(cfg)
+        calibrate, step = _calibrate(cfg.get("calibrate"))
     except BadParameter as e:
         raise BadParameter(f"{path}: {e}") from None
-    out = {**units[0], "modules": units[1:], "dtype": dtype, "chat_template": cfg.get("chat_template"),
+    out = {**units[0], "params": {**units[0]["params"], **step}, "calibrate": calibrate, "modules": units[1:],
+           "dtype": dtype, "chat_template": cfg.get("chat_template"),
            "tokenizer": tokenizer, "ignored": list(dict.fromkeys(ignored))}
     return {**out, "merge": merge_kwargs(out)}
 
@@ -168,6 +170,22 @@ def _modules(cfg: dict, base: str | None, ignored: list) -> list[dict]:
     return units
 
 
+def _calibrate(given) -> tuple[str | None, dict]:
+    """mbmerge's own key `calibrate: svc` (or `{method: svc, alpha: 0.2}`): a post-step after the merge method
+    (methods.CALIBRATIONS), and its parameters as the merge's (svc_alpha)."""
+    if given is None:
+        return None, {}
+    values = {"method": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else {}
+    name = values.pop("method", None)
+    if name not in methods.CALIBRATIONS:
+        fail("calibrate", f"= {given!r}: choose {', '.join(methods.CALIBRATIONS)} (or {{method: svc, alpha: 0.1}})")
+    known = {p.name.removeprefix(f"{name}_"): p for p in methods.CALIBRATIONS[name][1]}
+    for key in values:
+        if key not in known:
+            fail(f"calibrate.{key}", f"is not a parameter of {name}; it takes {', '.join(known)}")
+    return name, {known[k].name: known[k].coerce(v, name) for k, v in values.items()}
+
+
 def merge_kwargs(recipe: dict) -> dict:
     """load_recipe's reading as the keyword arguments of mbmerge.merge (all but `out`)."""
     more = {"module": recipe["module"], "modules": [
@@ -177,6 +195,7 @@ def merge_kwargs(recipe: dict) -> dict:
     return {"method": recipe["method"], "experts": recipe["experts"], "base": recipe["base"], "dtype": recipe["dtype"],
             "layered": recipe["layered"], "slices": recipe["slices"], "chat_template": recipe["chat_template"],
             "tokenizer": recipe["tokenizer"], **({"ignored": recipe["ignored"]} if recipe.get("ignored") else {}),
+            **({"calibrate": recipe["calibrate"]} if recipe.get("calibrate") else {}),
             **more, **recipe["params"]}
 
 
