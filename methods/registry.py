@@ -248,7 +248,8 @@ REGISTRY = {m.name: m for m in [
            "(zero-shot trust region: top 1-q of sum_(i!=j) |d_i||d_j|)",
            paper="https://openreview.net/forum?id=q3ztjJRQuJ",
            params=(SCALE, QUANTILE, _scope("model"), TATR_KEEP_TIES),
-           apply=trust_region.apply, ranks=trust_region.ranks, score=trust_region.conflict, trim=Trim("mask")),
+           apply=trust_region.apply, ranks=trust_region.ranks, score=trust_region.conflict, trim=Trim("mask"),
+           demo={"scale": 0.4}),
     # -- data-aware: statistics of each expert on its own data (mbmerge stats)
     Method(name="fisher", summary="sum_i w_i F_i x_i / sum_i w_i F_i, F_i the diagonal Fisher of expert i on its "
            "data", paper="https://arxiv.org/abs/2111.09832", params=(WEIGHTS, SAMPLES, FISHER_LABELS),
