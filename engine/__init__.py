@@ -1,12 +1,14 @@
 """The streaming engine, in rooms, each saying what it owns; imports run one way, down this list:
 
     inputs/     what a merge reads: references resolved, safetensors headers and indexes, mapped reads,
-                tied heads, slices, vocabularies, side files, statistics folders
+                quantized checkpoints read dequantized, tied heads, slices, vocabularies, side files,
+                statistics folders
     flags, spec, plan, journal, device
                 the core's ground: the merge command's options (one table, the command line's and the
                 card's), a checked MergeSpec and its RunOptions (torch-free), the output plan (tensors,
                 chunks, shards), the resume journal and fingerprint, the compute device
-    output/     what a merge writes and where: the output's place, the shard writer and card, verify
+    output/     what a merge writes and where: the output's place, the shard writer and card, FP8 output,
+                verify
     adapters/   LoRA adapters read as the weights they adapt, and extracted (mbmerge extract-lora)
     transplant/ a model given another model's tokenizer (mbmerge tokensurgeon): tokens matched, rows rebuilt
     models      one record per model of a merge, built from the spec (engine/models.py)
