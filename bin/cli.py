@@ -125,6 +125,7 @@ def cli():
 @spec_option(HOW["overwrite"])
 @spec_option(HOW["resume"])
 @spec_option(HOW["device"])
+@spec_option(HOW["threads"], type=click.IntRange(1))
 @spec_option(HOW["kernels"], type=click.Choice(KERNEL_BACKENDS), envvar="MBMERGE_KERNELS")
 @spec_option(HOW["compile"], default=None)
 @click.option("--zoo-size", type=click.Choice(ZOO_SIZES), help="With domain experts and no --base: the mini "

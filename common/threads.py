@@ -35,3 +35,21 @@ def torch_threads(n: int):
 def model_threads(model):
     """torch_threads(threads_for(the model's parameter count)) for a torch module."""
     return torch_threads(threads_for(sum(p.numel() for p in model.parameters())))
+
+
+@contextlib.contextmanager
+def held_to(n: int | None):
+    """Inside the block, this thread (and the threads it starts: the merge's pools, the writer) runs on the first
+    `n` cores the process may use, and torch's intra-op threads are `n`; None: as they are. The compiled loops and
+    the chunk pools size themselves from the cores allowed (kernels/cpu.py threads())."""
+    import os
+    if n is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[:n])
+    try:
+        with torch_threads(min(n, len(allowed))):
+            yield
+    finally:
+        os.sched_setaffinity(0, allowed)

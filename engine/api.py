@@ -11,6 +11,7 @@ import torch
 
 from .. import kernels, methods
 from ..common.errors import BadParameter
+from ..common.threads import held_to
 from ..methods import Method
 from .execute import Merger
 from .inputs import chat_template, side_files
@@ -66,7 +67,7 @@ def run(spec: MergeSpec) -> Path:
               f"it", file=sys.stderr)
     created = missing_parents(spec.out)
     try:
-        with output_lock(spec.out), kernels.using(*_kernel_choice(spec.run)):
+        with output_lock(spec.out), kernels.using(*_kernel_choice(spec.run)), held_to(spec.run.threads):
             return _run_locked(spec, base, experts, started)
     except BaseException:
         remove_empty(created)

@@ -93,6 +93,8 @@ HOW = {f.field: f for f in [
          help="Continue an interrupted merge of the same recipe and inputs into OUT."),
     Flag(field="device", flag="--device", default="auto",
          help="Where to compute: cpu, cuda, cuda:N, or auto (CUDA when present)."),
+    Flag(field="threads", flag="--threads", help="CPU cores to merge on: the first N the process may use (torch's "
+         "threads and the compiled loops' follow; the card records them) [default: all it may use]."),
     Flag(field="kernels", flag="--kernels", help="What runs the methods that have fused kernels (the others always "
          "run torch). auto: Triton on a CUDA device (when installed, else torch); on the CPU the compiled C loops "
          "when they are built (`mbmerge --version` says) and --compile is on, else the torch methods. torch: the "

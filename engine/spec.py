@@ -52,11 +52,14 @@ class RunOptions:
     progress: bool = True
     resume: bool = True                 # continue an interrupted merge of the same recipe and inputs
     overwrite: bool = False             # replace an earlier mbmerge output (only its own files)
+    threads: int | None = None          # CPU cores to run on (the first N the process may use); None: all of them
 
     def __post_init__(self):
         object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
         if self.memory_budget <= 0:
             raise BadParameter("--memory-budget must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise BadParameter(f"--threads {self.threads}: at least 1")
         object.__setattr__(self, "device", str(self.device).lower())
         if not DEVICE.fullmatch(self.device):
             raise BadParameter(f"--device {self.device!r}: choose cpu, cuda, cuda:N or auto")

@@ -276,3 +276,21 @@ def test_config_recipe_runs_like_the_equivalent_flags(family, tmp_path, mbmerge)
                    f"--config {recipe} sets the recipe; do not also pass --method, --density")
     recipe.write_text("merge_method: ties\nslices: []\n")
     assert_refused(mbmerge("--config", recipe, "--out", out), out, str(recipe), "'slices'")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_threads_holds_the_merge_to_n_cores_and_writes_the_same_bytes(family, tmp_path, run_main):
+    """--threads 1: the card says one thread, the bytes are those of a merge on every core, and the process's
+    cores are given back afterwards."""
+    import json
+    p, before = family["paths"], os.sched_getaffinity(0)
+    args = ["--method", "ties", "--base", p["base"], "--experts", f"{p['math']},{p['code']}", "-q"]
+    assert run_main(*args, "--out", tmp_path / "one", "--threads", "1")[0] == 0
+    assert run_main(*args, "--out", tmp_path / "all")[0] == 0
+    assert os.sched_getaffinity(0) == before
+    assert json.loads((tmp_path / "one" / "mbmerge.json").read_text())["kernels"]["threads"] == 1
+    assert "1 thread)" in (tmp_path / "one" / "README.md").read_text()
+    one, every = read_model(tmp_path / "one"), read_model(tmp_path / "all")
+    assert all(torch.equal(one[n], every[n]) for n in every)
+    code, _, err = run_main(*args, "--out", tmp_path / "none", "--threads", "0")
+    assert code == 2 and "--threads" in err and not (tmp_path / "none").exists()
