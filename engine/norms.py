@@ -1,13 +1,12 @@
 """The pre-pass of `--weights-from nan`: each expert's parameter norm over the tensors a merge merges,
-streamed in pieces of whole 4096-element granules (float64 squares summed per granule, the granule sums
-added exactly with math.fsum), so the norms are the same for any memory budget. Knows nothing of the
-methods: it reads the models as the plan lays them out (methods/coefficients.py uses the norms).
+streamed in pieces of whole 4096-element granules (float64 squares summed per granule as the methods sum
+them, methods/_blocks.granule_sums; the granule sums added exactly with math.fsum), so the norms are the same
+for any memory budget. It reads the models as the plan lays them out (methods/coefficients.py uses the norms).
 """
 import math
 
-import torch
-
 from ..common.errors import BadParameter
+from ..methods._blocks import granule_sums
 from ..methods.contract import CHUNK_ALIGN
 from .models import Models
 from .plan import Plan
@@ -32,12 +31,9 @@ def expert_norms(models: Models, plan: Plan) -> list[float]:
 
 
 def _granule_squares(reader, entry, piece: int):
-    """The sums of x^2 (float64) over each 4096-element granule of a tensor, in order."""
+    """The sums of x^2 (float64) over each 4096-element granule of a tensor, in order (the methods' own
+    granule sums: a fixed order within each granule)."""
     for a in range(0, entry.numel, piece):
         z = min(a + piece, entry.numel)
-        x = reader.chunk(entry, a, z).double().square()                 # [z - a]
-        full = (z - a) // CHUNK_ALIGN * CHUNK_ALIGN
-        yield from x[:full].view(-1, CHUNK_ALIGN).sum(1).tolist()        # [granules]
-        if full < z - a:
-            yield x[full:].sum().item()
+        yield from granule_sums(reader.chunk(entry, a, z).double().square(), CHUNK_ALIGN).tolist()
         reader.release(entry, a, z)
