@@ -1,7 +1,8 @@
 """The partial folder a run writes into, beside its output: resumed where an interrupted run of the same
 fingerprint left it (its journal), else started fresh; kept on Ctrl-C so the same command resumes, removed on
 any other error; and, once written, checked against its inputs before it is finished and published. Used by
-the merge (engine/api.py) and the MoE assembly (engine/moe/assemble.py) alike."""
+the merge (engine/api.py) and the MoE assembly (engine/moe/assemble.py) alike; the input check by the
+tokenizer transplant too."""
 import contextlib
 import sys
 from pathlib import Path
@@ -39,9 +40,13 @@ def kept_for_resume(tmp: Path):
         raise
 
 
-def written(tmp: Path, identity: dict, what: str) -> None:
-    """The tensors are all in `tmp`: refused (InputChanged) if an input changed meanwhile ("... changed while
-    `what`"), else its journal goes."""
+def unchanged(identity: dict, what: str) -> None:
+    """InputChanged in one line if an input changed since it was read ("... changed while `what`")."""
     if changed := input_changes(identity):
         raise InputChanged(f"input {min(changed)} changed while {what}; nothing was written")
+
+
+def written(tmp: Path, identity: dict, what: str) -> None:
+    """The tensors are all in `tmp`: refused (InputChanged) if an input changed meanwhile, else its journal goes."""
+    unchanged(identity, what)
     (tmp / JOURNAL).unlink()
