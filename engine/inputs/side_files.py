@@ -76,6 +76,20 @@ def copy(src: Path, folder: Path, out_dtype: str | None, tokenizer: bool = True)
     return names
 
 
+def drop_config(folder: Path, key: str) -> None:
+    """A key removed from the output's config.json (and its text_config); the file untouched where neither has it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if key not in config and key not in text:
+        return
+    config.pop(key, None)
+    text.pop(key, None)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def set_config(folder: Path, key: str, value) -> None:
     """A key of the output's config.json (and of its text_config, where that has the key), e.g. the
     vocab_size of a merged vocabulary or the num_hidden_layers of stacked slices."""

@@ -15,6 +15,7 @@ import torch
 
 from ...common.roles import EMBEDDINGS, HEADS
 from ..inputs.header import DTYPES, FLOAT_DTYPES, TensorEntry, encode_header, read_header
+from ..inputs import side_files
 from ..inputs.index import INDEX_FILE
 
 BLOCK = 128
@@ -111,13 +112,7 @@ def _copied(src, dst, e: TensorEntry) -> None:
 
 def set_quantization(folder: Path, config: dict | None) -> None:
     """The output config.json's quantization_config: `config`, or none (the inputs' dequantized)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    if config is None and "quantization_config" not in cfg:
-        return
-    cfg.pop("quantization_config", None)
-    if config is not None:
-        cfg["quantization_config"] = config
-    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if config is None:
+        side_files.drop_config(folder, "quantization_config")
+    else:
+        side_files.set_config(folder, "quantization_config", config)
