@@ -23,6 +23,10 @@ from .options import listed as _listed, method_param_options
               help="grid: every point of --grid; tpe, cmaes: Optuna's samplers over ranges (--trials of them).")
 @click.option("--trials", type=int, help="tpe, cmaes: how many trials the study runs (default 20).")
 @click.option("--per-expert", help="tpe, cmaes: parameters searched one value per expert (e.g. weights,density).")
+@click.option("--per-layer", type=click.IntRange(1), default=1, show_default=True,
+              help="tpe, cmaes: cut the layers into this many groups and search every range once per group (and "
+              "per expert for --per-expert ones); each trial, and the best merge's mbmerge_config.yml, is a mergekit "
+              "recipe of that many slices (mergekit's per-tensor semantics).")
 @click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
               help="halving: score every candidate on 1/9 of the examples, keep the best third on 1/3, the best "
               "of those on all.")
@@ -50,8 +54,8 @@ from .options import listed as _listed, method_param_options
 @click.option("--verbose", "-v", is_flag=True, help="Let Ray's own logging through (its start-up lines, workers' "
               "output).")
 @method_param_options
-def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, prune, storage,
-         study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
+def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, per_layer,
+         prune, storage, study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
          batch_size, protocol, overwrite, quiet, verbose, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
@@ -79,7 +83,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
                              data=tuple(data) if data else None, protocol=None if protocol == "none" else protocol)
         v = Validation(domains, limit=limit, batch_size=batch_size, device=device)   # device None: tune picks
         how = search.Search(grid=grid, sampler=sampler, trials=trials, per_expert=tuple(_listed(per_expert) or ()),
-                            prune=None if prune == "none" else prune, storage=storage, study=study_name)
+                            per_layer=per_layer, prune=None if prune == "none" else prune, storage=storage, study=study_name)
         where = RunnerSettings(ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial,
                                gpus_per_trial=gpus_per_trial, retries=retries, verbose=verbose)
         record = search.tune(template, validation=v, search=how, runner=where, show=show, **kw)

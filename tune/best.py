@@ -3,7 +3,6 @@ earlier output of this same study (a rerun resumes the study and may replace it)
 an earlier mbmerge output; anything else is refused in one line. At the end the best is merged there,
 unless the folder already holds this study's output of that very trial (a finished study's rerun)."""
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from ..common.errors import OutputExists
@@ -47,14 +46,13 @@ def check_study(out: Path, earlier: dict | None, name: str, url: str, overwrite:
     return ours
 
 
-def write(template: Candidate, best: dict, out: Path, earlier: dict | None, ours: bool, overwrite: bool,
+def write(merge: Candidate, best: dict, out: Path, earlier: dict | None, ours: bool, overwrite: bool,
           device: str) -> bool:
-    """Merge the best trial's parameters into `out`; False (nothing written) when `out` already holds
-    this study's merge of the same trial."""
+    """Merge the best trial (its candidate: `merge`) into `out`; False (nothing written) when `out` already
+    holds this study's merge of the same trial."""
     if ours and all(earlier["best"].get(k) == best[k] for k in ("number", "params")):
         return False
-    api.run(replace(template, params=best["params"]).spec(out, overwrite=overwrite or ours, resume=True,
-                                                           device=device))
+    api.run(merge.spec(out, overwrite=overwrite or ours, resume=True, device=device))
     return True
 
 

@@ -13,10 +13,12 @@ import json
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
+from .. import methods
 from ..common.errors import BadParameter
 from ..engine import api
 from ..engine.inputs.index import TensorIndex
 from ..engine.journal import input_identity
+from ..engine.recipe.document import load_recipe
 from ..engine.spec import MergeSpec, spec_from
 from ..eval import domain_tasks, harness
 from ..eval.domain_tasks import Task
@@ -68,11 +70,19 @@ class Candidate:
     stats_folders: tuple[str, ...] | None = None    # data-aware methods: statistics folders, or
     data: tuple[str, ...] | None = None             # data sources to collect them from (cached)
     protocol: str | None = "mergebench"
+    recipe: str | None = None           # a mergekit recipe (YAML text) that is the merge (tune.layers: a
+                                        # per-layer candidate); then params are empty, the protocol's kept
+                                        # tensors stay kept
 
     def merge_spec(self, out: Path, **options) -> MergeSpec:
         """The candidate's merge into `out`, checked: a scratch merge (overwrite, no resume, quiet)
         unless options say otherwise."""
         options = {"overwrite": True, "resume": False, "progress": False, **options}
+        if self.recipe is not None:
+            kw = dict(load_recipe("the per-layer recipe", self.recipe)["merge"])
+            keep = methods.protocol_defaults(methods.get(self.method), self.protocol).get("keep_base")
+            return spec_from(kw.pop("method"), kw.pop("experts"), out, config=self.recipe, keep_base=keep, **kw,
+                             **options)
         return spec_from(self.method, self.experts, out, base=self.base, params=dict(self.params),
                          protocol=self.protocol, stats_folders=self.stats_folders, overrides=tuple(self.overrides),
                          **options)
@@ -110,6 +120,7 @@ def model_key(model) -> str:
     folders = [s.path for s in ([base] if base else []) + experts] + [Path(f) for f in (model.stats_folders or ())]
     text = json.dumps({"recipe": {k: x for k, x in spec.recipe().items() if k not in ("base", "experts")},
                        "protocol": model.protocol, "data": model.data,
+                       **({"layered": model.recipe} if model.recipe is not None else {}),
                        "inputs": [input_identity([TensorIndex.from_folder(f)]) for f in folders]},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -22,6 +22,7 @@ from ..common.errors import BadParameter, MbmergeError
 from ..common.names import domain_names
 from . import best as best_out, runners
 from .database import ScoreStore, default_url
+from .layers import trial_candidate
 from .pruning import ETA, HALVING, fractions, pruner
 from .record import params_text, searched, study_record
 from .rungs import Evaluator
@@ -39,12 +40,14 @@ class Search:
 
     grid: {name: values or (low, high)} (default: the method's registry row's grid); sampler: grid |
     tpe | cmaes, with `trials` a search's budget (default 20) and per_expert the parameters searched
-    one value per expert; prune: None | "halving"; storage, study: the study's database URL and name
-    (default: the mbmerge cache, a name from the settings, so a rerun resumes it)."""
+    one value per expert and per_layer the groups of layers each numeric range is searched for (tune.layers);
+    prune: None | "halving"; storage, study: the study's database URL and name (default: the mbmerge cache, a
+    name from the settings, so a rerun resumes it)."""
     grid: dict | None = None
     sampler: str = "grid"
     trials: int | None = None
     per_expert: tuple[str, ...] = ()
+    per_layer: int = 1
     prune: str | None = None
     storage: str | None = None
     study: str | None = None
@@ -85,7 +88,8 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     v.plan()     # a mistyped domain said now, in one line
-    space = Space.build(template.method, search.grid, search.sampler, search.per_expert, len(experts))
+    space = Space.build(template.method, search.grid, search.sampler, search.per_expert, len(experts),
+                        search.per_layer)
     _check(template, space, out)
     earlier = None if show else best_out.check_out(out, overwrite)
     url = search.storage or default_url()
@@ -108,7 +112,8 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
         raise BadParameter(f"study {name}: no trial completed" + (f" ({run['failed'][0]})" if run["failed"] else ""))
     if not show:
         final = time.perf_counter()
-        run["merged"] = best_out.write(template, best, out, earlier, ours, overwrite, v.device)
+        run["merged"] = best_out.write(candidate(template, space, best["params"]), best, out, earlier, ours,
+                                       overwrite, v.device)
         record["seconds"]["merge"] += time.perf_counter() - final
     record["seconds"]["this_run"] = time.perf_counter() - started
     record["this_run"] = run
@@ -148,8 +153,14 @@ def _check(template: Candidate, space: Space, out: Path) -> None:
     else:
         tries = [{k: (r[0] if isinstance(r, list) else r[end]) for k, r in space.ranges.items()} for end in (0, 1)]
         tries = [{k: [x] * space.n_experts if k in space.per_expert else x for k, x in t.items()} for t in tries]
+        tries = [{k: [x] * space.groups if k in space.layered() else x for k, x in t.items()} for t in tries]
     for p in tries:
-        replace(template, params={**template.params, **p}).merge_spec(out)
+        candidate(template, space, {**template.params, **p}).merge_spec(out)
+
+
+def candidate(template: Candidate, space: Space, params: dict) -> Candidate:
+    """The merge of a point of the space: the template with `params`, or its per-layer recipe (tune.layers)."""
+    return trial_candidate(template, params, space.groups, space.layered())
 
 
 def study_name(template: Candidate, space: Space, v: Validation, prune: str | None) -> str:
@@ -181,7 +192,7 @@ def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs,
     for t in trials:
         params = {**template.params, **space.suggest(t)}
         t.set_user_attr("params", params)
-        alive.append((t, replace(template, params=params)))
+        alive.append((t, candidate(template, space, params)))
     for r in range(ev.rungs):
         results = ev.score([c for _, c in alive], [list(ev.v.domains)] * len(alive), rung=r)
         scored = []

@@ -1,20 +1,30 @@
 """A study's picture: NP against each searched parameter, one panel a parameter (a per-expert one: a
-panel an expert), completed trials filled, pruned ones hollow at the NP of the rung they stopped on."""
+panel an expert; a per-layer one: a panel a group of layers, and expert), completed trials filled, pruned
+ones hollow at the NP of the rung they stopped on."""
 from pathlib import Path
 
 from ..eval.report import save_figure
 
+COLUMNS = 5     # panels a row (a per-layer search has a panel for each group and expert)
 
-def axes_of(record: dict) -> list[tuple[str, int | None]]:
-    """(parameter, expert index or None) of each panel."""
+
+def axes_of(record: dict) -> list[tuple[str, tuple]]:
+    """(parameter, the indices of its value: () for one value, (expert,), (group,) or (group, expert)) of each
+    panel."""
     names = list(record.get("grid") or record.get("ranges") or {})
-    per_expert = set(record.get("per_expert") or ())
     out = []
     for name in names:
-        values = [r["searched"].get(name) for r in record["trials"]]
-        width = max((len(x) for x in values if isinstance(x, list)), default=0)
-        out += [(name, i) for i in range(width)] if name in per_expert else [(name, None)]
+        example = next((r["searched"][name] for r in record["trials"] if isinstance(r["searched"].get(name), list)),
+                       None)
+        out += [(name, at) for at in _places(example)] if example is not None else [(name, ())]
     return out
+
+
+def _places(value) -> list[tuple]:
+    """The index paths of a nested list's numbers: [[a, b], [c, d]] -> (0, 0), (0, 1), (1, 0), (1, 1)."""
+    if not isinstance(value, list):
+        return [()]
+    return [(i, *rest) for i, x in enumerate(value) for rest in _places(x)]
 
 
 def plot(record: dict, path: Path) -> Path | None:
@@ -24,10 +34,12 @@ def plot(record: dict, path: Path) -> Path | None:
     trials = [r for r in record["trials"] if r["np"] is not None and r["state"] in ("complete", "pruned")]
     if not panels or not trials:
         return None
-    fig = Figure(figsize=(3.6 * len(panels), 3.2))
+    cols = min(len(panels), COLUMNS)
+    rows_of_panels = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.2 * rows_of_panels))
     best = (record.get("best") or {}).get("number")
     for k, (name, i) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(rows_of_panels, cols, k + 1)
         for state, style in (("complete", {"color": "C0"}), ("pruned", {"facecolors": "none", "edgecolors": "C1"})):
             rows = [r for r in trials if r["state"] == state and _numeric(_value(r, name, i))]
             if rows:
@@ -35,7 +47,7 @@ def plot(record: dict, path: Path) -> Path | None:
         rows = [r for r in trials if r["number"] == best and _numeric(_value(r, name, i))]
         if rows:
             ax.scatter([_value(rows[0], name, i)], [rows[0]["np"]], marker="*", s=180, color="C3", label="best")
-        ax.set_xlabel(name if i is None else f"{name} (expert {i + 1}: {record['validate'][i]})")
+        ax.set_xlabel(_label(record, name, i))
         ax.set_ylabel("NP (validation)")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
@@ -44,9 +56,23 @@ def plot(record: dict, path: Path) -> Path | None:
     return save_figure(fig, Path(path))
 
 
-def _value(row: dict, name: str, i: int | None):
+def _label(record: dict, name: str, at: tuple) -> str:
+    """The panel's parameter, and which group of layers and which expert it is of."""
+    per_expert = name in (record.get("per_expert") or ())
+    group = at[0] if record.get("per_layer") else None
+    expert = at[-1] if per_expert and at else None
+    words = ([f"layers group {group + 1}"] if group is not None else []) + \
+            ([f"expert {expert + 1}: {record['validate'][expert]}"] if expert is not None else [])
+    return f"{name} ({', '.join(words)})" if words else name
+
+
+def _value(row: dict, name: str, at: tuple):
     x = row["searched"].get(name)
-    return x[i] if i is not None and isinstance(x, list) else x
+    for i in at:
+        if not isinstance(x, list):
+            return None
+        x = x[i]
+    return x
 
 
 def _numeric(x) -> bool:

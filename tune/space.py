@@ -3,7 +3,9 @@ TPE and CMA-ES, where a per-expert parameter is one independent value per expert
 searches weights and densities).
 
 Grid text: 'scale=0.2,0.4 density=0.1,0.2'; a range: 'scale=0.2:1.0'. A search sampler reads a list
-of numbers as the range between its smallest and largest value.
+of numbers as the range between its smallest and largest value. With `groups` G > 1 (--per-layer G), every
+numeric range is searched once per group of layers (and per expert where per_expert says): a value is then a
+list over the groups (of lists over the experts), which tune.layers writes as a mergekit recipe's slices.
 """
 import itertools
 import json
@@ -56,9 +58,11 @@ class Space:
     ranges: dict = field(default_factory=dict)
     per_expert: tuple[str, ...] = ()
     n_experts: int = 1
+    groups: int = 1
 
     @classmethod
-    def build(cls, method: str, grid: dict | None, sampler: str = "grid", per_expert=(), n_experts: int = 1):
+    def build(cls, method: str, grid: dict | None, sampler: str = "grid", per_expert=(), n_experts: int = 1,
+              groups: int = 1):
         """The space of METHOD from grid text values (default: its MergeBench grid), typed and checked."""
         if sampler not in SAMPLERS:
             raise BadParameter(f"--sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
@@ -71,9 +75,10 @@ class Space:
         coerce = lambda k, x: _one(known[k].coerce(x, method))   # noqa: E731
         if sampler == "grid":
             ranged = [k for k, v in grid.items() if isinstance(v, tuple)]
-            if ranged or per_expert:
-                raise BadParameter(f"--sampler grid takes lists of values, not {'ranges' if ranged else '--per-expert'}"
-                                   f" ({(ranged or list(per_expert))[0]}): use --sampler tpe or cmaes")
+            if ranged or per_expert or groups > 1:
+                what = "ranges" if ranged else "--per-expert" if per_expert else "--per-layer"
+                raise BadParameter(f"--sampler grid takes lists of values, not {what}"
+                                   f" ({(ranged or list(per_expert) or [groups])[0]}): use --sampler tpe or cmaes")
             return cls(method=method, sampler=sampler, grid={k: [coerce(k, x) for x in v] for k, v in grid.items()})
         bad = [k for k in per_expert if k not in grid]
         if bad:
@@ -87,7 +92,12 @@ class Space:
                 raise BadParameter(f"{k}: {sampler} searches numbers, not {values}")
             else:
                 ranges[k] = values
-        return cls(method=method, sampler=sampler, ranges=ranges, per_expert=tuple(per_expert), n_experts=n_experts)
+        if groups < 1:
+            raise BadParameter(f"--per-layer {groups}: at least 1 group of layers")
+        if groups > 1 and all(isinstance(r, list) for r in ranges.values()):
+            raise BadParameter(f"--per-layer {groups} searches numbers per group of layers; --grid has no range")
+        return cls(method=method, sampler=sampler, ranges=ranges, per_expert=tuple(per_expert), n_experts=n_experts,
+                   groups=groups)
 
     def points(self) -> list[dict]:
         """A grid's every combination, the last parameter varying fastest."""
@@ -102,15 +112,25 @@ class Space:
         for k, r in self.ranges.items():
             if isinstance(r, list):
                 out[k] = trial.suggest_categorical(k, r)
-            elif k in self.per_expert:
-                out[k] = [trial.suggest_float(f"{k}[{i}]", *r) for i in range(self.n_experts)]
+            elif self.groups > 1:      # one value a group (names as before for one group: studies resume)
+                out[k] = [self._numbers(trial, f"{k}@{g}", r, k in self.per_expert) for g in range(self.groups)]
             else:
-                out[k] = trial.suggest_float(k, *r)
+                out[k] = self._numbers(trial, k, r, k in self.per_expert)
         return out
+
+    def _numbers(self, trial: optuna.Trial, name: str, r: tuple, per_expert: bool):
+        if per_expert:
+            return [trial.suggest_float(f"{name}[{i}]", *r) for i in range(self.n_experts)]
+        return trial.suggest_float(name, *r)
+
+    def layered(self) -> list[str]:
+        """The parameters searched per group of layers."""
+        return [k for k, r in self.ranges.items() if not isinstance(r, list)] if self.groups > 1 else []
 
     def describe(self) -> dict:
         return {"sampler": self.sampler, **({"grid": self.grid} if self.sampler == "grid" else
-                                            {"ranges": self.ranges, "per_expert": list(self.per_expert)})}
+                                            {"ranges": self.ranges, "per_expert": list(self.per_expert),
+                                             **({"per_layer": self.groups} if self.groups > 1 else {})})}
 
     def sampler_object(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         """The Optuna sampler (a grid's trials are all enqueued with fixed values; none is sampled). No

@@ -49,8 +49,9 @@ KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters
         "tokenizer_source", "tokenizer", "chat_template", "calibrate"}
 
 
-def load_recipe(path) -> dict:
-    """Read a mergekit YAML recipe; BadParameter naming the file and key for anything unsupported.
+def load_recipe(path, text: str | None = None) -> dict:
+    """Read a mergekit YAML recipe (the file at `path`, or `text`, then named `path` in messages);
+    BadParameter naming the file and key for anything unsupported.
 
     Returns:
         {"method": str, "base": str | None, "experts": [str, ...], "dtype": str | None,
@@ -67,7 +68,7 @@ def load_recipe(path) -> dict:
         >>> mbmerge.merge(out="m/", **r["merge"])
     """
     try:
-        cfg = _read(path)
+        cfg = _read(path, text)
         base = _ref("base_model", cfg["base_model"]) if cfg.get("base_model") is not None else None
         ignored = []
         if cfg.get("modules") is not None:
@@ -199,10 +200,12 @@ def merge_kwargs(recipe: dict) -> dict:
             **more, **recipe["params"]}
 
 
-def _read(path) -> dict:
+def _read(path, text: str | None) -> dict:
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
+        if text is None:
+            with open(path) as f:
+                text = f.read()
+        cfg = yaml.safe_load(text)
     except OSError as e:
         raise BadParameter(f"cannot read the recipe ({e.strerror})") from None
     except yaml.YAMLError as e:
