@@ -14,17 +14,24 @@ from .options import listed as _listed, method_param_options
 @click.option("--experts", "-e", required=True, help="Comma-separated folders, hub ids or domains.")
 @click.option("--base", "-b", help="Base model (default: the built-in family).")
 @click.option("--grid", "grid_text", help="'name=v1,v2 ...': the candidates (default: MergeBench's grid; "
-              "hi_merging: 'p=... s=...'); tpe, cmaes: ranges 'name=low:high ...'.")
+              "hi_merging: 'p=... s=...'); tpe, cmaes, nsga2: ranges 'name=low:high ...'.")
 @click.option("--validate", help="One validation domain per expert (default: each expert's own domain).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The best merge's folder.")
 @click.option("--stats", "stats_dirs", help="Data-aware methods: one statistics folder per expert.")
 @click.option("--data", help="Data-aware methods: one data source per expert (default for domains: their own).")
-@click.option("--sampler", type=click.Choice(["grid", "tpe", "cmaes"]), default="grid", show_default=True,
-              help="grid: every point of --grid; tpe, cmaes: Optuna's samplers over ranges (--trials of them).")
-@click.option("--trials", type=int, help="tpe, cmaes: how many trials the study runs (default 20).")
-@click.option("--per-expert", help="tpe, cmaes: parameters searched one value per expert (e.g. weights,density).")
+@click.option("--sampler", type=click.Choice(["grid", "tpe", "cmaes", "nsga2"]), default="grid", show_default=True,
+              help="grid: every point of --grid; tpe, cmaes, nsga2: Optuna's samplers over ranges (--trials of them; "
+              "tpe and nsga2 also for several objectives).")
+@click.option("--objective", default="np", show_default=True,
+              help="What the study optimises: np (normalised performance), forgetting (minimised; the zoo's general "
+              "tasks), or lm-eval tasks NAME[:METRIC]+NAME... (their mean, maximised); several, comma-separated, "
+              "make a Pareto front (e.g. np,forgetting).")
+@click.option("--max-forgetting", type=float, help="With --objective np,forgetting: write the best NP among the "
+              "trials that forget at most this.")
+@click.option("--trials", type=int, help="tpe, cmaes, nsga2: how many trials the study runs (default 20).")
+@click.option("--per-expert", help="tpe, cmaes, nsga2: parameters searched one value per expert (e.g. weights,density).")
 @click.option("--per-layer", type=click.IntRange(1), default=1, show_default=True,
-              help="tpe, cmaes: cut the layers into this many groups and search every range once per group (and "
+              help="tpe, cmaes, nsga2: cut the layers into this many groups and search every range once per group (and "
               "per expert for --per-expert ones); each trial, and the best merge's mbmerge_config.yml, is a mergekit "
               "recipe of that many slices (mergekit's per-tensor semantics).")
 @click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
@@ -54,8 +61,8 @@ from .options import listed as _listed, method_param_options
 @click.option("--verbose", "-v", is_flag=True, help="Let Ray's own logging through (its start-up lines, workers' "
               "output).")
 @method_param_options
-def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, trials, per_expert, per_layer,
-         prune, storage, study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
+def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, objective, max_forgetting, trials,
+         per_expert, per_layer, prune, storage, study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
          batch_size, protocol, overwrite, quiet, verbose, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
@@ -83,7 +90,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
                              data=tuple(data) if data else None, protocol=None if protocol == "none" else protocol)
         v = Validation(domains, limit=limit, batch_size=batch_size, device=device)   # device None: tune picks
         how = search.Search(grid=grid, sampler=sampler, trials=trials, per_expert=tuple(_listed(per_expert) or ()),
-                            per_layer=per_layer, prune=None if prune == "none" else prune, storage=storage, study=study_name)
+                            per_layer=per_layer, objective=objective, max_forgetting=max_forgetting, prune=None if prune == "none" else prune, storage=storage, study=study_name)
         where = RunnerSettings(ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial,
                                gpus_per_trial=gpus_per_trial, retries=retries, verbose=verbose)
         record = search.tune(template, validation=v, search=how, runner=where, show=show, **kw)
@@ -101,8 +108,9 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         click.echo(f"\n{pictured}")
         return
     written = "written to" if record["this_run"]["merged"] else "already in"
+    front = f"; the Pareto front: {Path(out) / 'tune-front.png'}" if record.get("front") else ""
     click.echo(f"\nbest merge (trial {record['best']['number']}) {written} {out} (all trials: "
-               f"{Path(out) / 'tune.json'}; {pictured})")
+               f"{Path(out) / 'tune.json'}; {pictured}{front})")
 
 
 def _warnings(record: dict) -> None:

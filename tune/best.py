@@ -12,6 +12,7 @@ from .score import Candidate
 
 RECORD = "tune.json"
 PLOT = "tune-params.png"
+FRONT_PLOT = "tune-front.png"
 
 
 def earlier_tune(out: Path) -> dict | None:
@@ -63,8 +64,11 @@ def save_record(out: Path, record: dict) -> None:
 
 
 def save_plot(out: Path, record: dict) -> Path | None:
-    """The study's plot (tune.show) beside the merge, listed among its files; None when no trial has an NP."""
-    from .show import plot
+    """The study's plots (tune.show) beside the merge, listed among its files: NP against each parameter
+    (its path returned; None when no trial has an NP) and, with several objectives, the Pareto front."""
+    from .show import plot, plot_front
+    if plot_front(record, out / FRONT_PLOT) is not None:
+        place.own_files(out, FRONT_PLOT)
     path = plot(record, out / PLOT)
     if path is not None:
         place.own_files(out, PLOT)

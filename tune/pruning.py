@@ -22,12 +22,14 @@ class SuccessiveHalving(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         """True unless the trial's value at its last rung is among the best ceil(n / eta) of the n
-        trials with a value there (ties go on together); a trial with no value (NP undefined) goes on."""
+        trials with a value there (ties go on together); a trial with no value (NP undefined) goes on.
+        A multi-objective study is halved by tune.search itself (Optuna's trials report one value)."""
         step = trial.last_step
         if step is None:
             return False
-        value = trial.intermediate_values[step]
-        values = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+        sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        value = sign * trial.intermediate_values[step]
+        values = [sign * t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
                   if step in t.intermediate_values]
         better = sum(v > value for v in values)
         return better >= math.ceil(len(values) / self.eta)

@@ -7,24 +7,38 @@ point's latest trial and, under it, a line per superseded one; tune.json keeps b
 """
 from optuna.trial import TrialState
 
+from .objectives import FORGETTING, NP, Objective, pareto_ranks
 from .space import Space, point_key
 
 UNFINISHED = ("fail", "interrupted")
 LOST = "its process stopped beating (killed, or lost); the trial was given up and its point freed"
 
 
-def study_record(st, method: str, v, space: Space, prune, name: str, url: str) -> dict:
+def study_record(st, method: str, v, space: Space, prune, name: str, url: str, objectives=(Objective(NP),),
+                 max_forgetting: float | None = None) -> dict:
     """Every trial of the study (any process's), the best completed one and the time split; "running":
-    the numbers of trials still running elsewhere (their outcome may change the best)."""
+    the numbers of trials still running elsewhere (their outcome may change the best). With several
+    objectives, "front": the completed trials no other completed trial dominates; the best is the best on
+    the first objective among those within max_forgetting ("unmet" says why none is)."""
     rows = [_row(t, space) for t in st.get_trials(deepcopy=False)
             if t.state != TrialState.WAITING and "params" in t.user_attrs]
     _mark_superseded(rows)
     done = [r for r in rows if r["state"] == "complete"]
-    best = max(done, key=lambda r: (r["np"] is not None, r["np"] or 0, -r["number"]), default=None)
+    front = _front(done, objectives)
+    first = objectives[0]
+    within = [r for r in done if max_forgetting is None or (r["values"].get(FORGETTING) is not None
+                                                            and r["values"][FORGETTING] <= max_forgetting)]
+    sign = 1 if first.direction == "maximize" else -1
+    best = max(within, key=lambda r: (r["values"].get(first.name) is not None,
+                                      sign * first.told(r["values"].get(first.name)), -r["number"]), default=None)
     return {"method": method, "study": name, "storage": url, **space.describe(), "prune": prune or "none",
-            "validate": list(v.domains), "limit": v.limit, "trials": rows,
+            "validate": list(v.domains), "limit": v.limit, "objectives": [o.name for o in objectives],
+            **({"max_forgetting": max_forgetting} if max_forgetting is not None else {}),
+            **({"front": front} if len(objectives) > 1 else {}),
+            **({"unmet": _unmet(done, max_forgetting)} if best is None and done else {}),
+            "trials": rows,
             "best": None if best is None else {"number": best["number"], "params": best["params"], "np": best["np"],
-                                                **_undefined_note(done)},
+                                                "values": best["values"], **_undefined_note(done)},
             "running": [r["number"] for r in rows if r["state"] == "running"],
             "seconds": {"merge": sum(r["merge_seconds"] for r in rows),
                         "validation": sum(r["validation_seconds"] for r in rows)},
@@ -39,8 +53,24 @@ def _row(t, space: Space) -> dict:
     error = a.get("error") or (LOST if state == "fail" else None)
     return {"number": t.number, "state": state, "params": a["params"], "searched": searched(space, a["params"]),
             "scores": a.get("scores", {}), "np": a.get("np"), "np_by_domain": a.get("np_by_domain", {}),
+            "values": a.get("objectives", {NP: a.get("np")}),
             "rung": a.get("rung"), "examples": a.get("examples", 0), "merge_seconds": a.get("merge_seconds", 0.0),
             "validation_seconds": a.get("validation_seconds", 0.0), "error": error}
+
+
+def _front(done: list[dict], objectives) -> list[int]:
+    """The numbers of the completed trials on the Pareto front of the objectives."""
+    if len(objectives) == 1:
+        return []
+    told = [[o.told(r["values"].get(o.name)) for o in objectives] for r in done]
+    ranks = pareto_ranks(told, [o.direction for o in objectives])
+    return [r["number"] for r, k in zip(done, ranks) if k == 0]
+
+
+def _unmet(done: list[dict], limit: float) -> str:
+    least = min((r["values"][FORGETTING] for r in done if r["values"].get(FORGETTING) is not None), default=None)
+    return f"no completed trial forgets at most {limit:g} (--max-forgetting)" + \
+        (f"; the least forgetting is {least:.3f}" if least is not None else "")
 
 
 def _mark_superseded(rows: list[dict]) -> None:
@@ -79,15 +109,20 @@ def table(record: dict) -> str:
     when the expert scores 0) and its mean NP (the best marked), the superseded trials under it, then
     the time split."""
     domains = record["validate"]
-    head = ["trial", "params", *(f"{d} NP" for d in domains), "NP", "examples", "merge s", "validation s", ""]
+    others = [o for o in record.get("objectives", [NP]) if o != NP]     # forgetting, task lists
+    head = ["trial", "params", *(f"{d} NP" for d in domains), "NP", *others, "examples", "merge s", "validation s",
+            ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = (record["best"] or {}).get("number")
+    front = set(record.get("front", []))
     shown = [r for r in record["trials"] if "superseded_by" not in r]
     for r in shown:
         mark = "best" if r["number"] == best else (r["state"] if r["state"] != "complete" else "")
+        mark = ", ".join(m for m in (mark, "front" if r["number"] in front else "") if m)
         cells = [str(r["number"]), params_text(r["searched"]),
                  *(_domain_cell(r, d) for d in domains),
-                 f"{r['np']:.3f}" if r["np"] is not None else "—", str(r["examples"]),
+                 f"{r['np']:.3f}" if r["np"] is not None else "—",
+                 *(_number(r["values"].get(o)) for o in others), str(r["examples"]),
                  f"{r['merge_seconds']:.2f}", f"{r['validation_seconds']:.1f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
     again = [f"trial {r['number']} ({params_text(r['searched'])}): {r['state']}, run again as trial "
@@ -95,12 +130,25 @@ def table(record: dict) -> str:
     lines += [""] + again if again else []
     if (record["best"] or {}).get("note"):
         lines.append(f"\nbest: {record['best']['note']}")
+    if front:
+        named = ", ".join(f"trial {r['number']} ({values_line(record, r)})" for r in shown if r["number"] in front)
+        limit = record.get("max_forgetting")
+        lines.append(f"\nPareto front ({', '.join(record['objectives'])}): {named}; best: the best "
+                     f"{record['objectives'][0]}" + (f" among those forgetting at most {limit:g}" if limit is not None else ""))
     s, run = record["seconds"], record.get("this_run", {})
     lines.append(f"\nmerge (algorithm) time {s['merge']:.1f} s, validation time {s['validation']:.1f} s, "
                  f"{record['examples']} validation examples behind the scores"
                  + (f" ({run['evaluated']} evaluated in this run)" if "evaluated" in run else "")
                  + f"; study {record['study']}")
     return "\n".join(lines)
+
+
+def values_line(record: dict, row: dict) -> str:
+    return ", ".join(f"{'NP' if o == NP else o} {_number(row['values'].get(o))}" for o in record["objectives"])
+
+
+def _number(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def _domain_cell(row: dict, domain: str) -> str:

@@ -41,9 +41,10 @@ class Scored:
 class Evaluator:
     """Scores of models on ranges of validation examples: from the store, or scored by jobs on a runner."""
 
-    def __init__(self, *, store: ScoreStore, v: Validation, runner, fractions=ALL, pieces=()):
+    def __init__(self, *, store: ScoreStore, v: Validation, runner, fractions=ALL, pieces=(), extra=None):
+        """extra: {name: tasks} scored besides v's domains (an objective's: tune.objectives)."""
         self.store, self.v, self.runner, self.fractions = store, v, runner, tuple(fractions)
-        self._tasks = {d: v.tasks(d) for d in v.domains}
+        self._tasks = {**{d: v.tasks(d) for d in v.domains}, **(extra or {})}
         sizes = {t: v.size(t) for ts in self._tasks.values() for t in ts}
         self._bounds = {t: bounds(t, n, self.fractions, pieces) for t, n in sizes.items()}
         # rung r of task t: its pieces up to cut point _ends[t][r]

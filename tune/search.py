@@ -11,6 +11,7 @@ time split: merge (algorithm) time against validation time.
 """
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..common.names import domain_names
 from . import best as best_out, runners
 from .database import ScoreStore, default_url
 from .layers import trial_candidate
+from .objectives import FORGETTING, NP, Objective, pareto_ranks, parse as parse_objectives
 from .pruning import ETA, HALVING, fractions, pruner
 from .record import params_text, searched, study_record
 from .rungs import Evaluator
@@ -41,6 +43,8 @@ class Search:
     grid: {name: values or (low, high)} (default: the method's registry row's grid); sampler: grid |
     tpe | cmaes, with `trials` a search's budget (default 20) and per_expert the parameters searched
     one value per expert and per_layer the groups of layers each numeric range is searched for (tune.layers);
+    objective: what the study optimises (tune.objectives: np, forgetting, task lists; several: a Pareto front),
+    max_forgetting: the best is the best on the first objective among trials that forget at most this;
     prune: None | "halving"; storage, study: the study's database URL and name (default: the mbmerge cache, a
     name from the settings, so a rerun resumes it)."""
     grid: dict | None = None
@@ -48,6 +52,8 @@ class Search:
     trials: int | None = None
     per_expert: tuple[str, ...] = ()
     per_layer: int = 1
+    objective: str = NP
+    max_forgetting: float | None = None
     prune: str | None = None
     storage: str | None = None
     study: str | None = None
@@ -63,6 +69,7 @@ class StudyRun:
     space: Space
     prune: str | None
     budget: int
+    objectives: tuple[Objective, ...] = (Objective(NP),)
 
 
 def tune(template: Candidate, *, out, validation: Validation | None = None, search: Search = Search(),
@@ -88,6 +95,7 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
     if len(v.domains) != len(experts):
         raise BadParameter(f"{len(v.domains)} validation domain(s) for {len(experts)} experts; give one per expert")
     v.plan()     # a mistyped domain said now, in one line
+    objectives = _objectives(search, v)
     space = Space.build(template.method, search.grid, search.sampler, search.per_expert, len(experts),
                         search.per_layer)
     _check(template, space, out)
@@ -98,18 +106,21 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
     workers = None if show else runners.make(runner)
     try:
         v = replace(v, device=v.device or ("cuda" if getattr(workers, "gpus", 0) else "cpu"))
-        name = search.study or study_name(template, space, v, search.prune)
+        name = search.study or study_name(template, space, v, search.prune, objectives)
         ours = not show and best_out.check_study(out, earlier, name, url, overwrite)
-        st, storage = open_study(name, url, space, pruner(search.prune), create=not show)
+        st, storage = open_study(name, url, space, pruner(search.prune), create=not show,
+                                 directions=[o.direction for o in objectives])
         if not show:
-            study = StudyRun(st=st, storage=storage, url=url, space=space, prune=search.prune, budget=budget)
+            study = StudyRun(st=st, storage=storage, url=url, space=space, prune=search.prune, budget=budget,
+                             objectives=objectives)
             run_study(study, template, v, workers, run, progress)
     finally:
         workers and workers.close()
-    record = study_record(st, template.method, v, space, search.prune, name, url)
+    record = study_record(st, template.method, v, space, search.prune, name, url, objectives, search.max_forgetting)
     best = record["best"]
     if best is None:
-        raise BadParameter(f"study {name}: no trial completed" + (f" ({run['failed'][0]})" if run["failed"] else ""))
+        raise BadParameter(f"study {name}: " + (record.get("unmet") or "no trial completed")
+                           + (f" ({run['failed'][0]})" if run["failed"] else ""))
     if not show:
         final = time.perf_counter()
         run["merged"] = best_out.write(candidate(template, space, best["params"]), best, out, earlier, ours,
@@ -122,17 +133,34 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
     return record
 
 
+def _objectives(search: Search, v: Validation) -> tuple[Objective, ...]:
+    """The study's objectives, checked against its sampler and limits (their tasks planned: one line for a
+    family that has none)."""
+    objectives = parse_objectives(search.objective)
+    names = [o.name for o in objectives]
+    if search.max_forgetting is not None and FORGETTING not in names:
+        raise BadParameter(f"--max-forgetting needs forgetting among the objectives (--objective {names[0]},"
+                           f"forgetting)")
+    if len(objectives) > 1 and search.sampler == "cmaes":
+        raise BadParameter("--sampler cmaes optimises one objective; for several use tpe or nsga2")
+    for o in objectives:
+        o.domain and o.tasks(v)
+    return objectives
+
+
 def run_study(study: StudyRun, template: Candidate, v: Validation, runner, run: dict, progress=None) -> None:
     """Claim and run batches of trials until the study needs no more, then wait for those other
     processes still run (and claim again if one of them was given up). The experts are scored only
     once there is a trial to run: a finished study's rerun scores nothing."""
     st, storage, url = study.st, study.storage, study.url
     size, failed, refs = claim_size(study.space, study.prune, study.budget, runner.concurrency), set(), None
-    ev = Evaluator(store=ScoreStore(url), v=v, runner=runner, fractions=fractions(study.prune), pieces=HALVING)
+    extra = {o.domain: o.tasks(v) for o in study.objectives if o.domain}
+    ev = Evaluator(store=ScoreStore(url), v=v, runner=runner, fractions=fractions(study.prune), pieces=HALVING,
+                   extra=extra)
     while True:
         while batch := claim(st, storage, url, study.space, size, study.budget, failed):
             with heartbeats(st, storage, batch):
-                refs = refs or references(ev, template, progress)
+                refs = refs or references(ev, template, list(extra), progress)
                 run_batch(study, batch, template, ev, refs, failed, run, progress)
         if not wait_for_others(st, url, progress):
             return
@@ -163,24 +191,33 @@ def candidate(template: Candidate, space: Space, params: dict) -> Candidate:
     return trial_candidate(template, params, space.groups, space.layered())
 
 
-def study_name(template: Candidate, space: Space, v: Validation, prune: str | None) -> str:
-    """The default study: one per (recipe without the searched values, inputs, space, validation, pruning)."""
+def study_name(template: Candidate, space: Space, v: Validation, prune: str | None,
+               objectives=(Objective(NP),)) -> str:
+    """The default study: one per (recipe without the searched values, inputs, space, validation, pruning,
+    objectives: named only when they are not NP alone, so that earlier studies resume)."""
+    names = [o.name for o in objectives]
     text = json.dumps({"model": model_key(template), "space": space.describe(), "validation": asdict(v),
-                       "prune": prune or "none"}, sort_keys=True, default=str)
+                       "prune": prune or "none", **({"objectives": names} if names != [NP] else {})},
+                      sort_keys=True, default=str)
     return f"mbmerge-{template.method}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def references(ev: Evaluator, template: Candidate, progress=None) -> list[dict]:
-    """Each expert's score on its own domain at every rung: {domain: score} a rung (NP's denominators,
-    on the same examples as the candidates')."""
+def references(ev: Evaluator, template: Candidate, extra: list[str] = (), progress=None) -> list[tuple[dict, dict]]:
+    """At every rung, (each expert's score on its own domain, the base's on the objectives' `extra` scores):
+    ({domain: score}, {name: score}), NP's and forgetting's denominators on the candidates' examples."""
     base, experts = template.sources()
-    folders = [str(e.path) for e in experts]
-    doms = [[d] for d in ev.v.domains]
-    for folder, s in zip(folders, ev.score(folders, doms)):     # every range at once, one job an expert
+    folders = [str(e.path) for e in experts] + ([str((base or experts[0]).path)] if extra else [])
+    doms = [[d] for d in ev.v.domains] + ([list(extra)] if extra else [])
+    for folder, s in zip(folders, ev.score(folders, doms)):     # every range at once, one job a model
         if s.error:
-            raise MbmergeError(f"expert {folder} could not be scored: {s.error}")
-    progress and progress(f"experts scored on their own domains ({', '.join(ev.v.domains)})")
-    return [{d: s.scores[d] for s, (d,) in zip(ev.score(folders, doms, rung=r), doms)} for r in range(ev.rungs)]
+            raise MbmergeError(f"{folder} could not be scored: {s.error}")
+    progress and progress(f"experts scored on their own domains ({', '.join(ev.v.domains)})"
+                          + (f", the base on {', '.join(extra)}" if extra else ""))
+    out = []
+    for r in range(ev.rungs):
+        scored = ev.score(folders, doms, rung=r)
+        out.append(({d: s.scores[d] for s, (d,) in zip(scored, doms)}, scored[-1].scores if extra else {}))
+    return out
 
 
 def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs, failed: set, run: dict,
@@ -193,8 +230,10 @@ def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs,
         params = {**template.params, **space.suggest(t)}
         t.set_user_attr("params", params)
         alive.append((t, candidate(template, space, params)))
+    objectives = study.objectives
+    domains = list(ev.v.domains) + [o.domain for o in objectives if o.domain]
     for r in range(ev.rungs):
-        results = ev.score([c for _, c in alive], [list(ev.v.domains)] * len(alive), rung=r)
+        results = ev.score([c for _, c in alive], [domains] * len(alive), rung=r)
         scored = []
         for (t, c), s in zip(alive, results):
             run["evaluated"] += s.evaluated
@@ -205,30 +244,52 @@ def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs,
                 run["failed"].append(f"trial {t.number}: {s.error}")
                 progress and progress(f"trial {t.number} failed: {s.error}")
                 continue
-            np = normalised(s.scores, refs[r], ev.v)
-            for k, x in {"scores": s.scores, "np": np, "np_by_domain": domain_np(s.scores, refs[r], ev.v),
-                         "rung": r, "examples": s.examples,
+            experts, base = refs[r]
+            values = [o.value(s.scores, experts, base, ev.v) for o in objectives]
+            for k, x in {"scores": s.scores, "np": normalised(s.scores, experts, ev.v),
+                         "np_by_domain": domain_np(s.scores, experts, ev.v),
+                         "objectives": dict(zip([o.name for o in objectives], values)), "rung": r,
+                         "examples": s.examples,
                          "merge_seconds": s.merge_seconds, "validation_seconds": s.validation_seconds}.items():
                 t.set_user_attr(k, x)
-            if r < ev.rungs - 1 and np is not None:
-                t.report(np, r)
-            scored.append((t, np))
+            if r < ev.rungs - 1 and len(objectives) == 1 and values[0] is not None:
+                t.report(values[0], r)
+            scored.append((t, values))
         last = r == ev.rungs - 1
-        pruned = [] if last else [t for t, _ in scored if t.should_prune()]   # after every trial reported
+        pruned = [] if last else halved(scored, objectives)     # after every trial reported
         for t in pruned:
             st.tell(t, state=TrialState.PRUNED)
-        kept = [(t, np) for t, np in scored if t not in pruned]
+        kept = [(t, values) for t, values in scored if t not in pruned]
         if progress:
             rung = f"rung {r + 1}/{ev.rungs} ({ev.fractions[r]:.0%} of the examples): " if ev.rungs > 1 else ""
-            for t, np in scored:
+            for t, values in scored:
                 shown = params_text(searched(space, t.user_attrs["params"]))
-                progress(f"{rung}trial {t.number} {shown}: NP {'—' if np is None else f'{np:.3f}'}")
+                progress(f"{rung}trial {t.number} {shown}: {values_text(objectives, values)}")
             if not last:
                 progress(f"{rung}{len(kept)} of {len(scored)} go on")
         alive = [(t, c) for t, c in alive if any(t is k for k, _ in kept)]
         if last:
-            for t, np in kept:
-                st.tell(t, np if np is not None else 0.0)
+            for t, values in kept:
+                told = [o.told(x) for o, x in zip(objectives, values)]
+                st.tell(t, told[0] if len(told) == 1 else told)
+
+
+def halved(scored: list, objectives) -> list:
+    """The trials a rung prunes: one objective, those the pruner says (tune.pruning); several, all but the
+    best ceil(n / ETA) by Pareto front, then by the first objective."""
+    if len(objectives) == 1:
+        return [t for t, _ in scored if t.should_prune()]
+    directions = [o.direction for o in objectives]
+    told = [[o.told(x) for o, x in zip(objectives, values)] for _, values in scored]
+    ranks = pareto_ranks(told, directions)
+    sign = 1 if directions[0] == "maximize" else -1
+    order = sorted(range(len(scored)), key=lambda i: (ranks[i], -sign * told[i][0]))
+    return [scored[i][0] for i in order[math.ceil(len(scored) / ETA):]]
+
+
+def values_text(objectives, values) -> str:
+    return ", ".join(f"{'NP' if o.name == NP else o.name} {'—' if x is None else f'{x:.3f}'}"
+                     for o, x in zip(objectives, values))
 
 
 def expert_domains(experts) -> list[str]:

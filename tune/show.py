@@ -77,3 +77,37 @@ def _value(row: dict, name: str, at: tuple):
 
 def _numeric(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def plot_front(record: dict, path: Path) -> Path | None:
+    """The first two objectives of every completed trial, the Pareto front joined and the best starred;
+    None for a study of one objective or with no completed trial."""
+    from matplotlib.figure import Figure
+    names = record.get("objectives") or []
+    if len(names) < 2:
+        return None
+    x_name, y_name = names[:2]
+    done = [r for r in record["trials"] if r["state"] == "complete"
+            and all(_numeric(r["values"].get(k)) for k in (x_name, y_name))]
+    if not done:
+        return None
+    fig = Figure(figsize=(5.2, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter([r["values"][x_name] for r in done], [r["values"][y_name] for r in done], color="C0", alpha=0.5,
+               label="trials")
+    front = sorted((r for r in done if r["number"] in set(record.get("front", []))), key=lambda r: r["values"][x_name])
+    ax.plot([r["values"][x_name] for r in front], [r["values"][y_name] for r in front], "o-", color="C1",
+            label="Pareto front")
+    best = [r for r in done if r["number"] == (record.get("best") or {}).get("number")]
+    if best:
+        ax.scatter([best[0]["values"][x_name]], [best[0]["values"][y_name]], marker="*", s=220, color="C3",
+                   label="best", zorder=3)
+    if record.get("max_forgetting") is not None and y_name == "forgetting":
+        ax.axhline(record["max_forgetting"], color="gray", linestyle="--", label="--max-forgetting")
+    ax.set_xlabel("NP (validation)" if x_name == "np" else f"{x_name} (validation)")
+    ax.set_ylabel(f"{y_name} (validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{record['method']}: {len(done)} trials, {len(front)} on the front", fontsize=9)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, Path(path))

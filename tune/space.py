@@ -1,5 +1,5 @@
 """What a study searches: a grid of values (MergeBench's grids, `--sampler grid`), or ranges for
-TPE and CMA-ES, where a per-expert parameter is one independent value per expert (as mergekit-evolve
+TPE, CMA-ES and NSGA-II, where a per-expert parameter is one independent value per expert (as mergekit-evolve
 searches weights and densities).
 
 Grid text: 'scale=0.2,0.4 density=0.1,0.2'; a range: 'scale=0.2:1.0'. A search sampler reads a list
@@ -16,7 +16,7 @@ import optuna
 from .. import methods
 from ..common.errors import BadParameter
 
-SAMPLERS = ("grid", "tpe", "cmaes")
+SAMPLERS = ("grid", "tpe", "cmaes", "nsga2")
 
 
 def parse_grid(text: str) -> dict[str, list[str] | tuple[str, str]]:
@@ -139,6 +139,8 @@ class Space:
             return optuna.samplers.TPESampler(seed=seed, multivariate=True)
         if self.sampler == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed)
+        if self.sampler == "nsga2":     # a genetic search for several objectives (one works too)
+            return optuna.samplers.NSGAIISampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
 
 

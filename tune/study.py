@@ -28,8 +28,10 @@ POLL = 1.0             # seconds between looks at the trials other processes run
 TAKEN = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
 
 
-def open_study(name: str, url: str, space: Space, pruner: optuna.pruners.BasePruner, create: bool = True):
-    """(the study, its storage): created, or loaded when another run made it (create=False: only loaded)."""
+def open_study(name: str, url: str, space: Space, pruner: optuna.pruners.BasePruner, create: bool = True,
+               directions=("maximize",)):
+    """(the study, its storage): created, or loaded when another run made it (create=False: only loaded);
+    directions: one an objective (tune.objectives)."""
     optuna.logging.set_verbosity(logging.WARNING)
     engine(url)     # the database reached (a SQLite file's folder made) or one line saying why not
     with mutex(url, "open"), warnings.catch_warnings():    # one process at a time creates the tables
@@ -40,7 +42,7 @@ def open_study(name: str, url: str, space: Space, pruner: optuna.pruners.BasePru
         if not create and name not in optuna.get_all_study_names(storage):
             raise BadParameter(f"no study {name} in {url}: run the same command without --show first")
         study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler_object(),
-                                    pruner=pruner, direction="maximize", load_if_exists=True)
+                                    pruner=pruner, directions=list(directions), load_if_exists=True)
     return study, storage
 
 
