@@ -41,33 +41,75 @@ def _row(model: str, kind: str, r: dict, stats_seconds: float | None = None, tun
 TUNED = ("task_arithmetic", "ties", "dare_ties", "hi_merging")
 
 
-def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet, prune=None, ray=None):
-    """(name, tune record) of each method tuned on MergeBench's grid, or of Hi-Merging, on the
-    validation split of each expert's domain. A method that cannot be tuned on this zoo (Hi-Merging
-    where every expert scores 0 on its own domain) is left out with a warning, not the whole demo."""
+def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_evals, quiet, search, ray=None):
+    """(name, its folder under OUT/tuned, tune record) of each method tuned as `search` says (tune.search.Search:
+    default MergeBench's grid; its grid and per_expert parameters taken by each method as far as it has them),
+    or of Hi-Merging, on the validation split of each expert's domain. A method that cannot be tuned on this
+    zoo (Hi-Merging where every expert scores 0 on its own domain) is left out with a warning, not the whole
+    demo."""
     from ..tune.hi_merging import HiSearch
     from ..tune.hi_run import hi_merge
     from ..tune.runners import RunnerSettings
     from ..tune.score import Candidate, Validation
-    from ..tune.search import Search, tune
+    from ..tune.search import tune
     experts, base = [str(zoo / d) for d in DOMAINS], str(zoo / "base")
     kw = dict(overwrite=True, progress=None if quiet else (lambda m: click.echo(m, err=True)))
+    _check_grid(search, names)
     for name in names:
+        folder = out / "tuned" / (name + search_tag(search))
         try:
             v = Validation(tuple(DOMAINS), limit=limit, batch_size=batch_size)
             if name == "hi_merging":
-                record = hi_merge(experts=experts, base=base, out=out / "tuned" / name, validation=v,
+                record = hi_merge(experts=experts, base=base, out=folder, validation=v,
                                   search=HiSearch(max_evals=max_evals), **kw)
             else:
-                record = tune(Candidate(method=name, experts=tuple(experts), base=base), out=out / "tuned" / name,
+                record = tune(Candidate(method=name, experts=tuple(experts), base=base), out=folder,
                               validation=replace(v, device=None),     # None: cuda when the trials hold GPUs
-                              search=Search(prune=prune), runner=RunnerSettings(ray=ray), **kw)
+                              search=_taken(search, name), runner=RunnerSettings(ray=ray), **kw)
         except MbmergeError as e:
             click.echo(f"mbmerge: warning: {name} (tuned) left out: {e}", err=True)
             continue
         if record.get("best", {}).get("note"):
             click.echo(f"mbmerge: warning: {name} (tuned): {record['best']['note']}", err=True)
-        yield name, record
+        yield name, folder, record
+
+
+def search_tag(search) -> str:
+    """The tuned folders' suffix naming a search that is not MergeBench's grid: '-tpe-l2-np,forgetting'."""
+    parts = [search.sampler] if search.sampler != "grid" else []
+    parts += [f"l{search.per_layer}"] if search.per_layer > 1 else []
+    parts += [f"e-{'+'.join(search.per_expert)}"] if search.per_expert else []
+    parts += [search.objective] if search.objective != "np" else []
+    parts += [f"f{search.max_forgetting:g}"] if search.max_forgetting is not None else []
+    return "".join(f"-{p}" for p in parts)
+
+
+def search_label(search, record: dict) -> str:
+    """A tuned row's label: 'tuned', or the search: 'tuned: tpe, 50 trials, per layer (2 groups), ...'."""
+    if search.sampler == "grid" and search.objective == "np":
+        return "tuned" + (f": {len(record['trials'])} grid points" if search.grid else "")
+    words = [search.sampler, f"{len(record['trials'])} trials"]
+    words += [f"per expert {', '.join(search.per_expert)}"] if search.per_expert else []
+    words += [f"per layer ({search.per_layer} groups)"] if search.per_layer > 1 else []
+    words += [f"objectives {search.objective}"] if search.objective != "np" else []
+    words += [f"forgetting at most {search.max_forgetting:g}"] if search.max_forgetting is not None else []
+    return "tuned: " + ", ".join(words)
+
+
+def _taken(search, method: str):
+    """The search as METHOD takes it: the grid's and per_expert's parameters it has (default: its grid)."""
+    have = {p.name for p in methods.get(method).params}
+    grid = {k: v for k, v in search.grid.items() if k in have} if search.grid else None
+    return replace(search, grid=grid or None, per_expert=tuple(k for k in search.per_expert if k in have))
+
+
+def _check_grid(search, names: list[str]) -> None:
+    """A --grid or --per-expert parameter that none of the tuned methods takes is a typo: one line."""
+    have = {p.name for n in names if n != "hi_merging" for p in methods.get(n).params}
+    unknown = [k for k in [*(search.grid or {}), *search.per_expert] if k not in have]
+    if unknown:
+        raise click.UsageError(f"--grid/--per-expert {unknown[0]}: none of the tuned methods ({', '.join(names)}) "
+                               f"takes it")
 
 
 def _settings(name: str, micro: bool) -> dict:
@@ -154,6 +196,16 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
 @click.option("--max-evals", default=240, show_default=True, help="--tune: Hi-Merging's evaluation budget.")
 @click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
               help="--tune: successive halving of the grids' candidates (see mbmerge tune).")
+@click.option("--sampler", type=click.Choice(["grid", "tpe", "cmaes", "nsga2"]), default="grid", show_default=True,
+              help="--tune: how each method is searched (see mbmerge tune); a search reads --grid as ranges.")
+@click.option("--grid", "grid_text", help="--tune: 'name=v1,v2 ...' or ranges 'name=low:high ...'; each method takes "
+              "the parameters it has [default: its MergeBench grid].")
+@click.option("--trials", type=int, help="--tune with a search sampler: its trials (a rerun with more resumes it).")
+@click.option("--per-expert", help="--tune: parameters searched one value per expert.")
+@click.option("--per-layer", type=click.IntRange(1), default=1, show_default=True,
+              help="--tune: search each range per group of this many groups of layers (mergekit recipes).")
+@click.option("--objective", default="np", show_default=True, help="--tune: np, or np,forgetting for a Pareto front.")
+@click.option("--max-forgetting", type=float, help="--tune with np,forgetting: the best NP forgetting at most this.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
               help="Merge and evaluate the methods, and run the tuning trials, as Ray tasks: bare --ray on a local "
               "Ray, --ray ADDRESS on a cluster (the output folder must be one every node writes).")
@@ -161,8 +213,8 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
               help="Also route the five experts as a Mixture of Experts (top-2, mbmerge moe): its row beside the merges.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--verbose", "-v", is_flag=True, help="Show lm-eval's own logging and progress bars.")
-def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, prune, ray_address,
-         with_moe, quiet, verbose):
+def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_methods, max_evals, prune, sampler, grid_text,
+         trials, per_expert, per_layer, objective, max_forgetting, ray_address, with_moe, quiet, verbose):
     """Merge the mini zoo's experts with every method, evaluate, and report."""
     if tuned or ray_address:
         from ..tune import require_extra
@@ -171,10 +223,18 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
     names = five_expert_methods() if names == "all" else names.split(",")
     limit = MICRO["limit"] if limit is None and micro else limit
     evaluation = harness.EvalSettings(limit=limit, batch_size=batch_size, verbose=verbose)
+    search = None
+    if tuned:
+        from ..tune.search import Search
+        from ..tune.space import parse_grid
+        search = Search(grid=parse_grid(grid_text) if grid_text else None, sampler=sampler, trials=trials,
+                        per_expert=tuple(p for p in (per_expert or "").split(",") if p), per_layer=per_layer,
+                        objective=objective, max_forgetting=max_forgetting, prune=None if prune == "none" else prune)
     rows = _rows(zoo, out, names, evaluation, micro, quiet, ray_address, with_moe)
-    for name, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
-                                   None if prune == "none" else prune, ray_address) if tuned else []):
-        rows.append(_row(f"{name} (tuned)", "tuned", harness.report(out / "tuned" / name, zoo=zoo, settings=evaluation),
+    for name, folder, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
+                                           search, ray_address) if tuned else []):
+        label = "tuned" if name == "hi_merging" else search_label(search, record)
+        rows.append(_row(f"{name} ({label})", "tuned", harness.report(folder, zoo=zoo, settings=evaluation),
                          tuning=record))
     if ray_address:
         from ..tune.runners import start_ray

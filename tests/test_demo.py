@@ -127,3 +127,26 @@ def test_demo_on_local_ray_reports_what_the_serial_demo_reports(micro_zoo, tmp_p
         assert reports["ray"][model]["scores"] == row["scores"], model
     record = json.loads((tmp_path / "ray" / "tuned" / "task_arithmetic" / "tune.json").read_text())
     assert record["prune"] == "halving" and len(record["trials"]) == 5
+
+
+def test_demo_runs_tunes_searches_per_layer_and_for_several_objectives(micro_zoo, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out", str(out), "--methods",
+            "task_arithmetic", "--no-moe", "--tune", "--tune-methods", "task_arithmetic,ties", "--sampler", "tpe",
+            "--trials", "3", "--per-layer", "2", "--per-expert", "weights", "--grid",
+            "density=0.1:0.9 scale=0.2:1.0 weights=0.2:1.0", "--objective", "np,forgetting", "--limit", "2", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["model"]: r for r in json.loads((out / "report.json").read_text())["models"]}
+    label = ("task_arithmetic (tuned: tpe, 3 trials, per expert weights, per layer (2 groups), objectives "
+             "np,forgetting)")
+    assert rows[label]["kind"] == "tuned"
+    folder = out / "tuned" / "task_arithmetic-tpe-l2-e-weights-np,forgetting"
+    record = json.loads((folder / "tune.json").read_text())
+    assert record["per_layer"] == 2 and record["objectives"] == ["np", "forgetting"] and len(record["trials"]) == 3
+    assert "density" not in record["ranges"]          # task arithmetic takes no density: the grid's others
+    assert "density" in json.loads((out / "tuned" / "ties-tpe-l2-e-weights-np,forgetting" / "tune.json").read_text()
+                                   )["ranges"]
+    assert (folder / "mbmerge_config.yml").exists()
+    result = CliRunner().invoke(cli, [*args[:-1], "--grid", "denisty=0.1:0.9", "-q"])
+    assert result.exit_code != 0 and "--grid/--per-expert denisty: none of the tuned methods" in result.output
