@@ -92,3 +92,8 @@ def pareto_ranks(values: list[list[float]], directions: list[str]) -> list[int]:
         left -= front
         rank += 1
     return ranks
+
+
+def values_text(objectives, values) -> str:
+    return ", ".join(f"{'NP' if o.name == NP else o.name} {'—' if x is None else f'{x:.3f}'}"
+                     for o, x in zip(objectives, values))

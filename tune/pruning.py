@@ -11,6 +11,8 @@ import math
 
 import optuna
 
+from .objectives import pareto_ranks
+
 ETA = 3
 HALVING = (1 / 9, 1 / 3, 1.0)     # the shares of the validation examples at rungs 0, 1, 2
 PRUNERS = ("none", "halving")
@@ -41,3 +43,17 @@ def fractions(prune: str | None) -> tuple[float, ...]:
 
 def pruner(prune: str | None) -> optuna.pruners.BasePruner:
     return SuccessiveHalving() if prune == "halving" else optuna.pruners.NopPruner()
+
+
+def halved(scored: list, objectives) -> list:
+    """The trials a rung prunes (scored: (trial, its objectives' values)): one objective, those the pruner
+    says (SuccessiveHalving); several, all but the best ceil(n / ETA) by Pareto front, then by the first
+    objective."""
+    if len(objectives) == 1:
+        return [t for t, _ in scored if t.should_prune()]
+    directions = [o.direction for o in objectives]
+    told = [[o.told(x) for o, x in zip(objectives, values)] for _, values in scored]
+    ranks = pareto_ranks(told, directions)
+    sign = 1 if directions[0] == "maximize" else -1
+    order = sorted(range(len(scored)), key=lambda i: (ranks[i], -sign * told[i][0]))
+    return [scored[i][0] for i in order[math.ceil(len(scored) / ETA):]]

@@ -14,12 +14,13 @@ UNFINISHED = ("fail", "interrupted")
 LOST = "its process stopped beating (killed, or lost); the trial was given up and its point freed"
 
 
-def study_record(st, method: str, v, space: Space, prune, name: str, url: str, objectives=(Objective(NP),),
-                 max_forgetting: float | None = None) -> dict:
+def study_record(st, method: str, v, space: Space, search, name: str, url: str, objectives=(Objective(NP),)) -> dict:
     """Every trial of the study (any process's), the best completed one and the time split; "running":
-    the numbers of trials still running elsewhere (their outcome may change the best). With several
-    objectives, "front": the completed trials no other completed trial dominates; the best is the best on
-    the first objective among those within max_forgetting ("unmet" says why none is)."""
+    the numbers of trials still running elsewhere (their outcome may change the best). search: the
+    tune.search.Search (its prune and max_forgetting). With several objectives, "front": the completed
+    trials no other completed trial dominates; the best is the best on the first objective among those
+    within max_forgetting ("unmet" says why none is)."""
+    prune, max_forgetting = search.prune, search.max_forgetting
     rows = [_row(t, space) for t in st.get_trials(deepcopy=False)
             if t.state != TrialState.WAITING and "params" in t.user_attrs]
     _mark_superseded(rows)

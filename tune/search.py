@@ -11,7 +11,6 @@ time split: merge (algorithm) time against validation time.
 """
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,8 +23,8 @@ from ..common.names import domain_names
 from . import best as best_out, runners
 from .database import ScoreStore, default_url
 from .layers import trial_candidate
-from .objectives import FORGETTING, NP, Objective, pareto_ranks, parse as parse_objectives
-from .pruning import ETA, HALVING, fractions, pruner
+from .objectives import FORGETTING, NP, Objective, parse as parse_objectives, values_text
+from .pruning import ETA, HALVING, fractions, halved, pruner
 from .record import params_text, searched, study_record
 from .rungs import Evaluator
 from .runners import RunnerSettings
@@ -116,7 +115,7 @@ def tune(template: Candidate, *, out, validation: Validation | None = None, sear
             run_study(study, template, v, workers, run, progress)
     finally:
         workers and workers.close()
-    record = study_record(st, template.method, v, space, search.prune, name, url, objectives, search.max_forgetting)
+    record = study_record(st, template.method, v, space, search, name, url, objectives)
     best = record["best"]
     if best is None:
         raise BadParameter(f"study {name}: " + (record.get("unmet") or "no trial completed")
@@ -272,24 +271,6 @@ def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs,
             for t, values in kept:
                 told = [o.told(x) for o, x in zip(objectives, values)]
                 st.tell(t, told[0] if len(told) == 1 else told)
-
-
-def halved(scored: list, objectives) -> list:
-    """The trials a rung prunes: one objective, those the pruner says (tune.pruning); several, all but the
-    best ceil(n / ETA) by Pareto front, then by the first objective."""
-    if len(objectives) == 1:
-        return [t for t, _ in scored if t.should_prune()]
-    directions = [o.direction for o in objectives]
-    told = [[o.told(x) for o, x in zip(objectives, values)] for _, values in scored]
-    ranks = pareto_ranks(told, directions)
-    sign = 1 if directions[0] == "maximize" else -1
-    order = sorted(range(len(scored)), key=lambda i: (ranks[i], -sign * told[i][0]))
-    return [scored[i][0] for i in order[math.ceil(len(scored) / ETA):]]
-
-
-def values_text(objectives, values) -> str:
-    return ", ".join(f"{'NP' if o.name == NP else o.name} {'—' if x is None else f'{x:.3f}'}"
-                     for o, x in zip(objectives, values))
 
 
 def expert_domains(experts) -> list[str]:
