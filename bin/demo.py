@@ -128,14 +128,30 @@ def _statistics(name: str, zoo: Path, micro: bool, progress: bool) -> tuple[list
     return folders, sum(read_card(f)["seconds"] for f in folders)
 
 
+# a method's steps in --methods: NAME+svc (SVC after it; alpha 1.0 after TSV, FusionBench's choice, else 0.1)
+# and NAME+nan (its weights from the experts' norms)
+STEPS = {"svc": lambda name: {"calibrate": "svc", **({"svc_alpha": 1.0} if name.startswith("tsv") else {})},
+         "nan": lambda name: {"weights_from": "nan"}}
+
+
+def _steps(name: str) -> tuple[str, dict]:
+    """'ties+svc' -> ("ties", the merge's keyword arguments for SVC); a step that is not one: one line."""
+    method, *steps = name.split("+")
+    bad = [x for x in steps if x not in STEPS]
+    if bad:
+        raise click.UsageError(f"--methods {name}: no step {bad[0]!r} (after a method: {', '.join(STEPS)})")
+    return method, {k: v for x in steps for k, v in STEPS[x](method).items()}
+
+
 def _merged_row(name: str, zoo: Path, out: Path, evaluation: harness.EvalSettings, micro: bool, progress: bool) -> dict:
-    """Merge the zoo's five experts with a method (its demo settings) into OUT/merges/NAME, evaluate
-    the merge: its report row (runs in this process or as a Ray task)."""
+    """Merge the zoo's five experts with a method (its demo settings, and steps: NAME+svc) into
+    OUT/merges/NAME, evaluate the merge: its report row (runs in this process or as a Ray task)."""
     folder = out / "merges" / name
-    stats, stats_seconds = _statistics(name, zoo, micro, progress)
-    merge(name, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
-          progress=False, protocol="mergebench", stats_folders=stats, **_settings(name, micro))
-    return _row(name, "merge", harness.report(folder, zoo=zoo, settings=evaluation), stats_seconds)
+    method, steps = _steps(name)
+    stats, stats_seconds = _statistics(method, zoo, micro, progress)
+    merge(method, base=str(zoo / "base"), experts=[str(zoo / d) for d in DOMAINS], out=folder, overwrite=True,
+          progress=False, protocol="mergebench", stats_folders=stats, **_settings(method, micro), **steps)
+    return _row(name.replace("+", " + "), "merge", harness.report(folder, zoo=zoo, settings=evaluation), stats_seconds)
 
 
 def _moe_row(zoo: Path, out: Path, evaluation: harness.EvalSettings) -> dict | None:
@@ -185,7 +201,8 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
 @click.option("--family", type=click.Choice(["llama", "gemma2"]), default="llama", show_default=True)
 @click.option("--micro", is_flag=True, help=f"The micro zoo, statistics on {MICRO['samples']} examples per expert "
               f"and {MICRO['limit']} test examples per task (seconds; for tests, not for conclusions).")
-@click.option("--methods", "names", default="all", show_default=True, help="Comma-separated methods, or all.")
+@click.option("--methods", "names", default="all", show_default=True, help="Comma-separated methods, or all; "
+              "NAME+svc adds SVC after the method, NAME+nan takes its weights from the experts' norms (NAN).")
 @click.option("--limit", type=int, help="Evaluate on at most N examples per task [default: all 100; "
               f"--micro: {MICRO['limit']}].")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
@@ -221,6 +238,8 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
         require_extra()
     zoo = build_zoo(family, "micro" if micro else "full", cache, progress=not quiet)
     names = five_expert_methods() if names == "all" else names.split(",")
+    for name in names:
+        _steps(name)        # a mistyped step said before anything runs
     limit = MICRO["limit"] if limit is None and micro else limit
     evaluation = harness.EvalSettings(limit=limit, batch_size=batch_size, verbose=verbose)
     search = None

@@ -150,3 +150,20 @@ def test_demo_runs_tunes_searches_per_layer_and_for_several_objectives(micro_zoo
     assert (folder / "mbmerge_config.yml").exists()
     result = CliRunner().invoke(cli, [*args[:-1], "--grid", "denisty=0.1:0.9", "-q"])
     assert result.exit_code != 0 and "--grid/--per-expert denisty: none of the tuned methods" in result.output
+
+
+def test_demo_methods_take_svc_and_nan_steps_in_rows_of_their_own(micro_zoo, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--micro", "--cache", str(micro_zoo.parent.parent), "--out", str(out), "--no-moe", "--limit", "2",
+            "--methods", "task_arithmetic,task_arithmetic+svc,tsv+svc,ties+nan", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = [r["model"] for r in json.loads((out / "report.json").read_text())["models"]]
+    assert rows[-4:] == ["task_arithmetic", "task_arithmetic + svc", "tsv + svc", "ties + nan"]
+    cards = {n: json.loads((out / "merges" / n / "mbmerge.json").read_text())
+             for n in ("task_arithmetic+svc", "tsv+svc", "ties+nan")}
+    assert "--calibrate svc" in cards["task_arithmetic+svc"]["command"]
+    assert cards["tsv+svc"]["params"]["svc_alpha"] == 1.0 and cards["task_arithmetic+svc"]["params"]["svc_alpha"] == 0.1
+    assert "--weights-from nan" in cards["ties+nan"]["command"]
+    result = CliRunner().invoke(cli, [*args[:-2], "ties+svd", "-q"])
+    assert result.exit_code != 0 and "--methods ties+svd: no step 'svd'" in result.output
