@@ -94,8 +94,8 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         where = RunnerSettings(ray=ray_address, jobs=jobs, cpus_per_trial=cpus_per_trial,
                                gpus_per_trial=gpus_per_trial, retries=retries, verbose=verbose)
         record = search.tune(template, validation=v, search=how, runner=where, show=show, **kw)
-        from ..tune.best import save_plot
-        png = save_plot(Path(out), record)
+        from ..tune.best import save_plots
+        png, front_png = save_plots(Path(out), record)
     _warnings(record)
     if quiet:
         return
@@ -108,7 +108,7 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         click.echo(f"\n{pictured}")
         return
     written = "written to" if record["this_run"]["merged"] else "already in"
-    front = f"; the Pareto front: {Path(out) / 'tune-front.png'}" if record.get("front") else ""
+    front = f"; the Pareto front: {front_png}" if front_png else ""
     click.echo(f"\nbest merge (trial {record['best']['number']}) {written} {out} (all trials: "
                f"{Path(out) / 'tune.json'}; {pictured}{front})")
 

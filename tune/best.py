@@ -63,13 +63,11 @@ def save_record(out: Path, record: dict) -> None:
     place.own_files(out, RECORD)
 
 
-def save_plot(out: Path, record: dict) -> Path | None:
+def save_plots(out: Path, record: dict) -> tuple[Path | None, Path | None]:
     """The study's plots (tune.show) beside the merge, listed among its files: NP against each parameter
-    (its path returned; None when no trial has an NP) and, with several objectives, the Pareto front."""
+    (None when no trial has an NP) and, with several objectives, the Pareto front (None for one objective,
+    or no trial with every value)."""
     from .show import plot, plot_front
-    if plot_front(record, out / FRONT_PLOT) is not None:
-        place.own_files(out, FRONT_PLOT)
-    path = plot(record, out / PLOT)
-    if path is not None:
-        place.own_files(out, PLOT)
-    return path
+    paths = plot(record, out / PLOT), plot_front(record, out / FRONT_PLOT)
+    place.own_files(out, *[p.name for p in paths if p is not None])
+    return paths
