@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 
 from .. import methods
-from .options import listed as _listed, method_param_options
+from ..engine.flags import WHAT
+from .options import listed as _listed, method_param_options, spec_option
 
 
 @click.command("tune")
@@ -53,6 +54,7 @@ from .options import listed as _listed, method_param_options
 @click.option("--max-evals", type=int, help="hi_merging: at most this many (model, domain) evaluations.")
 @click.option("--limit", type=int, help="Validation examples per domain (default: all).")
 @click.option("--batch-size", default=64, show_default=True, help="lm-eval generation batch size.")
+@spec_option(WHAT["calibrate"], type=click.Choice(sorted(methods.CALIBRATIONS)))
 @click.option("--protocol", type=click.Choice([*sorted(methods.PROTOCOLS), "none"]), default="mergebench",
               show_default=True, help="The candidates' protocol (mergebench: TIES sum, embeddings kept, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (not needed to rerun the same "
@@ -62,8 +64,8 @@ from .options import listed as _listed, method_param_options
               "output).")
 @method_param_options
 def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, sampler, objective, max_forgetting, trials,
-         per_expert, per_layer, prune, storage, study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial, retries, device, max_evals, limit,
-         batch_size, protocol, overwrite, quiet, verbose, **params):
+         per_expert, per_layer, prune, storage, study_name, show, ray_address, jobs, cpus_per_trial, gpus_per_trial,
+         retries, device, max_evals, limit, batch_size, calibrate, protocol, overwrite, quiet, verbose, **params):
     """Score candidate merges on validation data and write the best."""
     from ..tune import require_extra
     require_extra()
@@ -87,7 +89,8 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         stats_dirs, data = _listed(stats_dirs), _listed(data)
         template = Candidate(method=method, experts=tuple(experts), base=base, params=fixed,
                              stats_folders=tuple(stats_dirs) if stats_dirs else None,
-                             data=tuple(data) if data else None, protocol=None if protocol == "none" else protocol)
+                             data=tuple(data) if data else None, protocol=None if protocol == "none" else protocol,
+                             calibrate=calibrate)
         v = Validation(domains, limit=limit, batch_size=batch_size, device=device)   # device None: tune picks
         how = search.Search(grid=grid, sampler=sampler, trials=trials, per_expert=tuple(_listed(per_expert) or ()),
                             per_layer=per_layer, objective=objective, max_forgetting=max_forgetting, prune=None if prune == "none" else prune, storage=storage, study=study_name)

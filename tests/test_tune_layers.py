@@ -121,3 +121,24 @@ def test_per_layer_refusals_are_one_line_and_write_nothing(setup, tmp_path):
         tune(Candidate(method="iso_c", **kw), out=tmp_path / "x", validation=Validation(tuple(DOMAINS), limit=4),
              search=Search(grid=parse_grid("scale=0.5:1.5"), sampler="tpe", per_layer=2))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("per_layer", [1, 2])
+def test_a_calibrated_search_writes_the_step_into_the_best_merge_and_its_recipe(setup, tmp_path, run_main, per_layer):
+    zoo, kw = setup
+    code, out, err = run_main("tune", "--method", "task_arithmetic", "--experts", ",".join(kw["experts"]), "--base",
+                              kw["base"], "--validate", ",".join(DOMAINS), "--sampler", "tpe", "--trials", "2",
+                              "--grid", "scale=0.3:1.0", "--per-layer", per_layer, "--calibrate", "svc",
+                              "--svc-alpha", "0.2", "--limit", "4", "--out", tmp_path / "best")
+    assert code == 0, err
+    card = json.loads((tmp_path / "best" / "mbmerge.json").read_text())
+    assert card["params"]["svc_alpha"] == 0.2
+    if per_layer == 1:
+        assert "--calibrate svc" in card["command"] and "--svc-alpha 0.2" in card["command"]
+        return
+    recipe = yaml.safe_load((tmp_path / "best" / "mbmerge_config.yml").read_text())
+    assert recipe["calibrate"] == {"method": "svc", "alpha": 0.2}
+    args = shlex.split(card["command"])
+    code, _, err = run_main(*args[1:args.index("--out")], "--out", tmp_path / "again")
+    assert code == 0, err
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "best" / "model.safetensors").read_bytes()

@@ -53,23 +53,26 @@ def recipe_text(template: Candidate, params: dict, groups: int, layered: list[st
     refs = [(s.ref if template.base is not None else str(s.path)) for s in experts]
     base_ref = None if base is None else (template.base if template.base is not None else str(base.path))
     n_layers = roles.layer_count(TensorIndex.from_folder((base or experts[0]).path).tensors)
-    fixed = {**_defaults(method, template.protocol), **{k: v for k, v in params.items() if k not in layered}}
+    known = {p.name: p for p in methods.calibrated(method, template.calibrate).params}
+    given = {k: known[k].coerce(v, method.name) if k in known else v for k, v in params.items() if k not in layered}
+    fixed = {**_defaults(method, template.protocol), **given}
+    step = _calibration(template.calibrate, fixed)
     slices = []
     for g, (first, end) in enumerate(layer_groups(n_layers, groups)):
         per_model, shared = _mergekit(template.method, {k: params[k][g] for k in layered})
         sources = [{"model": base_ref, "layer_range": [first, end]}] if base_ref is not None else []
         for i, ref in enumerate(refs):
-            own = {k: (v[i] if isinstance(v, list) else v) for k, v in per_model.items()}
+            own = {k: _of(v, i) for k, v in per_model.items()}
             sources.append({"model": ref, "layer_range": [first, end], **({"parameters": own} if own else {})})
         slices.append({"sources": sources, **({"parameters": shared} if shared else {})})
     per_model, shared = _mergekit(template.method, fixed)
     if per_model:   # fixed per-model values: on every source of every slice, under the group's own
         for s in slices:
             for i, src in enumerate(s["sources"][base_ref is not None:]):
-                src["parameters"] = {**{k: (v[i] if isinstance(v, list) else v) for k, v in per_model.items()},
+                src["parameters"] = {**{k: _of(v, i) for k, v in per_model.items()},
                                      **src.get("parameters", {})}
     recipe = {"merge_method": template.method, **({"base_model": base_ref} if base_ref is not None else {}),
-              **({"parameters": shared} if shared else {}), "slices": slices}
+              **({"parameters": shared} if shared else {}), "slices": slices, **step}
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)
 
 
@@ -79,6 +82,20 @@ def _defaults(method: methods.Method, protocol: str | None) -> dict:
     said = {MBMERGE.get(k, k) for k in method.mergekit} | ({"aggregate"} if "normalize" in method.mergekit else set())
     values = {**{p.name: p.default for p in method.params}, **methods.protocol_defaults(method, protocol)}
     return {k: v for k, v in values.items() if k in said and k != "rescale"}
+
+
+def _of(value, i: int):
+    """Expert i's value of a per-model parameter: a list's i-th (a list of one: for every expert), or the value."""
+    return (value[i] if len(value) > 1 else value[0]) if isinstance(value, list) else value
+
+
+def _calibration(name: str | None, fixed: dict) -> dict:
+    """The recipe's `calibrate:` (mbmerge's own key) of a post-step, its parameters taken out of `fixed`."""
+    if name is None:
+        return {}
+    values = {p.name.removeprefix(f"{name}_"): fixed.pop(p.name) for p in methods.CALIBRATIONS[name][1]
+              if p.name in fixed}
+    return {"calibrate": {"method": name, **values} if values else name}
 
 
 def _mergekit(method: str, params: dict) -> tuple[dict, dict]:

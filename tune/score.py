@@ -70,6 +70,7 @@ class Candidate:
     stats_folders: tuple[str, ...] | None = None    # data-aware methods: statistics folders, or
     data: tuple[str, ...] | None = None             # data sources to collect them from (cached)
     protocol: str | None = "mergebench"
+    calibrate: str | None = None        # a post-step after the method (svc)
     recipe: str | None = None           # a mergekit recipe (YAML text) that is the merge (tune.layers: a
                                         # per-layer candidate); then params are empty, the protocol's kept
                                         # tensors stay kept
@@ -84,8 +85,8 @@ class Candidate:
             return spec_from(kw.pop("method"), kw.pop("experts"), out, config=self.recipe, keep_base=keep, **kw,
                              **options)
         return spec_from(self.method, self.experts, out, base=self.base, params=dict(self.params),
-                         protocol=self.protocol, stats_folders=self.stats_folders, overrides=tuple(self.overrides),
-                         **options)
+                         protocol=self.protocol, calibrate=self.calibrate, stats_folders=self.stats_folders,
+                         overrides=tuple(self.overrides), **options)
 
     def spec(self, out: Path, **options) -> MergeSpec:
         """merge_spec completed for the engine (the built-in family, statistics collected from `data`)."""
