@@ -63,9 +63,13 @@ def _tune_all(zoo: Path, out: Path, names: list[str], limit, batch_size, max_eva
                 record = hi_merge(experts=experts, base=base, out=folder, validation=v,
                                   search=HiSearch(max_evals=max_evals), **kw)
             else:
-                record = tune(Candidate(method=name, experts=tuple(experts), base=base), out=folder,
+                method, steps = _steps(name)
+                if "weights_from" in steps:
+                    raise MbmergeError("a tune searches the weights; +nan sets them")
+                record = tune(Candidate(method=method, experts=tuple(experts), base=base,
+                                        calibrate=steps.pop("calibrate", None), params=steps), out=folder,
                               validation=replace(v, device=None),     # None: cuda when the trials hold GPUs
-                              search=_taken(search, name), runner=RunnerSettings(ray=ray), **kw)
+                              search=_taken(search, method), runner=RunnerSettings(ray=ray), **kw)
         except MbmergeError as e:
             click.echo(f"mbmerge: warning: {name} (tuned) left out: {e}", err=True)
             continue
@@ -105,7 +109,7 @@ def _taken(search, method: str):
 
 def _check_grid(search, names: list[str]) -> None:
     """A --grid or --per-expert parameter that none of the tuned methods takes is a typo: one line."""
-    have = {p.name for n in names if n != "hi_merging" for p in methods.get(n).params}
+    have = {p.name for n in names if n != "hi_merging" for p in methods.get(_steps(n)[0]).params}
     unknown = [k for k in [*(search.grid or {}), *search.per_expert] if k not in have]
     if unknown:
         raise click.UsageError(f"--grid/--per-expert {unknown[0]}: none of the tuned methods ({', '.join(names)}) "
@@ -209,7 +213,8 @@ def _rows(zoo: Path, out: Path, names: list[str], evaluation: harness.EvalSettin
 @click.option("--cache", type=click.Path(path_type=Path), help="Zoo cache folder.")
 @click.option("--tune", "tuned", is_flag=True, help="Also tune methods on the validation split (MergeBench's "
               "grids) and run Hi-Merging; adds their rows, with merge and validation times.")
-@click.option("--tune-methods", default=",".join(TUNED), show_default=True, help="--tune: which.")
+@click.option("--tune-methods", default=",".join(TUNED), show_default=True, help="--tune: which (NAME+svc: each "
+              "candidate with SVC after the method).")
 @click.option("--max-evals", default=240, show_default=True, help="--tune: Hi-Merging's evaluation budget.")
 @click.option("--prune", type=click.Choice(["none", "halving"]), default="none", show_default=True,
               help="--tune: successive halving of the grids' candidates (see mbmerge tune).")
@@ -253,7 +258,7 @@ def demo(out, family, micro, names, limit, batch_size, cache, tuned, tune_method
     for name, folder, record in (_tune_all(zoo, out, tune_methods.split(","), limit, batch_size, max_evals, quiet,
                                            search, ray_address) if tuned else []):
         label = "tuned" if name == "hi_merging" else search_label(search, record)
-        rows.append(_row(f"{name} ({label})", "tuned", harness.report(folder, zoo=zoo, settings=evaluation),
+        rows.append(_row(f"{name.replace('+', ' + ')} ({label})", "tuned", harness.report(folder, zoo=zoo, settings=evaluation),
                          tuning=record))
     if ray_address:
         from ..tune.runners import start_ray

@@ -165,5 +165,11 @@ def test_demo_methods_take_svc_and_nan_steps_in_rows_of_their_own(micro_zoo, tmp
     assert "--calibrate svc" in cards["task_arithmetic+svc"]["command"]
     assert cards["tsv+svc"]["params"]["svc_alpha"] == 1.0 and cards["task_arithmetic+svc"]["params"]["svc_alpha"] == 0.1
     assert "--weights-from nan" in cards["ties+nan"]["command"]
+    tuned = CliRunner().invoke(cli, [*args[:-2], "task_arithmetic", "--tune", "--tune-methods", "task_arithmetic+svc",
+                                     "-q"])
+    assert tuned.exit_code == 0, tuned.output
+    assert "task_arithmetic + svc (tuned)" in [r["model"] for r in json.loads((out / "report.json").read_text())["models"]]
+    card = json.loads((out / "tuned" / "task_arithmetic+svc" / "mbmerge.json").read_text())
+    assert "--calibrate svc" in card["command"] and card["params"]["svc_alpha"] == 0.1
     result = CliRunner().invoke(cli, [*args[:-2], "ties+svd", "-q"])
     assert result.exit_code != 0 and "--methods ties+svd: no step 'svd'" in result.output
