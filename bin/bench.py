@@ -1,7 +1,7 @@
 """`mbmerge bench`: end-to-end merges timed against mergekit (when installed) and against the I/O floor.
 
-The fixture (eval/synthetic.py) has the tensor shapes of a MergeBench base (`--model gemma-2-9b`;
-`--layers N` keeps the real shapes in fewer layers) or of a Llama of any size (`--model custom`), and
+The fixture (bench_shapes.py) has the tensor shapes of a published model (`--shape gemma-2-9b`; `qwen3-30b-a3b`,
+an MoE; `--layers N` keeps the real shapes in fewer layers) or of a Llama of any size (`--shape custom`), and
 deltas shaped like fine-tunes' (dense small noise, sparse larger entries); bf16; built once into the
 cache folder. Each tool runs as its own process from a warm page cache; we measure wall time, input
 GB/s, that process's peak RSS (wait4 ru_maxrss) and the peak GPU memory mbmerge records in the output's
@@ -26,8 +26,9 @@ from ..engine.inputs.index import INDEX_FILE
 from ..engine.output import fp8
 from ..engine.recipe.document import to_mergekit
 from ..common.cache import cache_dir
-from ..eval.synthetic import MODELS, model_config, n_params, with_added_tokens, write_family
+from ..eval.synthetic import with_added_tokens
 from .bench_plot import plot
+from .bench_shapes import SHAPES, n_params, shape_config, write_fixture
 from .bench_timing import GB, Timing, busy_processes, floor_row, mbmerge_head, time_tool
 from .bench_tools import TOOL_CASES, tool_case
 
@@ -39,6 +40,7 @@ VARIANTS = {"ties_model_scope": ("ties", {"density": 0.2, "sparsify_scope": "mod
 CASES = {**{m.name: (m.name, m.bench) for m in mbmerge_methods.REGISTRY.values() if m.bench is not None}, **VARIANTS}
 DEFAULT_CASES = "linear,task_arithmetic,ties,dare_ties"
 SHARD_BYTES = {"custom": 200 << 20}  # named models: 1 GiB shards
+MARGIN, MIN_MARGIN = 0.05, GB  # free space a fixture leaves: 5% of what it needs, at least 1 GB (other writers, logs)
 
 
 def count(n: float) -> str:
@@ -56,9 +58,10 @@ def fixture(cache: Path, model: str, cfg: dict, n_experts: int) -> Path:
     check_disk(cache, tag, cfg, n_experts, built)
     if built:
         return fx
+    cache.mkdir(parents=True, exist_ok=True)
     tmp, t = cache / f".build-{os.getpid()}", time.perf_counter()
     try:
-        write_family(tmp, cfg, EXPERTS[:n_experts], SHARD_BYTES.get(model, 1 << 30))
+        write_fixture(tmp, cfg, EXPERTS[:n_experts], SHARD_BYTES.get(model, 1 << 30))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,19 +116,22 @@ def timed_rows(methods, fx, fq, experts, mergekit, timing, device, tmp, union) -
 
 
 def check_disk(cache: Path, tag: str, cfg: dict, n_experts: int, built: bool) -> None:
-    """Prints the size estimate; refuses in one line when the fixture (unless built) and one output do not fit."""
-    def need(layers, built=built):  # bytes: base + experts (unless built), plus one merged output
-        return 2 * n_params({**cfg, "num_hidden_layers": layers}) * (1 if built else 2 + n_experts)
-    L, free = cfg["num_hidden_layers"], shutil.disk_usage(cache).free
+    """Prints the size estimate; refuses in one line, before writing anything, when the fixture (unless built)
+    and one output do not fit with a margin."""
+    def need(layers, built=built):  # bytes: base + experts (unless built), plus one merged output, plus the margin
+        size = 2 * n_params({**cfg, "num_hidden_layers": layers}) * (1 if built else 2 + n_experts)
+        return size + max(MIN_MARGIN, MARGIN * size)
+    on = next(p for p in [cache, *cache.parents] if p.exists())     # the cache's file system, before it exists
+    L, free = cfg["num_hidden_layers"], shutil.disk_usage(on).free
     what = "one merged output" if built else f"base + {n_experts} experts + one merged output"
     if need(L) > free:
         fits = [n for n in range(L - 1, 0, -1) if need(n, False) <= free]  # another fixture, to be built
         hint = f"pass --layers {fits[0]} or fewer" if fits else "free some space or pass --cache on a larger disk"
         raise click.ClickException(f"fixture {tag} ({count(n_params(cfg))} params) needs {need(L) / GB:.3g} GB "
-                                   f"({what}, bf16) but {cache} has {free / GB:.3g} GB free: {hint}")
+                                   f"({what}, bf16, and a margin) but {on} has {free / GB:.3g} GB free: {hint}")
     if not built:
-        click.echo(f"building fixture {tag}: {count(n_params(cfg))} params, {need(L) / GB:.3g} GB on disk "
-                   f"({what}, bf16); {free / GB:.3g} GB free", err=True)
+        click.echo(f"building fixture {tag}: {count(n_params(cfg))} params, needs {need(L) / GB:.3g} GB "
+                   f"({what}, bf16, and a margin); {free / GB:.3g} GB free", err=True)
 
 
 def recipe_params(case: str) -> tuple[dict, dict] | None:
@@ -139,9 +145,10 @@ def recipe_params(case: str) -> tuple[dict, dict] | None:
         return None
 
 
-def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str, union: bool = False):
+def mbmerge_cmd(case, fx, experts, out, recipe: Path | None, device: str, union: bool = False, threads=None):
     head = mbmerge_head()
-    tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else [])]
+    tail = ["--out", str(out), "-q", *(["--device", device] if device != "auto" else []),
+            *(["--threads", str(threads)] if threads else [])]
     if recipe:
         return head + ["--config", str(recipe), *tail]
     tail += ["--tokenizer-source", "union"] if union else []
@@ -174,9 +181,9 @@ def bench_case(case, fx, experts, mergekit, timing: Timing, device, tmp: Path, u
     files = [f for m in ([] if method == "linear" else ["base"]) + experts for f in shards[m]]
     row = floor_row(case, files, sum(f.stat().st_size for f in shards["base"]), timing, tmp)
     recipe = write_recipe(case, fx, experts, tmp, union) if recipe_params(case) else None
-    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device, union)
+    cmd = mbmerge_cmd(case, fx, experts, tmp / "mb", recipe, device, union, timing.threads)
     card = time_tool(row, "mbmerge", timing, cmd, files, tmp / "mb")
-    row["mbmerge_device"] = card.get("device")
+    row["mbmerge_device"], row["mbmerge_threads"] = card.get("device"), card.get("kernels", {}).get("threads")
     if "peak_gpu_bytes" in card:                                  # recorded by CUDA runs
         row["mbmerge_gpu_GB"] = card["peak_gpu_bytes"] / GB
     if mergekit and recipe:
@@ -240,11 +247,13 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--methods", default=DEFAULT_CASES, show_default=True,
               help=f"Cases to time, or 'all': {', '.join([*CASES, *TOOL_CASES])}. Those mergekit has run from one "
               f"recipe in both tools; moe and tokensurgeon run mbmerge's and mergekit's commands.")
-@click.option("--model", default="custom", show_default=True, type=click.Choice([*MODELS, "custom"]),
-              help="Tensor shapes of a MergeBench base, or 'custom': a Llama sized by --hidden/--layers/--vocab.")
-@click.option("--layers", type=click.IntRange(1), help="Decoder layers [default: the model's real count; custom: 16].")
-@click.option("--hidden", type=click.IntRange(1), help="Hidden size of --model custom [default: 1024].")
-@click.option("--vocab", type=click.IntRange(1), help="Vocabulary size of --model custom [default: 32000].")
+@click.option("--shape", "--model", "model", default="custom", show_default=True,
+              type=click.Choice([*SHAPES, "custom"]),
+              help="Tensor shapes of a published model (qwen3-30b-a3b: an MoE), or 'custom': a Llama sized by "
+                   "--hidden/--layers/--vocab. --model is the same option.")
+@click.option("--layers", type=click.IntRange(1), help="Decoder layers [default: the shape's real count; custom: 16].")
+@click.option("--hidden", type=click.IntRange(1), help="Hidden size of --shape custom [default: 1024].")
+@click.option("--vocab", type=click.IntRange(1), help="Vocabulary size of --shape custom [default: 32000].")
 @click.option("--experts", "n_experts", default=2, show_default=True, type=click.IntRange(1, len(EXPERTS)),
               help="Experts merged (math, code, ...).")
 @click.option("--added-tokens", default=0, show_default=True, type=click.IntRange(0),
@@ -256,6 +265,8 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--cold", is_flag=True, help="Evict the inputs from the page cache before every timed run of either "
               "tool (posix_fadvise DONTNEED, no privileges needed); the floor then reads them from the disk and "
               "writes the output with fsync.")
+@click.option("--threads", type=click.IntRange(1), help="CPU cores both tools run on: the first N the bench may use "
+              "(mbmerge gets --threads N; mergekit, which has no such option, is held to them) [default: all].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Passed to mbmerge when not auto; cuda (or auto where CUDA is available) runs mergekit with --cuda.")
 @click.option("--vs", type=click.Choice(["mergekit", "none"]),
@@ -268,42 +279,43 @@ def find_mergekit(vs, mergekit) -> tuple[str | None, str]:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="JSON output [default: cache folder].")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="PNG of input GB/s per method [default: beside the JSON].")
-def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quantized, repeat, cold, device, vs, mergekit,
-          busy, cache, json_path, plot_path):
+def bench(methods, model, layers, hidden, vocab, n_experts, added_tokens, quantized, repeat, cold, threads, device, vs,
+          mergekit, busy, cache, json_path, plot_path):
     """Time mbmerge (and mergekit) end to end on a synthetic fixture shaped like a MergeBench base."""
     methods = list(CASES) if methods == "all" else methods.split(",")
     if unknown := [m for m in methods if m not in CASES and m not in TOOL_CASES]:
         raise click.BadParameter(f"{unknown[0]!r}; choose from {', '.join([*CASES, *TOOL_CASES])}",
                                  param_hint="--methods")
     if model != "custom" and (hidden or vocab):
-        raise click.UsageError(f"--hidden and --vocab size --model custom; {model} has its own")
-    cfg = model_config(model, layers, hidden=hidden or 1024, vocab=vocab or 32000)
+        raise click.UsageError(f"--hidden and --vocab size --shape custom; {model} has its own")
+    cfg = shape_config(model, layers, hidden=hidden or 1024, vocab=vocab or 32000)
     cache = cache or cache_dir() / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
     fx = fixture(cache, model, cfg, n_experts)
     if added_tokens:
         fx = tokens_fixture(fx, EXPERTS[:n_experts], added_tokens)
     fq = fp8_fixture(fx, EXPERTS[:n_experts], cfg) if quantized else None
     mergekit, mk_note = find_mergekit(vs, mergekit)
     host = machine(mergekit)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".run-"))
+    tmp, timing = Path(tempfile.mkdtemp(dir=cache, prefix=".run-")), Timing(repeat, cold, threads)
     try:
         with busy_processes(busy):
-            rows = timed_rows(methods, fx, fq, EXPERTS[:n_experts], mergekit, Timing(repeat, cold), device, tmp,
-                              added_tokens > 0)
+            rows = timed_rows(methods, fx, fq, EXPERTS[:n_experts], mergekit, timing, device, tmp, added_tokens > 0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     host["load_avg_1m_end"], host["busy_processes"] = os.getloadavg()[0], busy
+    host["threads"] = n = len(timing.cores())
     params, where = n_params(cfg), f"{host['cpus']} CPUs" + (f", {host['gpu']}" if host["gpu"] else "")
     mk_note += f" ({host['mergekit_version']})" if host["mergekit_version"] else ""
     load = f"load {host['load_avg_1m']:.1f}" + (f", {busy} busy processes" if busy else "")
     click.echo(f"fixture {fx.name}: {count(params)} params bf16, {n_experts} experts; best wall of {repeat}, "
-               f"max RSS, {'cold' if cold else 'warm'} page cache; {where}, {load}; device {device}; mergekit: {mk_note}\n\n"
+               f"max RSS, {'cold' if cold else 'warm'} page cache; {where}, {n} thread{'s' * (n != 1)}, {load}; "
+               f"device {device}; mergekit: {mk_note}\n\n"
                f"{table(rows)}")
     json_path = json_path or cache / f"{fx.name}.json"
     plot_path = plot_path or json_path.with_suffix(".png")
-    json_path.write_text(json.dumps({"fixture": fx.name, "model": model, "layers": cfg["num_hidden_layers"],
-                                     "params": params, "experts": n_experts, "repeat": repeat, "cold": cold,
-                                     "device": device, "machine": host, "mergekit": mergekit, "rows": rows}, indent=2))
+    json_path.write_text(json.dumps({"fixture": fx.name, "shape": model, "model": model,
+                                     "layers": cfg["num_hidden_layers"], "params": params, "experts": n_experts,
+                                     "repeat": repeat, "cold": cold, "device": device, "machine": host,
+                                     "mergekit": mergekit, "rows": rows}, indent=2))
     plot(rows, plot_path, f"{fx.name}: {count(params)} params, {n_experts} experts; {where}; device {device}")
     click.echo(f"\nJSON: {json_path}\nPNG: {plot_path}")

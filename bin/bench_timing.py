@@ -1,8 +1,8 @@
 """How `mbmerge bench` times a tool: each run its own process from a warm page cache, or with `cold` from the
-disk (the inputs evicted before every run), its wall time and that process's peak RSS, the best of a few runs;
-and the I/O floor, the time no tool can beat on this machine: reading every input once (from the page cache,
-or cold from the disk) and writing one output-sized file (cold: with fsync, as a cold run's writes reach the
-disk before the next run starts)."""
+disk (the inputs evicted before every run), its wall time and that process's peak RSS, the best of a few runs,
+held to the first `threads` cores; and the I/O floor, the time no tool can beat on this machine: reading every
+input once (from the page cache, or cold from the disk) and writing one output-sized file (cold: with fsync, as
+a cold run's writes reach the disk before the next run starts)."""
 import contextlib
 import json
 import os
@@ -23,6 +23,10 @@ GB = 1e9
 class Timing:
     repeat: int = 1          # runs per tool: the best wall and the largest peak RSS are kept
     cold: bool = False       # every run (and the floor) starts with the inputs evicted from the page cache
+    threads: int | None = None  # the tools run on the first `threads` cores the bench may use; None: all of them
+
+    def cores(self) -> list[int]:
+        return sorted(os.sched_getaffinity(0))[:self.threads]
 
 
 def evict(files):
@@ -48,7 +52,14 @@ def warm(files):
 
 def io_floor(files, out_bytes, tmp: Path, cold: bool = False) -> float:
     """Seconds to read `files` (from the warm page cache, or `cold` from the disk) and write one `out_bytes`
-    file (cold: fsync'd)."""
+    file (cold: fsync'd).
+
+    The warm floor writes as the tools do: neither mbmerge's writer (pwrite into fallocated shards) nor
+    mergekit's (safetensors save_file) fsyncs, so a tool's wall holds the writeback the kernel forces while it
+    writes (dirty pages past vm.dirty_background_ratio, throttling past vm.dirty_ratio) and none after it exits
+    (on this project's 2-core VM a buffered 2 GB write took 4.6 s, 5.4 s with fsync: most writeback is paid in
+    the write). Once timed, the floor waits for its writeback and only then deletes the file, which used to drop
+    its dirty pages unwritten: each floor leaves the disk idle, as timed_run's sync leaves it for the tools."""
     warm(files)
     if cold:
         evict(files)
@@ -60,7 +71,8 @@ def io_floor(files, out_bytes, tmp: Path, cold: bool = False) -> float:
             fh.write(block[:min(BLOCK, out_bytes - off)])
         if cold:
             os.fsync(fh.fileno())
-    elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        os.fsync(fh.fileno())
     (tmp / "floor.bin").unlink()
     return elapsed
 
@@ -85,13 +97,14 @@ def busy_processes(n: int):
             p.wait()
 
 
-def timed_run(cmd, files, out: Path, cold: bool = False) -> tuple[float, float]:
+def timed_run(cmd, files, out: Path, cold: bool = False, cores: list[int] | None = None) -> tuple[float, float]:
     """(wall s, peak RSS GB) of one process, started from a warm cache (or `cold`, with the inputs evicted) with
-    no dirty pages pending."""
+    no dirty pages pending, on `cores` (None: all the bench may use)."""
     shutil.rmtree(out, ignore_errors=True)
     evict(files) if cold else warm(files)
     os.sync()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None      # inherited by the tool
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True, preexec_fn=pin)
     wall, maxrss, code = done.stdout.split() if done.returncode == 0 else (0, 0, "?")
     if code != "0":
         raise click.ClickException(f"{cmd[0]} failed (exit {code}):\n{done.stderr[-2000:]}")
@@ -101,7 +114,7 @@ def timed_run(cmd, files, out: Path, cold: bool = False) -> tuple[float, float]:
 def best_of(timing: Timing, cmd, files, out):
     """min wall, max peak RSS, every wall over `timing.repeat` runs, and the last run's mbmerge.json ({} if none);
     the output is then removed, so at most one exists at a time."""
-    runs = [timed_run(cmd, files, out, timing.cold) for _ in range(timing.repeat)]
+    runs = [timed_run(cmd, files, out, timing.cold, timing.cores()) for _ in range(timing.repeat)]
     card = json.loads((out / "mbmerge.json").read_text()) if (out / "mbmerge.json").is_file() else {}
     shutil.rmtree(out, ignore_errors=True)
     return min(w for w, _ in runs), max(r for _, r in runs), [round(w, 3) for w, _ in runs], card
@@ -114,8 +127,8 @@ def mbmerge_head() -> list[str]:
 
 
 def floor_row(case: str, files, out_bytes: int, timing: Timing, tmp: Path) -> dict:
-    """A case's row begun: its input size and I/O floor (the best of at least three)."""
-    row = {"method": case, "input_GB": sum(f.stat().st_size for f in files) / GB,
+    """A case's row begun: its input size, the tools' thread count and the I/O floor (the best of at least three)."""
+    row = {"method": case, "input_GB": sum(f.stat().st_size for f in files) / GB, "threads": len(timing.cores()),
            "floor_s": min(io_floor(files, out_bytes, tmp, timing.cold) for _ in range(max(3, timing.repeat)))}
     row["floor_in_GBps"] = row["input_GB"] / row["floor_s"]
     return row

@@ -128,9 +128,10 @@ def family_chunks(name: str, shape: tuple, n_experts: int):
         yield [b, *(b + _slice(pd, n, name, j, e) for e in range(n_experts))]
 
 
-def write_family(folder: Path, cfg: dict, experts: list[str], shard_bytes: int) -> None:
-    """folder/base and folder/<expert> model folders, written tensor by tensor (bounded memory, any size)."""
-    shapes, models, wmap = model_shapes(cfg), ["base", *experts], {}
+def write_family(folder: Path, cfg: dict, experts: list[str], shard_bytes: int, shapes: dict | None = None) -> None:
+    """folder/base and folder/<expert> model folders, written tensor by tensor (bounded memory, any size);
+    shapes: {tensor name: shape} (default: model_shapes(cfg), a Llama's or a Gemma-2's)."""
+    shapes, models, wmap = shapes or model_shapes(cfg), ["base", *experts], {}
     shards = shard_names(shapes, shard_bytes)
     for m in models:
         (folder / m).mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def write_family(folder: Path, cfg: dict, experts: list[str], shard_bytes: int) 
                         fh.write(t.view(torch.uint8).numpy())
         wmap.update(dict.fromkeys(names, file))
     for m in models:
-        write_side_files(folder / m, cfg, wmap, 2 * n_params(cfg))
+        write_side_files(folder / m, cfg, wmap, 2 * sum(prod(x) for x in shapes.values()))
 
 
 def write_side_files(folder: Path, cfg: dict, wmap: dict, total: int, full_vocab: bool = False,

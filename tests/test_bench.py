@@ -172,7 +172,7 @@ def test_bench_refuses_a_fixture_the_disk_cannot_hold(run_main, tmp_path, monkey
     assert not list(tmp_path.iterdir())
     code, out, err = run_main("bench", "--model", "gemma-2-9b", "--layers", "7", "--hidden", "64",
                               "--cache", tmp_path)
-    assert code != 0 and "--model custom" in err
+    assert code != 0 and "--shape custom" in err
 
 
 def test_device_flag_and_peak_gpu_from_the_card(tmp_path):
