@@ -82,7 +82,7 @@ def test_tune_says_when_no_candidate_has_an_np(micro_zoo, tmp_path, run_main, ev
     assert f"mbmerge: warning: {note}" in err
     assert f"best: {note}" in stdout
     record = json.loads((out / "tune.json").read_text())
-    assert record["best"] == {"number": 0, "params": {"scale": 0.5}, "np": None, "note": note}
+    assert record["best"] == {"number": 0, "params": {"scale": 0.5}, "np": None, "values": {"np": None}, "note": note}
     assert [r["np"] for r in record["trials"]] == [None, None]
     assert json.loads((out / "mbmerge.json").read_text())["params"]["scale"] == 0.5
 
