@@ -81,7 +81,7 @@ def _defaults(method: methods.Method, protocol: str | None) -> dict:
     can say, so that the recipe means what the same merge without --per-layer means, not mergekit's defaults."""
     said = {MBMERGE.get(k, k) for k in method.mergekit} | ({"aggregate"} if "normalize" in method.mergekit else set())
     values = {**{p.name: p.default for p in method.params}, **methods.protocol_defaults(method, protocol)}
-    return {k: v for k, v in values.items() if k in said and k != "rescale"}
+    return {k: v for k, v in values.items() if k in said and k != "rescale"}   # 'inverse' has no mergekit spelling
 
 
 def _of(value, i: int):
