@@ -107,13 +107,13 @@ def tune(method, experts, base, grid_text, validate, out, stats_dirs, data, samp
         return
     click.echo(table(record))
     pictured = f"NP against each parameter: {png}" if png else "no plot: no trial has an NP to show"
+    pictured += f"; the Pareto front: {front_png}" if front_png else ""
     if show:
         click.echo(f"\n{pictured}")
         return
     written = "written to" if record["this_run"]["merged"] else "already in"
-    front = f"; the Pareto front: {front_png}" if front_png else ""
     click.echo(f"\nbest merge (trial {record['best']['number']}) {written} {out} (all trials: "
-               f"{Path(out) / 'tune.json'}; {pictured}{front})")
+               f"{Path(out) / 'tune.json'}; {pictured})")
 
 
 def _warnings(record: dict) -> None:

@@ -98,14 +98,17 @@ def test_np_and_forgetting_give_the_front_and_the_best_within_the_forgetting_bud
 
 def test_the_command_prints_the_front_and_plots_it(setup, tmp_path, run_main):
     zoo, refs, kw = setup
-    code, out, err = run_main("tune", "--method", "task_arithmetic", "--experts", ",".join(kw["experts"]), "--base",
-                              kw["base"], "--validate", ",".join(DOMAINS), "--sampler", "nsga2", "--trials", "4",
-                              "--grid", GRID, "--limit", "4", "--objective", "np,forgetting", "--max-forgetting", "0.5",
-                              "--out", tmp_path / "best")
+    args = ["tune", "--method", "task_arithmetic", "--experts", ",".join(kw["experts"]), "--base", kw["base"],
+            "--validate", ",".join(DOMAINS), "--sampler", "nsga2", "--trials", "4", "--grid", GRID, "--limit", "4",
+            "--objective", "np,forgetting", "--max-forgetting", "0.5", "--out", tmp_path / "best"]
+    code, out, err = run_main(*args)
     assert code == 0, err
     assert "| NP | forgetting | examples |" in out and "Pareto front (np, forgetting): trial " in out
     assert "best: the best np among those forgetting at most 0.5" in out
     assert (tmp_path / "best" / "tune-front.png").stat().st_size > 5000 and "tune-front.png" in out
+    code, shown, err = run_main(*args, "--show")
+    assert code == 0, err
+    assert "Pareto front (np, forgetting): trial " in shown and "the Pareto front: " in shown
 
 
 def test_halving_keeps_the_best_third_by_pareto_front_then_np(setup, tmp_path):
