@@ -55,6 +55,10 @@ class Objective:
     def told(self, value: float | None) -> float:
         return WORST[self.direction] if value is None else value
 
+    def better(self, value: float | None) -> float:
+        """A key that grows as the value gets better (undefined: the worst)."""
+        return self.told(value) if self.direction == "maximize" else -self.told(value)
+
 
 def _task(item: str, include: str | None) -> Task:
     name, _, metric = item.partition(":")
@@ -94,6 +98,10 @@ def pareto_ranks(values: list[list[float]], directions: list[str]) -> list[int]:
     return ranks
 
 
-def values_text(objectives, values) -> str:
-    return ", ".join(f"{'NP' if o.name == NP else o.name} {'—' if x is None else f'{x:.3f}'}"
-                     for o, x in zip(objectives, values))
+def values_text(names: list[str], values: list) -> str:
+    """'NP 0.712, forgetting 0.100' of objectives' names and values."""
+    return ", ".join(f"{'NP' if n == NP else n} {number_text(x)}" for n, x in zip(names, values))
+
+
+def number_text(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"

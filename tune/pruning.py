@@ -51,9 +51,7 @@ def halved(scored: list, objectives) -> list:
     objective."""
     if len(objectives) == 1:
         return [t for t, _ in scored if t.should_prune()]
-    directions = [o.direction for o in objectives]
     told = [[o.told(x) for o, x in zip(objectives, values)] for _, values in scored]
-    ranks = pareto_ranks(told, directions)
-    sign = 1 if directions[0] == "maximize" else -1
-    order = sorted(range(len(scored)), key=lambda i: (ranks[i], -sign * told[i][0]))
+    ranks = pareto_ranks(told, [o.direction for o in objectives])
+    order = sorted(range(len(scored)), key=lambda i: (ranks[i], -objectives[0].better(scored[i][1][0])))
     return [scored[i][0] for i in order[math.ceil(len(scored) / ETA):]]

@@ -7,7 +7,7 @@ point's latest trial and, under it, a line per superseded one; tune.json keeps b
 """
 from optuna.trial import TrialState
 
-from .objectives import FORGETTING, NP, Objective, pareto_ranks
+from .objectives import FORGETTING, NP, Objective, number_text, pareto_ranks, values_text
 from .space import Space, point_key
 
 UNFINISHED = ("fail", "interrupted")
@@ -29,9 +29,8 @@ def study_record(st, method: str, v, space: Space, search, name: str, url: str, 
     first = objectives[0]
     within = [r for r in done if max_forgetting is None or (r["values"].get(FORGETTING) is not None
                                                             and r["values"][FORGETTING] <= max_forgetting)]
-    sign = 1 if first.direction == "maximize" else -1
     best = max(within, key=lambda r: (r["values"].get(first.name) is not None,
-                                      sign * first.told(r["values"].get(first.name)), -r["number"]), default=None)
+                                      first.better(r["values"].get(first.name)), -r["number"]), default=None)
     return {"method": method, "study": name, "storage": url, **space.describe(), "prune": prune or "none",
             "validate": list(v.domains), "limit": v.limit, "objectives": [o.name for o in objectives],
             **({"max_forgetting": max_forgetting} if max_forgetting is not None else {}),
@@ -122,8 +121,7 @@ def table(record: dict) -> str:
         mark = ", ".join(m for m in (mark, "front" if r["number"] in front else "") if m)
         cells = [str(r["number"]), params_text(r["searched"]),
                  *(_domain_cell(r, d) for d in domains),
-                 f"{r['np']:.3f}" if r["np"] is not None else "—",
-                 *(_number(r["values"].get(o)) for o in others), str(r["examples"]),
+                 number_text(r["np"]), *(number_text(r["values"].get(o)) for o in others), str(r["examples"]),
                  f"{r['merge_seconds']:.2f}", f"{r['validation_seconds']:.1f}", mark]
         lines.append("| " + " | ".join(cells) + " |")
     again = [f"trial {r['number']} ({params_text(r['searched'])}): {r['state']}, run again as trial "
@@ -132,24 +130,18 @@ def table(record: dict) -> str:
     if (record["best"] or {}).get("note"):
         lines.append(f"\nbest: {record['best']['note']}")
     if front:
-        named = ", ".join(f"trial {r['number']} ({values_line(record, r)})" for r in shown if r["number"] in front)
+        names = record["objectives"]
+        named = ", ".join(f"trial {r['number']} ({values_text(names, [r['values'].get(o) for o in names])})"
+                          for r in shown if r["number"] in front)
         limit = record.get("max_forgetting")
-        lines.append(f"\nPareto front ({', '.join(record['objectives'])}): {named}; best: the best "
-                     f"{record['objectives'][0]}" + (f" among those forgetting at most {limit:g}" if limit is not None else ""))
+        lines.append(f"\nPareto front ({', '.join(names)}): {named}; best: the best {names[0]}"
+                     + (f" among those forgetting at most {limit:g}" if limit is not None else ""))
     s, run = record["seconds"], record.get("this_run", {})
     lines.append(f"\nmerge (algorithm) time {s['merge']:.1f} s, validation time {s['validation']:.1f} s, "
                  f"{record['examples']} validation examples behind the scores"
                  + (f" ({run['evaluated']} evaluated in this run)" if "evaluated" in run else "")
                  + f"; study {record['study']}")
     return "\n".join(lines)
-
-
-def values_line(record: dict, row: dict) -> str:
-    return ", ".join(f"{'NP' if o == NP else o} {_number(row['values'].get(o))}" for o in record["objectives"])
-
-
-def _number(x) -> str:
-    return "—" if x is None else f"{x:.3f}"
 
 
 def _domain_cell(row: dict, domain: str) -> str:

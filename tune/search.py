@@ -159,7 +159,8 @@ def run_study(study: StudyRun, template: Candidate, v: Validation, runner, run: 
     while True:
         while batch := claim(st, storage, url, study.space, size, study.budget, failed):
             with heartbeats(st, storage, batch):
-                refs = refs or references(ev, template, list(extra), progress)
+                refs = refs or references(ev, template, [o.domain for o in study.objectives if o.name == FORGETTING],
+                                          progress)
                 run_batch(study, batch, template, ev, refs, failed, run, progress)
         if not wait_for_others(st, url, progress):
             return
@@ -202,8 +203,8 @@ def study_name(template: Candidate, space: Space, v: Validation, prune: str | No
 
 
 def references(ev: Evaluator, template: Candidate, extra: list[str] = (), progress=None) -> list[tuple[dict, dict]]:
-    """At every rung, (each expert's score on its own domain, the base's on the objectives' `extra` scores):
-    ({domain: score}, {name: score}), NP's and forgetting's denominators on the candidates' examples."""
+    """At every rung, (each expert's score on its own domain, the base's on `extra`, forgetting's general
+    tasks): ({domain: score}, {name: score}), NP's and forgetting's denominators on the candidates' examples."""
     base, experts = template.sources()
     folders = [str(e.path) for e in experts] + ([str((base or experts[0]).path)] if extra else [])
     doms = [[d] for d in ev.v.domains] + ([list(extra)] if extra else [])
@@ -263,7 +264,7 @@ def run_batch(study: StudyRun, trials, template: Candidate, ev: Evaluator, refs,
             rung = f"rung {r + 1}/{ev.rungs} ({ev.fractions[r]:.0%} of the examples): " if ev.rungs > 1 else ""
             for t, values in scored:
                 shown = params_text(searched(space, t.user_attrs["params"]))
-                progress(f"{rung}trial {t.number} {shown}: {values_text(objectives, values)}")
+                progress(f"{rung}trial {t.number} {shown}: {values_text([o.name for o in objectives], values)}")
             if not last:
                 progress(f"{rung}{len(kept)} of {len(scored)} go on")
         alive = [(t, c) for t, c in alive if any(t is k for k, _ in kept)]
