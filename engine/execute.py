@@ -18,6 +18,7 @@ from .. import kernels, methods
 from ..methods.dispatch import chunk_cuts, merge_chunk, model_scope, reductions, thresholds
 from ..methods.ranking import Ranking
 from ..common.errors import MbmergeError, MethodFailed, NonFinite
+from ..common.threads import torch_threads
 from .inputs.header import DTYPES
 from .journal import Journal
 from .plan import Plan, TensorPlan
@@ -88,7 +89,7 @@ class Merger:
         # device; on the CPU pwrite waits on the disk's writeback (834M params, 2 cores: linear 6.4-8.4 s
         # to 4.9-5.2 s, ties 9.5-11.9 s to 8.2-8.8 s)
         self.output = Output(self.writer.write, on_done, threaded=True, device=self.device)
-        with tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
+        with self._threads(), tqdm(total=self.input_bytes(), unit="B", unit_scale=True, disable=not progress,
                   desc=f"mbmerge {self.method.name}") as bar:
             try:
                 self._run(bar, model_thr, done, ties or {})
@@ -119,8 +120,8 @@ class Merger:
         """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
         (radix select's histograms), so the whole model is never held."""
         merged = [t for t in self.plan.tensors if t.merge]
-        with tqdm(total=2 * self.input_bytes(merged), unit="B", unit_scale=True, disable=not progress, leave=False,
-                  desc="model-wide thresholds") as bar:
+        with self._threads(), tqdm(total=2 * self.input_bytes(merged), unit="B", unit_scale=True, leave=False,
+                                   disable=not progress, desc="model-wide thresholds") as bar:
             compiled = self.method.fused is not None and kernels.compiled(self.device)
 
             def chunks():   # the compiled CPU loops read the mapped bytes; they check the values when merging
@@ -270,12 +271,15 @@ class Merger:
                 key, future = pending.popleft()
                 yield key, future.result()
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)     # this thread's own eager work (reading checks, cuts) on one thread too
-        try:
-            yield ahead
-        finally:
-            torch.set_num_threads(threads)
+        yield ahead
+
+    def _threads(self):
+        """torch's intra-op threads while merging: one where the compiled loops' pool or the chunk pool does the
+        parallel work, so this thread's small eager ops (histogram picks, reading checks, cuts) start no OpenMP
+        team to spin on the cores those pools need (ties of 834M params on 2 cores: libgomp's spinning took 15%
+        of the CPU; 9.9-10.1 s, then 8.7-9.2 s); else as they are (a whole-tensor method's BLAS)."""
+        compiled = self.method.fused is not None and kernels.compiled(self.device)
+        return torch_threads(1 if compiled or self._chunks_in_parallel() else torch.get_num_threads())
 
     @contextlib.contextmanager
     def _method_errors(self, t: TensorPlan):

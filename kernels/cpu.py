@@ -84,7 +84,8 @@ class HistArgs(ctypes.Structure):
     _fields_ = [("n", ctypes.c_int64), ("piece", ctypes.c_int64), ("T", ctypes.c_int32), ("b", ctypes.c_void_p),
                 ("b_dt", ctypes.c_int32), ("xs", ctypes.POINTER(ctypes.c_void_p)),
                 ("x_dt", ctypes.POINTER(ctypes.c_int32)), ("top", ctypes.POINTER(ctypes.c_int32)),
-                ("hist", ctypes.POINTER(ctypes.c_void_p))]
+                ("hist", ctypes.POINTER(ctypes.c_void_p)), ("win", ctypes.POINTER(ctypes.c_int32)),
+                ("low", ctypes.POINTER(ctypes.c_void_p)), ("above", i64p)]
 
 
 @functools.cache
@@ -249,16 +250,35 @@ def product_sums(b, xs, pairs: list[tuple[int, int]], granule: int) -> torch.Ten
     return sums
 
 
-def histograms(hists: list[torch.Tensor], b, xs, tops: list[int | None]) -> None:
+WINDOWS = -2   # a top of `histograms`: the windows' pass
+
+
+def histograms(hists: list[torch.Tensor | None], b, xs, tops: list[int | None], windows=None) -> None:
     """Add each series' keys of |x_i - b| (float32) to hists[i] (one row, shared by the threads): [1, 2^15]
     for top None (the top 16 bits), [1, 2^16 + 2] for the low 16 bits of bin `top`'s members (select.py's
-    layout: the first and last bins, below and above the top bin, stay 0)."""
+    layout: the first and last bins, below and above the top bin, stay 0). For top WINDOWS, none: instead
+    windows[i] (a select.Window) counts its runs' members by their low 16 bits (in its tables, one per thread)
+    but its hot key, the elements above each run and those equal to its hot key (in `above`)."""
     T, n = len(xs), xs[0].numel()
-    row = [h.data_ptr() + 8 * (top is not None) for h, top in zip(hists, tops)]
+    row = [h.data_ptr() + 8 * (top is not None) if h is not None else None for h, top in zip(hists, tops)]
     args = HistArgs(n=n, piece=PIECE, T=T, **_sources(b, xs),
                     top=_array(ctypes.c_int32, [-1 if t is None else t for t in tops]),
                     hist=_array(ctypes.c_void_p, row))
-    _run(library().histogram, [args] * threads(), n)
+    per_thread = [args] * threads()
+    if windows:
+        args.win = _array(ctypes.c_int32, [v for w in windows for v in w.spans + [w.hot]])
+        per_thread = []
+        for r in range(threads()):
+            a = HistArgs.from_buffer_copy(args)
+            a.low = _array(ctypes.c_void_p, [w.low[r].data_ptr() for w in windows])
+            above = torch.zeros(T, 3, dtype=torch.int64)
+            a.above = ctypes.cast(above.data_ptr(), i64p)
+            per_thread.append((a, above))
+        _run(library().histogram, [a for a, _ in per_thread], n)
+        for w, above in zip(windows, sum(above for _, above in per_thread)):
+            w.above += above
+        return
+    _run(library().histogram, per_thread, n)
 
 
 def _keep_bits(kept: torch.Tensor | None, n: int):

@@ -501,20 +501,68 @@ int64_t l1_sums(const merge_args *a, int64_t *next) {
     F(const void *, b) F(int32_t, b_dt) \
     F(const void *const *, xs) \
     F(const int32_t *, x_dt) \
-    F(const int32_t *, top)              /* [T] -1: the hi pass (top 16 bits); else the lo pass of that top bin */ \
-    /* [T] the histogram (all threads add to it) of each series: 2^15 (hi) or 2^16 (lo) */ \
-    F(int64_t *const *, hist)
+    /* [T] -1: the hi pass (top 16 bits); -2: the windows' pass (below); else the lo pass of that top bin */ \
+    F(const int32_t *, top) \
+    /* [T] the histogram (all threads add to it) of each series: 2^15 (hi) or 2^16 (lo); NULL each for top -2 */ \
+    F(int64_t *const *, hist) \
+    /* the windows' pass: [T][5] two runs of bins per series, (first bin, bins) each, and a hot key (-1: none); \
+     * this thread's counts of the low 16 bits of the runs' members but the hot key, [T] tables of \
+     * [bins0 + bins1][2^16], and of the elements above each run and equal to the hot key, [T][3] */ \
+    F(const int32_t *, win) F(uint32_t *const *, low) F(int64_t *, above)
 typedef struct { HIST_ARGS(DECLARE) } hist_args;
 
 /* Counts go to SUB separate tables (element j to table j % SUB): deltas crowd into a few bins, and one
  * counter bumped over and over waits on its own last store (0.78 against 1.16 ns an increment). */
 #define SUB 4
 
+/* the windows' pass over n elements (whole vectors, `valid` of them entries) at k of the sources: per run
+ * of bins, the elements above it (NaN included) and its members by their low 16 bits, in this thread's
+ * counts (a member's table row: its bin - first0 in run 0, else bins0 + its bin - first1). The hot key is
+ * counted apart, by vector compares: bf16 deltas crowd onto single values (one ulp of a weight, a power of
+ * two: 16% of the bench fixture's elements), whose increments of one counter would each wait on the last. */
+ALWAYS void count_windows(const src_t *b, src_t x, int64_t k, int64_t n, int64_t valid, const hist_args *a, int i,
+                          const int dt, const int has_b) {
+    __m256i ignored = _mm256_setzero_si256();
+    const int32_t *w = a->win + 5 * i;
+    uint32_t *low = a->low[i];
+    /* signed compares: bins are below 2^16 */
+    const __m256i f0 = _mm256_set1_epi32(w[0]), n0 = _mm256_set1_epi32(w[1]), f1 = _mm256_set1_epi32(w[2]),
+                  n1 = _mm256_set1_epi32(w[3]), hot = _mm256_set1_epi32(w[4]), zero = _mm256_setzero_si256(),
+                  mask = _mm256_set1_epi32(0xFFFF);
+    int64_t above0 = 0, above1 = 0, hits = 0;
+    for (int64_t j = 0; j < n; j += V) {
+        __m256i bits = _mm256_castps_si256(vabs(delta8(x, b, k + j, &ignored, dt, has_b)));
+        __m256i r0 = _mm256_sub_epi32(_mm256_srli_epi32(bits, 16), f0), r1 = _mm256_sub_epi32(_mm256_srli_epi32(bits, 16), f1);
+        __m256i in0 = _mm256_andnot_si256(_mm256_cmpgt_epi32(zero, r0), _mm256_cmpgt_epi32(n0, r0));
+        __m256i in1 = _mm256_andnot_si256(_mm256_cmpgt_epi32(zero, r1), _mm256_cmpgt_epi32(n1, r1));
+        unsigned entries = valid - j < V ? (1u << (valid - j > 0 ? valid - j : 0)) - 1 : 0xFFu;   /* not padding */
+        above0 += __builtin_popcount(entries & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(r0, _mm256_sub_epi32(n0, _mm256_set1_epi32(1))))));
+        above1 += __builtin_popcount(entries & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(r1, _mm256_sub_epi32(n1, _mm256_set1_epi32(1))))));
+        unsigned is_hot = entries & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, hot)));
+        hits += __builtin_popcount(is_hot);
+        unsigned members = entries & ~is_hot & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(in0, in1)));
+        if (!members) continue;
+        uint32_t at[V] __attribute__((aligned(32)));
+        __m256i row = _mm256_blendv_epi8(_mm256_add_epi32(n0, r1), r0, in0);
+        _mm256_store_si256((__m256i *)at, _mm256_or_si256(_mm256_slli_epi32(row, 16), _mm256_and_si256(bits, mask)));
+        for (; members; members &= members - 1) low[at[__builtin_ctz(members)]]++;
+    }
+    a->above[3 * i] += above0;
+    a->above[3 * i + 1] += above1;
+    a->above[3 * i + 2] += hits;
+}
+
 /* the keys of |x_i - b| for n elements (whole vectors) at k of the sources: the top 16 bits (hi pass),
  * or, for the lo pass, the low 16 bits of the members of bin `top`, counted straight into h */
 ALWAYS void count_keys(const src_t *b, src_t x, int64_t k, int64_t n, int64_t valid, int32_t top, uint32_t *h,
-                       size_t bins, const int dt, const int has_b) {
+                       size_t bins, const hist_args *a, int i, const int dt, const int has_b) {
     __m256i ignored = _mm256_setzero_si256();
+    if (top == -2) {
+        count_windows(b, x, k, n, valid, a, i, dt, has_b);
+        return;
+    }
     if (top < 0) {
         uint32_t keys[BLOCK] __attribute__((aligned(32)));
         for (int64_t j = 0; j < n; j += V) {
@@ -546,11 +594,11 @@ ALWAYS void count_keys(const src_t *b, src_t x, int64_t k, int64_t n, int64_t va
     }
 }
 
-#define COUNT_KEYS(dt) \
-    (has_b ? count_keys(b, x, k, n, valid, top, h, bins, dt, 1) : count_keys(b, x, k, n, valid, top, h, bins, dt, 0))
+#define COUNT_KEYS(dt) (has_b ? count_keys(b, x, k, n, valid, top, h, bins, a, i, dt, 1) \
+                              : count_keys(b, x, k, n, valid, top, h, bins, a, i, dt, 0))
 
 static void count_run(const src_t *b, src_t x, int64_t k, int64_t n, int64_t valid, int32_t top, uint32_t *h,
-                      size_t bins) {
+                      size_t bins, const hist_args *a, int i) {
     int has_b = b != NULL, dt = has_b && b->dt != x.dt ? MIXED : x.dt;
     dt == F32 ? COUNT_KEYS(F32) : dt == BF16 ? COUNT_KEYS(BF16) : dt == F16 ? COUNT_KEYS(F16) : COUNT_KEYS(MIXED);
 }
@@ -565,26 +613,27 @@ static void histogram_piece(const void *args, void *own, int64_t first, int64_t 
         for (int i = 0; i < a->T; i++) {
             size_t bins = a->top[i] < 0 ? 1u << 15 : 1u << 16;
             src_t x = {a->xs[i], a->x_dt[i]};
-            count_run(a->b ? &b : NULL, x, s, full, full, a->top[i], h, bins);
+            count_run(a->b ? &b : NULL, x, s, full, full, a->top[i], h, bins, a, i);
             if (full < n) {                                         /* the last few, through padded copies */
                 if (a->b) load_block(bt, a->b, a->b_dt, s + full, n - full);
                 load_block(xt, a->xs[i], a->x_dt[i], s + full, n - full);
                 src_t tb = {bt, F32}, tx = {xt, F32};
-                count_run(a->b ? &tb : NULL, tx, 0, V, n - full, a->top[i], h, bins);
+                count_run(a->b ? &tb : NULL, tx, 0, V, n - full, a->top[i], h, bins, a, i);
             }
-            h += a->top[i] < 0 ? SUB * bins : bins;
+            h += a->top[i] == -2 ? 0 : a->top[i] < 0 ? SUB * bins : bins;
         }
     }
 }
 
 void histogram(const hist_args *a, int64_t *next) {
-    size_t total = 0;
-    for (int i = 0; i < a->T; i++) total += a->top[i] < 0 ? SUB << 15 : 1u << 16;
+    size_t total = 1;
+    for (int i = 0; i < a->T; i++) total += a->top[i] == -2 ? 0 : a->top[i] < 0 ? SUB << 15 : 1u << 16;
     uint32_t *counts = calloc(total, sizeof(uint32_t));          /* this call's: under 2^32 per bin */
     if (!counts) return;
     take_pieces(next, a->piece, a->n, histogram_piece, a, counts);
     const uint32_t *h = counts;
     for (int i = 0; i < a->T; i++) {
+        if (a->top[i] == -2) continue;
         size_t bins = a->top[i] < 0 ? 1u << 15 : 1u << 16;
         for (size_t key = 0; key < bins; key++) {
             int64_t c = h[key];
@@ -703,74 +752,112 @@ void widen_fp8(const widen_args *a, int64_t *next) {
     F(float *, out)
 typedef struct { RATE_ARGS(DECLARE) } rate_args;
 
-static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *keys, uint32_t *idx,
-                     uint32_t *keys2, uint32_t *idx2, float *xs, float *bs) {
-    const int64_t m = a->m, first = row * m;
-    uint32_t any = 0, all = ~0u;                                /* the bits that vary set the digits */
-    for (int64_t s = 0; s < m; s += BLOCK) {                  /* keys: |x - b| as float32 bits */
-        int64_t n = m - s < BLOCK ? m - s : BLOCK;
-        load_block(xs, a->x, a->x_dt, first + s, n);
-        if (a->b) load_block(bs, a->b, a->b_dt, first + s, n);
-        for (int64_t j = 0; j < n; j++) {
-            float d = fabsf(a->b ? xs[j] - bs[j] : xs[j]);
-            uint32_t k;
-            memcpy(&k, &d, 4);
-            k = d != d ? 0x7FC00000u : k;                       /* NaNs rank last, equal among themselves */
-            keys[s + j] = k;
-            idx[s + j] = (uint32_t)(s + j);
-            any |= k;
-            all &= k;
-        }
+/* the row's keys |x - b| as float32 bits (NaN as 0x7FC00000: last, equal among themselves) for n elements
+ * (whole vectors) at k; the bits that vary among them are or ^ and */
+ALWAYS void row_keys(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and,
+                     const int dt, const int has_b) {
+    __m256i ignored = _mm256_setzero_si256();
+    const __m256i nan = _mm256_set1_epi32(0x7FC00000);
+    for (int64_t j = 0; j < n; j += V) {
+        __m256 d = vabs(delta8(x, b, k + j, &ignored, dt, has_b));
+        __m256i key = _mm256_blendv_epi8(_mm256_castps_si256(d), nan, _mm256_castps_si256(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)));
+        _mm256_storeu_si256((__m256i *)(keys + j), key);
+        *or = _mm256_or_si256(*or, key);
+        *and = _mm256_and_si256(*and, key);
     }
+}
+
+#define ROW_KEYS(dt) (has_b ? row_keys(b, x, k, n, keys, or, and, dt, 1) : row_keys(b, x, k, n, keys, or, and, dt, 0))
+
+static void keys_run(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and) {
+    int has_b = b != NULL, dt = has_b && b->dt != x.dt ? MIXED : x.dt;
+    dt == F32 ? ROW_KEYS(F32) : dt == BF16 ? ROW_KEYS(BF16) : dt == F16 ? ROW_KEYS(F16) : ROW_KEYS(MIXED);
+}
+
+/* Digits of at most DIGIT bits, as few passes as the varying bits need: bf16 deltas vary in 16-23 bits
+ * (measured on the bench fixture), two passes where 8-bit digits took three. */
+#define DIGIT 11
+
+/* every digit's histogram in one pass over the keys, even and odd elements apart (a run of equal digits
+ * bumps one counter over and over, each increment waiting on the last); passes: a constant of each copy */
+ALWAYS void count_digits(const uint32_t *keys, int64_t m, uint32_t *count, int low, int width, const int passes) {
+    const uint32_t bins = 1u << width, mask = bins - 1;
+    for (int64_t j = 0; j < m; j++)
+        for (int p = 0; p < passes; p++) count[(2 * p + (j & 1)) * bins + ((keys[j] >> (low + width * p)) & mask)]++;
+}
+
+static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *keys, uint32_t *idx,
+                     uint32_t *keys2, uint32_t *idx2, uint32_t *count) {
+    const int64_t m = a->m, first = row * m, full = m / V * V;
+    src_t b = {a->b, a->b_dt}, x = {a->x, a->x_dt};
+    __m256i or = _mm256_setzero_si256(), and = _mm256_set1_epi32(-1);
+    keys_run(a->b ? &b : NULL, x, first, full, keys, &or, &and);
+    if (full < m) {                                             /* the last few, through padded copies */
+        float bt[V] __attribute__((aligned(32))), xt[V] __attribute__((aligned(32)));
+        uint32_t tail[V] __attribute__((aligned(32)));
+        if (a->b) load_block(bt, a->b, a->b_dt, first + full, m - full);
+        load_block(xt, a->x, a->x_dt, first + full, m - full);
+        src_t tb = {bt, F32}, tx = {xt, F32};
+        __m256i tor = _mm256_setzero_si256(), tand = _mm256_set1_epi32(-1);
+        keys_run(a->b ? &tb : NULL, tx, 0, V, tail, &tor, &tand);
+        for (int64_t j = full; j < m; j++) keys[j] = tail[j - full];
+    }
+    uint32_t lanes_or[V], lanes_and[V], any = 0, all = ~0u;
+    _mm256_storeu_si256((__m256i *)lanes_or, or);
+    _mm256_storeu_si256((__m256i *)lanes_and, and);
+    for (int l = 0; l < V; l++) any |= lanes_or[l], all &= lanes_and[l];
+    for (int64_t j = full; j < m; j++) any |= keys[j], all &= keys[j];
     uint32_t varying = any ^ all;
     if (!varying) {                                             /* all equal: ranks by position */
         for (int64_t k = 0; k < m; k++) a->out[first + k] = rate[k];
         return;
     }
-    /* 8-bit digits from the lowest varying bit to the highest: bf16 deltas vary in about 14 bits, two
-     * passes; every digit's histogram in one pass, even and odd elements apart (a run of equal digits
-     * bumps one counter over and over, each increment waiting on the last) */
-    const int low = __builtin_ctz(varying), passes = (31 - __builtin_clz(varying) - low) / 8 + 1;
-    uint32_t count[4][2][256];
-    memset(count, 0, sizeof(uint32_t) * 2 * 256 * passes);
-    for (int64_t j = 0; j < m; j++)
-        for (int p = 0; p < passes; p++) count[p][j & 1][(keys[j] >> (low + 8 * p)) & 0xFF]++;
+    /* LSD from the lowest varying bit to the highest */
+    const int low = __builtin_ctz(varying), bits = 32 - __builtin_clz(varying) - low;
+    const int passes = (bits + DIGIT - 1) / DIGIT, width = (bits + passes - 1) / passes;
+    const uint32_t bins = 1u << width, mask = bins - 1;
+    memset(count, 0, sizeof(uint32_t) * 2 * bins * passes);
+    passes == 1 ? count_digits(keys, m, count, low, width, 1) : passes == 2 ? count_digits(keys, m, count, low, width, 2)
+                                                            : count_digits(keys, m, count, low, width, 3);
     for (int p = 0; p < passes; p++) {
-        const int shift = low + 8 * p;
-        uint32_t *c = count[p][0], at = 0;
-        for (int d = 0; d < 256; d++) {
-            uint32_t n = c[d] + count[p][1][d];
+        const int shift = low + width * p;
+        uint32_t *c = count + 2 * p * bins, *c1 = c + bins, at = 0;
+        for (uint32_t d = 0; d < bins; d++) {
+            uint32_t n = c[d] + c1[d];
             c[d] = at;
             at += n;
         }
+        if (p == passes - 1) {                                  /* the last digit places each element: its rate */
+            for (int64_t j = 0; j < m; j++) a->out[first + (p ? idx[j] : (uint32_t)j)] = rate[c[(keys[j] >> shift) & mask]++];
+            return;
+        }
         for (int64_t j = 0; j < m; j++) {
-            uint32_t to = c[(keys[j] >> shift) & 0xFF]++;
+            uint32_t to = c[(keys[j] >> shift) & mask]++;
             keys2[to] = keys[j];
-            idx2[to] = idx[j];
+            idx2[to] = p ? idx[j] : (uint32_t)j;                /* the first pass's order is the row's */
         }
         uint32_t *t = keys; keys = keys2; keys2 = t;
         t = idx; idx = idx2; idx2 = t;
     }
-    for (int64_t k = 0; k < m; k++) a->out[first + idx[k]] = rate[k];
 }
 
 static void rank_piece(const void *args, void *own, int64_t first, int64_t stop) {
     const rate_args *a = args;
     const int64_t m = a->m;
-    float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
     uint32_t *scratch = own;
-    const float *rate = (const float *)(scratch + 4 * m);
+    const float *rate = (const float *)(scratch + 4 * (m + V));
+    uint32_t *count = scratch + 5 * (m + V);
     for (int64_t row = first; row < stop; row++)
-        rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, xs, bs);
+        rank_row(a, row, rate, scratch, scratch + (m + V), scratch + 2 * (m + V), scratch + 3 * (m + V), count);
 }
 
 /* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
  * whose scratch could not be allocated takes none). */
 int64_t keep_rates(const rate_args *a, int64_t *next) {
-    size_t m = (size_t)a->m;
-    uint32_t *scratch = malloc(5 * m * sizeof(uint32_t));
+    size_t m = (size_t)a->m, counts = 2 * ((32 + DIGIT - 1) / DIGIT) << DIGIT;
+    uint32_t *scratch = malloc((5 * (m + V) + counts) * sizeof(uint32_t));
     if (!scratch) return 0;
-    float *rate = (float *)(scratch + 4 * m);                   /* the rate of the k-th smallest */
+    float *rate = (float *)(scratch + 4 * (m + V));            /* the rate of the k-th smallest */
     const float below = (float)(m - 1);
     for (size_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * a->step + a->lo;
     int64_t done = take_pieces(next, a->piece, a->rows, rank_piece, a, scratch);

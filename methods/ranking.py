@@ -49,7 +49,7 @@ def bounds(ranks: list[list[Rank]], chunks: Callable, n: int, keep_ties: bool) -
         return min(r.r + r.drop, n)
     ks = [[wanted(r) for r in rs if wanted(r) > 0] for rs in ranks]
     out = []
-    for rs, found in zip(ranks, kernels.kth_largest_abs_ranked(chunks, ks)):
+    for rs, found in zip(ranks, kernels.kth_largest_abs_ranked(chunks, ks, n)):
         row, found = [], iter(found)
         for r in rs:
             if wanted(r) == 0:                      # the top 0: nothing

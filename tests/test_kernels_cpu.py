@@ -13,7 +13,7 @@ import torch
 from mbmerge import kernels, methods
 from mbmerge.kernels import cpu
 from mbmerge.kernels.dare import uniform_ref
-from mbmerge.kernels.select import HI_BINS, INF_BIN, LO_BINS
+from mbmerge.kernels.select import HI_BINS, INF_BIN, LO_BINS, Kth, kth_largest_abs_ranked
 from mbmerge.methods._blocks import granule_sums
 from mbmerge.methods.ranking import Rank, Ranking, bounds
 
@@ -199,6 +199,71 @@ def test_ranks_cut_tied_entries_in_visiting_order_on_the_compiled_path():
     assert torch.equal(torch.cat(kept), want)
 
 
+def sorted_kth(b, x, k: int) -> Kth:
+    """The k-th largest |x - b| (float32) by a full sort of the bit patterns, with its rank among its ties."""
+    bits = torch.sort((x.float() - b.float()).abs().view(torch.int32), descending=True).values
+    v = int(bits[k - 1])
+    return Kth(float(torch.tensor(v, dtype=torch.int32).view(torch.float32)), k - int((bits > v).sum()),
+               int((bits == v).sum()))
+
+
+def streamed(b, xs, chunk: int, reads: list):
+    """chunks() of (b, xs) `chunk` elements at a time; each call (a pass over the data) noted in `reads`."""
+    def chunks():
+        reads.append(1)
+        return ((b[a:a + chunk], [x[a:a + chunk] for x in xs]) for a in range(0, b.numel(), chunk))
+    return chunks
+
+
+N_KTH = 1_000_003
+
+
+def kth_inputs(dtype, seed=0):
+    """A base and two experts whose deltas are one bf16 ulp of the base for a sixth of the elements (the
+    crowding onto single values of real bf16 fine-tunes), else spread."""
+    g = torch.Generator().manual_seed(seed)
+    b = (0.02 * torch.randn(N_KTH, generator=g)).to(dtype)
+    xs = []
+    for _ in range(2):
+        d = 0.002 * torch.randn(N_KTH, generator=g)
+        ulp = (b.float().abs().view(torch.int32) & 0x7F800000).view(torch.float32) / 128
+        one_ulp = torch.rand(N_KTH, generator=g) < 1 / 6
+        xs.append(torch.where(one_ulp, b.float() + ulp, b.float() + d).to(dtype))
+    return b, xs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ks", [[[N_KTH // 5], [N_KTH // 3]], [[N_KTH // 10, N_KTH // 4], [N_KTH // 2]],
+                                [[N_KTH // 5, N_KTH // 5 + 1000], [N_KTH // 3]]], ids=["one-k", "two-ks", "near-ks"])
+@pytest.mark.parametrize("chunk", [1 << 18, N_KTH], ids=["chunks", "one-chunk"])
+def test_kth_in_one_pass_equals_a_sort(threads, dtype, ks, chunk):
+    b, xs = kth_inputs(dtype)
+    reads = []
+    got = kth_largest_abs_ranked(streamed(b, xs, chunk, reads), ks, N_KTH)
+    assert got == [[sorted_kth(b, x, k) for k in series] for x, series in zip(xs, ks)]
+    assert len(reads) == 1                              # the windows held every k: no second pass
+
+
+@pytest.mark.parametrize("case", ["first chunk unlike the rest", "three ks", "the top few", "NaN at the top"])
+def test_kth_where_one_pass_cannot_say_equals_a_sort(threads, case):
+    b, xs = kth_inputs(torch.bfloat16, seed=1)
+    ks = [[N_KTH // 5], [N_KTH // 5]]
+    if case == "first chunk unlike the rest":
+        xs[0][:1 << 18] = b[:1 << 18]                    # no change at all in the first chunk
+    elif case == "three ks":
+        ks = [[10, N_KTH // 5, N_KTH // 2], [N_KTH // 5]]
+    elif case == "the top few":
+        ks = [[3], [1, 2]]
+    else:
+        xs[1][5 * N_KTH // 6:] = float("nan")           # past the first chunk: it looks finite
+        ks = [[N_KTH // 5], [N_KTH // 10]]
+    got = kth_largest_abs_ranked(streamed(b, xs, 1 << 18, []), ks, N_KTH)
+    want = [[sorted_kth(b, x, k) for k in series] for x, series in zip(xs, ks)]
+    if case == "NaN at the top":                        # the k-th largest is NaN: radix select says +inf
+        want[1] = [Kth(float("inf"), 0, 0)]
+    assert got == want
+
+
 @pytest.mark.parametrize("m", [1, 2, 7, 300])
 def test_keep_rates_rank_each_row_stably(threads, m):
     rows, lo, step = 40, 0.05, 0.3
@@ -206,8 +271,24 @@ def test_keep_rates_rank_each_row_stably(threads, m):
     b = torch.randn(rows * m, generator=g).bfloat16()
     x = (b.float() + torch.randint(-2, 3, (rows * m,), generator=g) * 0.01).bfloat16()
     x[3] = float("nan")
+    assert_ranked_stably(b, x, m, lo, step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_keep_rates_of_deltas_varying_in_every_bit(threads, dtype):
+    """Keys varying in 8 to 31 bits: one to three radix passes of up to 11-bit digits."""
+    rows, m = 12, 1001
+    g = torch.Generator().manual_seed(5)
+    decades = torch.linspace(0, 5 if dtype == torch.float16 else 60, rows).repeat_interleave(m)   # per row
+    x = (torch.randn(rows * m, generator=g) * 10 ** (3 - decades * torch.rand(rows * m, generator=g))).to(dtype)
+    x[:m] = 0.5                                         # a row of equal keys: ranks by position
+    assert_ranked_stably(None, x, m, 0.1, 0.5)          # no base: x is the delta
+
+
+def assert_ranked_stably(b, x, m: int, lo: float, step: float):
+    rows = x.numel() // m
     got = cpu.keep_rates(b, x, m, lo, step)
-    a = (x.float() - b.float()).abs().view(rows, m).tolist()
+    a = (x.float() - (b.float() if b is not None else 0)).abs().view(rows, m).tolist()
     ranks = []
     for row in a:   # ascending |d|, ties by position, NaN last
         order = sorted(range(m), key=lambda j: (row[j] != row[j], row[j] if row[j] == row[j] else 0.0, j))
