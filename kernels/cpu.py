@@ -122,6 +122,8 @@ def library() -> ctypes.CDLL | None:
     lib.product_sums.restype = ctypes.c_int64
     lib.mix.argtypes = [ctypes.POINTER(MixArgs), i64p]
     lib.mix.restype = None
+    lib.philox_lanes.argtypes = [ctypes.c_int32]
+    lib.philox_lanes.restype = ctypes.c_int32
     return lib
 
 
@@ -349,6 +351,12 @@ def uniforms(seed: int, start: int, n: int) -> torch.Tensor:
     if n:
         _run(library().uniforms, [args] * threads(), n)
     return out
+
+
+def philox_lanes(want: int = 0) -> int:
+    """The lanes DARE's and DELLA's Philox draws run in: 16 (AVX-512F) where the CPU has them, else 8, the same
+    bits either way; `want` 8 or 16 chooses (16 only where available), 0 asks."""
+    return library().philox_lanes(want)
 
 
 def keep_rates(b, x, m: int, lo: float, step: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The compiled CPU loops (kernels/cpu_merge.c through kernels/cpu.py) against plain torch: every fused
 method's merge bit for bit with its torch method, on one thread and several, at odd sizes and offsets;
-the radix histograms against torch.bincount; tie counts and positions, DELLA's keep rates and the
-Philox uniforms against references written here; the non-finite counts; the fallback when the
+the radix histograms against torch.bincount, exact k-th values in one pass against a sort; tie counts
+and positions, DELLA's keep rates and the Philox uniforms (in 8 lanes and in AVX-512's 16) against
+references written here; the non-finite counts; the fallback when the
 library is missing; cpu.py's ctypes mirrors of the C argument structs against the layout the C file
 compiled. (Whole merges, compiled against torch, byte for byte: test_all_methods.py and
 test_exact_density.py.)"""
@@ -37,6 +38,17 @@ OFFSET = 2**32 - 3000   # the chunk's place in its tensor: Philox counters cross
 def threads(request, monkeypatch):
     monkeypatch.setattr(cpu, "threads", lambda: request.param)
     return request.param
+
+
+@pytest.fixture(params=[8, 16], ids=["philox-8-lanes", "philox-16-lanes"])
+def lanes(request):
+    """Philox draws in AVX2's 8 lanes or AVX-512F's 16 (skipped where the CPU lacks it), then as before."""
+    before = cpu.philox_lanes()
+    if cpu.philox_lanes(request.param) != request.param:
+        cpu.philox_lanes(before)
+        pytest.skip("this CPU lacks AVX-512F")
+    yield request.param
+    cpu.philox_lanes(before)
 
 
 def bf16_deltas(n: int, T: int, dtype, seed: int = 0):
@@ -91,8 +103,14 @@ def test_compiled_merge_is_the_torch_methods_bit_for_bit(threads, name, case):
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
+@pytest.mark.parametrize("case", [1, 5, 6])
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
-def test_the_l1_pass_hands_its_keep_bits_to_the_merge(threads, name):
+def test_draws_in_either_lane_width_are_the_torch_methods(threads, lanes, name, case):
+    test_compiled_merge_is_the_torch_methods_bit_for_bit(threads, name, case)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_the_l1_pass_hands_its_keep_bits_to_the_merge(threads, lanes, name):
     """Under the L1 rescale the merge reads the bits the norm pass drew: the same bytes as the torch
     method, which draws them again, over a tensor of three chunks (the last one short)."""
     rows, m = 9, 1000
@@ -350,7 +368,7 @@ def test_granule_sums_compiled_and_in_torch_are_the_plain_fold(threads, granule,
         assert torch.equal(granule_sums(v, granule), want)
 
 
-def test_uniforms_are_philox_bit_for_bit(threads):
+def test_uniforms_are_philox_bit_for_bit(threads, lanes):
     for seed, start, n in [(12345, 2**32 - 70_000, BIG), (2**62 + 1, 5, 13), (7, 0, 0)]:
         got = cpu.uniforms(seed, start, n)
         assert torch.equal(got.view(torch.int32), uniform_ref(seed, torch.arange(start, start + n)).view(torch.int32))
