@@ -18,7 +18,7 @@ window (a first chunk unlike the rest), the two passes run as before.
 import math
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -108,11 +108,8 @@ class Window:
     run 1's rows, in one table per thread; but those equal to the hot key, counted apart."""
     spans: list[int]                   # [first0, bins0, first1, bins1]
     low: torch.Tensor                  # int32 [threads, bins0 + bins1, 2^16]
-    above: torch.Tensor = None         # int64 [3]: above run 0, above run 1, equal to the hot key
-    hot: int = -1                      # a key (float32 bits of |d|) counted apart; -1: none
-
-    def __post_init__(self):
-        self.above = torch.zeros(3, dtype=torch.int64)
+    above: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))  # above run 0,
+    hot: int = -1                      # above run 1, equal to the hot key (float32 bits of |d|; -1: none)
 
     def _row(self, bin: int) -> int | None:
         first0, bins0, first1, bins1 = self.spans
@@ -124,8 +121,8 @@ class Window:
         counts = self.low.sum(0, dtype=torch.int64).view(-1)
         at = int(counts.argmax())
         row, key = divmod(at, LO_BINS)
-        first = self.spans[0] + row if row < self.spans[1] else self.spans[2] + row - self.spans[1]
-        self.hot = (first << 16) | key if counts[at] else -1
+        first0, bins0, first1, _ = self.spans
+        self.hot = ((first0 + row if row < bins0 else first1 + row - bins0) << 16) | key if counts[at] else -1
 
     def locate(self, k: int) -> tuple[int, int, torch.Tensor] | None:
         """(bin, rank in it, its lo histogram in select's layout) of the k-th largest key, from the counts of
