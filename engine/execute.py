@@ -117,14 +117,16 @@ class Merger:
             self.output.tensor_done(t, model_thr.state() if model_thr is not None else None)
 
     def _model_thresholds(self, progress: bool) -> Ranking:
-        """Each expert's |d_i| thresholds ranked over every merged tensor: two streaming passes
-        (radix select's histograms), so the whole model is never held."""
+        """Each expert's |d_i| thresholds ranked over every merged tensor: streaming passes (radix select's:
+        one on the compiled CPU loops where the first chunk's windows hold, else two), so the whole model is
+        never held."""
         merged = [t for t in self.plan.tensors if t.merge]
-        with self._threads(), tqdm(total=2 * self.input_bytes(merged), unit="B", unit_scale=True, leave=False,
+        with self._threads(), tqdm(total=self.input_bytes(merged), unit="B", unit_scale=True, leave=False,
                                    disable=not progress, desc="model-wide thresholds") as bar:
             compiled = self.method.fused is not None and kernels.compiled(self.device)
 
             def chunks():   # the compiled CPU loops read the mapped bytes; they check the values when merging
+                bar.reset()                                              # each pass from 0
                 for t in merged:
                     for b, xs, a in self._read(t, stored=compiled, check=not compiled):
                         yield b, xs, a
