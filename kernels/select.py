@@ -150,7 +150,7 @@ _SCRATCH = threading.local()
 def _tables(series: int, threads: int, rows: int) -> torch.Tensor:
     """Zeroed int32 [threads, rows, 2^16] counts for the series-th Window of a call, kept from call to call on
     this thread: a fresh one each time took its pages' faults and zeroing in the loops (breadcrumbs' two runs
-    on 834M params: 2.7 s more than the second pass it saved)."""
+    on 834M params took 1.5-2.5 s longer than two passes; with kept tables, about as long)."""
     kept = getattr(_SCRATCH, "tables", None) or {}
     _SCRATCH.tables = kept
     need = threads * rows * LO_BINS
