@@ -913,19 +913,19 @@ static void rank_piece(const void *args, void *own, int64_t first, int64_t stop)
     const rate_args *a = args;
     const int64_t m = a->m;
     uint32_t *scratch = own;
-    const float *rate = (const float *)(scratch + 4 * (m + V));
-    uint32_t *count = scratch + 5 * (m + V);
+    const float *rate = (const float *)(scratch + 4 * m);
+    uint32_t *count = scratch + 5 * m;
     for (int64_t row = first; row < stop; row++)
-        rank_row(a, row, rate, scratch, scratch + (m + V), scratch + 2 * (m + V), scratch + 3 * (m + V), count);
+        rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, count);
 }
 
 /* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
  * whose scratch could not be allocated takes none). */
 int64_t keep_rates(const rate_args *a, int64_t *next) {
     size_t m = (size_t)a->m, counts = 2 * ((32 + DIGIT - 1) / DIGIT) << DIGIT;
-    uint32_t *scratch = malloc((5 * (m + V) + counts) * sizeof(uint32_t));
+    uint32_t *scratch = malloc((5 * m + counts) * sizeof(uint32_t));
     if (!scratch) return 0;
-    float *rate = (float *)(scratch + 4 * (m + V));            /* the rate of the k-th smallest */
+    float *rate = (float *)(scratch + 4 * m);                   /* the rate of the k-th smallest */
     const float below = (float)(m - 1);
     for (size_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * a->step + a->lo;
     int64_t done = take_pieces(next, a->piece, a->rows, rank_piece, a, scratch);

@@ -15,6 +15,7 @@ them and their members by their low 16 bits: a vector compare and a popcount an 
 histogram took a scattered increment, and no second pass. Where the k-th value lies outside its
 window (a first chunk unlike the rest), the two passes run as before.
 """
+import functools
 import math
 import struct
 import threading
@@ -124,23 +125,32 @@ class Window:
         first0, bins0, first1, _ = self.spans
         self.hot = ((first0 + row if row < bins0 else first1 + row - bins0) << 16) | key if counts[at] else -1
 
-    def locate(self, k: int) -> tuple[int, int, torch.Tensor] | None:
-        """(bin, rank in it, its lo histogram in select's layout) of the k-th largest key, from the counts of
-        the run that holds it (the runs never overlap); None if neither does."""
+    @functools.cached_property
+    def _hot_row(self) -> int | None:
+        return self._row(self.hot >> 16) if self.hot >= 0 else None
+
+    @functools.cached_property
+    def _per_row(self) -> torch.Tensor:
+        """Members per row (bin), the hot key's included: summed once, after the pass, for every k."""
         per_row = self.low.sum((0, 2), dtype=torch.int64)
-        hot_row = self._row(self.hot >> 16) if self.hot >= 0 else None
-        if hot_row is not None:
-            per_row[hot_row] += self.above[2]
+        if self._hot_row is not None:
+            per_row[self._hot_row] += self.above[2]
+        return per_row
+
+    def locate(self, k: int) -> tuple[int, int, torch.Tensor] | None:
+        """(bin, rank in it, its [2^16] counts by low key) of the k-th largest key, from the counts of the run
+        that holds it (the runs never overlap); None if neither does."""
         for run in (0, 1):
             first, bins = self.spans[2 * run:2 * run + 2]
-            per_bin, seen = per_row[run * self.spans[1]:run * self.spans[1] + bins], int(self.above[run])
+            rows = slice(run * self.spans[1], run * self.spans[1] + bins)
+            per_bin, seen = self._per_row[rows], int(self.above[run])
             if bins and seen < k <= seen + int(per_bin.sum()):
                 top, rank = pick(per_bin, k - seen)
-                row = self._row(first + top)
+                row = rows.start + top
                 counts = self.low[:, row].sum(0, dtype=torch.int64)
-                if row == hot_row:
+                if row == self._hot_row:
                     counts[self.hot & 0xFFFF] += self.above[2]
-                return first + top, rank, torch.nn.functional.pad(counts, (1, 1))
+                return first + top, rank, counts
         return None
 
 
@@ -183,7 +193,7 @@ def _window(h1: torch.Tensor, n1: int, n: int, ks: list[int], series: int) -> Wi
 
 
 def _windowed(chunks, wanted: list[int], ks: list[list[int]], n: int) -> dict | None:
-    """{(i, k): (bin, rank, lo histogram)} for every wanted k, from one hi histogram of the first chunk (for the
+    """{(i, k): (bin, rank, its [2^16] counts by low key)} for every wanted k, from one hi histogram of the first chunk (for the
     windows) and one windows' pass over every chunk with the compiled loops; None where that cannot say
     (the first chunk not theirs to take, a k outside its window)."""
     windows = None
@@ -209,8 +219,8 @@ def _windowed(chunks, wanted: list[int], ks: list[list[int]], n: int) -> dict | 
 
 
 def _two_passes(chunks, wanted: list[int], ks: list[list[int]]) -> dict:
-    """{(i, k): (bin, rank, lo histogram or None for a k-th largest that is Inf/NaN)}: the hi pass, then the lo
-    pass of each (series, bin) picked."""
+    """{(i, k): (bin, rank, its [2^16] counts by low key, or None for a k-th largest that is Inf/NaN)}: the hi
+    pass, then the lo pass of each (series, bin) picked."""
     hi = _histograms(lambda: ((b, [xs[i] for i in wanted]) for b, xs in chunks()), [None] * len(wanted))
     picks = {(i, k): pick(h, k) for i, h in zip(wanted, hi) for k in ks[i]}
     # one lo histogram per (series, top bin); a k-th largest that is Inf/NaN (inputs only get here with
@@ -219,7 +229,7 @@ def _two_passes(chunks, wanted: list[int], ks: list[list[int]]) -> dict:
     lo = _histograms(lambda: ((b, [xs[i] for i, _ in bins]) for b, xs in chunks()),
                      [top for _, top in bins]) if bins else []
     lo = dict(zip(bins, lo))
-    return {(i, k): (top, rank, lo.get((i, top))) for (i, k), (top, rank) in picks.items()}
+    return {(i, k): (top, rank, lo[i, top][1:-1] if (i, top) in lo else None) for (i, k), (top, rank) in picks.items()}
 
 
 class Kth(NamedTuple):
@@ -265,7 +275,6 @@ def kth_largest_abs_ranked(chunks: Callable[[], Iterable[tuple]], ks: list[list[
         if top >= INF_BIN:
             out[i, k] = Kth(math.inf, 0, 0)
             continue
-        counts = lo[1:-1]                                            # [65536] the bin's members by low key
-        key, within = pick(counts, rank)
-        out[i, k] = Kth(_f32((top << 16) | key), within, int(counts[key]))
+        key, within = pick(lo, rank)
+        out[i, k] = Kth(_f32((top << 16) | key), within, int(lo[key]))
     return [[out[i, k] for k in series] for i, series in enumerate(ks)]
