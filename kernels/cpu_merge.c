@@ -54,7 +54,10 @@ enum { ELECT_NONE = 0, ELECT_SUM = 1, ELECT_COUNT = 2 };
     F(double *, sums)                    /* l1_sums: [2][T][granules] */ \
     /* l1_sums: [T] the keep bits it drew (bit k of byte j: chunk position 8j + k), or NULL */ \
     F(uint8_t *const *, keep_out) \
-    F(const uint8_t *const *, keep_in)   /* delta_merge: [T] those bits, read instead of drawn again, or NULL */
+    F(const uint8_t *const *, keep_in)   /* delta_merge: [T] those bits, read instead of drawn again, or NULL */ \
+    /* l1_sums: [T][2] (lo, step) of DELLA's keep rates, drawn experts' rates ranked row by row as the pass \
+     * goes (granule: the row; no rates array written and read back), or NULL */ \
+    F(const float *, ranks)
 typedef struct { MERGE_ARGS(DECLARE) } merge_args;
 
 /* ---- the threads' loop, shared by every kernel: a call's threads take pieces of its work (elements,
@@ -464,6 +467,137 @@ void delta_merge(const merge_args *a, int64_t *next) {
     take_pieces(next, a->piece, a->n, merge_piece, a, NULL);
 }
 
+/* ---- DELLA's keep rates: p(j) = lo + step * r(j), r(j) = the ascending rank of |x_j - b_j| in its row of m
+ * (ties by position) / (m - 1), 1/2 if m = 1 (della_magprune._rank01), by a stable LSD radix sort per row ---- */
+
+#define RATE_ARGS(F) \
+    F(int64_t, rows) F(int64_t, m) F(int64_t, piece) /* piece: rows a thread takes at a time */ \
+    F(const void *, b) F(int32_t, b_dt)  /* the base, or NULL (x is then the delta) */ \
+    F(const void *, x) F(int32_t, x_dt) \
+    F(float, lo) F(float, step) \
+    F(float *, out)
+typedef struct { RATE_ARGS(DECLARE) } rate_args;
+
+/* the row's keys |x - b| as float32 bits (NaN as 0x7FC00000: last, equal among themselves) for n elements
+ * (whole vectors) at k; the bits that vary among them are or ^ and */
+ALWAYS void row_keys(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and,
+                     const int dt, const int has_b) {
+    __m256i ignored = _mm256_setzero_si256();
+    const __m256i nan = _mm256_set1_epi32(0x7FC00000);
+    for (int64_t j = 0; j < n; j += V) {
+        __m256 d = vabs(delta8(x, b, k + j, &ignored, dt, has_b));
+        __m256i key = _mm256_blendv_epi8(_mm256_castps_si256(d), nan, _mm256_castps_si256(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)));
+        _mm256_storeu_si256((__m256i *)(keys + j), key);
+        *or = _mm256_or_si256(*or, key);
+        *and = _mm256_and_si256(*and, key);
+    }
+}
+
+#define ROW_KEYS(dt) (has_b ? row_keys(b, x, k, n, keys, or, and, dt, 1) : row_keys(b, x, k, n, keys, or, and, dt, 0))
+
+static void keys_run(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and) {
+    int has_b = b != NULL, dt = has_b && b->dt != x.dt ? MIXED : x.dt;
+    dt == F32 ? ROW_KEYS(F32) : dt == BF16 ? ROW_KEYS(BF16) : dt == F16 ? ROW_KEYS(F16) : ROW_KEYS(MIXED);
+}
+
+/* Digits of at most DIGIT bits, as few passes as the varying bits need: bf16 deltas vary in 16-23 bits
+ * (measured on the bench fixture), two passes where 8-bit digits took three. */
+#define DIGIT 11
+
+/* every digit's histogram in one pass over the keys, even and odd elements apart (a run of equal digits
+ * bumps one counter over and over, each increment waiting on the last); passes: a constant of each copy */
+ALWAYS void count_digits(const uint32_t *keys, int64_t m, uint32_t *count, int low, int width, const int passes) {
+    const uint32_t bins = 1u << width, mask = bins - 1;
+    for (int64_t j = 0; j < m; j++)
+        for (int p = 0; p < passes; p++) count[(2 * p + (j & 1)) * bins + ((keys[j] >> (low + width * p)) & mask)]++;
+}
+
+/* uint32s of a thread's scratch to rank rows of m: keys and positions twice over, the digits' counts */
+static size_t rank_room(int64_t m) {
+    return 4 * (size_t)m + (2 * ((32 + DIGIT - 1) / DIGIT) << DIGIT);
+}
+
+/* rate[k] = the rate of the k-th smallest of a row of m */
+static void rate_table(float *rate, int64_t m, float lo, float step) {
+    const float below = (float)(m - 1);
+    for (int64_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * step + lo;
+}
+
+/* row's rates into out[0..m); scratch: rank_room(m) */
+static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *scratch, float *out) {
+    const int64_t m = a->m, first = row * m, full = m / V * V;
+    uint32_t *keys = scratch, *idx = scratch + m, *keys2 = scratch + 2 * m, *idx2 = scratch + 3 * m,
+             *count = scratch + 4 * m;
+    src_t b = {a->b, a->b_dt}, x = {a->x, a->x_dt};
+    __m256i or = _mm256_setzero_si256(), and = _mm256_set1_epi32(-1);
+    keys_run(a->b ? &b : NULL, x, first, full, keys, &or, &and);
+    if (full < m) {                                             /* the last few, through padded copies */
+        float bt[V] __attribute__((aligned(32))), xt[V] __attribute__((aligned(32)));
+        uint32_t tail[V] __attribute__((aligned(32)));
+        if (a->b) load_block(bt, a->b, a->b_dt, first + full, m - full);
+        load_block(xt, a->x, a->x_dt, first + full, m - full);
+        src_t tb = {bt, F32}, tx = {xt, F32};
+        __m256i tor = _mm256_setzero_si256(), tand = _mm256_set1_epi32(-1);
+        keys_run(a->b ? &tb : NULL, tx, 0, V, tail, &tor, &tand);
+        for (int64_t j = full; j < m; j++) keys[j] = tail[j - full];
+    }
+    uint32_t lanes_or[V], lanes_and[V], any = 0, all = ~0u;
+    _mm256_storeu_si256((__m256i *)lanes_or, or);
+    _mm256_storeu_si256((__m256i *)lanes_and, and);
+    for (int l = 0; l < V; l++) any |= lanes_or[l], all &= lanes_and[l];
+    for (int64_t j = full; j < m; j++) any |= keys[j], all &= keys[j];
+    uint32_t varying = any ^ all;
+    if (!varying) {                                             /* all equal: ranks by position */
+        for (int64_t k = 0; k < m; k++) out[k] = rate[k];
+        return;
+    }
+    /* LSD from the lowest varying bit to the highest */
+    const int low = __builtin_ctz(varying), bits = 32 - __builtin_clz(varying) - low;
+    const int passes = (bits + DIGIT - 1) / DIGIT, width = (bits + passes - 1) / passes;
+    const uint32_t bins = 1u << width, mask = bins - 1;
+    memset(count, 0, sizeof(uint32_t) * 2 * bins * passes);
+    passes == 1 ? count_digits(keys, m, count, low, width, 1) : passes == 2 ? count_digits(keys, m, count, low, width, 2)
+                                                            : count_digits(keys, m, count, low, width, 3);
+    for (int p = 0; p < passes; p++) {
+        const int shift = low + width * p;
+        uint32_t *c = count + 2 * p * bins, *c1 = c + bins, at = 0;
+        for (uint32_t d = 0; d < bins; d++) {
+            uint32_t n = c[d] + c1[d];
+            c[d] = at;
+            at += n;
+        }
+        if (p == passes - 1) {                                  /* the last digit places each element: its rate */
+            for (int64_t j = 0; j < m; j++) out[p ? idx[j] : (uint32_t)j] = rate[c[(keys[j] >> shift) & mask]++];
+            return;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t to = c[(keys[j] >> shift) & mask]++;
+            keys2[to] = keys[j];
+            idx2[to] = p ? idx[j] : (uint32_t)j;                /* the first pass's order is the row's */
+        }
+        uint32_t *t = keys; keys = keys2; keys2 = t;
+        t = idx; idx = idx2; idx2 = t;
+    }
+}
+
+static void rank_piece(const void *args, void *own, int64_t first, int64_t stop) {
+    const rate_args *a = args;
+    const float *rate = own;
+    uint32_t *scratch = (uint32_t *)own + a->m;
+    for (int64_t row = first; row < stop; row++) rank_row(a, row, rate, scratch, a->out + row * a->m);
+}
+
+/* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
+ * whose scratch could not be allocated takes none). */
+int64_t keep_rates(const rate_args *a, int64_t *next) {
+    float *own = malloc((a->m + rank_room(a->m)) * sizeof(uint32_t));   /* the rate table, then rank_row's */
+    if (!own) return 0;
+    rate_table(own, a->m, a->lo, a->step);
+    int64_t done = take_pieces(next, a->piece, a->rows, rank_piece, a, own);
+    free(own);
+    return done;
+}
+
 /* ---- mergekit's L1 rescale (dare_drop and della_magprune rescale_gains): per granule of the chunk, the
  * float64 sums of |d_i| and of |keep_i d_i|, each folded as _blocks.granule_sums folds (zero-padded to a
  * power of two, the upper half added to the lower until one value is left): the torch path's bits ---- */
@@ -514,13 +648,23 @@ ALWAYS void store_pd(double *dst, __m256 v) {
     _mm256_storeu_pd(dst + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
 }
 
+/* A thread's scratch for l1_sums: the fold's doubles, and where DELLA's rates are ranked, rank_row's
+ * scratch, each expert's rate table and one row's rates (padded to whole vectors). */
+typedef struct { double *full, *kept; uint32_t *rank; float *table, *row; } l1_scratch;
+
 /* granule g, for each expert: full and kept hold `width` doubles (and at least a whole vector) */
-static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *full, double *kept, float *xs,
+static void l1_granule(const merge_args *a, int64_t g, int64_t width, const l1_scratch *t, float *xs,
                        float *bs, float *u) {
     const int64_t G = a->granule, start = g * G, len = a->n - start < G ? a->n - start : G;
     const int64_t granules = (a->n + G - 1) / G, room = width > V ? width : V;
     const __m256 one = _mm256_set1_ps(1.0f);
+    double *full = t->full, *kept = t->kept;
     for (int i = 0; i < a->T; i++) {
+        const int ranked = a->ranks && draws(a, i);
+        if (ranked) {                                           /* the row's rates, as keep_rates gives them */
+            rate_args r = {.rows = granules, .m = G, .b = a->b, .b_dt = a->b_dt, .x = a->xs[i], .x_dt = a->x_dt[i]};
+            rank_row(&r, g, t->table + i * G, t->rank, t->row);
+        }
         memset(full, 0, (size_t)room * sizeof(double));
         memset(kept, 0, (size_t)room * sizeof(double));
         for (int64_t s = 0; s < len; s += BLOCK) {
@@ -531,7 +675,8 @@ static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *fu
             for (int64_t j = 0; j < n; j += V) {
                 __m256 d = _mm256_load_ps(xs + j);
                 if (a->b) d = _mm256_sub_ps(d, _mm256_load_ps(bs + j));
-                __m256 keep = keep8(a, i, d, start + s + j, u + j, TRIM_RANDOM);
+                __m256 keep = ranked ? _mm256_cmp_ps(_mm256_load_ps(u + j), _mm256_loadu_ps(t->row + s + j), _CMP_LT_OQ)
+                                     : keep8(a, i, d, start + s + j, u + j, TRIM_RANDOM);
                 if (a->keep_out && a->keep_out[i]) a->keep_out[i][(start + s + j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
                 store_pd(full + s + j, vabs(d));
                 store_pd(kept + s + j, vabs(_mm256_mul_ps(d, _mm256_and_ps(keep, one))));  /* [u < p] * d */
@@ -544,21 +689,29 @@ static void l1_granule(const merge_args *a, int64_t g, int64_t width, double *fu
 
 static void l1_piece(const void *args, void *own, int64_t first, int64_t stop) {
     const merge_args *a = args;
-    const int64_t width = fold_width(a->granule), room = width > V ? width : V;
+    const int64_t width = fold_width(a->granule);
     float xs[BLOCK] __attribute__((aligned(32))), bs[BLOCK] __attribute__((aligned(32)));
     float u[BLOCK + 16] __attribute__((aligned(64)));
-    double *scratch = own;
-    for (int64_t g = first; g < stop; g++) l1_granule(a, g, width, scratch, scratch + room, xs, bs, u);
+    for (int64_t g = first; g < stop; g++) l1_granule(a, g, width, own, xs, bs, u);
 }
 
 /* Sum granules (a->piece at a time) until none is left; the granules this thread summed (the caller
  * checks they add up: a thread whose scratch could not be allocated takes none). */
 int64_t l1_sums(const merge_args *a, int64_t *next) {
-    const int64_t width = fold_width(a->granule);
-    double *scratch = aligned_alloc(32, 2 * (size_t)(width > V ? width : V) * sizeof(double));
-    if (!scratch) return 0;
-    int64_t done = take_pieces(next, a->piece, (a->n + a->granule - 1) / a->granule, l1_piece, a, scratch);
-    free(scratch);
+    const int64_t G = a->granule, width = fold_width(G), room = width > V ? width : V;
+    const size_t ranked = a->ranks ? rank_room(G) + (size_t)(a->T + 1) * G + V : 0;      /* 4-byte words */
+    char *own = aligned_alloc(32, (2 * room * sizeof(double) + ranked * 4 + 31) / 32 * 32);
+    if (!own) return 0;
+    l1_scratch t = {(double *)own, (double *)own + room};
+    if (a->ranks) {
+        t.rank = (uint32_t *)(t.kept + room);
+        t.table = (float *)(t.rank + rank_room(G));
+        t.row = t.table + a->T * G;
+        for (int i = 0; i < a->T; i++) rate_table(t.table + i * G, G, a->ranks[2 * i], a->ranks[2 * i + 1]);
+        for (int k = 0; k < V; k++) t.row[G + k] = 1.0f;       /* past the row: d = 0 there */
+    }
+    int64_t done = take_pieces(next, a->piece, (a->n + G - 1) / G, l1_piece, a, &t);
+    free(own);
     return done;
 }
 
@@ -807,130 +960,6 @@ static void widen_piece(const void *args, void *own, int64_t first, int64_t stop
 
 void widen_fp8(const widen_args *a, int64_t *next) {
     take_pieces(next, a->piece, a->n, widen_piece, a, NULL);
-}
-
-/* ---- DELLA's keep rates: p(j) = lo + step * r(j), r(j) = the ascending rank of |x_j - b_j| in its row of m
- * (ties by position) / (m - 1), 1/2 if m = 1 (della_magprune._rank01), by a stable LSD radix sort per row ---- */
-
-#define RATE_ARGS(F) \
-    F(int64_t, rows) F(int64_t, m) F(int64_t, piece) /* piece: rows a thread takes at a time */ \
-    F(const void *, b) F(int32_t, b_dt)  /* the base, or NULL (x is then the delta) */ \
-    F(const void *, x) F(int32_t, x_dt) \
-    F(float, lo) F(float, step) \
-    F(float *, out)
-typedef struct { RATE_ARGS(DECLARE) } rate_args;
-
-/* the row's keys |x - b| as float32 bits (NaN as 0x7FC00000: last, equal among themselves) for n elements
- * (whole vectors) at k; the bits that vary among them are or ^ and */
-ALWAYS void row_keys(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and,
-                     const int dt, const int has_b) {
-    __m256i ignored = _mm256_setzero_si256();
-    const __m256i nan = _mm256_set1_epi32(0x7FC00000);
-    for (int64_t j = 0; j < n; j += V) {
-        __m256 d = vabs(delta8(x, b, k + j, &ignored, dt, has_b));
-        __m256i key = _mm256_blendv_epi8(_mm256_castps_si256(d), nan, _mm256_castps_si256(_mm256_cmp_ps(d, d, _CMP_UNORD_Q)));
-        _mm256_storeu_si256((__m256i *)(keys + j), key);
-        *or = _mm256_or_si256(*or, key);
-        *and = _mm256_and_si256(*and, key);
-    }
-}
-
-#define ROW_KEYS(dt) (has_b ? row_keys(b, x, k, n, keys, or, and, dt, 1) : row_keys(b, x, k, n, keys, or, and, dt, 0))
-
-static void keys_run(const src_t *b, src_t x, int64_t k, int64_t n, uint32_t *keys, __m256i *or, __m256i *and) {
-    int has_b = b != NULL, dt = has_b && b->dt != x.dt ? MIXED : x.dt;
-    dt == F32 ? ROW_KEYS(F32) : dt == BF16 ? ROW_KEYS(BF16) : dt == F16 ? ROW_KEYS(F16) : ROW_KEYS(MIXED);
-}
-
-/* Digits of at most DIGIT bits, as few passes as the varying bits need: bf16 deltas vary in 16-23 bits
- * (measured on the bench fixture), two passes where 8-bit digits took three. */
-#define DIGIT 11
-
-/* every digit's histogram in one pass over the keys, even and odd elements apart (a run of equal digits
- * bumps one counter over and over, each increment waiting on the last); passes: a constant of each copy */
-ALWAYS void count_digits(const uint32_t *keys, int64_t m, uint32_t *count, int low, int width, const int passes) {
-    const uint32_t bins = 1u << width, mask = bins - 1;
-    for (int64_t j = 0; j < m; j++)
-        for (int p = 0; p < passes; p++) count[(2 * p + (j & 1)) * bins + ((keys[j] >> (low + width * p)) & mask)]++;
-}
-
-static void rank_row(const rate_args *a, int64_t row, const float *rate, uint32_t *keys, uint32_t *idx,
-                     uint32_t *keys2, uint32_t *idx2, uint32_t *count) {
-    const int64_t m = a->m, first = row * m, full = m / V * V;
-    src_t b = {a->b, a->b_dt}, x = {a->x, a->x_dt};
-    __m256i or = _mm256_setzero_si256(), and = _mm256_set1_epi32(-1);
-    keys_run(a->b ? &b : NULL, x, first, full, keys, &or, &and);
-    if (full < m) {                                             /* the last few, through padded copies */
-        float bt[V] __attribute__((aligned(32))), xt[V] __attribute__((aligned(32)));
-        uint32_t tail[V] __attribute__((aligned(32)));
-        if (a->b) load_block(bt, a->b, a->b_dt, first + full, m - full);
-        load_block(xt, a->x, a->x_dt, first + full, m - full);
-        src_t tb = {bt, F32}, tx = {xt, F32};
-        __m256i tor = _mm256_setzero_si256(), tand = _mm256_set1_epi32(-1);
-        keys_run(a->b ? &tb : NULL, tx, 0, V, tail, &tor, &tand);
-        for (int64_t j = full; j < m; j++) keys[j] = tail[j - full];
-    }
-    uint32_t lanes_or[V], lanes_and[V], any = 0, all = ~0u;
-    _mm256_storeu_si256((__m256i *)lanes_or, or);
-    _mm256_storeu_si256((__m256i *)lanes_and, and);
-    for (int l = 0; l < V; l++) any |= lanes_or[l], all &= lanes_and[l];
-    for (int64_t j = full; j < m; j++) any |= keys[j], all &= keys[j];
-    uint32_t varying = any ^ all;
-    if (!varying) {                                             /* all equal: ranks by position */
-        for (int64_t k = 0; k < m; k++) a->out[first + k] = rate[k];
-        return;
-    }
-    /* LSD from the lowest varying bit to the highest */
-    const int low = __builtin_ctz(varying), bits = 32 - __builtin_clz(varying) - low;
-    const int passes = (bits + DIGIT - 1) / DIGIT, width = (bits + passes - 1) / passes;
-    const uint32_t bins = 1u << width, mask = bins - 1;
-    memset(count, 0, sizeof(uint32_t) * 2 * bins * passes);
-    passes == 1 ? count_digits(keys, m, count, low, width, 1) : passes == 2 ? count_digits(keys, m, count, low, width, 2)
-                                                            : count_digits(keys, m, count, low, width, 3);
-    for (int p = 0; p < passes; p++) {
-        const int shift = low + width * p;
-        uint32_t *c = count + 2 * p * bins, *c1 = c + bins, at = 0;
-        for (uint32_t d = 0; d < bins; d++) {
-            uint32_t n = c[d] + c1[d];
-            c[d] = at;
-            at += n;
-        }
-        if (p == passes - 1) {                                  /* the last digit places each element: its rate */
-            for (int64_t j = 0; j < m; j++) a->out[first + (p ? idx[j] : (uint32_t)j)] = rate[c[(keys[j] >> shift) & mask]++];
-            return;
-        }
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t to = c[(keys[j] >> shift) & mask]++;
-            keys2[to] = keys[j];
-            idx2[to] = p ? idx[j] : (uint32_t)j;                /* the first pass's order is the row's */
-        }
-        uint32_t *t = keys; keys = keys2; keys2 = t;
-        t = idx; idx = idx2; idx2 = t;
-    }
-}
-
-static void rank_piece(const void *args, void *own, int64_t first, int64_t stop) {
-    const rate_args *a = args;
-    const int64_t m = a->m;
-    uint32_t *scratch = own;
-    const float *rate = (const float *)(scratch + 4 * m);
-    uint32_t *count = scratch + 5 * m;
-    for (int64_t row = first; row < stop; row++)
-        rank_row(a, row, rate, scratch, scratch + m, scratch + 2 * m, scratch + 3 * m, count);
-}
-
-/* Rank rows until none is left; the rows this thread ranked (the caller checks they add up: a thread
- * whose scratch could not be allocated takes none). */
-int64_t keep_rates(const rate_args *a, int64_t *next) {
-    size_t m = (size_t)a->m, counts = 2 * ((32 + DIGIT - 1) / DIGIT) << DIGIT;
-    uint32_t *scratch = malloc((5 * m + counts) * sizeof(uint32_t));
-    if (!scratch) return 0;
-    float *rate = (float *)(scratch + 4 * m);                   /* the rate of the k-th smallest */
-    const float below = (float)(m - 1);
-    for (size_t k = 0; k < m; k++) rate[k] = (m == 1 ? 0.5f : (float)k / below) * a->step + a->lo;
-    int64_t done = take_pieces(next, a->piece, a->rows, rank_piece, a, scratch);
-    free(scratch);
-    return done;
 }
 
 /* ---- model_stock and slerp: the products behind their cosines, and model_stock's interpolation ---- */

@@ -80,9 +80,9 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     kept = KeepBits(shape=shape, experts=len(density), granule=m)
 
     def sums(b, xs, offset):
-        rates = compiled_rates(b, xs, density, epsilon, m)
-        if rates is not None:
-            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, rates=rates,
+        if kernels.compiled_for(b, *xs):                                     # rows ranked as the pass goes
+            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, density=density,
+                                   ranks=[(rho - eps, 2 * eps) for rho, eps in zip(density, epsilon)],
                                    kept=kept.new(b, xs, offset))
         ds = float_deltas(b, xs)
         return [[granule_sums(d.abs(), m) for d in ds],

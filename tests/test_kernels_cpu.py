@@ -304,8 +304,13 @@ def test_keep_rates_of_deltas_varying_in_every_bit(threads, dtype):
 
 
 def assert_ranked_stably(b, x, m: int, lo: float, step: float):
-    rows = x.numel() // m
     got = cpu.keep_rates(b, x, m, lo, step)
+    assert torch.equal(got.view(torch.int32), ref_rates(b, x, m, lo, step).view(torch.int32))
+
+
+def ref_rates(b, x, m: int, lo: float, step: float) -> torch.Tensor:
+    """DELLA's keep rates by a plain sort of each row."""
+    rows = x.numel() // m
     a = (x.float() - (b.float() if b is not None else 0)).abs().view(rows, m).tolist()
     ranks = []
     for row in a:   # ascending |d|, ties by position, NaN last
@@ -315,7 +320,7 @@ def assert_ranked_stably(b, x, m: int, lo: float, step: float):
             rank[j] = r
         ranks += rank
     r = torch.full((rows * m,), 0.5) if m == 1 else torch.tensor(ranks, dtype=torch.float32) / (m - 1)
-    assert torch.equal(got.view(torch.int32), (r * step + lo).view(torch.int32))
+    return r * step + lo
 
 
 def folded(v: list[float]) -> float:
@@ -343,6 +348,29 @@ def test_l1_sums_are_folded_sums_of_the_deltas_and_the_kept_deltas(threads, gran
             assert got[0, i, g].item() == folded(d[part].abs().double().tolist())
             assert got[1, i, g].item() == folded(kept[part].abs().double().tolist())
     assert torch.equal(got[0, 0], granule_sums((xs[0].float() - b.float()).abs(), granule))
+
+
+@pytest.mark.parametrize("m,rows", [(1000, 5), (37, 30), (8, 3), (1, 12)])
+def test_l1_sums_rank_della_rows_in_the_pass(threads, m, rows):
+    """Given each expert's (lo, step), the drawn experts' rows are ranked as the pass goes: the sums and
+    the keep bits of DELLA's rates from a plain sort (expert 1 of density 1 is not drawn)."""
+    n = m * rows
+    b, xs = bf16_deltas(n, 2, torch.bfloat16, seed=m)
+    kept = torch.zeros(2, -(-n // 8), dtype=torch.uint8) if m % 8 == 0 else None
+    got = cpu.l1_sums(b, xs, offset=OFFSET, seeds=[11, 12], granule=m, density=[0.4, 1.0],
+                      ranks=[(0.2, 0.4), (0.9, 0.2)], kept=kept)
+    for i, x in enumerate(xs):
+        d = x.float() - b.float()
+        u = uniform_ref([11, 12][i], torch.arange(OFFSET, OFFSET + n))
+        keep = u < ref_rates(b, x, m, 0.2, 0.4) if i == 0 else torch.ones(n, dtype=torch.bool)
+        for g in range(rows):
+            part = slice(g * m, (g + 1) * m)
+            assert got[0, i, g].item() == folded(d[part].abs().double().tolist())
+            assert got[1, i, g].item() == folded(torch.where(keep, d, 0.0)[part].abs().double().tolist())
+        if kept is not None:
+            bits = torch.tensor([sum(int(keep[8 * j + k]) << k for k in range(8)) for j in range(n // 8)],
+                                dtype=torch.uint8)
+            assert torch.equal(kept[i], bits)
 
 
 @pytest.mark.parametrize("granule,n", [(4096, 2 * 4096 + 77), (1013, 3 * 1013), (5, 23)])
