@@ -54,11 +54,12 @@ def io_floor(files, out_bytes, tmp: Path, cold: bool = False) -> float:
     """Seconds to read `files` (from the warm page cache, or `cold` from the disk) and write one `out_bytes`
     file (cold: fsync'd).
 
-    The warm floor writes as the tools do: neither mbmerge's writer (pwrite into fallocated shards) nor
-    mergekit's (safetensors save_file) fsyncs, so a tool's wall holds the writeback the kernel forces while it
-    writes (dirty pages past vm.dirty_background_ratio, throttling past vm.dirty_ratio) and none after it exits
-    (on this project's 2-core VM a buffered 2 GB write took 4.6 s, 5.4 s with fsync: most writeback is paid in
-    the write). Once timed, the floor waits for its writeback and only then deletes the file, which used to drop
+    The warm floor writes buffered without fsync, as mergekit's writer (safetensors save_file) does, so a
+    tool's wall holds the writeback the kernel forces while it writes (dirty pages past
+    vm.dirty_background_ratio, throttling past vm.dirty_ratio) and none after it exits (on this project's
+    2-core VM a buffered 2 GB write took 4.6 s, 5.4 s with fsync: most writeback is paid in the write).
+    mbmerge's writer writes past the page cache (O_DIRECT: each write waits for the disk), which this floor
+    does not ask of itself. Once timed, the floor waits for its writeback and only then deletes the file, which used to drop
     its dirty pages unwritten: each floor leaves the disk idle, as timed_run's sync leaves it for the tools."""
     warm(files)
     if cold:

@@ -13,26 +13,28 @@ import torch
 
 from ..inputs.index import INDEX_FILE
 from ..plan import Plan, TensorPlan
+from .direct import Appender
 from .verify import file_sha256
 
 
 class ShardWriter:
     """Output shards, preallocated (fresh) or reopened where an interrupted merge stopped; chunks are
-    written in place with pwrite. Tensors come in plan order, which is file order, so each shard's
-    sha256 is taken on the way, in one pass: the journal records its prefix after each tensor, and
-    mbmerge.json the whole file's (a shard not written in order is read back instead)."""
+    written in place. Tensors come in plan order, which is file order, so each shard's sha256 is taken
+    on the way, in one pass: the journal records its prefix after each tensor, and mbmerge.json the
+    whole file's (a shard not written in order is read back instead). Bytes in file order go through
+    one Appender (direct writes, past the page cache) for the shard being written; others, pwrite."""
 
     def __init__(self, folder: Path, plan: Plan, resumed: dict | None = None):
         """resumed: {shard: (sha256 of its verified prefix, where the prefix ends)} (Journal.resume)."""
-        self.folder, self._fds, self._state = folder, {}, {}
+        self.folder, self._fds, self._state, self._open = folder, {}, {}, None
         self._size = {shard.name: shard.size for shard in plan.shards}
         for shard in plan.shards:
             if resumed is not None:
-                self._fds[shard.name] = os.open(folder / shard.name, os.O_WRONLY)
+                self._fds[shard.name] = os.open(folder / shard.name, os.O_RDWR)
                 digest, end = resumed[shard.name]
                 self._state[shard.name] = [digest.copy(), end]
                 continue
-            fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(folder / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.name] = fd
             _reserve(fd, shard.size, folder / shard.name)
             os.pwrite(fd, shard.header, 0)
@@ -42,22 +44,39 @@ class ShardWriter:
         """Write `values` (t's output dtype, contiguous) as elements [start, ...) of tensor t."""
         if values.numel() == 0:
             return
-        data = memoryview(values.view(torch.uint8).numpy())
+        data = memoryview(values.reshape(-1).view(torch.uint8).numpy())
         pos = t.out_offset + start * values.element_size()
         state = self._state[t.shard]
         if state is not None and state[1] == pos:
             state[0].update(data)
             state[1] += len(data)
-        else:
-            self._state[t.shard] = None       # out of file order: digested by reading it back
+            return self._appender(t.shard, pos).append(data)
+        self._state[t.shard] = None           # out of file order: digested by reading it back
+        if self._open and self._open[0] == t.shard:
+            self._close_appender()
         while data:
             n = os.pwrite(self._fds[t.shard], data, pos)
             data, pos = data[n:], pos + n
 
     def prefix_sha256(self, t: TensorPlan) -> str | None:
-        """sha256 of t's shard from its start through tensor t (None if not written in order)."""
+        """sha256 of t's shard from its start through tensor t (None if not written in order); the
+        bytes it digests are in the file when it returns (the journal records it)."""
+        if self._open and self._open[0] == t.shard:
+            self._open[1].flush()
         state = self._state[t.shard]
         return state[0].copy().hexdigest() if state is not None else None
+
+    def _appender(self, shard: str, end: int) -> Appender:
+        """The shard's Appender, at `end` (one shard's at a time: their staging is 8 MB)."""
+        if self._open is None or self._open[0] != shard:
+            self._close_appender()
+            self._open = (shard, Appender(self.folder / shard, self._fds[shard], end, self._size[shard]))
+        return self._open[1]
+
+    def _close_appender(self) -> None:
+        if self._open:
+            self._open, appender = None, self._open[1]
+            appender.close()
 
     def sha256(self, shard: str) -> str:
         """The whole shard's sha256: taken while writing it in order, else read back."""
@@ -67,9 +86,12 @@ class ShardWriter:
         return file_sha256(self.folder / shard)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        try:
+            self._close_appender()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:

@@ -1,0 +1,83 @@
+"""The output Appender: bytes appended in file order land exactly as a plain write would put them,
+through direct writes of whole aligned blocks where the file system takes them, buffered otherwise."""
+import errno
+import os
+
+import pytest
+
+from mbmerge.engine.output import direct
+from mbmerge.engine.output.direct import ALIGN, Appender
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    monkeypatch.setattr(direct, "STAGE", 4 * ALIGN)     # several direct writes in a small file
+
+
+@pytest.fixture
+def pwrites(monkeypatch):
+    """Every pwrite: (fd, bytes, file offset)."""
+    calls, real = [], os.pwrite
+
+    def spy(fd, data, pos):
+        calls.append((fd, len(data), pos))
+        return real(fd, data, pos)
+    monkeypatch.setattr(os, "pwrite", spy)
+    return calls
+
+
+def preallocated(path, size: int, head: bytes) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, head, 0)
+    return fd
+
+
+@pytest.mark.parametrize("size,head,pieces", [
+    (9 * ALIGN + 123, 5000, [1, 7, 3000, 20000, 4096, 77]),      # a head past one block, odd pieces
+    (4 * ALIGN, 8, [4 * ALIGN - 8]),                              # one piece filling a block-sized file
+    (100, 8, [50, 42]),                                           # a file shorter than a block
+])
+def test_appended_bytes_are_the_file_a_plain_write_gives(tmp_path, small_stage, pwrites, size, head, pieces):
+    path, data = tmp_path / "shard", os.urandom(size)
+    fd = preallocated(path, size, data[:head])
+    a, at = Appender(path, fd, head, size), head
+    took_direct, pwrites[:] = a.direct is not None, []
+    for i, n in enumerate(pieces):
+        a.append(memoryview(data)[at:at + n])
+        at += n
+        if i % 2:
+            a.flush()                                             # as after each tensor: all in the file
+            assert path.read_bytes()[:at] == data[:at]
+            assert os.path.getsize(path) == size                  # padding never grows the file
+    a.close()
+    os.close(fd)
+    want = data[:at] + bytes(size - at)                           # the rest: the preallocated zeros
+    assert path.read_bytes() == want
+    if took_direct and size >= ALIGN:                             # the file system takes direct writes:
+        assert any(f != fd for f, _, _ in pwrites)
+        assert all(n % ALIGN == 0 and pos % ALIGN == 0 for f, n, pos in pwrites if f != fd)   # whole blocks
+        assert all(pos >= size // ALIGN * ALIGN for f, n, pos in pwrites if f == fd)   # buffered: the last block
+
+
+def test_without_direct_writes_it_writes_buffered(tmp_path, small_stage, monkeypatch):
+    """A file system that refuses O_DIRECT at open, or at the first write (EINVAL): the same bytes."""
+    size = 6 * ALIGN + 10
+    data = os.urandom(size)
+    real_open, real_pwrite = os.open, os.pwrite
+    for refusal in ("open", "write"):
+        path = tmp_path / refusal
+        fd = preallocated(path, size, data[:100])
+        with monkeypatch.context() as m:
+            if refusal == "open":
+                m.setattr(os, "open", lambda p, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
+                          if flags & os.O_DIRECT else real_open(p, flags, *a))
+            a = Appender(path, fd, 100, size)
+            if refusal == "write":
+                direct_fd = a.direct
+                m.setattr(os, "pwrite", lambda f, d, p: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
+                          if f == direct_fd else real_pwrite(f, d, p))
+            a.append(memoryview(data)[100:])
+            a.close()
+        os.close(fd)
+        assert path.read_bytes() == data and a.direct is None
