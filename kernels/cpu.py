@@ -294,13 +294,13 @@ def _keep_bits(kept: torch.Tensor | None, n: int):
 
 
 def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list[float] | None = None,
-            rates=None, ranks: list[tuple[float, float]] | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+            ranks: list[tuple[float, float]] | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """[2, T, granules] float64: per granule of the chunk, the sums of |d_i| and of |keep_i d_i| (DARE's
-    mask at `density`, or DELLA's at each element's rate: from keep_rates, or given `ranks`, each expert's
-    (lo, step) of keep_rates, ranked row by row in the pass, a row a granule, for the experts drawn, those
-    of density < 1), as _blocks.granule_sums sums; and, given `kept` ([T, ceil(n / 8)] uint8, granule a
-    multiple of 8), the keep bits drawn (bit k of byte j: element 8j + k) for delta_merge to read instead
-    of drawing them again."""
+    mask at `density`; given `ranks`, each expert's (lo, step) of keep_rates, DELLA's at each element's
+    rate, its row ranked in the pass, a row a granule, for the experts drawn: those of density < 1), as
+    _blocks.granule_sums sums; and, given `kept` ([T, ceil(n / 8)] uint8, granule a multiple of 8), the
+    keep bits drawn (bit k of byte j: element 8j + k) for delta_merge to read instead of drawing them
+    again."""
     assert kept is None or granule % 8 == 0, "keep bits are written a byte per 8 elements"
     T, n = len(xs), xs[0].numel()
     assert ranks is None or n % granule == 0, "rows are ranked whole"
@@ -308,7 +308,7 @@ def l1_sums(b, xs, *, offset: int, seeds: list[int], granule: int, density: list
     sums = torch.zeros(2, T, granules, dtype=torch.float64)
     held = [x.contiguous() for x in xs]
     args = MergeArgs(n=n, offset=offset, piece=max(1, PIECE // granule), T=T, trim=TRIMS["random"],
-                     **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(rates, T),
+                     **_sources(b, held), p=_array(ctypes.c_float, _or(density, 1.0, T)), pj=_rates(None, T),
                      seeds=_array(ctypes.c_uint64, list(seeds)), granule=granule,
                      sums=ctypes.cast(sums.data_ptr(), f64p), keep_out=_keep_bits(kept, n),
                      ranks=_array(ctypes.c_float, [v for r in ranks for v in r]) if ranks else None)
