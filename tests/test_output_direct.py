@@ -64,19 +64,26 @@ def test_without_direct_writes_it_writes_buffered(tmp_path, small_stage, monkeyp
     """A file system that refuses O_DIRECT at open, or at the first write (EINVAL): the same bytes."""
     size = 6 * ALIGN + 10
     data = os.urandom(size)
-    real_open, real_pwrite = os.open, os.pwrite
+    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
+
+    def refused(*_):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def open_refusing_direct(path, flags, *mode):
+        return refused() if flags & os.O_DIRECT else real_open(path, flags, *mode)
+
+    def pwrite_refusing_direct(fd, data, pos):
+        return refused() if fd in direct_fds else real_pwrite(fd, data, pos)
+
     for refusal in ("open", "write"):
         path = tmp_path / refusal
         fd = preallocated(path, size, data[:100])
         with monkeypatch.context() as m:
             if refusal == "open":
-                m.setattr(os, "open", lambda p, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
-                          if flags & os.O_DIRECT else real_open(p, flags, *a))
+                m.setattr(os, "open", open_refusing_direct)
             a = Appender(path, fd, 100, size)
-            if refusal == "write":
-                direct_fd = a.direct
-                m.setattr(os, "pwrite", lambda f, d, p: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
-                          if f == direct_fd else real_pwrite(f, d, p))
+            direct_fds.add(a.direct)
+            m.setattr(os, "pwrite", pwrite_refusing_direct)
             a.append(memoryview(data)[100:])
             a.close()
         os.close(fd)

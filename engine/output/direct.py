@@ -31,10 +31,6 @@ class Appender:
         self.fill = end - self.base
         self.buf[:self.fill] = os.pread(fd, self.fill, self.base)   # the block's bytes written before
 
-    @property
-    def end(self) -> int:
-        return self.base + self.fill
-
     def append(self, data: memoryview) -> None:
         while data:
             n = min(len(data), len(self.buf) - self.fill)
@@ -48,8 +44,7 @@ class Appender:
         whole = self.fill // ALIGN * ALIGN
         self._write(whole)
         if self.fill:
-            padded = min(ALIGN, self.size - self.base)
-            if padded < ALIGN or self.direct is None:    # the file's last block: buffered, not past its end
+            if self.size - self.base < ALIGN or self.direct is None:   # the file's last block: buffered, not past its end
                 _pwrite(self.fd, self.buf, 0, self.fill, self.base)
             else:
                 self.buf[self.fill:ALIGN] = bytes(ALIGN - self.fill)
