@@ -5,7 +5,7 @@ beside a 2-core merge of 834M parameters that was 2.6-4.4 s of system CPU for 1.
 7.5-8.9 s against 5.3-5.5 s with the writes skipped). A direct write hands the disk the staged pages
 themselves (1.6 GB in 0.8 s, 0.04 s of CPU, on the same machine). Direct writes need file offsets,
 lengths and memory aligned to the device's block; ALIGN covers the usual 512 and 4096. Where the file
-system refuses them (tmpfs, some FUSE mounts) the appender writes buffered, as before.
+system refuses them (tmpfs on older kernels, some FUSE mounts) the appender writes buffered, as before.
 """
 import errno
 import mmap
