@@ -59,8 +59,9 @@ def io_floor(files, out_bytes, tmp: Path, cold: bool = False) -> float:
     vm.dirty_background_ratio, throttling past vm.dirty_ratio) and none after it exits (on this project's
     2-core VM a buffered 2 GB write took 4.6 s, 5.4 s with fsync: most writeback is paid in the write).
     mbmerge's writer writes past the page cache (O_DIRECT: each write waits for the disk), which this floor
-    does not ask of itself. Once timed, the floor waits for its writeback and only then deletes the file, which used to drop
-    its dirty pages unwritten: each floor leaves the disk idle, as timed_run's sync leaves it for the tools."""
+    does not ask of itself. Once timed, the floor waits for its writeback and only then deletes the file,
+    which used to drop its dirty pages unwritten: each floor leaves the disk idle, as timed_run's sync leaves
+    it for the tools."""
     warm(files)
     if cold:
         evict(files)

@@ -193,9 +193,9 @@ def _window(h1: torch.Tensor, n1: int, n: int, ks: list[int], series: int) -> Wi
 
 
 def _windowed(chunks, wanted: list[int], ks: list[list[int]], n: int) -> dict | None:
-    """{(i, k): (bin, rank, its [2^16] counts by low key)} for every wanted k, from one hi histogram of the first chunk (for the
-    windows) and one windows' pass over every chunk with the compiled loops; None where that cannot say
-    (the first chunk not theirs to take, a k outside its window)."""
+    """{(i, k): (bin, rank, its [2^16] counts by low key)} for every wanted k, from one hi histogram of the
+    first chunk (for the windows) and one windows' pass over every chunk with the compiled loops; None where
+    that cannot say (the first chunk not theirs to take, a k outside its window)."""
     windows = None
     for b, xs in chunks():
         xs = [xs[i] for i in wanted]

@@ -80,10 +80,12 @@ def rescale_gains(chunks, *, density: list[float], epsilon: list[float], rescale
     kept = KeepBits(shape=shape, experts=len(density), granule=m)
 
     def sums(b, xs, offset):
-        if kernels.compiled_for(b, *xs):                                     # rows ranked as the pass goes
-            return kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, density=density,
+        # the compiled loops rank each row in the pass, for its keep rates
+        compiled = kernels.l1_sums(b, xs, offset=offset, seeds=seeds, granule=m, density=density,
                                    ranks=[(rho - eps, 2 * eps) for rho, eps in zip(density, epsilon)],
                                    kept=kept.new(b, xs, offset))
+        if compiled is not None:
+            return compiled
         ds = float_deltas(b, xs)
         return [[granule_sums(d.abs(), m) for d in ds],
                 [granule_sums(_kept(d, i, rho, eps, m, seed, key, offset, False).abs(), m)

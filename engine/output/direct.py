@@ -45,7 +45,7 @@ class Appender:
         self._write(whole)
         if self.fill:
             if self.size - self.base < ALIGN or self.direct is None:   # the file's last block: buffered, not past its end
-                _pwrite(self.fd, self.buf, 0, self.fill, self.base)
+                self._pwrite(self.fd, self.fill)
             else:
                 self.buf[self.fill:ALIGN] = bytes(ALIGN - self.fill)
                 self._pwrite_direct(ALIGN)
@@ -68,18 +68,22 @@ class Appender:
     def _pwrite_direct(self, n: int) -> None:
         if self.direct is not None:
             try:
-                return _pwrite(self.direct, self.buf, 0, n, self.base)
+                return self._pwrite(self.direct, n)
             except OSError as e:
                 if e.errno != errno.EINVAL:                  # EINVAL: refused after all (alignment, file system)
                     raise
                 os.close(self.direct)
                 self.direct = None
-        _pwrite(self.fd, self.buf, 0, min(n, self.size - self.base), self.base)
+        self._pwrite(self.fd, min(n, self.size - self.base))
+
+    def _pwrite(self, fd: int, n: int) -> None:
+        """The first n staged bytes at the buffer's file offset."""
+        with memoryview(self.buf) as view:
+            pwrite_all(fd, view[:n], self.base)
 
 
-def _pwrite(fd: int, buf, start: int, stop: int, pos: int) -> None:
-    with memoryview(buf) as view:
-        data = view[start:stop]
-        while data:
-            n = os.pwrite(fd, data, pos)
-            data, pos = data[n:], pos + n
+def pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    """data at pos, however many calls pwrite takes."""
+    while data:
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n

@@ -13,7 +13,7 @@ import torch
 
 from ..inputs.index import INDEX_FILE
 from ..plan import Plan, TensorPlan
-from .direct import Appender
+from .direct import Appender, pwrite_all
 from .verify import file_sha256
 
 
@@ -37,7 +37,7 @@ class ShardWriter:
             fd = os.open(folder / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.name] = fd
             _reserve(fd, shard.size, folder / shard.name)
-            os.pwrite(fd, shard.header, 0)
+            pwrite_all(fd, memoryview(shard.header), 0)
             self._state[shard.name] = [hashlib.sha256(shard.header), len(shard.header)]
 
     def write(self, t: TensorPlan, start: int, values: torch.Tensor) -> None:
@@ -52,23 +52,25 @@ class ShardWriter:
             state[1] += len(data)
             return self._appender(t.shard, pos).append(data)
         self._state[t.shard] = None           # out of file order: digested by reading it back
-        if self._open and self._open[0] == t.shard:
+        if self._appending(t.shard):
             self._close_appender()
-        while data:
-            n = os.pwrite(self._fds[t.shard], data, pos)
-            data, pos = data[n:], pos + n
+        pwrite_all(self._fds[t.shard], data, pos)
 
     def prefix_sha256(self, t: TensorPlan) -> str | None:
         """sha256 of t's shard from its start through tensor t (None if not written in order); the
         bytes it digests are in the file when it returns (the journal records it)."""
-        if self._open and self._open[0] == t.shard:
-            self._open[1].flush()
+        if appender := self._appending(t.shard):
+            appender.flush()
         state = self._state[t.shard]
         return state[0].copy().hexdigest() if state is not None else None
 
+    def _appending(self, shard: str) -> Appender | None:
+        """The open Appender if it is the shard's."""
+        return self._open[1] if self._open and self._open[0] == shard else None
+
     def _appender(self, shard: str, end: int) -> Appender:
         """The shard's Appender, at `end` (one shard's at a time: their staging is 8 MB)."""
-        if self._open is None or self._open[0] != shard:
+        if not self._appending(shard):
             self._close_appender()
             self._open = (shard, Appender(self.folder / shard, self._fds[shard], end, self._size[shard]))
         return self._open[1]
