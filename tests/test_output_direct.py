@@ -88,3 +88,46 @@ def test_without_direct_writes_it_writes_buffered(tmp_path, small_stage, monkeyp
             a.close()
         os.close(fd)
         assert path.read_bytes() == data and a.direct is None
+
+
+def test_then_runs_once_the_bytes_are_in_the_file_while_appending_goes_on(tmp_path, small_stage):
+    """then(fn): fn on the disk thread after every earlier write, in order, while the caller keeps appending
+    (the journal's line for a tensor follows its bytes)."""
+    size = 40 * ALIGN + 321
+    path, data = tmp_path / "shard", os.urandom(size)
+    fd = preallocated(path, size, data[:10])
+    seen, at = [], 10
+    a = Appender(path, fd, at, size)
+    for n in [5000, 3 * ALIGN, 17, 9 * ALIGN + 5, 1, 20 * ALIGN, size - 10 - 5000 - 12 * ALIGN - 23 - 20 * ALIGN]:
+        a.append(memoryview(data)[at:at + n])
+        at += n
+        a.then(lambda end=at: seen.append((end, path.read_bytes()[:end] == data[:end])))
+    a.close()
+    os.close(fd)
+    assert at == size and path.read_bytes() == data
+    assert [end for end, _ in seen] == sorted(end for end, _ in seen) and len(seen) == 7   # in order, each once
+    assert all(ok for _, ok in seen)
+
+
+def test_a_failed_write_is_raised_once_and_nothing_after_it_runs(tmp_path, small_stage, monkeypatch):
+    size = 30 * ALIGN
+    path, data = tmp_path / "shard", os.urandom(size)
+    fd = preallocated(path, size, b"")
+    real_pwrite, after = os.pwrite, []
+
+    def full_disk(fd_, chunk, pos):
+        if pos >= 8 * ALIGN:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd_, chunk, pos)
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    a = Appender(path, fd, 0, size)
+    with pytest.raises(OSError, match="No space left"):
+        a.append(memoryview(data)[:4 * ALIGN])
+        a.then(lambda: after.append("first"))        # before the failing write: runs
+        a.append(memoryview(data)[4 * ALIGN:20 * ALIGN])
+        a.then(lambda: after.append("second"))       # after it: never runs
+        a.flush()
+    a.close()                                        # raised once: closing after it is quiet
+    os.close(fd)
+    assert after == ["first"]
+    assert path.read_bytes()[:4 * ALIGN] == data[:4 * ALIGN]

@@ -125,7 +125,7 @@ def _write_tensors(plan: Plan, pieces: dict[str, Piece], readers, computed: dict
                     raw.copy(t, piece.source, writer)
                 else:
                     _write_one(t, piece, readers, computed, writer, options.seed)
-                journal.tensor_done(t.name, writer.prefix_sha256(t))
+                writer.when_written(t, lambda digest, name=t.name: journal.tensor_done(name, digest))
             bar.update(t.out_nbytes)
 
 

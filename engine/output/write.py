@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,7 +23,8 @@ class ShardWriter:
     written in place. Tensors come in plan order, which is file order, so each shard's sha256 is taken
     on the way, in one pass: the journal records its prefix after each tensor, and mbmerge.json the
     whole file's (a shard not written in order is read back instead). Bytes in file order go through
-    one Appender (direct writes, past the page cache) for the shard being written; others, pwrite."""
+    one Appender (direct writes past the page cache, on its own thread) for the shard being written; others,
+    pwrite."""
 
     def __init__(self, folder: Path, plan: Plan, resumed: dict | None = None):
         """resumed: {shard: (sha256 of its verified prefix, where the prefix ends)} (Journal.resume)."""
@@ -56,13 +58,16 @@ class ShardWriter:
             self._close_appender()
         pwrite_all(self._fds[t.shard], data, pos)
 
-    def prefix_sha256(self, t: TensorPlan) -> str | None:
-        """sha256 of t's shard from its start through tensor t (None if not written in order); the
-        bytes it digests are in the file when it returns (the journal records it)."""
-        if appender := self._appending(t.shard):
-            appender.flush()
+    def when_written(self, t: TensorPlan, fn: Callable[[str | None], None]) -> None:
+        """fn(sha256 of t's shard from its start through tensor t, None if not written in order) once the
+        bytes it digests are in the file (the journal records it): at once, or on the open appender's disk
+        thread after its writes (one thread calls fn, in order)."""
         state = self._state[t.shard]
-        return state[0].copy().hexdigest() if state is not None else None
+        digest = state[0].copy().hexdigest() if state is not None else None
+        if self._open:
+            self._open[1].then(lambda: fn(digest))
+        else:
+            fn(digest)
 
     def _appending(self, shard: str) -> Appender | None:
         """The open Appender if it is the shard's."""
