@@ -665,8 +665,9 @@ static void l1_granule(const merge_args *a, int64_t g, int64_t width, const l1_s
             rate_args r = {.rows = granules, .m = G, .b = a->b, .b_dt = a->b_dt, .x = a->xs[i], .x_dt = a->x_dt[i]};
             rank_row(&r, g, t->table + i * G, t->rank, t->row);
         }
-        memset(full, 0, (size_t)room * sizeof(double));
-        memset(kept, 0, (size_t)room * sizeof(double));
+        const int64_t written = (len + V - 1) / V * V;                 /* the loop below writes whole vectors */
+        memset(full + written, 0, (size_t)(room - written) * sizeof(double));
+        memset(kept + written, 0, (size_t)(room - written) * sizeof(double));
         for (int64_t s = 0; s < len; s += BLOCK) {
             int64_t n = len - s < BLOCK ? len - s : BLOCK;
             load_block(xs, a->xs[i], a->x_dt[i], start + s, n);      /* zeros past n: |d| = 0 there */

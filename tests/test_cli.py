@@ -259,6 +259,18 @@ def test_entry_point_in_subprocess(family, tmp_path, make, fragment):
     assert not out.exists() and not list(tmp_path.glob(".out.mbmerge-*"))
 
 
+def test_a_merge_freezes_its_imports_and_leaves_the_collector_on(family, tmp_path):
+    """The merge's imports (torch's objects) out of every later garbage collection, the collector running."""
+    report = "atexit.register(lambda: print('gc', gc.isenabled(), gc.get_freeze_count(), file=sys.stderr))"
+    cmd = [sys.executable, "-c", f"import atexit, gc, sys; from mbmerge.bin.cli import main; {report}; "
+           "sys.argv[0] = 'mbmerge'; main()", *map(str, merge_args(family, tmp_path / "out"))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    _, enabled, frozen = r.stderr.splitlines()[-1].split()
+    assert enabled == "True" and int(frozen) > 50_000
+    assert (tmp_path / "out" / "mbmerge.json").exists()
+
+
 def test_config_recipe_runs_like_the_equivalent_flags(family, tmp_path, mbmerge):
     p = family["paths"]
     recipe = tmp_path / "ties.yml"
