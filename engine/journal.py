@@ -12,6 +12,7 @@ trusted. Knows nothing of methods; the bytes are checked, never assumed.
 """
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 from .inputs.index import TensorIndex
@@ -51,12 +52,14 @@ class Journal:
     def __init__(self, folder: Path, fingerprint: str, fresh: bool):
         self.path = folder / JOURNAL
         self._f = open(self.path, "w" if fresh else "a")
+        self._lock = threading.Lock()   # tensors are recorded on the output's disk thread, thresholds on the caller's
         if fresh:
             self._append({"fingerprint": fingerprint})
 
     def _append(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()   # in the page cache: a killed process loses nothing; a torn line is ignored
+        with self._lock:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()   # in the page cache: a killed process loses nothing; a torn line is ignored
 
     def tensor_done(self, name: str, sha256: str, ties: list | None = None) -> None:
         self._append({"tensor": name, "sha256": sha256, **({"ties": ties} if ties is not None else {})})
