@@ -234,6 +234,27 @@ def test_disk_full_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeyp
                    f"mbmerge: error: No space left on device: {tmp / 'model-00001-of-00002.safetensors'}")
 
 
+def test_disk_full_mid_merge_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeypatch):
+    """The disk fills while the output's disk thread writes: the merge stops with one line, nothing left."""
+    import mbmerge.engine.output.direct as direct
+    real, calls = direct.pwrite_all, [0]
+
+    def filling(fd, data, pos):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, pos)
+    monkeypatch.setattr(direct, "STAGE", 4096)        # many writes from a small model
+    monkeypatch.setattr(direct, "pwrite_all", filling)
+    out = tmp_path / "out"
+    before = snapshot(family["paths"]["math"], family["paths"]["code"])
+    code, err = mbmerge(*merge_args(family, out))
+    assert calls[0] > 3
+    tmp = tmp_path / ".out.mbmerge-partial"
+    assert_refused((code, err), out, f"mbmerge: error: No space left on device: {tmp}{os.sep}", ".safetensors")
+    assert snapshot(family["paths"]["math"], family["paths"]["code"]) == before
+
+
 def test_other_os_errors_keep_their_traceback(family, tmp_path, mbmerge, monkeypatch):
     def bug(folder, plan, fresh=True):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/oops")

@@ -28,7 +28,7 @@ class Appender:
     block with zeros, which a later write covers, but never past `size`)."""
 
     def __init__(self, path, fd: int, end: int, size: int):
-        self.fd, self.size = fd, size
+        self.path, self.fd, self.size = path, fd, size
         try:
             self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except (OSError, AttributeError):  # no O_DIRECT on this file system (or platform)
@@ -105,7 +105,7 @@ class Appender:
                     fn(*args)
                 except BaseException as e:  # raised by the caller's next call; no job runs after it
                     # without its frames, which hold views of the staging buffers (closed in close())
-                    self.failed, self.error = True, e.with_traceback(None)
+                    self.failed, self.error = True, named(e, self.path).with_traceback(None)
         self.busy[self.cur] = self.disk.submit(run)
 
     def _wait(self, i: int) -> None:
@@ -136,6 +136,11 @@ class Appender:
         """The first n bytes of a staging buffer at file offset `base`."""
         with memoryview(buf) as view:
             pwrite_all(fd, view[:n], base)
+
+
+def named(e: BaseException, path) -> BaseException:
+    """An OSError naming the file it happened on (pwrite names none: a full disk's line would not say which)."""
+    return OSError(e.errno, e.strerror, str(path)) if isinstance(e, OSError) and not e.filename else e
 
 
 def pwrite_all(fd: int, data: memoryview, pos: int) -> None:

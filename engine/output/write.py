@@ -14,7 +14,7 @@ import torch
 
 from ..inputs.index import INDEX_FILE
 from ..plan import Plan, TensorPlan
-from .direct import Appender, pwrite_all
+from .direct import Appender, named, pwrite_all
 from .verify import file_sha256
 
 
@@ -56,7 +56,10 @@ class ShardWriter:
         self._state[t.shard] = None           # out of file order: digested by reading it back
         if self._appending(t.shard):
             self._close_appender()
-        pwrite_all(self._fds[t.shard], data, pos)
+        try:
+            pwrite_all(self._fds[t.shard], data, pos)
+        except OSError as e:
+            raise named(e, self.folder / t.shard) from None
 
     def when_written(self, t: TensorPlan, fn: Callable[[str | None], None]) -> None:
         """fn(sha256 of t's shard from its start through tensor t, None if not written in order) once the
