@@ -237,15 +237,15 @@ def test_disk_full_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeyp
 def test_disk_full_mid_merge_is_one_line_and_cleaned_up(family, tmp_path, mbmerge, monkeypatch):
     """The disk fills while the output's disk thread writes: the merge stops with one line, nothing left."""
     import mbmerge.engine.output.direct as direct
-    real, calls = direct.pwrite_all, [0]
+    real, calls = os.pwrite, [0]
 
     def filling(fd, data, pos):
         calls[0] += 1
         if calls[0] > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data, pos)
+        return real(fd, data, pos)
     monkeypatch.setattr(direct, "STAGE", 4096)        # many writes from a small model
-    monkeypatch.setattr(direct, "pwrite_all", filling)
+    monkeypatch.setattr(os, "pwrite", filling)
     out = tmp_path / "out"
     before = snapshot(family["paths"]["math"], family["paths"]["code"])
     code, err = mbmerge(*merge_args(family, out))

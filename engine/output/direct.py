@@ -105,7 +105,7 @@ class Appender:
                     fn(*args)
                 except BaseException as e:  # raised by the caller's next call; no job runs after it
                     # without its frames, which hold views of the staging buffers (closed in close())
-                    self.failed, self.error = True, named(e, self.path).with_traceback(None)
+                    self.failed, self.error = True, e.with_traceback(None)
         self.busy[self.cur] = self.disk.submit(run)
 
     def _wait(self, i: int) -> None:
@@ -131,20 +131,19 @@ class Appender:
                 self.direct = None
         self._pwrite(self.fd, buf, base, min(n, self.size - base))
 
-    @staticmethod
-    def _pwrite(fd: int, buf: mmap.mmap, base: int, n: int) -> None:
+    def _pwrite(self, fd: int, buf: mmap.mmap, base: int, n: int) -> None:
         """The first n bytes of a staging buffer at file offset `base`."""
         with memoryview(buf) as view:
-            pwrite_all(fd, view[:n], base)
+            pwrite_all(fd, view[:n], base, self.path)
 
 
-def named(e: BaseException, path) -> BaseException:
-    """An OSError naming the file it happened on (pwrite names none: a full disk's line would not say which)."""
-    return OSError(e.errno, e.strerror, str(path)) if isinstance(e, OSError) and not e.filename else e
-
-
-def pwrite_all(fd: int, data: memoryview, pos: int) -> None:
-    """data at pos, however many calls pwrite takes."""
-    while data:
-        n = os.pwrite(fd, data, pos)
-        data, pos = data[n:], pos + n
+def pwrite_all(fd: int, data: memoryview, pos: int, path) -> None:
+    """data at pos of the file `path` (opened as fd), however many calls pwrite takes; an error names the file
+    (pwrite names none: a full disk's line would not say which)."""
+    try:
+        while data:
+            n = os.pwrite(fd, data, pos)
+            data, pos = data[n:], pos + n
+    except OSError as e:
+        e.filename = str(path)
+        raise

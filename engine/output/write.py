@@ -14,7 +14,7 @@ import torch
 
 from ..inputs.index import INDEX_FILE
 from ..plan import Plan, TensorPlan
-from .direct import Appender, named, pwrite_all
+from .direct import Appender, pwrite_all
 from .verify import file_sha256
 
 
@@ -39,7 +39,7 @@ class ShardWriter:
             fd = os.open(folder / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.name] = fd
             _reserve(fd, shard.size, folder / shard.name)
-            pwrite_all(fd, memoryview(shard.header), 0)
+            pwrite_all(fd, memoryview(shard.header), 0, folder / shard.name)
             self._state[shard.name] = [hashlib.sha256(shard.header), len(shard.header)]
 
     def write(self, t: TensorPlan, start: int, values: torch.Tensor) -> None:
@@ -56,10 +56,7 @@ class ShardWriter:
         self._state[t.shard] = None           # out of file order: digested by reading it back
         if self._appending(t.shard):
             self._close_appender()
-        try:
-            pwrite_all(self._fds[t.shard], data, pos)
-        except OSError as e:
-            raise named(e, self.folder / t.shard) from None
+        pwrite_all(self._fds[t.shard], data, pos, self.folder / t.shard)
 
     def when_written(self, t: TensorPlan, fn: Callable[[str | None], None]) -> None:
         """fn(sha256 of t's shard from its start through tensor t, None if not written in order) once the
